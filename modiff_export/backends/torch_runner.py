@@ -1,0 +1,41 @@
+"""PyTorch reference backend: a (quantized) diffusers UNet behind the runner contract."""
+from __future__ import annotations
+
+import torch
+
+from ..quantization import list_caches, modiff_layers, reset_caches
+from .base import Runner
+
+
+class TorchRunner(Runner):
+    backend = "torch"
+
+    def __init__(self, unet: torch.nn.Module):
+        config = getattr(unet, "modiff_config", None)
+        uses_cache = any(l.uses_cache for l in modiff_layers(unet))
+        super().__init__(config.keyframe_interval if config else None, uses_cache)
+        self.unet = unet.eval()
+
+    def _run(self, phase: str, sample, timestep, ehs) -> torch.Tensor:
+        layers = list(modiff_layers(self.unet))
+        for layer in layers:
+            layer.phase = phase
+        try:
+            with torch.no_grad():
+                kwargs = {"encoder_hidden_states": ehs} if ehs is not None else {}
+                return self.unet(sample, timestep, **kwargs, return_dict=False)[0]
+        finally:
+            for layer in layers:
+                layer.phase = None
+
+    def prime_impl(self, sample, timestep, ehs):
+        return self._run("prime", sample, timestep, ehs)
+
+    def step_impl(self, sample, timestep, ehs):
+        return self._run("step", sample, timestep, ehs)
+
+    def reset_impl(self) -> None:
+        reset_caches(self.unet)
+
+    def caches(self) -> dict[str, torch.Tensor]:
+        return {f"{c.layer}.{c.kind}": c.tensor.clone() for c in list_caches(self.unet) if c.tensor is not None}

@@ -1,0 +1,104 @@
+"""Quantization configuration: one frozen, validated dataclass (torchao style)."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+
+from .errors import ModiffExportError
+
+MODES = ("fp", "ptq", "modiff")
+SCALE_MODES = ("dynamic", "static")
+GRANULARITIES = ("tensor", "sample")
+
+
+class ConfigError(ModiffExportError, ValueError):
+    """A QuantConfig field has a value outside its allowed set."""
+
+
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"QuantConfig.{name}={value!r} is not allowed; expected one of {list(allowed)}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What MoDiff does to every Conv2d/Linear of a UNet (design.md section 1).
+
+    mode: "fp" (no quantization), "ptq" (plain fake quantization of inputs and weights,
+          no caches) or "modiff" (quantize the change of the input, with caches).
+    weight_bits / act_bits: 2..8, symmetric quantizers.
+    scale_mode: "dynamic" (absmax at run time) or "static" (calibrated scales).
+    granularity: "sample" (one activation scale per sample, batch-invariant, the default)
+                 or "tensor" (one scale for the whole batch, the paper's setting).
+    error_compensation: a_hat += Q(x - a_hat) (True, the paper) or a_hat = x (False).
+    keyframe_interval: re-run the full-precision first step every K calls (None: never).
+    skip_layers: fnmatch patterns of layer names left in full precision.
+    int8_layers: fnmatch patterns of layer names kept at 8/8 bits.
+    """
+
+    mode: str = "modiff"
+    weight_bits: int = 8
+    act_bits: int = 8
+    scale_mode: str = "dynamic"
+    granularity: str = "sample"
+    error_compensation: bool = True
+    keyframe_interval: int | None = None
+    skip_layers: tuple[str, ...] = ()
+    int8_layers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("scale_mode", self.scale_mode, SCALE_MODES)
+        _check_choice("granularity", self.granularity, GRANULARITIES)
+        for name in ("weight_bits", "act_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 8:
+                raise ConfigError(f"QuantConfig.{name}={v!r} is not allowed; expected an integer in 2..8")
+        if not isinstance(self.error_compensation, bool):
+            raise ConfigError(f"QuantConfig.error_compensation={self.error_compensation!r}; expected True or False")
+        k = self.keyframe_interval
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ConfigError(f"QuantConfig.keyframe_interval={k!r} is not allowed; expected None or an integer >= 1")
+        for name in ("skip_layers", "int8_layers"):
+            v = getattr(self, name)
+            if isinstance(v, str) or not all(isinstance(p, str) for p in v):
+                raise ConfigError(f"QuantConfig.{name}={v!r}; expected a tuple of name patterns (strings)")
+            object.__setattr__(self, name, tuple(v))
+
+    # -- per-layer decisions -------------------------------------------------------------
+    def skips(self, layer_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(layer_name, p) for p in self.skip_layers)
+
+    def bits_for(self, layer_name: str) -> tuple[int, int]:
+        """(weight_bits, act_bits) for one layer, after the int8_layers override."""
+        if any(fnmatch.fnmatchcase(layer_name, p) for p in self.int8_layers):
+            return 8, 8
+        return self.weight_bits, self.act_bits
+
+    @property
+    def tag(self) -> str:
+        """Short name used in folder names and reports, e.g. 'modiff-w8a4'."""
+        if self.mode == "fp":
+            return "fp"
+        return f"{self.mode}-w{self.weight_bits}a{self.act_bits}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["skip_layers"], d["int8_layers"] = list(self.skip_layers), list(self.int8_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = set(d) - known
+        if extra:
+            raise ConfigError(f"unknown QuantConfig fields {sorted(extra)}; known: {sorted(known)}")
+        d = dict(d)
+        for name in ("skip_layers", "int8_layers"):
+            if name in d:
+                d[name] = tuple(d[name])
+        return cls(**d)
+
+    def replace(self, **changes) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)

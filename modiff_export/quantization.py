@@ -1,0 +1,257 @@
+"""MoDiff in PyTorch: the reference every other backend is checked against (design.md section 1).
+
+`quantize(unet, config)` swaps every nn.Conv2d / nn.Linear for a `MoDiffLayer`. A MoDiff layer
+keeps two caches, `a_hat` (last reconstructed input) and `o_hat` (last output):
+
+    first call:  a_hat = x;          out = f(Wq, x) + b;                 o_hat = out
+    later calls: d = x - a_hat;      s = absmax(d) / qmax  (or static)
+                 c = clamp(round(d / s), -qmax-1, qmax)           # integer codes
+                 a_hat = a_hat + c*s  (error compensation; a_hat = x without it)
+                 out = o_hat + f(Wq, c) * s                        # no bias: f is linear
+                 o_hat = out
+
+`f(Wq, c) * s` equals `f(Wq, c*s)` exactly in real arithmetic; computing it this way is the form
+the exported graph uses (unit-scale Q/DQ, rescale after the Conv/Gemm), so the two backends do
+the same float operations in the same order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import QuantConfig
+from .errors import ModiffExportError
+
+SCALE_FLOOR = 1e-8
+
+
+class MoDiffError(ModiffExportError, RuntimeError):
+    """Wrong use of a quantized model (bad batch, missing caches, nothing to quantize)."""
+
+
+def qmax_for(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def absmax_scale(x: torch.Tensor, bits: int, per_sample: bool) -> torch.Tensor:
+    """Symmetric scale s = absmax / qmax (floor 1e-8). Shape [B, 1, ...] per sample, [] per tensor."""
+    if per_sample:
+        amax = x.detach().abs().amax(dim=tuple(range(1, x.dim())), keepdim=True)
+    else:
+        amax = x.detach().abs().amax()
+    return torch.clamp(amax / qmax_for(bits), min=SCALE_FLOOR)
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (as float) clamp(round(x / s), -qmax-1, qmax); round is half-to-even."""
+    q = qmax_for(bits)
+    return torch.clamp(torch.round(x / scale), -q - 1, q)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    return quantize_codes(x, scale, bits) * scale
+
+
+def weight_scale(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-output-channel symmetric scale, shape [Cout]; `clip` (0, 1] shrinks the absmax."""
+    amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
+    if clip is not None:
+        amax = amax * clip
+    return torch.clamp(amax / qmax_for(bits), min=SCALE_FLOOR)
+
+
+def _per_channel(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return s.reshape(-1, *([1] * (w.dim() - 1)))  # [Cout, 1, 1, 1] for conv, [Cout, 1] for linear
+
+
+class MoDiffLayer(nn.Module):
+    """A Conv2d or Linear under MoDiff / PTQ / FP, with its caches.
+
+    Attributes the exporter and calibrator use:
+      a_hat, o_hat   the caches (None until the first call)
+      phase          None (automatic), "prime" or "step": forces the branch (used when tracing)
+      scale_override a tensor used as the activation scale instead of the table (static export)
+      observer       callable(layer, tensor_to_quantize) called before quantizing (calibration)
+      static_scales  [n_buckets] activation scales for scale_mode="static"; bucket picks one
+    """
+
+    def __init__(self, inner: nn.Module, name: str, config: QuantConfig):
+        super().__init__()
+        if not isinstance(inner, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"{name}: MoDiffLayer wraps nn.Conv2d or nn.Linear, got {type(inner).__name__}")
+        self.inner, self.name, self.config = inner, name, config
+        self.skipped = config.mode == "fp" or config.skips(name)
+        self.weight_bits, self.act_bits = config.bits_for(name)
+        self.register_buffer("w_scale", weight_scale(inner.weight, self.weight_bits), persistent=False)
+        self.register_buffer("static_scales", torch.empty(0), persistent=False)
+        self.bucket = 0
+        self.phase: str | None = None
+        self.scale_override: torch.Tensor | None = None
+        self.observer: Callable[["MoDiffLayer", torch.Tensor], None] | None = None
+        self.reset()
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def uses_cache(self) -> bool:
+        return not self.skipped and self.config.mode == "modiff"
+
+    def reset(self) -> None:
+        self.a_hat: torch.Tensor | None = None
+        self.o_hat: torch.Tensor | None = None
+        self.calls = 0
+
+    def set_weight_clip(self, clip: torch.Tensor) -> None:
+        """Per-channel clip ratios in (0, 1] chosen by calibration (MSE search)."""
+        self.w_scale = weight_scale(self.inner.weight, self.weight_bits, clip.to(self.inner.weight))
+
+    def weight_codes(self) -> torch.Tensor:
+        w = self.inner.weight
+        return quantize_codes(w, _per_channel(self.w_scale, w), self.weight_bits)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_codes() * _per_channel(self.w_scale, self.inner.weight)
+
+    # -- math ------------------------------------------------------------------------------
+    def _linear_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(self.inner, nn.Conv2d):
+            return self.inner._conv_forward(x, w, bias)
+        return F.linear(x, w, bias)
+
+    def _act_scale(self, t: torch.Tensor) -> torch.Tensor:
+        if self.scale_override is not None:
+            return self.scale_override
+        if self.config.scale_mode == "static":
+            if self.static_scales.numel() == 0:
+                raise MoDiffError(f"layer {self.name}: scale_mode='static' but no calibrated scales were loaded")
+            return self.static_scales[min(self.bucket, self.static_scales.numel() - 1)]
+        return absmax_scale(t, self.act_bits, self.config.granularity == "sample")
+
+    def _quantized_linear(self, t: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """f(Wq, Q(t)) computed as f(Wq, codes) * s (+ bias); returns (output, Q(t))."""
+        if self.observer is not None:
+            self.observer(self, t)
+        s = self._act_scale(t)
+        codes = quantize_codes(t, s, self.act_bits)
+        out = self._linear_op(codes, self.quantized_weight(), None) * s
+        if bias is not None:
+            out = out + (bias.reshape(-1, 1, 1) if isinstance(self.inner, nn.Conv2d) else bias)
+        return out, codes * s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.skipped:
+            return self.inner(x)
+        bias = self.inner.bias
+        if self.config.mode == "ptq":
+            return self._quantized_linear(x, bias)[0]
+        first = self.a_hat is None
+        if self.phase is not None:
+            first = self.phase == "prime"
+        elif self.config.keyframe_interval is not None:
+            first = first or self.calls % self.config.keyframe_interval == 0
+        if first:
+            self.a_hat = x
+            out = self._linear_op(x, self.quantized_weight(), bias)
+        else:
+            if self.a_hat is None or self.o_hat is None:
+                raise MoDiffError(f"layer {self.name}: step called with empty caches; run the prime step first")
+            if x.shape != self.a_hat.shape:
+                raise MoDiffError(
+                    f"layer {self.name}: input shape {tuple(x.shape)} does not match the cached "
+                    f"{tuple(self.a_hat.shape)}; call reset_caches(unet) before a new batch")
+            delta, q = self._quantized_linear(x - self.a_hat, None)
+            self.a_hat = self.a_hat + q if self.config.error_compensation else x
+            out = self.o_hat + delta
+        self.o_hat = out
+        self.calls += 1
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.config
+        if self.skipped:
+            return f"{self.name}: fp"
+        return f"{self.name}: {c.mode} W{self.weight_bits}A{self.act_bits} {c.scale_mode}/{c.granularity}"
+
+
+# -- model-level API ----------------------------------------------------------------------------
+def quantize(unet: nn.Module, config: QuantConfig) -> nn.Module:
+    """Wrap every Conv2d/Linear of `unet` (in place) and return it. Weights are quantized once."""
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"quantize() needs a QuantConfig, got {type(config).__name__}")
+    if any(isinstance(m, MoDiffLayer) for m in unet.modules()):
+        raise MoDiffError("this model is already quantized; load a fresh copy to quantize it again")
+    targets = [(n, m) for n, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not targets:
+        raise MoDiffError(f"{type(unet).__name__} has no Conv2d or Linear layer to quantize")
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        setattr(parent, child, MoDiffLayer(module, name, config))
+    unet.modiff_config = config
+    unet.register_forward_pre_hook(_set_bucket_from_timestep, with_kwargs=True)
+    return unet
+
+
+def modiff_layers(unet: nn.Module) -> Iterator[MoDiffLayer]:
+    return (m for m in unet.modules() if isinstance(m, MoDiffLayer))
+
+
+def reset_caches(unet: nn.Module) -> None:
+    """Empty every cache: call at the start of every trajectory / batch / request."""
+    for layer in modiff_layers(unet):
+        layer.reset()
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    layer: str
+    kind: str  # "a_hat" or "o_hat"
+    tensor: torch.Tensor | None
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        return None if self.tensor is None else tuple(self.tensor.shape)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return None if self.tensor is None else self.tensor.dtype
+
+
+def list_caches(unet: nn.Module) -> list[CacheEntry]:
+    """Every cache in a fixed order (module order, a_hat then o_hat): the exporter's I/O order."""
+    out = []
+    for layer in modiff_layers(unet):
+        if layer.uses_cache:
+            out += [CacheEntry(layer.name, "a_hat", layer.a_hat), CacheEntry(layer.name, "o_hat", layer.o_hat)]
+    return out
+
+
+# -- timestep buckets for static scales ---------------------------------------------------------
+def timestep_bucket(t: float, n_buckets: int, num_train_timesteps: int = 1000) -> int:
+    """Bucket b of n uniform buckets over [0, num_train_timesteps)."""
+    return max(0, min(n_buckets - 1, int(float(t) * n_buckets / num_train_timesteps)))
+
+
+def set_static_scales(unet: nn.Module, table: dict[str, list[float]], num_train_timesteps: int = 1000) -> None:
+    """Load per-layer, per-bucket activation scales ({layer name: [scale per bucket]})."""
+    layers = {l.name: l for l in modiff_layers(unet) if not l.skipped}
+    missing = sorted(set(layers) - set(table))
+    if missing:
+        raise MoDiffError(f"scale table has no entry for layers {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    for name, layer in layers.items():
+        layer.static_scales = torch.tensor(table[name], dtype=torch.float32)
+    unet.modiff_num_train_timesteps = num_train_timesteps
+
+
+def _set_bucket_from_timestep(unet: nn.Module, args: tuple, kwargs: dict) -> None:
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if t is None:
+        return
+    t = t.flatten()[0].item() if torch.is_tensor(t) else float(t)
+    T = getattr(unet, "modiff_num_train_timesteps", 1000)
+    for layer in modiff_layers(unet):
+        n = max(1, layer.static_scales.numel())
+        layer.bucket = timestep_bucket(t, n, T)

@@ -92,6 +92,7 @@ class MoDiffLayer(nn.Module):
         self.phase: str | None = None
         self.scale_override: torch.Tensor | None = None
         self.observer: Callable[["MoDiffLayer", torch.Tensor], None] | None = None
+        self.export_qdq = False  # set by the exporter: emit QuantizeLinear/DequantizeLinear ops
         self.reset()
 
     # -- state -----------------------------------------------------------------------------
@@ -115,6 +116,24 @@ class MoDiffLayer(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_codes() * _per_channel(self.w_scale, self.inner.weight)
 
+    def _weight(self) -> torch.Tensor:
+        """Wq; when exporting, as an explicit per-channel Q/DQ pair (folded to int8 + DQ later)."""
+        wq = self.quantized_weight()
+        if self.export_qdq:
+            zero = torch.zeros(wq.shape[0], dtype=torch.int32)
+            wq = torch.fake_quantize_per_channel_affine(wq, self.w_scale, zero, 0, -128, 127)
+        return wq
+
+    def _codes(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """clamp(round(t / s)) as floats; when exporting: Div -> Clip (b < 8) -> unit-scale Q/DQ."""
+        if not self.export_qdq:
+            return quantize_codes(t, s, self.act_bits)
+        u = t / s
+        if self.act_bits < 8:
+            q = qmax_for(self.act_bits)
+            u = torch.clamp(u, -q - 1, q)
+        return torch.fake_quantize_per_tensor_affine(u, 1.0, 0, -128, 127)
+
     # -- math ------------------------------------------------------------------------------
     def _linear_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(self.inner, nn.Conv2d):
@@ -135,8 +154,8 @@ class MoDiffLayer(nn.Module):
         if self.observer is not None:
             self.observer(self, t)
         s = self._act_scale(t)
-        codes = quantize_codes(t, s, self.act_bits)
-        out = self._linear_op(codes, self.quantized_weight(), None) * s
+        codes = self._codes(t, s)
+        out = self._linear_op(codes, self._weight(), None) * s
         if bias is not None:
             out = out + (bias.reshape(-1, 1, 1) if isinstance(self.inner, nn.Conv2d) else bias)
         return out, codes * s
@@ -154,7 +173,7 @@ class MoDiffLayer(nn.Module):
             first = first or self.calls % self.config.keyframe_interval == 0
         if first:
             self.a_hat = x
-            out = self._linear_op(x, self.quantized_weight(), bias)
+            out = self._linear_op(x, self._weight(), bias)
         else:
             if self.a_hat is None or self.o_hat is None:
                 raise MoDiffError(f"layer {self.name}: step called with empty caches; run the prime step first")

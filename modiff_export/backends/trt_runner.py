@@ -212,5 +212,5 @@ class TrtRunner(Runner):
         if self.batch_size is None or not self.is_active or not self.manifest["caches"]:
             return {}
         self._stream.synchronize()
-        return {f"{c['layer']}.{c['kind']}": t[:self.batch_size].cpu()
+        return {f"{c['layer']}.{c['kind']}": t[:self.batch_size].float().cpu()
                 for c, t in zip(self.manifest["caches"], self._sets[self._cur])}

@@ -1,0 +1,112 @@
+"""`train-demo`, `sample` and `evaluate`: the embedded digits model, sampling and quality metrics."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import click
+
+from ..config import GRANULARITIES, MODES, QuantConfig
+from ..sampling import SCHEDULERS
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "digits"
+
+
+def quant_options(f):
+    """--mode/--weight-bits/--act-bits/--granularity, shared by `sample` and `evaluate`."""
+    opts = [
+        click.option("--mode", type=click.Choice(MODES), default="modiff", show_default=True,
+                     help="fp: full precision; ptq: plain fake quantization; modiff: quantize the change of each input."),
+        click.option("--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Weight bits (per output channel)."),
+        click.option("--act-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Activation (delta) bits."),
+        click.option("--granularity", type=click.Choice(GRANULARITIES), default="sample", show_default=True,
+                     help="Activation scale per sample (batch-invariant) or per tensor (paper)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def sampling_options(f):
+    opts = [
+        click.option("--model", default="digits", show_default=True, help="'digits' (embedded) or a local diffusers UNet/pipeline folder."),
+        click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True, help="Runner backend."),
+        click.option("--scheduler", type=click.Choice(sorted(SCHEDULERS)), default="ddim", show_default=True, help="diffusers scheduler."),
+        click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True, help="Sampling steps."),
+        click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Images per batch."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (batch i uses seed+i)."),
+        click.option("--guidance-scale", type=float, default=1.0, show_default=True,
+                     help="Classifier-free guidance (conditional UNets; batch doubled)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@click.command("train-demo")
+@click.option("--steps", type=click.IntRange(1), default=3000, show_default=True, help="UNet training steps (batch 64).")
+@click.option("--epochs", type=click.IntRange(1), default=30, show_default=True, help="Classifier training epochs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
+@click.option("--out", type=click.Path(file_okay=False), default=str(ASSETS), show_default=True, help="Output folder.")
+@click.option("--what", type=click.Choice(["all", "unet", "classifier"]), default="all", show_default=True, help="What to train.")
+def train_demo(steps, epochs, seed, out, what):
+    """Train the embedded `digits` DDPM UNet and its metrics classifier on scikit-learn's digits
+    (16x16, 80/20 split with a fixed seed). Reproduces the shipped weights (CPU, 1 thread)."""
+    from ..train import train_classifier, train_unet
+
+    if what in ("all", "classifier"):
+        acc = train_classifier(epochs=epochs, seed=seed, out=Path(out))
+        click.echo(f"classifier: held-out accuracy {acc:.4f} -> {Path(out)}")
+    if what in ("all", "unet"):
+        wall = train_unet(steps=steps, seed=seed, out=Path(out))
+        click.echo(f"unet: {steps} steps in {wall / 60:.1f} min -> {Path(out)}")
+
+
+@click.command("sample")
+@sampling_options
+@quant_options
+@click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True, help="PNG grid to write.")
+def sample(model, backend, scheduler, steps, batch_size, seed, guidance_scale, mode, weight_bits, act_bits, granularity, out):
+    """Generate one batch with a (quantized) UNet and save it as a PNG grid."""
+    from ..models import load_model
+    from ..sampling import sample_model, save_grid
+
+    m = load_model(model)
+    cfg = QuantConfig(mode=mode, weight_bits=weight_bits, act_bits=act_bits, granularity=granularity)
+    images = sample_model(m, cfg, scheduler, steps, batch_size, batch_size, seed, guidance_scale, backend)
+    click.echo(f"{m.name} {cfg.tag} {scheduler}x{steps}: wrote {save_grid(images, out)}")
+
+
+@click.command("evaluate")
+@sampling_options
+@quant_options
+@click.option("--num-samples", type=click.IntRange(2), default=128, show_default=True, help="Samples per config.")
+def evaluate(model, backend, scheduler, steps, batch_size, seed, guidance_scale, mode, weight_bits, act_bits, granularity, num_samples):
+    """FD-digits, classifier confidence and PSNR-to-FP (same noise) for one config vs full precision.
+    FD-digits and confidence exist only for the `digits` model."""
+    from ..metrics import DigitsEvaluator, psnr
+    from ..models import load_model
+    from ..sampling import sample_model
+
+    m = load_model(model)
+    ev = DigitsEvaluator() if m.name == "digits" and model == "digits" else None
+    rows = []
+    ref = None
+    for cfg in [QuantConfig(mode="fp")] + ([] if mode == "fp" else [QuantConfig(mode=mode, weight_bits=weight_bits,
+                                                                               act_bits=act_bits, granularity=granularity)]):
+        t0 = time.time()
+        x = sample_model(m, cfg, scheduler, steps, num_samples, batch_size, seed, guidance_scale, backend)
+        ref = x if ref is None else ref
+        fd = f"{ev.frechet_distance(x):.2f}" if ev else "n/a"
+        conf = f"{ev.confidence(x):.3f}" if ev else "n/a"
+        p = psnr(x, ref)
+        rows.append((cfg.tag, fd, conf, "inf" if math.isinf(p) else f"{p:.2f}", f"{time.time() - t0:.1f}"))
+    click.echo(f"{m.name} {scheduler}x{steps}, {num_samples} samples, seed {seed}, granularity {granularity}")
+    head = ("config", "FD-digits", "confidence", "PSNR-to-FP dB", "seconds")
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    for r in [head] + rows:
+        click.echo("  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
+
+
+COMMANDS = [train_demo, sample, evaluate]

@@ -1,0 +1,97 @@
+"""Loading diffusion UNets: the embedded `digits` model or a local diffusers folder (no downloads).
+
+    spec = "digits"             -> modiff_export/assets/digits (trained by `cli.py train-demo`)
+    spec = <UNet folder>        -> config.json + diffusion_pytorch_model.safetensors [+ scheduler_config.json]
+    spec = <pipeline folder>    -> unet/ (as above) + scheduler/scheduler_config.json
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModiffExportError
+
+ASSETS = Path(__file__).parent / "assets" / "digits"
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+DEFAULT_SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
+DEFAULT_SEQ_LEN = 77  # CLIP text length; conditional UNets get random encoder states of [B, 77, D]
+EXPECTED = f"a diffusers UNet folder ({'/'.join(UNET_CLASSES)}: config.json + {WEIGHTS}) or a pipeline folder with unet/"
+
+
+class ModelError(ModiffExportError):
+    """A model spec that does not name a loadable diffusers UNet."""
+
+
+@dataclass
+class LoadedModel:
+    unet: torch.nn.Module           # eval mode, float32
+    name: str
+    scheduler_config: dict
+    content_hash: str               # "sha256:<hex>"
+    conditional: bool
+    sample_shape: tuple[int, int, int]  # (C, H, W)
+    cross_attention_dim: int | None
+    encoder_seq_len: int | None
+
+
+def content_hash(unet: torch.nn.Module) -> str:
+    """sha256 over the sorted state dict: name, dtype, shape and raw bytes of every tensor."""
+    h = hashlib.sha256()
+    for name, t in sorted(unet.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"sha256:{h.hexdigest()}"
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: unreadable {what} ({type(e).__name__}); expected {EXPECTED}") from None
+    if not isinstance(d, dict):
+        raise ModelError(f"{path}: {what} is not a JSON object; expected {EXPECTED}")
+    return d
+
+
+def load_model(spec: str) -> LoadedModel:
+    """Load `digits` or a local diffusers folder; any problem raises ModelError naming the path."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    folder = ASSETS if spec == "digits" else Path(spec)
+    name = "digits" if spec == "digits" else folder.resolve().name
+    if not folder.is_dir():
+        raise ModelError(f"{folder}: not a folder; expected 'digits' or {EXPECTED}")
+    unet_dir, sched_path = folder, folder / "scheduler_config.json"
+    if (folder / "unet").is_dir():  # pipeline layout
+        unet_dir, sched_path = folder / "unet", folder / "scheduler" / "scheduler_config.json"
+    config_path = unet_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{config_path}: missing; expected {EXPECTED}")
+    cls_name = _read_json(config_path, "config").get("_class_name")
+    if cls_name not in UNET_CLASSES:
+        raise ModelError(f"{config_path}: _class_name is {cls_name!r}; expected one of {list(UNET_CLASSES)}")
+    if not (unet_dir / WEIGHTS).is_file():
+        raise ModelError(f"{unet_dir / WEIGHTS}: missing; expected {EXPECTED}")
+    cls = UNet2DModel if cls_name == "UNet2DModel" else UNet2DConditionModel
+    try:
+        unet = cls.from_pretrained(str(unet_dir), local_files_only=True, use_safetensors=True)
+    except Exception as e:  # truncated/corrupt weights, shape mismatches, bad config values
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{unet_dir / WEIGHTS}: cannot load {cls_name} ({msg})") from None
+    unet = unet.float().eval().requires_grad_(False)
+    sched = _read_json(sched_path, "scheduler config") if sched_path.is_file() else dict(DEFAULT_SCHEDULER_CONFIG)
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    conditional = cls is UNet2DConditionModel
+    cad = unet.config.cross_attention_dim if conditional else None
+    if isinstance(cad, (list, tuple)):
+        cad = cad[0]
+    return LoadedModel(unet=unet, name=name, scheduler_config=sched, content_hash=content_hash(unet),
+                       conditional=conditional, sample_shape=(unet.config.in_channels, h, w),
+                       cross_attention_dim=cad, encoder_seq_len=DEFAULT_SEQ_LEN if conditional else None)

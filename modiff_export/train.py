@@ -1,0 +1,109 @@
+"""Train the embedded `digits` model (a tiny DDPM UNet2DModel) and its metrics classifier.
+
+    python cli.py train-demo                 # both, into modiff_export/assets/digits/
+Everything is seeded; torch on CPU with the same thread count reproduces the same weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import digits_split, random_shift
+from .manifest import atomic_write_text
+from .metrics import ASSETS, CLASSIFIER_FILE, DigitsClassifier
+
+UNET_CONFIG = dict(
+    sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
+    block_out_channels=(32, 64, 64), norm_num_groups=8,
+    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),  # 16 -> 8 -> 4, attn at 4x4
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def _save_safetensors(state: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def save_unet(unet, scheduler, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _save_safetensors(unet.state_dict(), out / WEIGHTS_FILE)
+    atomic_write_text(out / "config.json", json.dumps(dict(unet.config), indent=2, default=list) + "\n")
+    atomic_write_text(out / "scheduler_config.json", json.dumps(dict(scheduler.config), indent=2, default=list) + "\n")
+
+
+def train_unet(steps: int = 3000, seed: int = 0, out: Path = ASSETS, batch_size: int = 64, lr: float = 1e-3,
+               ema_decay: float = 0.998, save_every: int = 250, threads: int = 1) -> float:
+    """DDPM epsilon-prediction training; the EMA weights are saved. Returns wall seconds.
+    One thread by default: reproducible, and fastest on a shared CPU."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x_train, _ = digits_split("train")  # [N, 1, 16, 16]
+    unet = UNet2DModel(**UNET_CONFIG)
+    ema = UNet2DModel(**UNET_CONFIG).eval().requires_grad_(False)
+    ema.load_state_dict(unet.state_dict())
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 100))  # warmup
+    t0 = time.time()
+    bar = tqdm(range(steps), desc="train digits UNet")
+    for step in bar:
+        idx = torch.randint(0, len(x_train), (batch_size,), generator=g)
+        x0 = random_shift(x_train[idx], 1, g)                                  # [B, 1, 16, 16]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        xt = scheduler.add_noise(x0, noise, t)
+        loss = F.mse_loss(unet(xt, t).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            d = min(ema_decay, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - d)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            save_unet(ema, scheduler, Path(out))
+    return time.time() - t0
+
+
+def train_classifier(epochs: int = 30, seed: int = 0, out: Path = ASSETS, batch_size: int = 64, threads: int = 1) -> float:
+    """The metrics classifier (train split only, with shift augmentation). Returns test accuracy."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    x, y = digits_split("train")
+    model = DigitsClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in tqdm(range(epochs), desc="train digits classifier"):
+        model.train()
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            loss = F.cross_entropy(model(random_shift(x[idx], 1, g)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    xt, yt = digits_split("test")
+    with torch.no_grad():
+        acc = float((model(xt).argmax(-1) == yt).float().mean())
+    Path(out).mkdir(parents=True, exist_ok=True)
+    _save_safetensors(model.state_dict(), Path(out) / CLASSIFIER_FILE)
+    return acc

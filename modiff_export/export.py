@@ -1,0 +1,244 @@
+"""ONNX export: a prime graph and a step graph with explicit Q/DQ and the caches as graph I/O.
+
+    prime.onnx: sample, timestep[, encoder_hidden_states]            -> noise_pred, caches...
+    step.onnx:  sample, timestep[, encoder_hidden_states][, delta_scales], caches... -> same
+
+Both are traced from the PyTorch reference (quantization.py) with `export_qdq` on, so the graph
+computes exactly what the reference computes; graph_passes.py then turns the weight Q/DQ pairs
+into int8 initializers with per-channel DequantizeLinear. fp and ptq configs have no caches and
+export the prime graph only.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from . import graph_passes
+from .config import QuantConfig
+from .errors import ModiffExportError
+from .manifest import BATCH, SCHEMA, SCHEMA_VERSION, write_manifest
+from .quantization import list_caches, modiff_layers, quantize, reset_caches, set_static_scales
+
+DEFAULT_OPSET = 17
+PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # leave headroom under protobuf's 2 GiB
+
+
+class ExportError(ModiffExportError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the exporter needs to know about the model besides its modules."""
+
+    name: str
+    content_hash: str
+    sample_shape: tuple[int, int, int]  # (C, H, W)
+    cross_attention_dim: int | None = None
+    encoder_seq_len: int | None = None
+
+    @property
+    def conditional(self) -> bool:
+        return self.cross_attention_dim is not None
+
+
+def _cache_names(layer: str, kind: str) -> tuple[str, str]:
+    return f"cache_in.{layer}.{kind}", f"cache_out.{layer}.{kind}"
+
+
+class _GraphModule(nn.Module):
+    """Wraps the quantized UNet as a function of explicit tensors (what torch.onnx traces).
+
+    phase "prime": (sample, timestep[, ehs])                              -> (noise, *caches)
+    phase "step":  (sample, timestep[, ehs][, delta_scales], *caches)     -> (noise, *caches)
+    """
+
+    def __init__(self, unet, phase: str, conditional: bool, scale_input: bool, cache_dtype: torch.dtype):
+        super().__init__()
+        self.unet, self.phase, self.conditional = unet, phase, conditional
+        self.scale_input, self.cache_dtype = scale_input, cache_dtype
+        self.layers = [l for l in modiff_layers(unet) if l.uses_cache]
+        self.quantized = [l for l in modiff_layers(unet) if not l.skipped]
+
+    def forward(self, sample, timestep, *rest):
+        rest = list(rest)
+        ehs = rest.pop(0) if self.conditional else None
+        if self.phase == "step":
+            if self.scale_input:
+                scales = rest.pop(0)  # [L]: this step's static delta scale per quantized layer
+                for i, layer in enumerate(self.quantized):
+                    layer.scale_override = scales[i]
+            for i, layer in enumerate(self.layers):  # caches come in as graph inputs
+                layer.a_hat = rest[2 * i].float()
+                layer.o_hat = rest[2 * i + 1].float()
+        for layer in modiff_layers(self.unet):
+            layer.phase = self.phase
+        kwargs = {"encoder_hidden_states": ehs} if ehs is not None else {}
+        noise = self.unet(sample, timestep, **kwargs, return_dict=False)[0]
+        caches = [t for l in self.layers for t in (l.a_hat, l.o_hat)]
+        return (noise, *[c.to(self.cache_dtype) for c in caches])
+
+
+@contextlib.contextmanager
+def _export_state(unet):
+    layers = list(modiff_layers(unet))
+    for l in layers:
+        l.export_qdq = True
+        l._weight()  # materialize the constant Wq before any tracing starts
+    try:
+        yield
+    finally:
+        for l in layers:
+            l.export_qdq, l.phase, l.scale_override = False, None, None
+            l.__dict__.pop("_export_wq", None)
+        reset_caches(unet)
+
+
+def _spec(name: str, shape, dtype: str) -> dict:
+    return {"name": name, "shape": list(shape), "dtype": dtype}
+
+
+def export_model(unet: nn.Module, info: ModelInfo, config: QuantConfig, out: str | Path, *,
+                 scales: dict | None = None, cache_dtype: str = "float32", opset: int = DEFAULT_OPSET,
+                 overwrite: bool = False, progress: bool = True) -> dict:
+    """Quantize `unet` (in place) with `config` and write graphs + manifest.json into `out`.
+
+    scales: for scale_mode="static", {"n_buckets", "num_train_timesteps", "table": {layer: [s]},
+            "source": path}; one bucket becomes constants, several become a `delta_scales` input.
+    Returns the manifest. The folder appears only when everything succeeded.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+    if cache_dtype not in ("float32", "float16"):
+        raise ExportError(f"cache dtype {cache_dtype!r} not in ['float32', 'float16']")
+    if config.scale_mode == "static" and scales is None:
+        raise ExportError("scale_mode='static' needs a calibration file (--calibration)")
+    unet = quantize(unet, config).eval()
+    n_buckets = 1
+    if scales is not None and config.mode != "fp":
+        set_static_scales(unet, scales["table"], scales.get("num_train_timesteps", 1000))
+        n_buckets = int(scales["n_buckets"])
+    if config.mode == "ptq" and n_buckets > 1:
+        raise ExportError("ptq with several timestep buckets is not supported: calibrate with --buckets 1")
+
+    # example inputs: batch 2 (any batch works: the batch axis is symbolic)
+    C, H, W = info.sample_shape
+    B = 2
+    torch.manual_seed(0)
+    sample = torch.randn(B, C, H, W)
+    timestep = torch.full((B,), 500.0)
+    inputs = [_spec("sample", (BATCH, C, H, W), "float32"), _spec("timestep", (BATCH,), "float32")]
+    args = [sample, timestep]
+    if info.conditional:
+        S, D = info.encoder_seq_len or 77, info.cross_attention_dim
+        inputs.append(_spec("encoder_hidden_states", (BATCH, S, D), "float32"))
+        args.append(torch.randn(B, S, D))
+
+    # one real prime call gives every cache's shape
+    with torch.no_grad(), _export_state(unet):
+        reset_caches(unet)
+        prime = _GraphModule(unet, "prime", info.conditional, False, getattr(torch, cache_dtype))
+        prime(*args)
+        entries = list_caches(unet)
+    quantized = [l for l in modiff_layers(unet) if not l.skipped]
+    caches = []
+    for e in entries:
+        cin, cout = _cache_names(e.layer, e.kind)
+        caches.append({"layer": e.layer, "kind": e.kind, "input": cin, "output": cout,
+                       "shape": [BATCH, *e.shape[1:]], "dtype": cache_dtype})
+    step_extra = []
+    if n_buckets > 1 and config.mode == "modiff":
+        step_extra.append(_spec("delta_scales", (len(quantized),), "float32"))
+    has_step = bool(caches)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        roles = ["prime", "step"] if has_step else ["prime"]
+        bar = tqdm(roles, desc=f"export {config.tag}", disable=not progress, unit="graph")
+        for role in bar:
+            bar.set_postfix_str(role)
+            _trace(unet, info, role, args, inputs, step_extra, caches, scales, cache_dtype, opset, tmp / f"{role}.onnx")
+        manifest = {
+            "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+            "model": {"name": info.name, "class": type(unet).__name__, "content_hash": info.content_hash,
+                      "in_channels": C, "out_channels": int(getattr(unet.config, "out_channels", C)),
+                      "sample_size": [H, W], "cross_attention_dim": info.cross_attention_dim,
+                      "encoder_seq_len": info.encoder_seq_len if info.conditional else None},
+            "quant_config": config.to_dict(), "opset": opset, "cache_dtype": cache_dtype,
+            "graphs": {"prime": "prime.onnx", "step": "step.onnx" if has_step else None},
+            "inputs": inputs, "outputs": [_spec("noise_pred", (BATCH, int(getattr(unet.config, "out_channels", C)), H, W), "float32")],
+            "caches": caches, "step_extra_inputs": step_extra,
+            "layers": [_layer_entry(l) for l in modiff_layers(unet)],
+            "scales": None if scales is None else {**scales, "layers": [l.name for l in quantized]},
+            "batch_axis": BATCH,
+        }
+        write_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _layer_entry(l) -> dict:
+    w = l.inner.weight
+    kind = "conv" if isinstance(l.inner, nn.Conv2d) else "linear"
+    return {"name": l.name, "kind": kind, "weight_shape": list(w.shape), "skipped": l.skipped,
+            "weight_bits": None if l.skipped else l.weight_bits, "act_bits": None if l.skipped else l.act_bits,
+            "cached": l.uses_cache}
+
+
+def _trace(unet, info, role, args, inputs, step_extra, caches, scales, cache_dtype, opset, path: Path) -> None:
+    module = _GraphModule(unet, role, info.conditional, bool(step_extra), getattr(torch, cache_dtype))
+    in_names = [s["name"] for s in inputs]
+    out_names = ["noise_pred"] + [c["output"] for c in caches]
+    call_args = list(args)
+    with torch.no_grad(), _export_state(unet):
+        if role == "step":
+            if step_extra:
+                table = scales["table"]
+                call_args.append(torch.tensor([table[l.name][0] for l in module.quantized]))
+                in_names += [s["name"] for s in step_extra]
+            module.phase = "prime"
+            first = module(*args)  # real caches as example step inputs
+            module.phase = "step"
+            call_args += list(first[1:])
+            in_names += [c["input"] for c in caches]
+        dynamic = {n: {0: BATCH} for n in in_names + out_names if n != "delta_scales"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw_dir = path.parent / f".raw-{role}"  # torch may write external-data files here
+            raw_dir.mkdir()
+            raw = raw_dir / "model.onnx"
+            torch.onnx.export(module, tuple(call_args), str(raw), dynamo=False, opset_version=opset,
+                              input_names=in_names, output_names=out_names, dynamic_axes=dynamic,
+                              do_constant_folding=True)
+    model = onnx.load(str(raw))
+    shutil.rmtree(raw_dir)
+    graph_passes.quantize_weight_constants(model, [
+        (l.name, l.quantized_weight().detach().numpy(), l.w_scale.numpy()) for l in modiff_layers(unet) if not l.skipped])
+    graph_passes.remove_unused(model)
+    _save(model, path)
+    del model
+    onnx.checker.check_model(str(path), full_check=True)  # full_check runs strict shape inference too
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size > PROTOBUF_LIMIT:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))

@@ -1,0 +1,97 @@
+"""Small ONNX graph rewrites applied after tracing (pure onnx + numpy).
+
+quantize_weight_constants:  Conv/Gemm/MatMul(x, Wq float const)
+                        =>  Conv/Gemm/MatMul(x, DequantizeLinear(int8 codes, scale[Cout], 0))
+so every quantized Conv/Gemm/MatMul reads a DequantizeLinear of a constant int8 weight, the form
+TensorRT fuses into INT8 kernels.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+def constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every constant tensor by name: initializers and Constant-node outputs."""
+    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return out
+
+
+def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: node for node in model.graph.node for o in node.output}
+
+
+def quantize_weight_constants(model: onnx.ModelProto, layers: list[tuple[str, np.ndarray, np.ndarray]]) -> int:
+    """Store each quantized layer's weight as int8 codes + per-channel DequantizeLinear.
+
+    layers: (name, Wq, scale[Cout]) with Wq = codes * scale exactly (the reference's weight).
+    Tracing leaves Wq as a float constant ([Cout, ...] for Conv/Gemm, [Cin, Cout] when a Linear
+    became MatMul); it is found by value, so layer and node names never need to agree.
+    """
+    lookup = {}
+    for name, wq, scale in layers:
+        lookup[(wq.shape, wq.tobytes())] = (name, wq, scale, False)
+        if wq.ndim == 2:
+            wt = np.ascontiguousarray(wq.T)
+            lookup[(wt.shape, wt.tobytes())] = (name, wq, scale, True)
+    consts, graph, done = constants(model), model.graph, 0
+    new_nodes = []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        w = consts.get(node.input[1])
+        if w is None or w.dtype != np.float32:
+            continue
+        hit = lookup.get((w.shape, w.tobytes()))
+        if hit is None:
+            continue
+        name, wq, scale, transposed = hit
+        shape = [-1] + [1] * (wq.ndim - 1)
+        codes = np.rint(wq / scale.reshape(shape)).astype(np.int8)  # exact: Wq = codes * scale
+        if transposed:
+            codes = np.ascontiguousarray(codes.T)
+        axis = 1 if transposed else 0
+        prefix = f"{name}.weight"
+        graph.initializer.extend([
+            numpy_helper.from_array(codes, f"{prefix}.int8"),
+            numpy_helper.from_array(scale.astype(np.float32), f"{prefix}.scale"),
+            numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{prefix}.zero_point")])
+        out = f"{prefix}.dequantized"
+        if not any(n.output[0] == out for n in new_nodes):
+            new_nodes.append(helper.make_node("DequantizeLinear", [f"{prefix}.int8", f"{prefix}.scale", f"{prefix}.zero_point"],
+                                              [out], name=f"{prefix}/DequantizeLinear", axis=axis))
+        node.input[1] = out
+        done += 1
+    # DequantizeLinear nodes of constants go first: the graph stays topologically sorted
+    for n in reversed(new_nodes):
+        graph.node.insert(0, n)
+    return done
+
+
+def remove_unused(model: onnx.ModelProto) -> None:
+    """Drop nodes whose outputs nobody reads, then initializers nobody reads."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {n for node in graph.node for n in node.input} | outputs
+        dead = [node for node in graph.node if not any(o in used for o in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {n for node in graph.node for n in node.input} | outputs
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)

@@ -117,12 +117,11 @@ class MoDiffLayer(nn.Module):
         return self.weight_codes() * _per_channel(self.w_scale, self.inner.weight)
 
     def _weight(self) -> torch.Tensor:
-        """Wq; when exporting, as an explicit per-channel Q/DQ pair (folded to int8 + DQ later)."""
-        wq = self.quantized_weight()
+        """Wq. When exporting it is a plain tensor attribute (a graph constant, not the parameter);
+        graph_passes.quantize_weight_constants then stores it as int8 + per-channel DequantizeLinear."""
         if self.export_qdq:
-            zero = torch.zeros(wq.shape[0], dtype=torch.int32)
-            wq = torch.fake_quantize_per_channel_affine(wq, self.w_scale, zero, 0, -128, 127)
-        return wq
+            return self.__dict__.setdefault("_export_wq", self.quantized_weight().detach().clone())
+        return self.quantized_weight()
 
     def _codes(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """clamp(round(t / s)) as floats; when exporting: Div -> Clip (b < 8) -> unit-scale Q/DQ."""
@@ -261,7 +260,10 @@ def set_static_scales(unet: nn.Module, table: dict[str, list[float]], num_train_
     if missing:
         raise MoDiffError(f"scale table has no entry for layers {missing[:5]}{'...' if len(missing) > 5 else ''}")
     for name, layer in layers.items():
-        layer.static_scales = torch.tensor(table[name], dtype=torch.float32)
+        scales = torch.tensor(table[name], dtype=torch.float32)
+        if not torch.isfinite(scales).all() or (scales < 0).any():
+            raise MoDiffError(f"scale table entry for layer {name} has a negative or non-finite scale: {table[name]}")
+        layer.static_scales = scales.clamp_min(SCALE_FLOOR)  # design.md 1: s has a floor of 1e-8 (0 -> 0/0 = NaN)
     unet.modiff_num_train_timesteps = num_train_timesteps
 
 

@@ -1,0 +1,68 @@
+"""Small shared fixtures: tiny random diffusers UNets (fresh per test, so in-place quantize() never leaks)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_UNET_KWARGS = dict(
+    sample_size=16,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(16, 32),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=8,
+)
+
+TINY_COND_UNET_KWARGS = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    cross_attention_dim=32,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=8,
+)
+
+
+def build_tiny_unet(seed: int = 0, **overrides):
+    """A fresh, eval-mode random UNet2DModel (deterministic for a given seed and overrides)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(**{**TINY_UNET_KWARGS, **overrides}).eval()
+
+
+def build_tiny_cond_unet(seed: int = 0, **overrides):
+    """A fresh, eval-mode random UNet2DConditionModel (cross_attention_dim 32)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**{**TINY_COND_UNET_KWARGS, **overrides}).eval()
+
+
+@pytest.fixture
+def make_tiny_unet():
+    """Factory: make_tiny_unet(seed=0, **overrides) -> a new UNet2DModel each call."""
+    return build_tiny_unet
+
+
+@pytest.fixture
+def make_tiny_cond_unet():
+    """Factory: make_tiny_cond_unet(seed=0, **overrides) -> a new UNet2DConditionModel each call."""
+    return build_tiny_cond_unet
+
+
+@pytest.fixture
+def tiny_unet():
+    """A fresh tiny UNet2DModel (1 channel, 16x16), seed 0; safe to quantize in place."""
+    return build_tiny_unet()
+
+
+@pytest.fixture
+def tiny_cond_unet():
+    """A fresh tiny UNet2DConditionModel (4 channels, 8x8, cross_attention_dim 32), seed 0."""
+    return build_tiny_cond_unet()

@@ -80,7 +80,8 @@ def load_model(spec: str) -> LoadedModel:
         raise ModelError(f"{unet_dir / WEIGHTS}: missing; expected {EXPECTED}")
     cls = UNet2DModel if cls_name == "UNet2DModel" else UNet2DConditionModel
     try:
-        unet = cls.from_pretrained(str(unet_dir), local_files_only=True, use_safetensors=True)
+        unet = cls.from_pretrained(str(unet_dir), local_files_only=True, use_safetensors=True,
+                                    low_cpu_mem_usage=False)
     except Exception as e:  # truncated/corrupt weights, shape mismatches, bad config values
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ModelError(f"{unet_dir / WEIGHTS}: cannot load {cls_name} ({msg})") from None

@@ -5,7 +5,6 @@ Everything is seeded; torch on CPU with the same thread count reproduces the sam
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -39,8 +38,8 @@ def _save_safetensors(state: dict, path: Path) -> None:
 def save_unet(unet, scheduler, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _save_safetensors(unet.state_dict(), out / WEIGHTS_FILE)
-    atomic_write_text(out / "config.json", json.dumps(dict(unet.config), indent=2, default=list) + "\n")
-    atomic_write_text(out / "scheduler_config.json", json.dumps(dict(scheduler.config), indent=2, default=list) + "\n")
+    atomic_write_text(out / "config.json", unet.to_json_string())  # with _class_name, like save_pretrained
+    atomic_write_text(out / "scheduler_config.json", scheduler.to_json_string())
 
 
 def train_unet(steps: int = 3000, seed: int = 0, out: Path = ASSETS, batch_size: int = 64, lr: float = 1e-3,

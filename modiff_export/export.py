@@ -108,10 +108,12 @@ def _spec(name: str, shape, dtype: str) -> dict:
 
 
 def export_model(unet: nn.Module, info: ModelInfo, config: QuantConfig, out: str | Path, *,
-                 scales: dict | None = None, cache_dtype: str = "float32", opset: int = DEFAULT_OPSET,
+                 scales: dict | None = None, weight_clips: dict[str, list[float]] | None = None,
+                 cache_dtype: str = "float32", opset: int = DEFAULT_OPSET,
                  overwrite: bool = False, progress: bool = True) -> dict:
     """Quantize `unet` (in place) with `config` and write graphs + manifest.json into `out`.
 
+    weight_clips: {layer: [clip ratio per output channel]} from calibration.
     scales: for scale_mode="static", {"n_buckets", "num_train_timesteps", "table": {layer: [s]},
             "source": path}; one bucket becomes constants, several become a `delta_scales` input.
     Returns the manifest. The folder appears only when everything succeeded.
@@ -124,6 +126,9 @@ def export_model(unet: nn.Module, info: ModelInfo, config: QuantConfig, out: str
     if config.scale_mode == "static" and scales is None:
         raise ExportError("scale_mode='static' needs a calibration file (--calibration)")
     unet = quantize(unet, config).eval()
+    for layer in modiff_layers(unet):  # calibrated per-channel weight clipping (MSE search)
+        if weight_clips and layer.name in weight_clips and not layer.skipped:
+            layer.set_weight_clip(torch.tensor(weight_clips[layer.name], dtype=torch.float32))
     n_buckets = 1
     if scales is not None and config.mode != "fp":
         set_static_scales(unet, scales["table"], scales.get("num_train_timesteps", 1000))
@@ -156,10 +161,14 @@ def export_model(unet: nn.Module, info: ModelInfo, config: QuantConfig, out: str
         cin, cout = _cache_names(e.layer, e.kind)
         caches.append({"layer": e.layer, "kind": e.kind, "input": cin, "output": cout,
                        "shape": [BATCH, *e.shape[1:]], "dtype": cache_dtype})
+    out_ch = int(getattr(unet.config, "out_channels", C))
+    outputs = [_spec("noise_pred", (BATCH, out_ch, H, W), "float32")]
     step_extra = []
     if n_buckets > 1 and config.mode == "modiff":
         step_extra.append(_spec("delta_scales", (len(quantized),), "float32"))
     has_step = bool(caches)
+    io_shapes = {s["name"]: s["shape"] for s in inputs + outputs + step_extra}
+    io_shapes.update({c[k]: c["shape"] for c in caches for k in ("input", "output")})
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
@@ -167,16 +176,16 @@ def export_model(unet: nn.Module, info: ModelInfo, config: QuantConfig, out: str
         bar = tqdm(roles, desc=f"export {config.tag}", disable=not progress, unit="graph")
         for role in bar:
             bar.set_postfix_str(role)
-            _trace(unet, info, role, args, inputs, step_extra, caches, scales, cache_dtype, opset, tmp / f"{role}.onnx")
+            _trace(unet, info, role, args, inputs, step_extra, caches, scales, cache_dtype, opset, tmp / f"{role}.onnx", io_shapes)
         manifest = {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
             "model": {"name": info.name, "class": type(unet).__name__, "content_hash": info.content_hash,
-                      "in_channels": C, "out_channels": int(getattr(unet.config, "out_channels", C)),
+                      "in_channels": C, "out_channels": out_ch,
                       "sample_size": [H, W], "cross_attention_dim": info.cross_attention_dim,
                       "encoder_seq_len": info.encoder_seq_len if info.conditional else None},
             "quant_config": config.to_dict(), "opset": opset, "cache_dtype": cache_dtype,
             "graphs": {"prime": "prime.onnx", "step": "step.onnx" if has_step else None},
-            "inputs": inputs, "outputs": [_spec("noise_pred", (BATCH, int(getattr(unet.config, "out_channels", C)), H, W), "float32")],
+            "inputs": inputs, "outputs": outputs,
             "caches": caches, "step_extra_inputs": step_extra,
             "layers": [_layer_entry(l) for l in modiff_layers(unet)],
             "scales": None if scales is None else {**scales, "layers": [l.name for l in quantized]},
@@ -200,7 +209,8 @@ def _layer_entry(l) -> dict:
             "cached": l.uses_cache}
 
 
-def _trace(unet, info, role, args, inputs, step_extra, caches, scales, cache_dtype, opset, path: Path) -> None:
+def _trace(unet, info, role, args, inputs, step_extra, caches, scales, cache_dtype, opset, path: Path,
+           io_shapes: dict[str, list]) -> None:
     module = _GraphModule(unet, role, info.conditional, bool(step_extra), getattr(torch, cache_dtype))
     in_names = [s["name"] for s in inputs]
     out_names = ["noise_pred"] + [c["output"] for c in caches]
@@ -230,6 +240,7 @@ def _trace(unet, info, role, args, inputs, step_extra, caches, scales, cache_dty
     graph_passes.quantize_weight_constants(model, [
         (l.name, l.quantized_weight().detach().numpy(), l.w_scale.numpy()) for l in modiff_layers(unet) if not l.skipped])
     graph_passes.remove_unused(model)
+    graph_passes.set_io_shapes(model, io_shapes)
     _save(model, path)
     del model
     onnx.checker.check_model(str(path), full_check=True)  # full_check runs strict shape inference too

@@ -95,3 +95,18 @@ def remove_unused(model: onnx.ModelProto) -> None:
     keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+
+
+def set_io_shapes(model: onnx.ModelProto, shapes: dict[str, list]) -> None:
+    """Pin every named graph input/output to its manifest shape ("batch" stays symbolic)."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        if value.name not in shapes:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for d in shapes[value.name]:
+            dim = dims.add()
+            if isinstance(d, str):
+                dim.dim_param = d
+            else:
+                dim.dim_value = int(d)

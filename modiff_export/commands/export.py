@@ -25,12 +25,15 @@ from ..config import GRANULARITIES, MODES, SCALE_MODES, QuantConfig
 @click.option("--int8-layers", multiple=True, metavar="PATTERN", help="Keep layers matching this pattern at W8A8 (repeatable).")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None, help="calibration/<name>.json from `cli.py calibrate` (static scales, weight clipping).")
 @click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True, help="dtype of the cache I/O tensors.")
+@click.option("--target", type=click.Choice(["trt", "ort"]), default="trt", show_default=True,
+              help="trt: explicit Q/DQ graphs (TensorRT). ort: then rewrite them for ONNX Runtime CPU "
+                   "(modiff_export/ort_variant.py; same results up to float rounding).")
 @click.option("--opset", type=click.IntRange(13, 21), default=17, show_default=True, help="ONNX opset.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [default: graphs/<model>-<config>].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(model, mode, weight_bits, act_bits, scale_mode, granularity, no_error_compensation, keyframe_interval,
-           skip_layers, int8_layers, calibration, cache_dtype, opset, out, overwrite, quiet):
+           skip_layers, int8_layers, calibration, cache_dtype, target, opset, out, overwrite, quiet):
     """Export a MoDiff-quantized UNet as ONNX: prime.onnx (fills the caches), step.onnx (consumes and
     returns them), manifest.json (the I/O contract). Quantization is explicit QuantizeLinear /
     DequantizeLinear with constant scales, as TensorRT requires."""
@@ -52,6 +55,10 @@ def export(model, mode, weight_bits, act_bits, scale_mode, granularity, no_error
     t0 = time.perf_counter()
     manifest = export_model(loaded.unet, info, config, out, scales=scales, weight_clips=clips, cache_dtype=cache_dtype,
                             opset=opset, overwrite=overwrite, progress=not quiet)
+    if target == "ort":
+        from ..ort_variant import apply_to_folder
+
+        apply_to_folder(out)
     graphs = [g for g in manifest["graphs"].values() if g]
     click.echo(f"wrote {out}/ ({', '.join(graphs)}, manifest.json): {len(manifest['caches'])} caches, "
                f"{sum((out / g).stat().st_size for g in graphs) / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")

@@ -1,0 +1,203 @@
+"""The ONNX Runtime (CPU) variant of an exported graph: integer Conv/MatMul instead of Q/DQ + float.
+
+The exported (TensorRT-shaped) graphs compute every quantized layer as
+
+    codes = QuantizeLinear(u, scale=1, zp=0)            # int8 activation codes (exact integers)
+    y     = Conv|MatMul|Gemm(DequantizeLinear(codes, 1, 0), DequantizeLinear(W int8, w_scale[Cout], 0))
+    out   = y * s (...)
+
+TensorRT fuses that into an INT8 kernel; ONNX Runtime's CPU kernels do not (no output Q), so they
+dequantize both sides and run a float Conv. This pass rewrites each such layer into
+
+    y = Mul(Cast<float>(ConvInteger|MatMulInteger(codes, W int8)), w_scale)   (+ Add(bias) if any)
+
+The integer product is exact (int32 accumulation of int8 x int8); the float result differs from the
+Q/DQ graph only by float rounding (one per-channel multiply instead of a float sum of float
+products). ORT fuses MatMulInteger -> Cast -> Mul into MatMulIntegerToFloat. The unit-scale
+DequantizeLinear stays where other nodes (the a_hat update) still read it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .graph_passes import constants, consumers, producers, remove_unused
+
+
+def _is_unit_qdq(node, consts) -> bool:
+    """QuantizeLinear/DequantizeLinear with scale 1 and an int8 zero point of 0 (constants)."""
+    if len(node.input) < 3:
+        return False
+    s, zp = consts.get(node.input[1]), consts.get(node.input[2])
+    return (s is not None and zp is not None and s.size == 1 and float(s.reshape(-1)[0]) == 1.0
+            and zp.dtype == np.int8 and zp.size == 1 and int(zp.reshape(-1)[0]) == 0)
+
+
+def _weight_dq(node, consts):
+    """(int8 codes, per-channel scale, axis) when `node` dequantizes a constant int8 weight with zp 0."""
+    if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 2:
+        return None
+    w, s = consts.get(node.input[0]), consts.get(node.input[1])
+    zp = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if w is None or s is None or w.dtype != np.int8 or (zp is not None and np.any(zp != 0)):
+        return None
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    return w, s.astype(np.float32).reshape(-1), axis
+
+
+def fold_weight_dequantize(model: onnx.ModelProto) -> int:
+    """Replace every DequantizeLinear(int8 weight const) read by a Conv/MatMul/Gemm with its float
+    value (codes * scale, one float32 multiply, the same DequantizeLinear computes: bit-exact).
+    The activation Q/DQ pairs stay, so the codes are unchanged; ORT then sees constant float
+    weights and uses its blocked (NCHWc) float Conv kernels, as for the fp graph."""
+    graph = model.graph
+    consts, prods = constants(model), producers(model)
+    init, folded, n = [], {}, 0
+    for node in graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        dq = prods.get(node.input[1])
+        wdq = _weight_dq(dq, consts)
+        if wdq is None:
+            continue
+        if dq.output[0] not in folded:
+            codes, scale, axis = wdq
+            shape = [1] * codes.ndim
+            shape[axis] = -1
+            w = codes.astype(np.float32) * scale.reshape(shape if scale.size > 1 else [])
+            name = f"{dq.output[0]}.folded"
+            init.append(numpy_helper.from_array(w.astype(np.float32), name))
+            folded[dq.output[0]] = name
+        node.input[1] = folded[dq.output[0]]
+        n += 1
+    graph.initializer.extend(init)
+    remove_unused(model)
+    return n
+
+
+def rewrite_integer_ops(model: onnx.ModelProto) -> int:
+    """Rewrite every unit-scale-Q/DQ x int8-weight Conv/MatMul/Gemm in place; returns how many."""
+    graph = model.graph
+    consts, prods, cons = constants(model), producers(model), consumers(model)
+    replaced: dict[int, list] = {}  # id(old node) -> new nodes
+    init = []
+    n_done = 0
+    for node in graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        dq = prods.get(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or not _is_unit_qdq(dq, consts):
+            continue
+        q = prods.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or not _is_unit_qdq(q, consts):
+            continue
+        wdq = _weight_dq(prods.get(node.input[1]), consts)
+        if wdq is None:
+            continue
+        codes, w_scale, axis = wdq
+        attrs = {a.name: a for a in node.attribute}
+        p = node.name or node.output[0]
+        new, bias = [], None
+        if node.op_type == "Conv":
+            if axis != 0 or w_scale.size not in (1, codes.shape[0]):
+                continue
+            wname = f"{p}.w_int8"
+            init.append(numpy_helper.from_array(codes, wname))
+            new.append(helper.make_node("ConvInteger", [q.output[0], wname], [f"{p}.acc"], name=f"{p}/ConvInteger",
+                                        **{k: helper.get_attribute_value(a) for k, a in attrs.items()}))
+            scale_shape = [1, -1, 1, 1]
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        else:
+            w = codes
+            trans_b = node.op_type == "Gemm" and helper.get_attribute_value(attrs["transB"]) if "transB" in attrs else False
+            if node.op_type == "Gemm":
+                alpha = helper.get_attribute_value(attrs["alpha"]) if "alpha" in attrs else 1.0
+                beta = helper.get_attribute_value(attrs["beta"]) if "beta" in attrs else 1.0
+                trans_a = helper.get_attribute_value(attrs["transA"]) if "transA" in attrs else 0
+                if alpha != 1.0 or beta != 1.0 or trans_a:
+                    continue
+                bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            out_axis = 0 if trans_b else 1  # the Cout axis of the stored weight
+            if w_scale.size != 1 and axis != out_axis:
+                continue
+            if trans_b:
+                w = np.ascontiguousarray(codes.T)
+            wname = f"{p}.w_int8"
+            init.append(numpy_helper.from_array(w, wname))
+            new.append(helper.make_node("MatMulInteger", [q.output[0], wname], [f"{p}.acc"], name=f"{p}/MatMulInteger"))
+            scale_shape = [-1]
+        sname = f"{p}.w_scale"
+        init.append(numpy_helper.from_array(w_scale.reshape(scale_shape) if w_scale.size > 1 else w_scale.reshape([]),
+                                            sname))
+        new.append(helper.make_node("Cast", [f"{p}.acc"], [f"{p}.accf"], name=f"{p}/Cast", to=TensorProto.FLOAT))
+        out = node.output[0]
+        if bias is None:
+            new.append(helper.make_node("Mul", [f"{p}.accf", sname], [out], name=f"{p}/Mul"))
+        else:
+            b = bias
+            if node.op_type == "Conv":
+                bname = f"{p}.bias4d"
+                init.append(numpy_helper.from_array(consts[bias].reshape(1, -1, 1, 1).astype(np.float32), bname))
+                b = bname
+            new.append(helper.make_node("Mul", [f"{p}.accf", sname], [f"{p}.scaled"], name=f"{p}/Mul"))
+            new.append(helper.make_node("Add", [f"{p}.scaled", b], [out], name=f"{p}/AddBias"))
+        replaced[id(node)] = new
+        n_done += 1
+    if not n_done:
+        return 0
+    nodes = []
+    for node in graph.node:
+        nodes.extend(replaced.get(id(node), [node]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(init)
+    remove_unused(model)
+    return n_done
+
+
+METHODS = ("fold", "integer")
+
+
+def rewrite(model: onnx.ModelProto, method: str = "fold") -> int:
+    """method "fold": float weights (fast on ORT CPU, see fold_weight_dequantize); "integer":
+    ConvInteger/MatMulInteger for quantized-activation layers (rewrite_integer_ops)."""
+    if method not in METHODS:
+        raise ValueError(f"ort variant method {method!r}; expected one of {list(METHODS)}")
+    return fold_weight_dequantize(model) if method == "fold" else rewrite_integer_ops(model)
+
+
+def apply_to_folder(folder: str | Path, roles=("prime", "step"), method: str = "fold") -> dict[str, int]:
+    """Rewrite the graphs of an exported folder in place (each via a temp file + rename) and record
+    "target": "ort" in its manifest. Returns {graph file: layers rewritten}."""
+    import json
+    import os
+
+    from .manifest import MANIFEST_NAME, write_manifest
+
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    done = {}
+    for role in roles:
+        name = manifest["graphs"].get(role)
+        if not name:
+            continue
+        path = folder / name
+        model = onnx.load(str(path))
+        n = rewrite(model, method)
+        done[name] = n
+        if n:
+            tmp = path.with_name(f".{path.name}.tmp")
+            if model.ByteSize() > 2 * 1024**3 - 64 * 1024**2:
+                onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=path.name + ".data", size_threshold=1024)
+            else:
+                onnx.save_model(model, str(tmp))
+            onnx.checker.check_model(str(tmp))
+            os.replace(tmp, path)
+    manifest["target"] = "ort"
+    manifest["ort_variant"] = {"method": method, "rewritten_layers": done}
+    write_manifest(folder, manifest)
+    return done

@@ -42,7 +42,7 @@ def save_unet(unet, scheduler, out: Path) -> None:
     atomic_write_text(out / "scheduler_config.json", scheduler.to_json_string())
 
 
-def train_unet(steps: int = 3000, seed: int = 0, out: Path = ASSETS, batch_size: int = 64, lr: float = 1e-3,
+def train_unet(steps: int = 2000, seed: int = 0, out: Path = ASSETS, batch_size: int = 64, lr: float = 1e-3,
                ema_decay: float = 0.998, save_every: int = 250, threads: int = 1) -> float:
     """DDPM epsilon-prediction training; the EMA weights are saved. Returns wall seconds.
     One thread by default: reproducible, and fastest on a shared CPU."""

@@ -45,7 +45,7 @@ def sampling_options(f):
 
 
 @click.command("train-demo")
-@click.option("--steps", type=click.IntRange(1), default=3000, show_default=True, help="UNet training steps (batch 64).")
+@click.option("--steps", type=click.IntRange(1), default=2000, show_default=True, help="UNet training steps (batch 64, ~28 min on a shared 2-core CPU).")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True, help="Classifier training epochs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
 @click.option("--out", type=click.Path(file_okay=False), default=str(ASSETS), show_default=True, help="Output folder.")

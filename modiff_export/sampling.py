@@ -138,6 +138,8 @@ def sample_model(model, config, scheduler_name: str = "ddim", num_steps: int = 2
     from .backends import make_runner
     from .quantization import quantize
 
+    if guidance_scale != 1.0 and not model.conditional:
+        raise SamplingError(f"guidance scale {guidance_scale} needs a conditional UNet; {model.name} is unconditional (use 1.0)")
     unet = quantize(copy.deepcopy(model.unet), config)
     runner = make_runner(backend, unet)
     out = []

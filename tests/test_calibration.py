@@ -233,17 +233,22 @@ def test_cli_export_refuses_a_mismatched_file(model_folder, cli_file, tmp_path):
 
 # -- PyTorch static vs ONNX Runtime static -------------------------------------------------------
 @pytest.mark.parametrize("buckets,wbits,abits", [(1, 8, 4), (3, 4, 4)])
-def test_torch_static_matches_ort_static(tmp_path, buckets, wbits, abits):
+def test_torch_static_matches_ort_static(tmp_path, model_folder, buckets, wbits, abits):
     from modiff_export.backends.ort_runner import OrtRunner
     from modiff_export.backends.torch_runner import TorchRunner
-    from modiff_export.export import ModelInfo, export_model
+    from modiff_export.manifest import load_manifest
 
-    model = tiny_model()
+    model = tiny_model()  # the model saved in model_folder
     cfg = QuantConfig(weight_bits=wbits, act_bits=abits, scale_mode="static")
-    cal = load_calibration(write_calibration(tmp_path / "cal.json", run_cal(cfg, "mse", buckets, model=model)),
-                           model.content_hash, cfg)
-    export_model(build_tiny_unet(0), ModelInfo("tiny", model.content_hash, (1, 16, 16)), cfg, tmp_path / "g",
-                 scales=cal.export_scales(), weight_clips=cal.weight_clips, progress=False)
+    path = write_calibration(tmp_path / "cal.json", run_cal(cfg, "mse", buckets, model=model))
+    cal = load_calibration(path, model.content_hash, cfg)
+    res = CliRunner().invoke(cli, ["export", "--model", str(model_folder), "--weight-bits", str(wbits), "--act-bits",
+                                   str(abits), "--scale-mode", "static", "--calibration", str(path),
+                                   "--out", str(tmp_path / "g"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    m = load_manifest(tmp_path / "g")
+    assert m["scales"]["table"] == cal.scales and m["scales"]["source"] == str(path)
+    assert [s["name"] for s in m["step_extra_inputs"]] == (["delta_scales"] if buckets > 1 else [])
     torch_unet = quantize(build_tiny_unet(0), cfg)
     cal.apply(torch_unet)
     runners = TorchRunner(torch_unet), OrtRunner(tmp_path / "g", threads=1)

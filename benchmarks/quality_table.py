@@ -23,6 +23,7 @@ from modiff_export.models import load_model  # noqa: E402
 from modiff_export.sampling import sample_model  # noqa: E402
 
 BITS = [(8, 8), (8, 4), (8, 3), (4, 4)]
+FINDINGS_HEADER = "## What this model shows"
 
 
 @click.command()
@@ -56,7 +57,10 @@ def main(schedulers, steps, num_samples, batch_size, seed, out):
            f"--num-samples {num_samples} --batch-size {batch_size} --seed {seed}")
     text = OUT_TEMPLATE.format(table="\n".join(table), cmd=cmd, n=num_samples, steps=steps, real=real,
                                minutes=(time.time() - t_all) / 60, hash=model.content_hash[:19])
-    atomic_write_text(out, text)
+    # the findings are written by a person who read the table: keep them across reruns
+    old = Path(out).read_text() if Path(out).is_file() else ""
+    findings = old.split(FINDINGS_HEADER, 1)[1].strip() if FINDINGS_HEADER in old else "(to be written after reading the table)"
+    atomic_write_text(out, text.replace("{FINDINGS}", findings))
     print(f"wrote {out}")
 
 

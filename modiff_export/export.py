@@ -45,6 +45,7 @@ class ModelInfo:
     sample_shape: tuple[int, int, int]  # (C, H, W)
     cross_attention_dim: int | None = None
     encoder_seq_len: int | None = None
+    scheduler_config: dict | None = None  # lets `sample --backend ort|trt` run from the folder alone
 
     @property
     def conditional(self) -> bool:
@@ -182,7 +183,8 @@ def export_model(unet: nn.Module, info: ModelInfo, config: QuantConfig, out: str
             "model": {"name": info.name, "class": type(unet).__name__, "content_hash": info.content_hash,
                       "in_channels": C, "out_channels": out_ch,
                       "sample_size": [H, W], "cross_attention_dim": info.cross_attention_dim,
-                      "encoder_seq_len": info.encoder_seq_len if info.conditional else None},
+                      "encoder_seq_len": info.encoder_seq_len if info.conditional else None,
+                      "scheduler_config": info.scheduler_config},
             "quant_config": config.to_dict(), "opset": opset, "cache_dtype": cache_dtype,
             "graphs": {"prime": "prime.onnx", "step": "step.onnx" if has_step else None},
             "inputs": inputs, "outputs": outputs,

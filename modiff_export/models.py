@@ -96,3 +96,14 @@ def load_model(spec: str) -> LoadedModel:
     return LoadedModel(unet=unet, name=name, scheduler_config=sched, content_hash=content_hash(unet),
                        conditional=conditional, sample_shape=(unet.config.in_channels, h, w),
                        cross_attention_dim=cad, encoder_seq_len=DEFAULT_SEQ_LEN if conditional else None)
+
+
+def model_from_manifest(manifest: dict, source: str = "manifest") -> LoadedModel:
+    """Shapes, scheduler and identity of an exported model, read from its manifest (no weights):
+    what sampling needs to drive an ORT/TensorRT runner."""
+    m = manifest["model"]
+    H, W = m["sample_size"]
+    return LoadedModel(unet=None, name=m["name"], scheduler_config=m.get("scheduler_config") or dict(DEFAULT_SCHEDULER_CONFIG),
+                       content_hash=m["content_hash"], conditional=m.get("cross_attention_dim") is not None,
+                       sample_shape=(int(m["in_channels"]), int(H), int(W)),
+                       cross_attention_dim=m.get("cross_attention_dim"), encoder_seq_len=m.get("encoder_seq_len"))

@@ -126,10 +126,11 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
 
 def sample_model(model, config, scheduler_name: str = "ddim", num_steps: int = 25, num_samples: int = 16,
                  batch_size: int = 16, seed: int = 0, guidance_scale: float = 1.0, backend: str = "torch",
-                 progress: bool = True) -> torch.Tensor:
+                 progress: bool = True, runner=None) -> torch.Tensor:
     """num_samples images [N, C, H, W] from a LoadedModel under a QuantConfig, in batches.
 
-    The UNet is copied before quantize(), so `model` stays full precision. Batch i uses seed + i, so
+    The UNet is copied before quantize(), so `model` stays full precision (pass `runner` to sample
+    with an ORT/TensorRT runner instead; `model` then only supplies shapes and the scheduler). Batch i uses seed + i, so
     two configs with the same seed start from identical noise (PSNR-to-FP compares like with like).
     Conditional models get random encoder states [B, 77, D] (no text encoder here), zeros as uncond.
     """
@@ -140,8 +141,8 @@ def sample_model(model, config, scheduler_name: str = "ddim", num_steps: int = 2
 
     if guidance_scale != 1.0 and not model.conditional:
         raise SamplingError(f"guidance scale {guidance_scale} needs a conditional UNet; {model.name} is unconditional (use 1.0)")
-    unet = quantize(copy.deepcopy(model.unet), config)
-    runner = make_runner(backend, unet)
+    if runner is None:  # torch: quantize a copy; ort/trt runners come ready from their folder
+        runner = make_runner(backend, quantize(copy.deepcopy(model.unet), config))
     out = []
     for i, start in enumerate(range(0, num_samples, batch_size)):
         b = min(batch_size, num_samples - start)

@@ -51,7 +51,8 @@ def export(model, mode, weight_bits, act_bits, scale_mode, granularity, no_error
         cal = load_calibration(calibration, loaded.content_hash, config)
         scales, clips = cal.export_scales(), cal.weight_clips
     out = Path(out or f"graphs/{loaded.name}-{config.tag}{'-static' if scale_mode == 'static' else ''}")
-    info = ModelInfo(loaded.name, loaded.content_hash, loaded.sample_shape, loaded.cross_attention_dim, loaded.encoder_seq_len)
+    info = ModelInfo(loaded.name, loaded.content_hash, loaded.sample_shape, loaded.cross_attention_dim,
+                     loaded.encoder_seq_len, loaded.scheduler_config)
     t0 = time.perf_counter()
     manifest = export_model(loaded.unet, info, config, out, scales=scales, weight_clips=clips, cache_dtype=cache_dtype,
                             opset=opset, overwrite=overwrite, progress=not quiet)

@@ -30,8 +30,12 @@ def quant_options(f):
 
 def sampling_options(f):
     opts = [
-        click.option("--model", default="digits", show_default=True, help="'digits' (embedded) or a local diffusers UNet/pipeline folder."),
-        click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True, help="Runner backend."),
+        click.option("--model", default=None, help="'digits' (embedded, the default) or a local diffusers UNet/pipeline folder. "
+                     "With --backend ort/trt the model comes from the folder's manifest; --model then only checks it is the same model."),
+        click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True,
+                     help="torch: PyTorch reference; ort: ONNX Runtime on --graphs; trt: TensorRT on --engines."),
+        click.option("--graphs", type=click.Path(file_okay=False), default=None, help="Graph folder from `cli.py export` (--backend ort)."),
+        click.option("--engines", type=click.Path(file_okay=False), default=None, help="Engine folder from `cli.py build-engine` (--backend trt)."),
         click.option("--scheduler", type=click.Choice(sorted(SCHEDULERS)), default="ddim", show_default=True, help="diffusers scheduler."),
         click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True, help="Sampling steps."),
         click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Images per batch."),
@@ -67,42 +71,69 @@ def train_demo(steps, epochs, seed, out, what):
 @sampling_options
 @quant_options
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True, help="PNG grid to write.")
-def sample(model, backend, scheduler, steps, batch_size, seed, guidance_scale, mode, weight_bits, act_bits, granularity, out):
-    """Generate one batch with a (quantized) UNet and save it as a PNG grid."""
-    from ..models import load_model
+def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, mode, weight_bits,
+           act_bits, granularity, out):
+    """Generate one batch and save it as a PNG grid. --backend torch quantizes --model with the
+    quantization options; ort/trt run exported graphs/engines, whose config is in their manifest."""
     from ..sampling import sample_model, save_grid
 
-    m = load_model(model)
-    cfg = QuantConfig(mode=mode, weight_bits=weight_bits, act_bits=act_bits, granularity=granularity)
-    images = sample_model(m, cfg, scheduler, steps, batch_size, batch_size, seed, guidance_scale, backend)
-    click.echo(f"{m.name} {cfg.tag} {scheduler}x{steps}: wrote {save_grid(images, out)}")
+    m, cfg, runner = resolve_runner(model, backend, graphs, engines, QuantConfig(
+        mode=mode, weight_bits=weight_bits, act_bits=act_bits, granularity=granularity))
+    images = sample_model(m, cfg, scheduler, steps, batch_size, batch_size, seed, guidance_scale, backend, runner=runner)
+    click.echo(f"{m.name} {cfg.tag} [{backend}] {scheduler}x{steps}: wrote {save_grid(images, out)}")
+
+
+def resolve_runner(model, backend, graphs, engines, cfg):
+    """(model meta, config, runner or None) for a backend; ort/trt read everything from their folder."""
+    from ..backends import RunnerError, make_runner
+    from ..models import load_model, model_from_manifest
+
+    if backend == "torch":
+        if graphs or engines:
+            raise RunnerError("--graphs/--engines are for --backend ort/trt; --backend torch samples --model directly")
+        return load_model(model or "digits"), cfg, None
+    folder = graphs if backend == "ort" else engines
+    if folder is None:
+        raise RunnerError(f"--backend {backend} needs {'--graphs graphs/<name>' if backend == 'ort' else '--engines engines/<name>'}")
+    runner = make_runner(backend, folder=folder)
+    meta = model_from_manifest(runner.manifest)
+    if model is not None:
+        want = load_model(model).content_hash
+        if want != meta.content_hash:
+            raise RunnerError(f"{folder} was exported from model {meta.content_hash[:19]}, not {model} ({want[:19]})")
+    return meta, QuantConfig.from_dict(runner.manifest["quant_config"]), runner
 
 
 @click.command("evaluate")
 @sampling_options
 @quant_options
 @click.option("--num-samples", type=click.IntRange(2), default=128, show_default=True, help="Samples per config.")
-def evaluate(model, backend, scheduler, steps, batch_size, seed, guidance_scale, mode, weight_bits, act_bits, granularity, num_samples):
+def evaluate(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, mode, weight_bits,
+             act_bits, granularity, num_samples):
     """FD-digits, classifier confidence and PSNR-to-FP (same noise) for one config vs full precision.
-    FD-digits and confidence exist only for the `digits` model."""
+    The FP reference always runs on PyTorch; the quantized config runs on --backend (with ort/trt its
+    config comes from the folder). FD-digits and confidence exist only for the `digits` model."""
     from ..metrics import DigitsEvaluator, psnr
     from ..models import load_model
     from ..sampling import sample_model
 
-    m = load_model(model)
-    ev = DigitsEvaluator() if m.name == "digits" and model == "digits" else None
-    rows = []
-    ref = None
-    for cfg in [QuantConfig(mode="fp")] + ([] if mode == "fp" else [QuantConfig(mode=mode, weight_bits=weight_bits,
-                                                                               act_bits=act_bits, granularity=granularity)]):
+    meta, qcfg, runner = resolve_runner(model, backend, graphs, engines, QuantConfig(
+        mode=mode, weight_bits=weight_bits, act_bits=act_bits, granularity=granularity))
+    m = meta if meta.unet is not None else load_model(model or "digits")
+    if m.content_hash != meta.content_hash:
+        raise click.ClickException(f"the folder was exported from another model than {model or 'digits'}; pass its --model")
+    ev = DigitsEvaluator() if m.name == "digits" else None
+    rows, ref = [], None
+    runs = [(QuantConfig(mode="fp"), "torch", None)] + ([] if qcfg.mode == "fp" and backend == "torch" else [(qcfg, backend, runner)])
+    for cfg, be, r in runs:
         t0 = time.time()
-        x = sample_model(m, cfg, scheduler, steps, num_samples, batch_size, seed, guidance_scale, backend)
+        x = sample_model(m, cfg, scheduler, steps, num_samples, batch_size, seed, guidance_scale, be, runner=r)
         ref = x if ref is None else ref
         fd = f"{ev.frechet_distance(x):.2f}" if ev else "n/a"
         conf = f"{ev.confidence(x):.3f}" if ev else "n/a"
         p = psnr(x, ref)
-        rows.append((cfg.tag, fd, conf, "inf" if math.isinf(p) else f"{p:.2f}", f"{time.time() - t0:.1f}"))
-    click.echo(f"{m.name} {scheduler}x{steps}, {num_samples} samples, seed {seed}, granularity {granularity}")
+        rows.append((f"{cfg.tag} [{be}]", fd, conf, "inf" if math.isinf(p) else f"{p:.2f}", f"{time.time() - t0:.1f}"))
+    click.echo(f"{m.name} {scheduler}x{steps}, {num_samples} samples, seed {seed}, granularity {qcfg.granularity}")
     head = ("config", "FD-digits", "confidence", "PSNR-to-FP dB", "seconds")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:

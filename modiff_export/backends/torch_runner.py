@@ -23,7 +23,9 @@ class TorchRunner(Runner):
         try:
             with torch.no_grad():
                 kwargs = {"encoder_hidden_states": ehs} if ehs is not None else {}
-                return self.unet(sample, timestep, **kwargs, return_dict=False)[0]
+                # clones: the first layer caches its input and the last layer's cache is the output,
+                # so a caller editing either tensor in place must not reach into the caches
+                return self.unet(sample.clone(), timestep, **kwargs, return_dict=False)[0].clone()
         finally:
             for layer in layers:
                 layer.phase = None

@@ -41,6 +41,7 @@ def count_macs(unet: nn.Module, *args, **kwargs) -> list[LayerMacs]:
     def hook(name):
         def fn(module, inputs, output):
             x = inputs[0]
+            module = getattr(module, "inner", module)  # MoDiffLayer: its Conv2d/Linear (not called itself)
             if isinstance(module, nn.Conv2d):
                 cin_g = module.in_channels // module.groups
                 kh, kw = module.kernel_size
@@ -52,10 +53,12 @@ def count_macs(unet: nn.Module, *args, **kwargs) -> list[LayerMacs]:
             totals.setdefault(name, [kind, 0])[1] += int(macs)
         return fn
 
-    wrapped = {id(m.inner): m.name for m in unet.modules() if isinstance(m, MoDiffLayer)}
+    wrapped = {id(m.inner) for m in unet.modules() if isinstance(m, MoDiffLayer)}
     for name, m in unet.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            hooks.append(m.register_forward_hook(hook(wrapped.get(id(m), name))))
+        if isinstance(m, MoDiffLayer):
+            hooks.append(m.register_forward_hook(hook(m.name)))
+        elif isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in wrapped:
+            hooks.append(m.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():
             unet(*args, **kwargs)

@@ -64,6 +64,33 @@ def child(mode: str, cache_dtype: str, out: Path) -> dict:
             "cache_bytes_per_image_cfg": 2 * per_sample}
 
 
+def shapes_only() -> dict:
+    """Cache sizes without weights or compute: the UNet on PyTorch's meta device, with hooks on every
+    Conv2d/Linear (MoDiff caches each one's input a_hat and output o_hat), one sample at 64x64."""
+    import torch
+    import torch.nn as nn
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+    sizes = {"a_hat": 0, "o_hat": 0, "layers": 0}
+
+    def hook(m, i, o):
+        sizes["a_hat"] += i[0].numel()
+        sizes["o_hat"] += o.numel()
+        sizes["layers"] += 1
+
+    for m in unet.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        unet(torch.zeros(1, 4, 64, 64, device="meta"), torch.tensor([500.0], device="meta"),
+             encoder_hidden_states=torch.zeros(1, 77, 768, device="meta"))
+    n = sizes["a_hat"] + sizes["o_hat"]
+    return {"params": sum(p.numel() for p in unet.parameters()), **sizes,
+            "bytes_per_sample": {"float32": 4 * n, "float16": 2 * n}}
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
@@ -120,8 +147,12 @@ def _mem_gib() -> float:
 @click.option("--doc", default=str(ROOT / "docs" / "scale.md"), show_default=True)
 @click.option("--keep", is_flag=True, help="Keep the exported graphs.")
 @click.option("--child-job", default=None, hidden=True)
-def main(out, jobs, doc, keep, child_job):
+@click.option("--shapes-only", is_flag=True, help="Only print cache sizes (meta device: no weights, seconds).")
+def main(out, jobs, doc, keep, child_job, shapes_only):
     out = Path(out)
+    if shapes_only:
+        print(json.dumps(globals()["shapes_only"](), indent=1))
+        return
     if child_job:
         mode, dtype = child_job.split(":")
         print("RESULT " + json.dumps(child(mode, dtype, out / f"{mode}-{dtype}")), flush=True)

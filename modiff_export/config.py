@@ -35,6 +35,9 @@ class QuantConfig:
     keyframe_interval: re-run the full-precision first step every K calls (None: never).
     skip_layers: fnmatch patterns of layer names left in full precision.
     int8_layers: fnmatch patterns of layer names kept at 8/8 bits.
+    weight_block_size: block size along the input dimension for Linear weights (INT4 block
+          quantization for TensorRT weight-only INT4); None = per output channel. A positive
+          even number (16, 32, 64, 128, ...), only with weight_bits <= 4. Convs stay per channel.
     """
 
     mode: str = "modiff"
@@ -46,6 +49,7 @@ class QuantConfig:
     keyframe_interval: int | None = None
     skip_layers: tuple[str, ...] = ()
     int8_layers: tuple[str, ...] = ()
+    weight_block_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -65,6 +69,14 @@ class QuantConfig:
             if isinstance(v, str) or not all(isinstance(p, str) for p in v):
                 raise ConfigError(f"QuantConfig.{name}={v!r}; expected a tuple of name patterns (strings)")
             object.__setattr__(self, name, tuple(v))
+        bs = self.weight_block_size
+        if bs is not None:
+            if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2 or bs % 2:
+                raise ConfigError(f"QuantConfig.weight_block_size={bs!r} is not allowed; expected None or a positive "
+                                  f"multiple of 2 (e.g. 16, 32, 64, 128)")
+            if self.weight_bits > 4:
+                raise ConfigError(f"QuantConfig.weight_block_size={bs!r} needs weight_bits <= 4 (INT4 block "
+                                  f"quantization), got weight_bits={self.weight_bits}; use weight_block_size=None")
 
     # -- per-layer decisions -------------------------------------------------------------
     def skips(self, layer_name: str) -> bool:

@@ -29,6 +29,7 @@ from .manifest import BATCH, SCHEMA, SCHEMA_VERSION, write_manifest
 from .quantization import list_caches, modiff_layers, quantize, reset_caches, set_static_scales
 
 DEFAULT_OPSET = 17
+BLOCK_QUANT_OPSET = 21  # DequantizeLinear block_size and the INT4 type
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # leave headroom under protobuf's 2 GiB
 
 
@@ -124,6 +125,9 @@ def export_model(unet: nn.Module, info: ModelInfo, config: QuantConfig, out: str
         raise ExportError(f"{out} already exists; pass --overwrite to replace it")
     if cache_dtype not in ("float32", "float16"):
         raise ExportError(f"cache dtype {cache_dtype!r} not in ['float32', 'float16']")
+    if config.weight_block_size is not None and opset < BLOCK_QUANT_OPSET:
+        raise ExportError(f"weight_block_size={config.weight_block_size} (INT4 block-quantized weights) needs "
+                          f"opset >= {BLOCK_QUANT_OPSET} (DequantizeLinear block_size), got opset {opset}; pass --opset 21")
     if config.scale_mode == "static" and scales is None:
         raise ExportError("scale_mode='static' needs a calibration file (--calibration)")
     unet = quantize(unet, config).eval()
@@ -208,7 +212,8 @@ def _layer_entry(l) -> dict:
     kind = "conv" if isinstance(l.inner, nn.Conv2d) else "linear"
     return {"name": l.name, "kind": kind, "weight_shape": list(w.shape), "skipped": l.skipped,
             "weight_bits": None if l.skipped else l.weight_bits, "act_bits": None if l.skipped else l.act_bits,
-            "cached": l.uses_cache}
+            "cached": l.uses_cache, "weight_format": None if l.skipped else l.weight_format,
+            **({"weight_note": l.weight_note} if l.weight_note else {})}
 
 
 def _trace(unet, info, role, args, inputs, step_extra, caches, scales, cache_dtype, opset, path: Path,
@@ -240,7 +245,8 @@ def _trace(unet, info, role, args, inputs, step_extra, caches, scales, cache_dty
     model = onnx.load(str(raw))
     shutil.rmtree(raw_dir)
     graph_passes.quantize_weight_constants(model, [
-        (l.name, l.quantized_weight().detach().numpy(), l.w_scale.numpy()) for l in modiff_layers(unet) if not l.skipped])
+        (l.name, l.quantized_weight().detach().numpy(), l.w_scale.numpy(), l.block_size)
+        for l in modiff_layers(unet) if not l.skipped])
     graph_passes.remove_unused(model)
     graph_passes.set_io_shapes(model, io_shapes)
     _save(model, path)

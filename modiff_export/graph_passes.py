@@ -3,10 +3,13 @@
 quantize_weight_constants:  Conv/Gemm/MatMul(x, Wq float const)
                         =>  Conv/Gemm/MatMul(x, DequantizeLinear(int8 codes, scale[Cout], 0))
 so every quantized Conv/Gemm/MatMul reads a DequantizeLinear of a constant int8 weight, the form
-TensorRT fuses into INT8 kernels.
+TensorRT fuses into INT8 kernels. Linear weights with block scales (QuantConfig.weight_block_size)
+become INT4 initializers read by DequantizeLinear(axis=Cin axis, block_size=bs) (opset 21), the
+form of TensorRT's weight-only INT4 MatMul/Gemm.
 """
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -33,19 +36,26 @@ def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {o: node for node in model.graph.node for o in node.output}
 
 
-def quantize_weight_constants(model: onnx.ModelProto, layers: list[tuple[str, np.ndarray, np.ndarray]]) -> int:
-    """Store each quantized layer's weight as int8 codes + per-channel DequantizeLinear.
+def quantize_weight_constants(model: onnx.ModelProto, layers: list[tuple]) -> int:
+    """Store each quantized layer's weight as integer codes + DequantizeLinear.
 
-    layers: (name, Wq, scale[Cout]) with Wq = codes * scale exactly (the reference's weight).
-    Tracing leaves Wq as a float constant ([Cout, ...] for Conv/Gemm, [Cin, Cout] when a Linear
-    became MatMul); it is found by value, so layer and node names never need to agree.
+    layers: (name, Wq, scale) or (name, Wq, scale, block_size) with Wq = codes * scale exactly
+    (the reference's weight). scale is [Cout] (per output channel: int8 codes, DequantizeLinear
+    on the Cout axis) or, with block_size, [Cout, Cin // block_size] for a 2-D Linear weight
+    (int4 codes, DequantizeLinear with block_size on the Cin axis and a scale/zero point of the
+    blocked shape: [Cin // bs, Cout] for a MatMul's [Cin, Cout] weight, [Cout, Cin // bs] for a
+    Gemm's transB [Cout, Cin] weight). Tracing leaves Wq as a float constant ([Cout, ...] for
+    Conv/Gemm, [Cin, Cout] when a Linear became MatMul); it is found by value, so layer and node
+    names never need to agree.
     """
     lookup = {}
-    for name, wq, scale in layers:
-        lookup[(wq.shape, wq.tobytes())] = (name, wq, scale, False)
+    for entry in layers:
+        name, wq, scale = entry[:3]
+        block = entry[3] if len(entry) > 3 else None
+        lookup[(wq.shape, wq.tobytes())] = (name, wq, scale, block, False)
         if wq.ndim == 2:
             wt = np.ascontiguousarray(wq.T)
-            lookup[(wt.shape, wt.tobytes())] = (name, wq, scale, True)
+            lookup[(wt.shape, wt.tobytes())] = (name, wq, scale, block, True)
     consts, graph, done = constants(model), model.graph, 0
     new_nodes = []
     for node in graph.node:
@@ -57,21 +67,36 @@ def quantize_weight_constants(model: onnx.ModelProto, layers: list[tuple[str, np
         hit = lookup.get((w.shape, w.tobytes()))
         if hit is None:
             continue
-        name, wq, scale, transposed = hit
-        shape = [-1] + [1] * (wq.ndim - 1)
-        codes = np.rint(wq / scale.reshape(shape)).astype(np.int8)  # exact: Wq = codes * scale
-        if transposed:
-            codes = np.ascontiguousarray(codes.T)
-        axis = 1 if transposed else 0
+        name, wq, scale, block, transposed = hit
         prefix = f"{name}.weight"
-        graph.initializer.extend([
-            numpy_helper.from_array(codes, f"{prefix}.int8"),
-            numpy_helper.from_array(scale.astype(np.float32), f"{prefix}.scale"),
-            numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{prefix}.zero_point")])
+        if block is None:
+            shape = [-1] + [1] * (wq.ndim - 1)
+            codes = np.rint(wq / scale.reshape(shape)).astype(np.int8)  # exact: Wq = codes * scale
+            if transposed:
+                codes = np.ascontiguousarray(codes.T)
+            wname, attrs = f"{prefix}.int8", {"axis": 1 if transposed else 0}
+            zero = np.zeros(scale.shape, np.int8)
+        else:
+            if wq.ndim != 2 or scale.ndim != 2 or scale.shape[0] != wq.shape[0] or scale.shape[1] * block != wq.shape[1]:
+                raise ValueError(f"{name}: block scale {scale.shape} does not fit weight {wq.shape} with block size {block}")
+            full = np.repeat(scale, block, axis=1)
+            codes = np.rint(wq / full)
+            if codes.min() < -8 or codes.max() > 7:
+                raise ValueError(f"{name}: weight codes outside the int4 range [-8, 7]")
+            codes = codes.astype(np.int8)
+            if transposed:  # MatMul weight [Cin, Cout]: blocks run along axis 0
+                codes, scale = np.ascontiguousarray(codes.T), np.ascontiguousarray(scale.T)
+            wname, attrs = f"{prefix}.int4", {"axis": 0 if transposed else 1, "block_size": int(block)}
+            codes = codes.astype(ml_dtypes.int4)
+            zero = np.zeros(scale.shape, ml_dtypes.int4)
         out = f"{prefix}.dequantized"
         if not any(n.output[0] == out for n in new_nodes):
-            new_nodes.append(helper.make_node("DequantizeLinear", [f"{prefix}.int8", f"{prefix}.scale", f"{prefix}.zero_point"],
-                                              [out], name=f"{prefix}/DequantizeLinear", axis=axis))
+            graph.initializer.extend([
+                numpy_helper.from_array(codes, wname),
+                numpy_helper.from_array(scale.astype(np.float32), f"{prefix}.scale"),
+                numpy_helper.from_array(zero, f"{prefix}.zero_point")])
+            new_nodes.append(helper.make_node("DequantizeLinear", [wname, f"{prefix}.scale", f"{prefix}.zero_point"],
+                                              [out], name=f"{prefix}/DequantizeLinear", **attrs))
         node.input[1] = out
         done += 1
     # DequantizeLinear nodes of constants go first: the graph stays topologically sorted

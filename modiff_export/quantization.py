@@ -64,8 +64,25 @@ def weight_scale(w: torch.Tensor, bits: int, clip: torch.Tensor | None = None) -
     return torch.clamp(amax / qmax_for(bits), min=SCALE_FLOOR)
 
 
+def block_weight_scale(w: torch.Tensor, bits: int, block_size: int, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Per (output channel, input block) symmetric scale of a Linear weight [Cout, Cin], shape
+    [Cout, Cin // block_size]: s[o, k] = absmax(W[o, k*bs:(k+1)*bs]) / qmax (floor 1e-8).
+    `clip` [Cout] in (0, 1] shrinks every block of its output channel. Cin must divide by bs."""
+    cout, cin = w.shape
+    if cin % block_size:
+        raise MoDiffError(f"block_weight_scale: input dim {cin} is not a multiple of the block size {block_size}")
+    amax = w.detach().abs().reshape(cout, cin // block_size, block_size).amax(dim=2)
+    if clip is not None:
+        amax = amax * clip.reshape(-1, 1)
+    return torch.clamp(amax / qmax_for(bits), min=SCALE_FLOOR)
+
+
 def _per_channel(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return s.reshape(-1, *([1] * (w.dim() - 1)))  # [Cout, 1, 1, 1] for conv, [Cout, 1] for linear
+    """The weight scale broadcast against w: [Cout, 1, 1, 1] for conv, [Cout, 1] for linear, and
+    [Cout, Cin] (each block's scale repeated over its block) for block scales [Cout, Cin // bs]."""
+    if s.dim() == 2 and w.dim() == 2:
+        return s.repeat_interleave(w.shape[1] // s.shape[1], dim=1)
+    return s.reshape(-1, *([1] * (w.dim() - 1)))
 
 
 class MoDiffLayer(nn.Module):
@@ -77,6 +94,11 @@ class MoDiffLayer(nn.Module):
       scale_override a tensor used as the activation scale instead of the table (static export)
       observer       callable(layer, tensor_to_quantize) called before quantizing (calibration)
       static_scales  [n_buckets] activation scales for scale_mode="static"; bucket picks one
+      block_size     Linear weights with config.weight_block_size (<= 4 bits, Cin divisible by it):
+                     w_scale is [Cout, Cin // block_size] (one scale per output channel and input
+                     block); None: per output channel, w_scale is [Cout]
+      weight_format  "int8-per-channel" or "int4-block<bs>" (what the exported graph stores)
+      weight_note    why a requested block layout was not used (None otherwise)
     """
 
     def __init__(self, inner: nn.Module, name: str, config: QuantConfig):
@@ -86,7 +108,8 @@ class MoDiffLayer(nn.Module):
         self.inner, self.name, self.config = inner, name, config
         self.skipped = config.mode == "fp" or config.skips(name)
         self.weight_bits, self.act_bits = config.bits_for(name)
-        self.register_buffer("w_scale", weight_scale(inner.weight, self.weight_bits), persistent=False)
+        self.block_size, self.weight_note = self._choose_block_size(inner, name, config)
+        self.register_buffer("w_scale", self._weight_scale(), persistent=False)
         self.register_buffer("static_scales", torch.empty(0), persistent=False)
         self.bucket = 0
         self.phase: str | None = None
@@ -105,9 +128,30 @@ class MoDiffLayer(nn.Module):
         self.o_hat: torch.Tensor | None = None
         self.calls = 0
 
+    def _choose_block_size(self, inner: nn.Module, name: str, config: QuantConfig) -> tuple[int | None, str | None]:
+        bs = config.weight_block_size
+        if bs is None or not isinstance(inner, nn.Linear) or self.skipped or self.weight_bits > 4:
+            return None, None
+        cin = inner.weight.shape[1]
+        if cin % bs:
+            return None, (f"input dim {cin} is not a multiple of weight_block_size {bs}: "
+                          f"per-output-channel scales in an int8 container instead")
+        return bs, None
+
+    @property
+    def weight_format(self) -> str:
+        return f"int4-block{self.block_size}" if self.block_size is not None else "int8-per-channel"
+
+    def _weight_scale(self, clip: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.inner.weight
+        if self.block_size is not None:
+            return block_weight_scale(w, self.weight_bits, self.block_size, clip)
+        return weight_scale(w, self.weight_bits, clip)
+
     def set_weight_clip(self, clip: torch.Tensor) -> None:
-        """Per-channel clip ratios in (0, 1] chosen by calibration (MSE search)."""
-        self.w_scale = weight_scale(self.inner.weight, self.weight_bits, clip.to(self.inner.weight))
+        """Per-channel clip ratios in (0, 1] chosen by calibration (MSE search); with block scales
+        an output channel's ratio applies to every block of it."""
+        self.w_scale = self._weight_scale(clip.to(self.inner.weight))
 
     def weight_codes(self) -> torch.Tensor:
         w = self.inner.weight
@@ -118,7 +162,8 @@ class MoDiffLayer(nn.Module):
 
     def _weight(self) -> torch.Tensor:
         """Wq. When exporting it is a plain tensor attribute (a graph constant, not the parameter);
-        graph_passes.quantize_weight_constants then stores it as int8 + per-channel DequantizeLinear."""
+        graph_passes.quantize_weight_constants then stores it as int8 + per-channel DequantizeLinear
+        (or, with block scales, int4 + blocked DequantizeLinear)."""
         if self.export_qdq:
             return self.__dict__.setdefault("_export_wq", self.quantized_weight().detach().clone())
         return self.quantized_weight()

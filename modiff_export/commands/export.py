@@ -28,12 +28,15 @@ from ..config import GRANULARITIES, MODES, SCALE_MODES, QuantConfig
 @click.option("--target", type=click.Choice(["trt", "ort"]), default="trt", show_default=True,
               help="trt: explicit Q/DQ graphs (TensorRT). ort: then rewrite them for ONNX Runtime CPU "
                    "(modiff_export/ort_variant.py; same results up to float rounding).")
+@click.option("--weight-block-size", type=click.IntRange(2), default=None, metavar="N",
+              help="INT4 block quantization of Linear weights for TensorRT weight-only INT4 (N inputs per scale, "
+                   "e.g. 16..128); needs --weight-bits <= 4 and --opset 21.")
 @click.option("--opset", type=click.IntRange(13, 21), default=17, show_default=True, help="ONNX opset.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [default: graphs/<model>-<config>].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(model, mode, weight_bits, act_bits, scale_mode, granularity, no_error_compensation, keyframe_interval,
-           skip_layers, int8_layers, calibration, cache_dtype, target, opset, out, overwrite, quiet):
+           skip_layers, int8_layers, calibration, cache_dtype, target, weight_block_size, opset, out, overwrite, quiet):
     """Export a MoDiff-quantized UNet as ONNX: prime.onnx (fills the caches), step.onnx (consumes and
     returns them), manifest.json (the I/O contract). Quantization is explicit QuantizeLinear /
     DequantizeLinear with constant scales, as TensorRT requires."""
@@ -42,7 +45,8 @@ def export(model, mode, weight_bits, act_bits, scale_mode, granularity, no_error
 
     config = QuantConfig(mode=mode, weight_bits=weight_bits, act_bits=act_bits, scale_mode=scale_mode,
                          granularity=granularity, error_compensation=not no_error_compensation,
-                         keyframe_interval=keyframe_interval, skip_layers=tuple(skip_layers), int8_layers=tuple(int8_layers))
+                         keyframe_interval=keyframe_interval, skip_layers=tuple(skip_layers), int8_layers=tuple(int8_layers),
+                         weight_block_size=weight_block_size)
     loaded = load_model(model)
     scales = clips = None
     if calibration is not None:

@@ -28,6 +28,16 @@ TINY_COND_UNET_KWARGS = dict(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tiny models on 2 shared cores: intra-op threads only add contention (measured ~10x slower with
+    two threads while the other core is busy). Restored after the session."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def build_tiny_unet(seed: int = 0, **overrides):
     """A fresh, eval-mode random UNet2DModel (deterministic for a given seed and overrides)."""
     from diffusers import UNet2DModel

@@ -3,7 +3,6 @@ ONNX-Runtime-static parity of the step graphs (one and three timestep buckets)."
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -21,14 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cli import cli  # noqa: E402
 
 from conftest import build_tiny_unet  # noqa: E402
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors on a shared 2-core machine: one thread is ~10x faster than oversubscribed ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 STEPS, SAMPLES = 10, 4  # DDIM x10 from t=900: buckets of 3 see 800-700 / 600-400 / 300-0 as steps

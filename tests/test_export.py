@@ -24,13 +24,6 @@ from modiff_export.manifest import ManifestError, load_manifest
 INFO = ModelInfo("tiny", "sha256:test", (1, 16, 16))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def w8a4(tmp_path_factory):

@@ -35,13 +35,6 @@ def rms(t: torch.Tensor) -> float:
     return t.double().pow(2).mean().sqrt().item()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _case(kind: str):
     if kind == "uncond":

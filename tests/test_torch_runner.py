@@ -10,13 +10,6 @@ from modiff_export.config import QuantConfig
 from modiff_export.quantization import list_caches, modiff_layers, quantize
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def inputs(n, batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)

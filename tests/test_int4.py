@@ -24,7 +24,7 @@ from modiff_export.backends.torch_runner import TorchRunner
 from modiff_export.check import check_folder
 from modiff_export.config import ConfigError
 from modiff_export.engine import EngineBuildOptions, builder_settings, count_block_quantized_weights
-from modiff_export.export import ExportError, ModelInfo, export_model
+from modiff_export.export import ExportError, ModelInfo, _layer_entry, export_model
 from modiff_export.graph_passes import quantize_weight_constants, remove_unused
 from modiff_export.manifest import load_manifest
 from modiff_export.quantization import MoDiffLayer, weight_scale
@@ -109,6 +109,9 @@ def test_block_size_applies_only_to_eligible_linears():
     assert conv.block_size is None and conv.w_scale.shape == (8,) and conv.weight_format == "int8-per-channel"
     odd = MoDiffLayer(nn.Linear(24, 8), "odd", cfg)  # 24 is not a multiple of 16
     assert odd.block_size is None and odd.w_scale.shape == (8,) and "not a multiple" in odd.weight_note
+    entry = _layer_entry(odd)  # the manifest says so
+    assert entry["weight_format"] == "int8-per-channel" and "not a multiple of weight_block_size 16" in entry["weight_note"]
+    assert "weight_note" not in _layer_entry(MoDiffLayer(nn.Linear(32, 8), "ok", cfg))
     assert MoDiffLayer(nn.Linear(32, 8), "keep", cfg).block_size is None  # int8 override: 8-bit weights
     assert MoDiffLayer(nn.Linear(32, 8), "skip", cfg).block_size is None
     assert MoDiffLayer(nn.Linear(32, 8), "ok", cfg).w_scale.shape == (8, 2)

@@ -95,13 +95,12 @@ def _export_state(unet):
     layers = list(modiff_layers(unet))
     for l in layers:
         l.export_qdq = True
-        l._weight()  # materialize the constant Wq before any tracing starts
+        l.bake_weight()  # the parameter becomes Wq in place: the graph constant, no extra copy
     try:
         yield
     finally:
         for l in layers:
             l.export_qdq, l.phase, l.scale_override = False, None, None
-            l.__dict__.pop("_export_wq", None)
         reset_caches(unet)
 
 
@@ -141,9 +140,9 @@ def export_model(unet: nn.Module, info: ModelInfo, config: QuantConfig, out: str
     if config.mode == "ptq" and n_buckets > 1:
         raise ExportError("ptq with several timestep buckets is not supported: calibrate with --buckets 1")
 
-    # example inputs: batch 2 (any batch works: the batch axis is symbolic)
+    # example inputs (any batch works at run time: the batch axis is symbolic)
     C, H, W = info.sample_shape
-    B = 2
+    B = 1  # the smallest trace: activations and caches of one sample (SD-sized models: ~1.8 GB)
     torch.manual_seed(0)
     sample = torch.randn(B, C, H, W)
     timestep = torch.full((B,), 500.0)
@@ -244,9 +243,9 @@ def _trace(unet, info, role, args, inputs, step_extra, caches, scales, cache_dty
                               do_constant_folding=True)
     model = onnx.load(str(raw))
     shutil.rmtree(raw_dir)
-    graph_passes.quantize_weight_constants(model, [
-        (l.name, l.quantized_weight().detach().numpy(), l.w_scale.numpy(), l.block_size)
-        for l in modiff_layers(unet) if not l.skipped])
+    graph_passes.quantize_weight_constants(model, (
+        (l.name, l.inner.weight.detach().numpy(), l.w_scale.numpy(), l.block_size)  # baked: weight == Wq
+        for l in modiff_layers(unet) if not l.skipped))
     graph_passes.remove_unused(model)
     graph_passes.set_io_shapes(model, io_shapes)
     _save(model, path)

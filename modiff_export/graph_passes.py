@@ -9,6 +9,8 @@ form of TensorRT's weight-only INT4 MatMul/Gemm.
 """
 from __future__ import annotations
 
+import hashlib
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -36,10 +38,14 @@ def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {o: node for node in model.graph.node for o in node.output}
 
 
-def quantize_weight_constants(model: onnx.ModelProto, layers: list[tuple]) -> int:
+def _digest(a: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).digest()
+
+
+def quantize_weight_constants(model: onnx.ModelProto, layers) -> int:
     """Store each quantized layer's weight as integer codes + DequantizeLinear.
 
-    layers: (name, Wq, scale) or (name, Wq, scale, block_size) with Wq = codes * scale exactly
+    layers: an iterable of (name, Wq, scale) or (name, Wq, scale, block_size) with Wq = codes * scale exactly
     (the reference's weight). scale is [Cout] (per output channel: int8 codes, DequantizeLinear
     on the Cout axis) or, with block_size, [Cout, Cin // block_size] for a 2-D Linear weight
     (int4 codes, DequantizeLinear with block_size on the Cin axis and a scale/zero point of the
@@ -48,26 +54,29 @@ def quantize_weight_constants(model: onnx.ModelProto, layers: list[tuple]) -> in
     Conv/Gemm, [Cin, Cout] when a Linear became MatMul); it is found by value, so layer and node
     names never need to agree.
     """
-    lookup = {}
+    lookup = {}  # (shape, digest of the float bytes) -> layer; digests keep memory at one weight at a time
     for entry in layers:
         name, wq, scale = entry[:3]
         block = entry[3] if len(entry) > 3 else None
-        lookup[(wq.shape, wq.tobytes())] = (name, wq, scale, block, False)
+        lookup[(wq.shape, _digest(wq))] = (name, scale, block, False)
         if wq.ndim == 2:
-            wt = np.ascontiguousarray(wq.T)
-            lookup[(wt.shape, wt.tobytes())] = (name, wq, scale, block, True)
-    consts, graph, done = constants(model), model.graph, 0
-    new_nodes = []
+            lookup[(wq.shape[::-1], _digest(wq.T))] = (name, scale, block, True)
+    tensors = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tensors[node.output[0]] = node.attribute[0].t
+    graph, done, new_nodes = model.graph, 0, []
     for node in graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in tensors:
             continue
-        w = consts.get(node.input[1])
-        if w is None or w.dtype != np.float32:
+        if tensors[node.input[1]].data_type != onnx.TensorProto.FLOAT:
             continue
-        hit = lookup.get((w.shape, w.tobytes()))
+        w = numpy_helper.to_array(tensors[node.input[1]])
+        hit = lookup.get((w.shape, _digest(w)))
         if hit is None:
             continue
-        name, wq, scale, block, transposed = hit
+        name, scale, block, transposed = hit
+        wq = w.T if transposed else w  # the reference layout: [Cout, Cin, ...]
         prefix = f"{name}.weight"
         if block is None:
             shape = [-1] + [1] * (wq.ndim - 1)

@@ -161,12 +161,19 @@ class MoDiffLayer(nn.Module):
         return self.weight_codes() * _per_channel(self.w_scale, self.inner.weight)
 
     def _weight(self) -> torch.Tensor:
-        """Wq. When exporting it is a plain tensor attribute (a graph constant, not the parameter);
-        graph_passes.quantize_weight_constants then stores it as int8 + per-channel DequantizeLinear
-        (or, with block scales, int4 + blocked DequantizeLinear)."""
+        """Wq. When exporting, the exporter has overwritten the parameter with Wq in place (no second
+        float copy of the weights; Wq re-quantizes to itself), so the traced graph reads it as a
+        constant and graph_passes.quantize_weight_constants stores it as int8 + per-channel
+        DequantizeLinear (or, with block scales, int4 + blocked DequantizeLinear)."""
         if self.export_qdq:
-            return self.__dict__.setdefault("_export_wq", self.quantized_weight().detach().clone())
+            return self.inner.weight
         return self.quantized_weight()
+
+    @torch.no_grad()
+    def bake_weight(self) -> None:
+        """Overwrite the float weight with Wq (idempotent: w_scale is kept, Wq quantizes to itself)."""
+        if not self.skipped:
+            self.inner.weight.copy_(self.quantized_weight())
 
     def _codes(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """clamp(round(t / s)) as floats; when exporting: Div -> Clip (b < 8) -> unit-scale Q/DQ."""

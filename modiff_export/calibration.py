@@ -51,7 +51,8 @@ SCHEMA = "modiff-export/calibration"
 SCHEMA_VERSION = 1
 METHODS = ("absmax", "percentile", "mse")
 # QuantConfig fields a calibration file must share with the config that uses it
-MATCHED_FIELDS = ("mode", "weight_bits", "act_bits", "granularity", "error_compensation", "skip_layers", "int8_layers")
+MATCHED_FIELDS = ("mode", "weight_bits", "act_bits", "granularity", "error_compensation", "skip_layers", "int8_layers",
+                  "weight_block_size")
 DEFAULT_SUBSAMPLE = 20_000
 ACT_CLIP_GRID = torch.linspace(0.02, 1.0, 50)       # mse search over clip ratios of the absmax
 WEIGHT_CLIP_GRID = torch.linspace(0.5, 1.0, 21)      # per-channel weight clip ratios

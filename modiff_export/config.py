@@ -93,7 +93,8 @@ class QuantConfig:
         """Short name used in folder names and reports, e.g. 'modiff-w8a4'."""
         if self.mode == "fp":
             return "fp"
-        return f"{self.mode}-w{self.weight_bits}a{self.act_bits}"
+        block = f"-b{self.weight_block_size}" if self.weight_block_size else ""
+        return f"{self.mode}-w{self.weight_bits}a{self.act_bits}{block}"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -180,7 +180,8 @@ def test_load_refuses_another_model(good_file, by_method):
 
 @pytest.mark.parametrize("change", [dict(act_bits=8), dict(weight_bits=4), dict(mode="ptq"), dict(granularity="tensor"),
                                     dict(error_compensation=False), dict(skip_layers=("conv_in",)),
-                                    dict(int8_layers=("conv_out",)), dict(scale_mode="dynamic")])
+                                    dict(int8_layers=("conv_out",)), dict(scale_mode="dynamic"),
+                                    dict(weight_bits=4, weight_block_size=16)])
 def test_load_refuses_another_config(good_file, by_method, change):
     msg = _refused(good_file, by_method["mse"]["provenance"]["model_hash"], STATIC_A4.replace(**change))
     assert next(iter(change)) in msg

@@ -34,6 +34,8 @@ from ..sampling import SCHEDULERS
 @click.option("--no-error-compensation", is_flag=True, help="Ablation: a_hat = x instead of a_hat + Q(delta).")
 @click.option("--keyframe-interval", type=click.IntRange(1), default=None, help="Re-run the full-precision step every K steps.")
 @click.option("--skip-layers", multiple=True, metavar="PATTERN", help="Layers left in full precision (fnmatch, repeatable).")
+@click.option("--weight-block-size", type=click.IntRange(2), default=None,
+              help="INT4 block quantization of Linear weights (as in `export --weight-block-size`; needs --weight-bits <= 4).")
 @click.option("--int8-layers", multiple=True, metavar="PATTERN", help="Layers kept at W8A8 (fnmatch, repeatable).")
 @click.option("--guidance-scale", type=float, default=1.0, show_default=True, help="Classifier-free guidance (conditional UNets).")
 @click.option("--subsample", type=click.IntRange(100), default=20_000, show_default=True,
@@ -42,7 +44,7 @@ from ..sampling import SCHEDULERS
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, method, percentile, mode, weight_bits, act_bits,
-              granularity, no_error_compensation, keyframe_interval, skip_layers, int8_layers, guidance_scale, subsample,
+              granularity, no_error_compensation, keyframe_interval, skip_layers, weight_block_size, int8_layers, guidance_scale, subsample,
               out, overwrite, quiet):
     """Run calibration trajectories (dynamic scales) and write static delta scales per layer and
     timestep bucket, per-channel weight clipping ratios (MSE search) and provenance (model hash,
@@ -52,7 +54,8 @@ def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, metho
 
     config = QuantConfig(mode=mode, weight_bits=weight_bits, act_bits=act_bits, scale_mode="static",
                          granularity=granularity, error_compensation=not no_error_compensation,
-                         keyframe_interval=keyframe_interval, skip_layers=tuple(skip_layers), int8_layers=tuple(int8_layers))
+                         keyframe_interval=keyframe_interval, skip_layers=tuple(skip_layers), int8_layers=tuple(int8_layers),
+                         weight_block_size=weight_block_size)
     loaded = load_model(model)
     out = Path(out or f"calibration/{loaded.name}-{config.tag}-{method}.json")
     if out.exists() and not overwrite:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from . import graph_passes
 from .config import QuantConfig
 from .errors import ModiffExportError
-from .manifest import BATCH, SCHEMA, SCHEMA_VERSION, write_manifest
+from .manifest import BATCH, SCHEMA, SCHEMA_VERSION, atomic_folder, write_manifest
 from .quantization import list_caches, modiff_layers, quantize, reset_caches, set_static_scales
 
 DEFAULT_OPSET = 17
@@ -174,8 +173,7 @@ def export_model(unet: nn.Module, info: ModelInfo, config: QuantConfig, out: str
     io_shapes = {s["name"]: s["shape"] for s in inputs + outputs + step_extra}
     io_shapes.update({c[k]: c["shape"] for c in caches for k in ("input", "output")})
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
+    with atomic_folder(out) as tmp:
         roles = ["prime", "step"] if has_step else ["prime"]
         bar = tqdm(roles, desc=f"export {config.tag}", disable=not progress, unit="graph")
         for role in bar:
@@ -197,12 +195,6 @@ def export_model(unet: nn.Module, info: ModelInfo, config: QuantConfig, out: str
             "batch_axis": BATCH,
         }
         write_manifest(tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -1,9 +1,13 @@
 """Per-call latency on ONNX Runtime CPU at batch 16 (one run, interleaved rounds, medians):
 FP32 graph, ONNX Runtime's own static W8A8 (the peer), MoDiff prime/step, PTQ, and the
 `--target ort` variants (weight-folded "fold", and "integer" ConvInteger/MatMulInteger), with
-ratios to FP32 and the CPU's int8 instruction support.
+ratios to FP32 and the CPU's int8 instruction support. The peer is commands/demo.py's (PEER_SETTINGS);
+the untuned peer (PEER_DEFAULT_SETTINGS) is timed too.
 
-    python benchmarks/ort_speed.py [--model digits] [--act-bits 4] [--batch 16] [--rounds 10] [--threads 2]
+    python benchmarks/ort_speed.py [--model digits] [--act-bits 4] [--batch 16] [--rounds 10] [--threads 1]
+
+--threads sets ONNX Runtime's intra-op threads (and PyTorch's for the recorded FP trajectories). On a
+shared 2-core machine 1 is the robust choice (a second thread that loses its core stalls every op).
 """
 from __future__ import annotations
 
@@ -30,13 +34,15 @@ from modiff_export.ort_variant import apply_to_folder  # noqa: E402
 @click.option("--act-bits", default=4, show_default=True)
 @click.option("--batch", default=16, show_default=True)
 @click.option("--rounds", default=10, show_default=True)
-@click.option("--threads", default=2, show_default=True)
+@click.option("--threads", default=1, show_default=True)
 def main(model, weight_bits, act_bits, batch, rounds, threads):
     from modiff_export.backends.torch_runner import TorchRunner
-    from modiff_export.commands.demo import Recorder, peer_quantize
+    from modiff_export.commands.demo import PEER_DEFAULT_SETTINGS, Recorder, peer_quantize
     from modiff_export.quantization import quantize
     from modiff_export.sampling import generate, make_scheduler
 
+    torch.set_num_threads(threads)
+    load0 = open("/proc/loadavg").read().split()[:3]
     m = load_model(model)
     info = ModelInfo(m.name, m.content_hash, m.sample_shape, m.cross_attention_dim, m.encoder_seq_len)
     work = Path(tempfile.mkdtemp(prefix="ort_speed-"))
@@ -55,8 +61,11 @@ def main(model, weight_bits, act_bits, batch, rounds, threads):
             rec = Recorder(TorchRunner(quantize(copy.deepcopy(m.unet), QuantConfig(mode="fp"))))
             generate(rec, make_scheduler("ddim", m.scheduler_config), 25, 16, 0, m.sample_shape, progress=False)
             graphs["peer"] = peer_quantize(graphs["fp"], work / "peer", rec.inputs)
+            graphs["peer-default"] = peer_quantize(graphs["fp"], work / "peer-default", rec.inputs,
+                                                   settings=PEER_DEFAULT_SETTINGS)
         b = f"W{weight_bits}A{act_bits}"
         wanted = [("FP32 graph", "fp", "prime"), ("ORT static W8A8 (peer)", "peer", "prime"),
+                  ("ORT static W8A8 (untuned peer)", "peer-default", "prime"),
                   (f"MoDiff {b} prime (Q/DQ)", "modiff", "prime"), (f"MoDiff {b} step (Q/DQ)", "modiff", "step"),
                   (f"MoDiff {b} prime (ort fold)", "modiff-fold", "prime"), (f"MoDiff {b} step (ort fold)", "modiff-fold", "step"),
                   (f"MoDiff {b} step (ort integer)", "modiff-integer", "step"),
@@ -71,10 +80,14 @@ def main(model, weight_bits, act_bits, batch, rounds, threads):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cost.cpu_int8_flags().items())
-    print(f"CPU: {cost.cpu_name()} ({flags}); onnxruntime CPU, {threads} threads, batch {batch}, "
-          f"median of {rounds} interleaved rounds; torch {torch.__version__}")
+    import onnxruntime
+
+    load1 = open("/proc/loadavg").read().split()[:3]
+    print(f"CPU: {cost.cpu_name()} ({flags}); onnxruntime {onnxruntime.__version__} CPU, {threads} intra-op "
+          f"thread(s), batch {batch}, median of {rounds} interleaved rounds; torch {torch.__version__}; "
+          f"load average {' '.join(load0)} before, {' '.join(load1)} after")
     ref = lat["FP32 graph"]
-    print(f"| graph | ms / call | x FP32 |\n|---|---|---|")
+    print("| graph | ms / call | x FP32 |\n|---|---|---|")
     for label, t in lat.items():
         print(f"| {label} | {t * 1e3:.1f} | {t / ref:.2f} |")
 

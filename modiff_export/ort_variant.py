@@ -158,15 +158,78 @@ def rewrite_integer_ops(model: onnx.ModelProto) -> int:
     return n_done
 
 
+def remove_noop_casts(model: onnx.ModelProto) -> int:
+    """Drop every Cast whose input already has the target type (the exporter casts each cache input
+    and output to the manifest's dtype; for float32 caches those are copies): readers of a dropped
+    Cast read its input; a Cast that writes a graph output hands that name to its producer. Exact
+    (no value changes). Types come from ONNX shape inference; graphs it cannot handle (> 2 GB) are
+    left alone. Returns how many Casts were removed."""
+    from onnx import shape_inference
+
+    graph = model.graph
+    if model.ByteSize() > 2 * 1024**3 - 64 * 1024**2:
+        return 0
+    try:
+        inferred = shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - an optimization only
+        return 0
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    outs = {o.name for o in graph.output}
+    prods = producers(model)
+    rename, drop, handed = {}, set(), set()
+
+    def resolve(name):
+        while name in rename:
+            name = rename[name]
+        return name
+
+    for node in graph.node:
+        if node.op_type != "Cast":
+            continue
+        to = next(a.i for a in node.attribute if a.name == "to")
+        src_name = resolve(node.input[0])
+        if types.get(node.input[0]) != to:
+            continue
+        out = node.output[0]
+        if out not in outs:
+            rename[out] = src_name
+        else:  # its producer writes the graph output under the Cast's name
+            src = prods.get(src_name)
+            if src is None or id(src) in drop or src_name in outs or src_name in handed:
+                continue
+            src.output[list(src.output).index(src_name)] = out
+            handed.add(src_name)
+            rename[src_name] = out
+        drop.add(id(node))
+    if not drop:
+        return 0
+
+    nodes = [n for n in graph.node if id(n) not in drop]
+    for n in nodes:
+        for k, name in enumerate(n.input):
+            n.input[k] = resolve(name)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    remove_unused(model)
+    return len(drop)
+
+
 METHODS = ("fold", "integer")
 
 
 def rewrite(model: onnx.ModelProto, method: str = "fold") -> int:
     """method "fold": float weights (fast on ORT CPU, see fold_weight_dequantize); "integer":
-    ConvInteger/MatMulInteger for quantized-activation layers (rewrite_integer_ops)."""
+    ConvInteger/MatMulInteger for quantized-activation layers (rewrite_integer_ops). Both then drop
+    the no-op Casts (remove_noop_casts; measured ~5% off the digits W8A4 step graph on ORT CPU).
+    Returns the number of layers rewritten."""
     if method not in METHODS:
         raise ValueError(f"ort variant method {method!r}; expected one of {list(METHODS)}")
-    return fold_weight_dequantize(model) if method == "fold" else rewrite_integer_ops(model)
+    n = fold_weight_dequantize(model) if method == "fold" else rewrite_integer_ops(model)
+    if n:
+        remove_noop_casts(model)
+    return n
 
 
 def apply_to_folder(folder: str | Path, roles=("prime", "step"), method: str = "fold") -> dict[str, int]:

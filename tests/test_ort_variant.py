@@ -140,3 +140,22 @@ def test_pass_is_a_noop_without_qdq(tmp_path):
     before = (tmp_path / "fp" / "prime.onnx").read_bytes()
     assert apply_to_folder(tmp_path / "fp", method="integer") == {"prime.onnx": 0}
     assert (tmp_path / "fp" / "prime.onnx").read_bytes() == before
+
+
+def test_noop_casts_removed_io_kept(graphs):
+    """The variant drops Casts to the type their input already has (float32 cache in/out copies),
+    keeps every graph input/output name, and leaves no such Cast behind."""
+    from onnx import shape_inference
+
+    root, _ = graphs
+    for method in ("fold", "integer"):
+        a = onnx.load(str(root / "modiff-w8a4" / "step.onnx"))
+        b = onnx.load(str(root / f"modiff-w8a4-{method}" / "step.onnx"))
+        assert [i.name for i in a.graph.input] == [i.name for i in b.graph.input]
+        assert [o.name for o in b.graph.output] == [o.name for o in a.graph.output]
+        assert _ops(root / f"modiff-w8a4-{method}" / "step.onnx")["Cast"] < _ops(root / "modiff-w8a4" / "step.onnx")["Cast"]
+        inf = shape_inference.infer_shapes(b)
+        types = {v.name: v.type.tensor_type.elem_type for v in list(inf.graph.value_info) + list(inf.graph.input)}
+        noop = [n.name for n in b.graph.node if n.op_type == "Cast" and n.output[0] not in {o.name for o in b.graph.output}
+                and types.get(n.input[0]) == next(x.i for x in n.attribute if x.name == "to")]
+        assert not noop, noop[:3]

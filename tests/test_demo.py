@@ -102,3 +102,17 @@ def test_tile_layout():
     t = tile(x, nrow=2, pad=1)
     assert t.shape == (7, 7)
     assert t[4, 4] == 1.0 and t[1, 1] == 0.0 and t[0, 0] == 1.0  # image 3 white, image 0 black, padding white
+
+
+def test_peer_settings_are_w8a8_qdq_on_compute_ops():
+    """The peer stays a W8A8 QDQ quantize_static call restricted to Conv/MatMul/Gemm, and the report
+    line names every setting."""
+    from modiff_export.commands.demo import PEER_SETTINGS, peer_settings_text
+
+    s = PEER_SETTINGS
+    assert s["quant_format"] == "QDQ" and s["per_channel"] is True
+    assert s["activation_type"] in ("QInt8", "QUInt8") and s["weight_type"] == "QInt8"
+    assert s["op_types_to_quantize"] == ["Conv", "MatMul", "Gemm"]
+    text = peer_settings_text(s)
+    for needle in ("QDQ", "per_channel=True", "Conv", s["calibrate_method"], *s["extra_options"]):
+        assert needle in text, needle

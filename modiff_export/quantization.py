@@ -111,6 +111,7 @@ class MoDiffLayer(nn.Module):
         self.block_size, self.weight_note = self._choose_block_size(inner, name, config)
         self.register_buffer("w_scale", self._weight_scale(), persistent=False)
         self.register_buffer("static_scales", torch.empty(0), persistent=False)
+        self.register_buffer("_wq", None, persistent=False)  # Wq, computed once on first use
         self.bucket = 0
         self.phase: str | None = None
         self.scale_override: torch.Tensor | None = None
@@ -152,6 +153,7 @@ class MoDiffLayer(nn.Module):
         """Per-channel clip ratios in (0, 1] chosen by calibration (MSE search); with block scales
         an output channel's ratio applies to every block of it."""
         self.w_scale = self._weight_scale(clip.to(self.inner.weight))
+        self._wq = None
 
     def weight_codes(self) -> torch.Tensor:
         w = self.inner.weight
@@ -167,7 +169,9 @@ class MoDiffLayer(nn.Module):
         DequantizeLinear (or, with block scales, int4 + blocked DequantizeLinear)."""
         if self.export_qdq:
             return self.inner.weight
-        return self.quantized_weight()
+        if self._wq is None:  # weights are quantized once, not on every call
+            self._wq = self.quantized_weight().detach()
+        return self._wq
 
     @torch.no_grad()
     def bake_weight(self) -> None:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import ModiffExportError
-from .manifest import BATCH, MANIFEST_NAME, load_manifest
+from .manifest import BATCH, MANIFEST_NAME, atomic_folder, load_manifest
 
 PRECISIONS = ("int8", "int4", "fp16")
 INSTALL_HINT = 'TensorRT is not installed; on a machine with an NVIDIA GPU run: pip install -e ".[tensorrt]"'
@@ -241,13 +240,11 @@ def build_engines(graph_folder: str | Path, options: EngineBuildOptions, out_fol
         raise EngineError(f"TensorRT {trt.__version__} has no FP16 builder flag (always strongly typed); "
                           f"export the graph in float16 instead of asking for --precision fp16")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     log = [f"modiff-export build-engine {time.strftime('%Y-%m-%d %H:%M:%S')}",
            f"graphs: {graph_folder.resolve()}", f"tensorrt {trt.__version__}",
            f"options: {asdict(options)}", f"settings: {settings['explain']}"]
     log += [f"warning: {w}" for w in settings["warnings"]]
-    try:
+    with atomic_folder(out) as tmp:  # no half-written engine folder, whatever fails
         cache = tmp / "timing.cache"
         if options.timing_cache and Path(options.timing_cache).is_file():
             shutil.copyfile(options.timing_cache, cache)
@@ -288,12 +285,6 @@ def build_engines(graph_folder: str | Path, options: EngineBuildOptions, out_fol
             Path(options.timing_cache).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cache, f"{options.timing_cache}.tmp")
             Path(f"{options.timing_cache}.tmp").replace(options.timing_cache)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph_passes import constants, consumers, producers, remove_unused
+from .graph_passes import constants, producers, remove_unused
 
 
 def _is_unit_qdq(node, consts) -> bool:
@@ -81,7 +81,7 @@ def fold_weight_dequantize(model: onnx.ModelProto) -> int:
 def rewrite_integer_ops(model: onnx.ModelProto) -> int:
     """Rewrite every unit-scale-Q/DQ x int8-weight Conv/MatMul/Gemm in place; returns how many."""
     graph = model.graph
-    consts, prods, cons = constants(model), producers(model), consumers(model)
+    consts, prods = constants(model), producers(model)
     replaced: dict[int, list] = {}  # id(old node) -> new nodes
     init = []
     n_done = 0

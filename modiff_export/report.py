@@ -47,7 +47,7 @@ def grid_figure(results: dict, path: Path) -> Path:
     g, bits = results["grids"], results["bits"]
     q = {r["config"]: r for r in results["quality"]}
     rows = [("FP32", "fp", "ORT static W8A8 (peer)", "peer", None, None)] if g.get("peer") is not None else []
-    rows += [(f"FP32", "fp", f"PTQ {b}", f"ptq-{b.lower()}", f"MoDiff {b}", f"modiff-{b.lower()}") for b in bits]
+    rows += [("FP32", "fp", f"PTQ {b}", f"ptq-{b.lower()}", f"MoDiff {b}", f"modiff-{b.lower()}") for b in bits]
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.7 * len(rows)), squeeze=False)
     for i, row in enumerate(rows):
         for j in range(3):

@@ -79,14 +79,19 @@ class _GraphModule(nn.Module):
                 for i, layer in enumerate(self.quantized):
                     layer.scale_override = scales[i]
             for i, layer in enumerate(self.layers):  # caches come in as graph inputs
-                layer.a_hat = rest[2 * i].float()
-                layer.o_hat = rest[2 * i + 1].float()
+                layer.a_hat = _as(rest[2 * i], torch.float32)
+                layer.o_hat = _as(rest[2 * i + 1], torch.float32)
         for layer in modiff_layers(self.unet):
             layer.phase = self.phase
         kwargs = {"encoder_hidden_states": ehs} if ehs is not None else {}
         noise = self.unet(sample, timestep, **kwargs, return_dict=False)[0]
         caches = [t for l in self.layers for t in (l.a_hat, l.o_hat)]
-        return (noise, *[c.to(self.cache_dtype) for c in caches])
+        return (noise, *[_as(c, self.cache_dtype) for c in caches])
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast only when needed: a same-dtype .to() would still be traced as a no-op Cast node."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 @contextlib.contextmanager

@@ -50,6 +50,9 @@ def test_graph_form_and_manifest(w8a4):
     for t in step.graph.initializer:
         assert t.data_type != onnx.TensorProto.FLOAT or np.prod(t.dims) < 1024 or "bias" in t.name or "norm" in t.name, \
             f"a large float initializer {t.name} survived: weights must be int8"
+    # no same-type Casts around the float32 cache I/O (each would be a wasted copy per cache per step)
+    cache_names = {c["input"] for c in m["caches"]} | {c["output"] for c in m["caches"]}
+    assert not [n.name for n in step.graph.node if n.op_type == "Cast" and (set(n.input) | set(n.output)) & cache_names]
     assert [i.name for i in step.graph.input][:2] == ["sample", "timestep"]
     assert step.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     assert m["quant_config"]["act_bits"] == 4 and m["model"]["content_hash"] == "sha256:test"

@@ -153,7 +153,10 @@ def test_noop_casts_removed_io_kept(graphs):
         b = onnx.load(str(root / f"modiff-w8a4-{method}" / "step.onnx"))
         assert [i.name for i in a.graph.input] == [i.name for i in b.graph.input]
         assert [o.name for o in b.graph.output] == [o.name for o in a.graph.output]
-        assert _ops(root / f"modiff-w8a4-{method}" / "step.onnx")["Cast"] < _ops(root / "modiff-w8a4" / "step.onnx")["Cast"]
+        # the exporter no longer emits same-type cache Casts, so "fold" may find none left to drop
+        # ("integer" adds real int32 -> float Casts of its own)
+        if method == "fold":
+            assert _ops(root / "modiff-w8a4-fold" / "step.onnx")["Cast"] <= _ops(root / "modiff-w8a4" / "step.onnx")["Cast"]
         inf = shape_inference.infer_shapes(b)
         types = {v.name: v.type.tensor_type.elem_type for v in list(inf.graph.value_info) + list(inf.graph.input)}
         noop = [n.name for n in b.graph.node if n.op_type == "Cast" and n.output[0] not in {o.name for o in b.graph.output}

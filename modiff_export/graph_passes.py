@@ -26,14 +26,6 @@ def constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return out
 
 
-def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            out.setdefault(name, []).append(node)
-    return out
-
-
 def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {o: node for node in model.graph.node for o in node.output}
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .manifest import atomic_folder
 
 
 def tile(images, nrow: int = 4, pad: int = 1) -> np.ndarray:
@@ -161,9 +161,7 @@ def speed_table(results: dict) -> list[str]:
 def build_report(folder: str | os.PathLike, results: dict) -> Path:
     """Write report.md + grid.png + quality.png into `folder` (built in a temp folder, then renamed)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         grid_figure(results, tmp / "grid.png")
         quality_figure(results, tmp / "quality.png")
         st = results.get("settings", {})
@@ -188,10 +186,4 @@ def build_report(folder: str | os.PathLike, results: dict) -> Path:
             md += ["## Speed on ONNX Runtime CPU", "", f"CPU: {s['cpu']} ({flags}).", "", *speed_table(results), ""]
             md += [f"- {n}" for n in s.get("notes", [])] + [""]
         (tmp / "report.md").write_text("\n".join(md) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder / "report.md"

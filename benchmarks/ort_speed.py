@@ -21,11 +21,11 @@ import click
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from modiff_export import cost  # noqa: E402
 from modiff_export.config import QuantConfig  # noqa: E402
-from modiff_export.export import ModelInfo, export_model  # noqa: E402
+from modiff_export.export.ort_variant import write_variant  # noqa: E402
+from modiff_export.export.trace import export_model  # noqa: E402
+from modiff_export.harness import latency  # noqa: E402
 from modiff_export.models import load_model  # noqa: E402
-from modiff_export.ort_variant import apply_to_folder  # noqa: E402
 
 
 @click.command()
@@ -37,25 +37,24 @@ from modiff_export.ort_variant import apply_to_folder  # noqa: E402
 @click.option("--threads", default=1, show_default=True)
 def main(model, weight_bits, act_bits, batch, rounds, threads):
     from modiff_export.backends.torch_runner import TorchRunner
-    from modiff_export.commands.demo import PEER_DEFAULT_SETTINGS, Recorder, peer_quantize
-    from modiff_export.quantization import quantize
+    from modiff_export.harness.peer import PEER_DEFAULT_SETTINGS, peer_quantize
+    from modiff_export.harness.recorder import Recorder
+    from modiff_export.quant.quantization import quantize
     from modiff_export.sampling import generate, make_scheduler
 
     torch.set_num_threads(threads)
     load0 = open("/proc/loadavg").read().split()[:3]
     m = load_model(model)
-    info = ModelInfo(m.name, m.content_hash, m.sample_shape, m.cross_attention_dim, m.encoder_seq_len)
     work = Path(tempfile.mkdtemp(prefix="ort_speed-"))
     try:
         graphs = {}
         for cfg in (QuantConfig(mode="fp"), QuantConfig(mode="ptq", weight_bits=weight_bits, act_bits=act_bits),
                     QuantConfig(mode="modiff", weight_bits=weight_bits, act_bits=act_bits)):
-            export_model(copy.deepcopy(m.unet), info, cfg, work / cfg.tag, progress=False)
+            export_model(m.copy(), cfg, work / cfg.tag, progress=False)
             graphs[cfg.mode] = work / cfg.tag
             if cfg.mode != "fp":
                 for method in ("fold", "integer"):
-                    shutil.copytree(work / cfg.tag, work / f"{cfg.tag}-{method}")
-                    apply_to_folder(work / f"{cfg.tag}-{method}", method=method)
+                    write_variant(work / cfg.tag, work / f"{cfg.tag}-{method}", method=method)
                     graphs[f"{cfg.mode}-{method}"] = work / f"{cfg.tag}-{method}"
         if not m.conditional:  # peer: calibrated on inputs recorded from FP trajectories
             rec = Recorder(TorchRunner(quantize(copy.deepcopy(m.unet), QuantConfig(mode="fp"))))
@@ -67,23 +66,23 @@ def main(model, weight_bits, act_bits, batch, rounds, threads):
         wanted = [("FP32 graph", "fp", "prime"), ("ORT static W8A8 (peer)", "peer", "prime"),
                   ("ORT static W8A8 (untuned peer)", "peer-default", "prime"),
                   (f"MoDiff {b} prime (Q/DQ)", "modiff", "prime"), (f"MoDiff {b} step (Q/DQ)", "modiff", "step"),
-                  (f"MoDiff {b} prime (ort fold)", "modiff-fold", "prime"), (f"MoDiff {b} step (ort fold)", "modiff-fold", "step"),
+                  (f"MoDiff {b} prime (ort fold)", "modiff-fold", "prime"), (f"MoDiff {b} step (ort fold)",
+                                                                             "modiff-fold", "step"),
                   (f"MoDiff {b} step (ort integer)", "modiff-integer", "step"),
                   (f"PTQ {b} (Q/DQ)", "ptq", "prime"), (f"PTQ {b} (ort fold)", "ptq-fold", "prime"),
                   (f"PTQ {b} (ort integer)", "ptq-integer", "prime")]
         sessions, feeds = {}, {}
         for label, key, role in wanted:
             if key in graphs:
-                sessions[label] = cost.make_session(graphs[key] / f"{role}.onnx", threads)
-                feeds[label] = cost.session_feeds(sessions[label], batch)
-        lat = cost.measure_latency(sessions, feeds, rounds=rounds, warmup=2)
+                sessions[label] = latency.make_session(graphs[key] / f"{role}.onnx", threads)
+                feeds[label] = latency.session_feeds(sessions[label], batch)
+        lat = latency.measure_latency(sessions, feeds, rounds=rounds, warmup=2)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cost.cpu_int8_flags().items())
     import onnxruntime
 
     load1 = open("/proc/loadavg").read().split()[:3]
-    print(f"CPU: {cost.cpu_name()} ({flags}); onnxruntime {onnxruntime.__version__} CPU, {threads} intra-op "
+    print(f"CPU: {latency.cpu_line()}; onnxruntime {onnxruntime.__version__} CPU, {threads} intra-op "
           f"thread(s), batch {batch}, median of {rounds} interleaved rounds; torch {torch.__version__}; "
           f"load average {' '.join(load0)} before, {' '.join(load1)} after")
     ref = lat["FP32 graph"]

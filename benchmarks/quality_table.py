@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modiff_export import QuantConfig  # noqa: E402
-from modiff_export.manifest import atomic_write_text  # noqa: E402
-from modiff_export.metrics import DigitsEvaluator, psnr  # noqa: E402
+from modiff_export.evaluation.metrics import DigitsEvaluator, psnr  # noqa: E402
+from modiff_export.fsutil import atomic_write_text  # noqa: E402
 from modiff_export.models import load_model  # noqa: E402
 from modiff_export.sampling import sample_model  # noqa: E402
 
@@ -59,7 +59,8 @@ def main(schedulers, steps, num_samples, batch_size, seed, out):
                                minutes=(time.time() - t_all) / 60, hash=model.content_hash[:19])
     # the findings are written by a person who read the table: keep them across reruns
     old = Path(out).read_text() if Path(out).is_file() else ""
-    findings = old.split(FINDINGS_HEADER, 1)[1].strip() if FINDINGS_HEADER in old else "(to be written after reading the table)"
+    findings = old.split(FINDINGS_HEADER,
+                         1)[1].strip() if FINDINGS_HEADER in old else "(to be written after reading the table)"
     atomic_write_text(out, text.replace("{FINDINGS}", findings))
     print(f"wrote {out}")
 

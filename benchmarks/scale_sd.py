@@ -40,27 +40,26 @@ def child(mode: str, cache_dtype: str, out: Path) -> dict:
     from diffusers import UNet2DConditionModel
 
     from modiff_export.config import QuantConfig
-    from modiff_export.export import PROTOBUF_LIMIT, ModelInfo, export_model
-    from modiff_export.manifest import cache_bytes_per_sample
-    from modiff_export.models import content_hash
+    from modiff_export.export.trace import PROTOBUF_LIMIT, export_model
+    from modiff_export.models import LoadedModel
 
     torch.manual_seed(0)
     t0 = time.time()
     unet = UNet2DConditionModel(**SD15_UNET).float().eval().requires_grad_(False)
     params = sum(p.numel() for p in unet.parameters())
-    info = ModelInfo("sd15-random", content_hash(unet), (4, 64, 64), 768, 77)
+    info = LoadedModel.from_unet(unet, "sd15-random")
     t_build = time.time() - t0
     config = QuantConfig(mode=mode, weight_bits=8, act_bits=8)
     t0 = time.time()
-    manifest = export_model(unet, info, config, out, cache_dtype=cache_dtype, overwrite=True, progress=True)
+    manifest = export_model(info, config, out, cache_dtype=cache_dtype, overwrite=True, progress=True)
     t_export = time.time() - t0
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
-    external = {g: (out / f"{g}.data").is_file() for g in manifest["graphs"].values() if g}
-    per_sample = cache_bytes_per_sample(manifest)
+    external = {g: (out / f"{g}.data").is_file() for g in manifest.graphs.values() if g}
+    per_sample = manifest.cache_bytes_per_sample
     return {"mode": mode, "cache_dtype": cache_dtype, "params": params, "build_s": round(t_build, 1),
             "export_s": round(t_export, 1), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "files": files, "external_data": external, "protobuf_limit": PROTOBUF_LIMIT,
-            "n_caches": len(manifest["caches"]), "cache_bytes_per_sample": per_sample,
+            "n_caches": len(manifest.caches), "cache_bytes_per_sample": per_sample,
             "cache_bytes_per_image_cfg": 2 * per_sample}
 
 
@@ -96,7 +95,7 @@ def _gb(n: int) -> str:
 
 
 def write_doc(results: list[dict], failures: list[str], doc: Path, cmd: str) -> None:
-    from modiff_export.manifest import atomic_write_text
+    from modiff_export.fsutil import atomic_write_text
 
     lines = ["# Scale: a Stable-Diffusion-v1.5-sized UNet", "",
              f"Command: `{cmd}` (machine: {platform.machine()}, {_cpu()}, "
@@ -114,9 +113,11 @@ def write_doc(results: list[dict], failures: list[str], doc: Path, cmd: str) -> 
         ext = ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in r["external_data"].items())
         lines.append(f"| {r['mode']} | {r['cache_dtype']} | {r['params'] / 1e6:.0f} M | {r['export_s']:.0f} | "
                      f"{r['peak_rss_gib']:.1f} | {files} | {ext} | {r['n_caches']} | "
-                     f"{r['cache_bytes_per_sample'] / 2**20:.1f} MiB | {r['cache_bytes_per_image_cfg'] / 2**20:.1f} MiB |")
+                     f"{r['cache_bytes_per_sample'] / 2**20:.1f} MiB | "
+                     f"{r['cache_bytes_per_image_cfg'] / 2**20:.1f} MiB |")
     lines += ["", "export.py writes a graph with external data (`<graph>.onnx.data`) when its initializers exceed "
-              f"{results[0]['protobuf_limit'] / 2**30:.2f} GiB (protobuf's 2 GiB limit less headroom)." if results else "",
+              f"{results[0]['protobuf_limit'] / 2**30:.2f} GiB (protobuf's 2 GiB limit less headroom)."
+              if results else "",
               "The MoDiff graphs hold int8 weights (about 1 byte per parameter) and stay below it; the fp graph "
               "(4 bytes per parameter) does not.", "",
               "Cache memory is the real cost of MoDiff at this size: every Conv/Linear keeps its last input "
@@ -141,7 +142,8 @@ def _mem_gib() -> float:
 
 
 @click.command()
-@click.option("--out", default="/tmp/scale_sd", show_default=True, help="Folder for the exported graphs (deleted after).")
+@click.option("--out", default="/tmp/scale_sd", show_default=True,
+              help="Folder for the exported graphs (deleted after).")
 @click.option("--jobs", default="modiff:float32,modiff:float16,fp:float32", show_default=True,
               help="Comma list of mode:cache_dtype exports.")
 @click.option("--doc", default=str(ROOT / "docs" / "scale.md"), show_default=True)
@@ -173,7 +175,8 @@ def main(out, jobs, doc, keep, child_job, shapes_only):
             print(json.dumps(results[-1], indent=1), flush=True)
         if not keep:
             shutil.rmtree(out / job.replace(":", "-"), ignore_errors=True)
-    cmd = "python benchmarks/scale_sd.py" + ("" if jobs == "modiff:float32,modiff:float16,fp:float32" else f" --jobs {jobs}")
+    default_jobs = jobs == "modiff:float32,modiff:float16,fp:float32"
+    cmd = "python benchmarks/scale_sd.py" + ("" if default_jobs else f" --jobs {jobs}")
     write_doc(results, failures, Path(doc), cmd)
     print(f"wrote {doc}", flush=True)
 

@@ -25,11 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modiff_export import QuantConfig  # noqa: E402
 from modiff_export.backends.torch_runner import TorchRunner  # noqa: E402
-from modiff_export.calibration import calibrate, load_calibration, write_calibration  # noqa: E402
-from modiff_export.manifest import atomic_write_text  # noqa: E402
-from modiff_export.metrics import DigitsEvaluator, psnr  # noqa: E402
+from modiff_export.evaluation.metrics import DigitsEvaluator, psnr  # noqa: E402
+from modiff_export.fsutil import atomic_write_text  # noqa: E402
 from modiff_export.models import load_model  # noqa: E402
-from modiff_export.quantization import quantize  # noqa: E402
+from modiff_export.quant.calibration import calibrate, load_calibration, write_calibration  # noqa: E402
+from modiff_export.quant.quantization import quantize  # noqa: E402
 from modiff_export.sampling import generate, make_scheduler  # noqa: E402
 
 BITS = [(8, 8), (8, 4), (8, 3)]
@@ -68,7 +68,8 @@ def sample_with(unet, model, steps: int, num_samples: int, batch_size: int, seed
 
 
 @click.command()
-@click.option("--model", "model_spec", default="digits", show_default=True, help="'digits' or a folder with the same model.")
+@click.option("--model", "model_spec", default="digits", show_default=True,
+              help="'digits' or a folder with the same model.")
 @click.option("--steps", default=25, show_default=True)
 @click.option("--num-samples", default=128, show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
@@ -77,7 +78,8 @@ def sample_with(unet, model, steps: int, num_samples: int, batch_size: int, seed
 @click.option("--cal-seed", default=1000, show_default=True, help="Calibration seed (must differ from --seed).")
 @click.option("--buckets", default="1,4", show_default=True, help="Timestep bucket counts to calibrate.")
 @click.option("--method", type=click.Choice(["absmax", "percentile", "mse"]), default="mse", show_default=True)
-@click.option("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "static_vs_dynamic.md"), show_default=True)
+@click.option("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "static_vs_dynamic.md"),
+              show_default=True)
 def main(model_spec, steps, num_samples, batch_size, seed, cal_samples, cal_seed, buckets, method, out):
     if cal_seed == seed:
         raise click.BadParameter("calibrate with a different seed than the evaluation", param_hint="--cal-seed")
@@ -115,7 +117,8 @@ def main(model_spec, steps, num_samples, batch_size, seed, cal_samples, cal_seed
                 x = sample_with(unet, model, steps, num_samples, batch_size, seed)
                 add(f"W{w}A{a}", f"static, {k} bucket{'s' if k > 1 else ''}", x, ref, t0)
 
-    table = ["| config | delta scales | FD-digits (lower is better) | confidence | PSNR-to-FP (dB) | seconds (incl. calibration) |",
+    table = ["| config | delta scales | FD-digits (lower is better) | confidence | PSNR-to-FP (dB) "
+             "| seconds (incl. calibration) |",
              "|---|---|---:|---:|---:|---:|"] + [f"| {' | '.join(r)} |" for r in rows]
     cmd = (f"python benchmarks/static_vs_dynamic.py --model {model_spec} --steps {steps} --num-samples {num_samples} "
            f"--batch-size {batch_size} --seed {seed} --cal-samples {cal_samples} --cal-seed {cal_seed} "

@@ -23,7 +23,7 @@ def _check_choice(name: str, value, allowed) -> None:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What MoDiff does to every Conv2d/Linear of a UNet (design.md section 1).
+    """What MoDiff does to every Conv2d/Linear of a UNet (docs/design.md section 1).
 
     mode: "fp" (no quantization), "ptq" (plain fake quantization of inputs and weights,
           no caches) or "modiff" (quantize the change of the input, with caches).

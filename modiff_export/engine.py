@@ -1,4 +1,4 @@
-"""TensorRT engine builds for exported graph folders (design.md sections 2-3).
+"""TensorRT engine builds for exported graph folders (docs/design.md sections 3-4).
 
 Everything up to the TensorRT call is plain Python and runs (and is tested) on a CPU machine:
 options, optimization profiles taken from the manifest's symbolic batch axis, builder settings,
@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import ModiffExportError
-from .manifest import BATCH, MANIFEST_NAME, atomic_folder, load_manifest
+from .fsutil import atomic_folder, check_writable, sha256_file
+from .manifest import BATCH, Manifest, TensorSpec
 
 PRECISIONS = ("int8", "int4", "fp16")
 INSTALL_HINT = 'TensorRT is not installed; on a machine with an NVIDIA GPU run: pip install -e ".[tensorrt]"'
@@ -67,47 +68,74 @@ class EngineBuildOptions:
         return None if self.workspace_gb is None else int(self.workspace_gb * 1024**3)
 
 
+BUILD_NAME = "build.json"
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """build.json beside the engines: how they were built, and each plan's digest (checked on load)."""
+
+    tensorrt: str
+    options: dict
+    settings: dict
+    profiles: dict
+    plans: dict  # {role: file}
+    digests: dict  # {role: "sha256:..."}
+
+    def write(self, folder: Path) -> None:
+        (Path(folder) / BUILD_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "BuildInfo":
+        path = Path(folder) / BUILD_NAME
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise EngineError(f"{path}: missing; {folder} was not written by `cli.py build-engine`") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EngineError(f"{path}: unreadable or damaged ({type(e).__name__}); rebuild the engines") from None
+        fields = ("tensorrt", "options", "settings", "profiles", "plans", "digests")
+        if not isinstance(d, dict) or any(k not in d for k in fields):
+            raise EngineError(f"{path}: needs the fields {list(fields)}; rebuild the engines")
+        for key in ("min_batch", "max_batch"):
+            v = d["options"].get(key) if isinstance(d["options"], dict) else None
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise EngineError(f"{path}: options.{key} is {v!r}; expected a positive integer")
+        return cls(**{k: d[k] for k in fields})
+
+    def verify(self, folder: str | Path, roles: list[str]) -> dict[str, Path]:
+        """{role: plan path}, each checked to exist and to have the digest recorded at build time."""
+        folder, plans = Path(folder), {}
+        for role in roles:
+            plan = folder / self.plans.get(role, f"{role}.plan")
+            if not plan.is_file() or plan.stat().st_size == 0:
+                raise EngineError(f"{plan}: the {role} engine is missing or empty; rebuild with `cli.py build-engine`")
+            got, want = sha256_file(plan), self.digests.get(role)
+            if got != want:
+                raise EngineError(f"{plan} does not belong to this build: its digest is {got[:19]}..., "
+                                  f"{folder / BUILD_NAME} records {str(want)[:19]}...; rebuild the engines")
+            plans[role] = plan
+        return plans
+
+
 # -- pure planning (CPU) ----------------------------------------------------------------------------
-def graph_roles(manifest: dict) -> list[str]:
-    return [role for role in ("prime", "step") if manifest["graphs"].get(role)]
+def _shape_at(spec: TensorSpec, batch: int) -> tuple[int, ...]:
+    if BATCH in spec.shape[1:]:
+        raise EngineError(f"manifest tensor {spec.name!r} has the batch axis at a position other than 0 "
+                          f"(an optimization profile needs every other dimension fixed)")
+    return spec.concrete(batch)
 
 
-def graph_inputs(manifest: dict, role: str) -> list[dict]:
-    """Every input tensor spec of one graph, in graph order."""
-    specs = list(manifest["inputs"])
-    if role == "step":
-        specs += list(manifest.get("step_extra_inputs", []))
-        specs += [{"name": c["input"], "shape": c["shape"], "dtype": c["dtype"]} for c in manifest["caches"]]
-    return specs
-
-
-def graph_outputs(manifest: dict, role: str) -> list[dict]:
-    return list(manifest["outputs"]) + [{"name": c["output"], "shape": c["shape"], "dtype": c["dtype"]}
-                                        for c in manifest["caches"]]
-
-
-def _shape_at(spec: dict, batch: int) -> tuple[int, ...]:
-    dims = []
-    for d in spec["shape"]:
-        if d == BATCH:
-            dims.append(batch)
-        elif isinstance(d, int) and not isinstance(d, bool) and d >= 0:
-            dims.append(d)
-        else:
-            raise EngineError(f"manifest tensor {spec['name']!r} has dimension {d!r}; only {BATCH!r} may be "
-                              f"symbolic (an optimization profile needs every other dimension fixed)")
-    return tuple(dims)
-
-
-def plan_profiles(manifest: dict, options: EngineBuildOptions) -> dict[str, list[tuple]]:
+def plan_profiles(manifest: Manifest, options: EngineBuildOptions) -> dict[str, list[tuple]]:
     """{role: [(input name, min shape, opt shape, max shape), ...]} for every input of every graph
     (caches and step_extra_inputs included; inputs without a batch axis get one fixed shape)."""
-    return {role: [(s["name"], _shape_at(s, options.min_batch), _shape_at(s, options.opt_batch),
-                    _shape_at(s, options.max_batch)) for s in graph_inputs(manifest, role)]
-            for role in graph_roles(manifest)}
+    return {role: [(s.name, _shape_at(s, options.min_batch), _shape_at(s, options.opt_batch),
+                    _shape_at(s, options.max_batch)) for s in manifest.graph_inputs(role)]
+            for role in manifest.roles}
 
 
-def builder_settings(manifest: dict, options: EngineBuildOptions, block_quantized_weights: int | None = None) -> dict:
+def builder_settings(manifest: Manifest, options: EngineBuildOptions,
+                     block_quantized_weights: int | None = None) -> dict:
     """How TensorRT must be configured for these graphs, with the reason in words.
 
     Explicitly quantized graphs (quant_config.mode != "fp") are built strongly typed: the Q/DQ
@@ -115,9 +143,8 @@ def builder_settings(manifest: dict, options: EngineBuildOptions, block_quantize
     must not be set. block_quantized_weights: INT4 DequantizeLinear nodes with block_size found in
     the graphs (None: not scanned).
     """
-    qc = manifest["quant_config"]
-    mode, wbits = qc.get("mode"), qc.get("weight_bits")
-    tag = "fp" if mode == "fp" else f"{mode}-w{wbits}a{qc.get('act_bits')}"
+    qc = manifest.quant_config
+    mode, wbits, tag = qc.mode, qc.weight_bits, qc.tag
     p = options.precision
     s = {"precision": p, "strongly_typed": mode != "fp", "fp16": False, "int8": False,
          "workspace_bytes": options.workspace_bytes, "warnings": []}
@@ -144,9 +171,9 @@ def builder_settings(manifest: dict, options: EngineBuildOptions, block_quantize
     if wbits is None or wbits > 4:
         raise EngineError(f"--precision int4 needs weights of 4 bits or fewer, but the graphs are {tag}; "
                           f"use --precision int8")
-    if manifest.get("opset", 0) < 21:
+    if manifest.opset < 21:
         raise EngineError(f"--precision int4 needs INT4 block-quantized weights (DequantizeLinear with block_size, "
-                          f"ONNX opset >= 21), but the graphs use opset {manifest.get('opset')}; their 4-bit weights "
+                          f"ONNX opset >= 21), but the graphs use opset {manifest.opset}; their 4-bit weights "
                           f"live in INT8 containers: use --precision int8")
     if block_quantized_weights == 0:
         raise EngineError("--precision int4: the graphs contain no INT4 block-quantized weights (DequantizeLinear "
@@ -171,11 +198,11 @@ def count_block_quantized_weights(onnx_path: str | Path) -> int:
                and any(a.name == "block_size" and a.i > 0 for a in n.attribute))
 
 
-def check_engine_io(engine_io: dict, manifest: dict, role: str) -> None:
+def check_engine_io(engine_io: dict, manifest: Manifest, role: str) -> None:
     """engine_io: {name: {"mode": "input"|"output", "dtype": "float32", "shape": [-1, 4, 8, 8]}}
     (-1 where the dimension is dynamic). Raises EngineError naming the first mismatches."""
-    expected = {s["name"]: ("input", s) for s in graph_inputs(manifest, role)}
-    expected.update({s["name"]: ("output", s) for s in graph_outputs(manifest, role)})
+    expected = {s.name: ("input", s) for s in manifest.graph_inputs(role)}
+    expected.update({s.name: ("output", s) for s in manifest.graph_outputs(role)})
     problems = []
     missing = [n for n in expected if n not in engine_io]
     extra = [n for n in engine_io if n not in expected]
@@ -187,11 +214,11 @@ def check_engine_io(engine_io: dict, manifest: dict, role: str) -> None:
         got = engine_io.get(name)
         if got is None:
             continue
-        want_shape = [-1 if d == BATCH else int(d) for d in spec["shape"]]
+        want_shape = [-1 if d == BATCH else int(d) for d in spec.shape]
         if got.get("mode") != mode:
             problems.append(f"{name!r} is an engine {got.get('mode')}, the manifest says {mode}")
-        if got.get("dtype") != spec["dtype"]:
-            problems.append(f"{name!r} has dtype {got.get('dtype')}, the manifest says {spec['dtype']}")
+        if got.get("dtype") != spec.dtype:
+            problems.append(f"{name!r} has dtype {got.get('dtype')}, the manifest says {spec.dtype}")
         if [int(d) for d in got.get("shape", [])] != want_shape:
             problems.append(f"{name!r} has shape {list(got.get('shape', []))}, the manifest says {want_shape}")
     if problems:
@@ -227,14 +254,13 @@ def build_engines(graph_folder: str | Path, options: EngineBuildOptions, out_fol
                   progress: bool = True) -> Path:
     """Build one TensorRT engine per graph of `graph_folder` into `out_folder` (atomically)."""
     graph_folder, out = Path(graph_folder), Path(out_folder)
-    manifest = load_manifest(graph_folder)
+    manifest = Manifest.load(graph_folder)
     profiles = plan_profiles(manifest, options)
     blocks = None
-    if options.precision == "int4" and manifest["quant_config"].get("mode") != "fp":
-        blocks = sum(count_block_quantized_weights(graph_folder / manifest["graphs"][r]) for r in profiles)
+    if options.precision == "int4" and manifest.quant_config.mode != "fp":
+        blocks = sum(count_block_quantized_weights(graph_folder / manifest.graphs[r]) for r in profiles)
     settings = builder_settings(manifest, options, blocks)
-    if out.exists() and not options.overwrite:
-        raise EngineError(f"{out} already exists; pass --overwrite to replace it")
+    check_writable(out, options.overwrite)
     trt, pg = import_tensorrt()
     if settings["fp16"] and not hasattr(trt.BuilderFlag, "FP16"):
         raise EngineError(f"TensorRT {trt.__version__} has no FP16 builder flag (always strongly typed); "
@@ -244,14 +270,15 @@ def build_engines(graph_folder: str | Path, options: EngineBuildOptions, out_fol
            f"graphs: {graph_folder.resolve()}", f"tensorrt {trt.__version__}",
            f"options: {asdict(options)}", f"settings: {settings['explain']}"]
     log += [f"warning: {w}" for w in settings["warnings"]]
-    with atomic_folder(out) as tmp:  # no half-written engine folder, whatever fails
+    with atomic_folder(out, options.overwrite) as tmp:  # no half-written engine folder, whatever fails
         cache = tmp / "timing.cache"
         if options.timing_cache and Path(options.timing_cache).is_file():
             shutil.copyfile(options.timing_cache, cache)
         for role in profiles:
             start = time.time()
             if progress:
-                print(f"building {role} engine ({options.precision}, batch {options.min_batch}..{options.max_batch})", flush=True)
+                print(f"building {role} engine ({options.precision}, batch {options.min_batch}..{options.max_batch})",
+                      flush=True)
             profile = pg.Profile()
             for name, lo, opt, hi in profiles[role]:
                 profile.add(name, min=lo, opt=opt, max=hi)
@@ -262,7 +289,7 @@ def build_engines(graph_folder: str | Path, options: EngineBuildOptions, out_fol
                 cfg["load_timing_cache"] = str(cache)
             if options.workspace_bytes:
                 cfg["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: options.workspace_bytes}
-            network = pg.NetworkFromOnnxPath(str(graph_folder / manifest["graphs"][role]),
+            network = pg.NetworkFromOnnxPath(str(graph_folder / manifest.graphs[role]),
                                              strongly_typed=settings["strongly_typed"])
             try:
                 plan = pg.EngineBytesFromNetwork(network, config=pg.CreateConfig(**cfg), save_timing_cache=str(cache))()
@@ -275,11 +302,13 @@ def build_engines(graph_folder: str | Path, options: EngineBuildOptions, out_fol
             check_engine_io(io, manifest, role)
             log.append(f"{role}: {len(bytes(plan)) / 2**20:.1f} MiB in {time.time() - start:.1f} s; "
                        f"profile {[(n, lo, opt, hi) for n, lo, opt, hi in profiles[role]]}; io {io}")
-        info = {"tensorrt": trt.__version__, "options": asdict(options), "settings": settings,
-                "profiles": {r: [[n, list(a), list(b), list(c)] for n, a, b, c in v] for r, v in profiles.items()},
-                "plans": {r: f"{r}.plan" for r in profiles}}
-        (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
-        shutil.copyfile(graph_folder / MANIFEST_NAME, tmp / MANIFEST_NAME)
+        info = BuildInfo(tensorrt=trt.__version__, options=asdict(options), settings=settings,
+                         profiles={r: [[n, list(a), list(b), list(c)] for n, a, b, c in v] for r,
+                                   v in profiles.items()},
+                         plans={r: f"{r}.plan" for r in profiles},
+                         digests={r: sha256_file(tmp / f"{r}.plan") for r in profiles})
+        info.write(tmp)
+        manifest.write(tmp)
         (tmp / "build.log").write_text("\n".join(log) + "\n")
         if options.timing_cache and cache.is_file():
             Path(options.timing_cache).parent.mkdir(parents=True, exist_ok=True)
@@ -288,6 +317,6 @@ def build_engines(graph_folder: str | Path, options: EngineBuildOptions, out_fol
     return out
 
 
-__all__ = ["EngineBuildOptions", "EngineError", "TensorRTUnavailable", "plan_profiles", "builder_settings",
-           "check_engine_io", "count_block_quantized_weights", "build_engines", "import_tensorrt", "engine_io",
-           "graph_inputs", "graph_outputs", "graph_roles"]
+__all__ = ["BuildInfo", "EngineBuildOptions", "EngineError", "TensorRTUnavailable", "plan_profiles",
+           "builder_settings", "check_engine_io", "count_block_quantized_weights", "build_engines", "import_tensorrt",
+           "engine_io"]

@@ -1,150 +1,485 @@
-"""The manifest: the versioned I/O contract written beside the graphs (design.md section 2).
+"""The manifest: the typed, versioned I/O contract written beside the graphs (docs/design.md section 3).
 
-Runtimes, engine builds and Triton configs read every name, shape and dtype from here.
+Exporter, engine builder, `check`, graph variants and every runner read names, shapes, dtypes, the
+quantization config and the scale table from one `Manifest` object; nothing else parses the JSON.
 
-    {
-      "schema": "modiff-export/manifest", "schema_version": 1,
-      "model":  {"name", "class", "content_hash", "in_channels", "out_channels", "sample_size",
-                 "cross_attention_dim" (null for unconditional), "encoder_seq_len" (null)},
-      "quant_config": QuantConfig.to_dict(),
-      "opset": 17, "cache_dtype": "float32" | "float16",
-      "graphs": {"prime": "prime.onnx", "step": "step.onnx" | null (fp/ptq: no caches)},
-      "inputs":  [TensorSpec ...]   # sample, timestep[, encoder_hidden_states] (both graphs)
-      "outputs": [TensorSpec ...]   # noise_pred
-      "caches":  [CacheSpec ...]    # prime outputs them; step takes `input` and returns `output`
-      "step_extra_inputs": [TensorSpec ...]  # e.g. delta_scales [L] for static multi-bucket
-      "scales": null | {"source": path, "n_buckets", "num_train_timesteps",
-                        "layers": [layer ...], "table": {layer: [scale per bucket]}},
-      "batch_axis": "batch"
-    }
-    TensorSpec = {"name", "shape": ["batch" | int ...], "dtype": "float32" | ...}
-    CacheSpec  = TensorSpec without name + {"layer", "kind": "a_hat" | "o_hat", "input", "output"}
+    manifest.json (schema_version 2)
+      model:        ModelInfo   name, class, content_hash, in/out channels, sample_size [H, W],
+                                cross_attention_dim / encoder_seq_len (null: unconditional), scheduler_config
+      quant_config: QuantConfig.to_dict()
+      opset, cache_dtype ("float32" | "float16"), batch_axis ("batch")
+      graphs:       {"prime": "prime.onnx", "step": "step.onnx" | null}   (fp/ptq: no caches, no step)
+      files:        {file name: "sha256:<hex>"}   every graph (and external-data) file, verified on load
+      target:       "trt" (explicit Q/DQ, as exported) | "ort" (rewritten by export/ort_variant.py)
+      variant:      null | {"method", "rewritten_layers"}   what a target rewrite did
+      inputs:       [TensorSpec]   sample [B,C,H,W], timestep [B][, encoder_hidden_states [B,S,D]]
+      outputs:      [TensorSpec]   noise_pred [B,C_out,H,W]
+      caches:       [CacheSpec]    prime outputs `output`; step reads `input` and writes `output`
+      step_extra_inputs: [TensorSpec]   delta_scales [L] (static scales, several timestep buckets)
+      layers:       [LayerInfo]    every Conv/Linear: bits, weight shape, skipped, cached
+      scales:       null | ScaleTable   static delta scales per layer and timestep bucket
 """
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import os
-import shutil
-import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from .config import ConfigError, QuantConfig
 from .errors import ModiffExportError
+from .fsutil import atomic_write_text, sha256_file
 
 SCHEMA = "modiff-export/manifest"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BATCH = "batch"
 MANIFEST_NAME = "manifest.json"
+ROLES = ("prime", "step")
+DTYPES = ("float32", "float16", "int64", "int32")
+CACHE_DTYPES = ("float32", "float16")
+TARGETS = ("trt", "ort")
+DEFAULT_SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
 
 
 class ManifestError(ModiffExportError):
     pass
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class _Fields:
+    """Typed access to one JSON object; every problem is one line naming the file and the field."""
+
+    def __init__(self, d, where: str, source: str):
+        if not isinstance(d, dict):
+            raise ManifestError(f"{source}: {where or 'manifest'} must be a JSON object, got {type(d).__name__}")
+        self.d, self.where, self.source = d, where, source
+
+    def fail(self, key: str, what: str):
+        raise ManifestError(f"{self.source}: {self.where + '.' if self.where else ''}{key} {what}")
+
+    def get(self, key: str, types, optional: bool = False):
+        if key not in self.d:
+            if optional:
+                return None
+            self.fail(key, "is missing")
+        v = self.d[key]
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            self.fail(key, f"must be {_type_names(types)}, got {v!r}")
+        if not isinstance(v, types):
+            self.fail(key, f"must be {_type_names(types)}, got {type(v).__name__} {str(v)[:40]!r}")
+        return v
+
+    def choice(self, key: str, allowed) -> str:
+        v = self.get(key, str)
+        if v not in allowed:
+            self.fail(key, f"is {v!r}, expected one of {list(allowed)}")
+        return v
+
+    def sub(self, key: str, optional: bool = False) -> "_Fields | None":
+        v = self.get(key, dict, optional)
+        return None if v is None else _Fields(v, f"{self.where}.{key}" if self.where else key, self.source)
+
+    def items(self, key: str, optional: bool = False) -> list["_Fields"]:
+        v = self.get(key, list, optional) or []
+        return [_Fields(x, f"{self.where + '.' if self.where else ''}{key}[{i}]", self.source) for i, x in enumerate(v)]
 
 
-@contextlib.contextmanager
-def atomic_folder(out: str | os.PathLike):
-    """Yield a temporary sibling of `out` to fill; on success it replaces `out` in one rename, on any
-    error (or Ctrl-C) it is removed, so `out` is never half-written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same filesystem: rename is atomic
-    try:
-        yield tmp
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _type_names(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join({int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object",
+                        bool: "true/false", type(None): "null"}.get(t, t.__name__) for t in types)
 
 
-def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
-    validate(manifest, source=str(folder))
-    path = Path(folder) / MANIFEST_NAME
-    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
-    return path
+def _shape(f: _Fields) -> tuple:
+    shape = f.get("shape", list)
+    for d in shape:
+        if d != BATCH and (isinstance(d, bool) or not isinstance(d, int) or d < 0):
+            f.fail("shape", f"has dimension {d!r}; expected non-negative integers or {BATCH!r}")
+    return tuple(shape)
 
 
-def load_manifest(folder: str | os.PathLike) -> dict:
-    """Read and validate `<folder>/manifest.json`, with a one-line error for every problem."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ManifestError(f"{folder}: not a folder (expected a graph folder written by `cli.py export`)")
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
-        raise ManifestError(f"{path}: missing; {folder} was not written by `cli.py export`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the file is damaged") from None
-    validate(manifest, source=str(path))
-    for role, name in manifest["graphs"].items():
-        if name is not None and not (folder / name).is_file():
-            raise ManifestError(f"{path}: the {role} graph {folder / name} is missing")
-    return manifest
+# -- the typed pieces ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple  # ints, and BATCH for the symbolic batch axis
+    dtype: str
+
+    def concrete(self, batch: int) -> tuple[int, ...]:
+        """The shape with the batch axis replaced by `batch`."""
+        return tuple(batch if d == BATCH else int(d) for d in self.shape)
+
+    @classmethod
+    def parse(cls, f: _Fields) -> "TensorSpec":
+        return cls(f.get("name", str), _shape(f), f.choice("dtype", DTYPES))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
 
-def validate(m: dict, source: str = "manifest") -> None:
-    def need(cond, what):
-        if not cond:
-            raise ManifestError(f"{source}: {what}")
+@dataclass(frozen=True)
+class CacheSpec:
+    """One cache tensor: a_hat (last reconstructed input) or o_hat (last output) of one layer."""
 
-    need(isinstance(m, dict), "manifest must be a JSON object")
-    need(m.get("schema") == SCHEMA, f"schema is {m.get('schema')!r}, expected {SCHEMA!r}")
-    need(m.get("schema_version") == SCHEMA_VERSION,
-         f"schema_version {m.get('schema_version')!r} is not supported (this tool reads {SCHEMA_VERSION})")
-    for key in ("model", "quant_config", "opset", "cache_dtype", "graphs", "inputs", "outputs", "caches"):
-        need(key in m, f"missing field {key!r}")
-    need("prime" in m["graphs"], "graphs.prime is missing")
-    need(m["cache_dtype"] in ("float32", "float16"), f"cache_dtype {m['cache_dtype']!r} not in ['float32', 'float16']")
-    names = set()
-    specs = list(m["inputs"]) + list(m["outputs"]) + list(m.get("step_extra_inputs", []))
-    specs += [{"name": c["input"], **c} for c in m["caches"]] + [{"name": c["output"], **c} for c in m["caches"]]
-    for spec in specs:
-        need(isinstance(spec.get("name"), str) and isinstance(spec.get("shape"), list) and "dtype" in spec,
-             f"tensor entry {spec!r} needs name, shape and dtype")
-        need(spec["name"] not in names, f"tensor name {spec['name']!r} appears twice")
-        names.add(spec["name"])
-    need(bool(m["caches"]) == (m["graphs"].get("step") is not None),
-         "a step graph is listed exactly when there are caches")
+    layer: str
+    kind: str  # "a_hat" | "o_hat"
+    input: str  # step-graph input name
+    output: str  # prime/step-graph output name
+    shape: tuple
+    dtype: str
 
+    @property
+    def key(self) -> str:
+        """The name runners and tests use for this cache: '<layer>.<kind>'."""
+        return f"{self.layer}.{self.kind}"
 
-# -- small helpers the runtimes use ---------------------------------------------------------------
-def concrete_shape(spec: dict, batch: int) -> tuple[int, ...]:
-    return tuple(batch if d == BATCH else int(d) for d in spec["shape"])
+    def as_input(self) -> TensorSpec:
+        return TensorSpec(self.input, self.shape, self.dtype)
 
+    def as_output(self) -> TensorSpec:
+        return TensorSpec(self.output, self.shape, self.dtype)
 
-def step_input_names(m: dict) -> list[str]:
-    return ([s["name"] for s in m["inputs"]] + [s["name"] for s in m.get("step_extra_inputs", [])]
-            + [c["input"] for c in m["caches"]])
+    def concrete(self, batch: int) -> tuple[int, ...]:
+        return self.as_input().concrete(batch)
 
+    @classmethod
+    def parse(cls, f: _Fields) -> "CacheSpec":
+        return cls(f.get("layer", str), f.choice("kind", ("a_hat", "o_hat")), f.get("input", str),
+                   f.get("output", str), _shape(f), f.choice("dtype", CACHE_DTYPES))
 
-def prime_output_names(m: dict) -> list[str]:
-    return [s["name"] for s in m["outputs"]] + [c["output"] for c in m["caches"]]
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "kind": self.kind, "input": self.input, "output": self.output,
+                "shape": list(self.shape), "dtype": self.dtype}
 
 
-def cache_bytes_per_sample(m: dict) -> int:
-    itemsize = 2 if m["cache_dtype"] == "float16" else 4
-    total = 0
-    for c in m["caches"]:
-        n = 1
-        for d in c["shape"]:
-            n *= 1 if d == BATCH else int(d)
-        total += n * itemsize
-    return total
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity and shapes of the exported UNet: what sampling needs to drive a runner without weights."""
+
+    name: str
+    class_name: str
+    content_hash: str
+    in_channels: int
+    out_channels: int
+    sample_size: tuple[int, int]  # (H, W)
+    cross_attention_dim: int | None = None
+    encoder_seq_len: int | None = None
+    scheduler_config: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULER_CONFIG))
+
+    @property
+    def conditional(self) -> bool:
+        return self.cross_attention_dim is not None
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, *self.sample_size)
+
+    @classmethod
+    def parse(cls, f: _Fields) -> "ModelInfo":
+        size = f.get("sample_size", list)
+        if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+            f.fail("sample_size", f"must be [H, W] with positive integers, got {size!r}")
+        chans = {k: f.get(k, int) for k in ("in_channels", "out_channels")}
+        for k, v in chans.items():
+            if v < 1:
+                f.fail(k, f"must be >= 1, got {v}")
+        sched = f.get("scheduler_config", dict, optional=True) or dict(DEFAULT_SCHEDULER_CONFIG)
+        T = sched.get("num_train_timesteps", 1000)
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            f.fail("scheduler_config.num_train_timesteps", f"must be a positive integer, got {T!r}")
+        return cls(f.get("name", str), f.get("class", str), f.get("content_hash", str), chans["in_channels"],
+                   chans["out_channels"], tuple(size), f.get("cross_attention_dim", int, optional=True),
+                   f.get("encoder_seq_len", int, optional=True), sched)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "class": self.class_name, "content_hash": self.content_hash,
+                "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "sample_size": list(self.sample_size), "cross_attention_dim": self.cross_attention_dim,
+                "encoder_seq_len": self.encoder_seq_len, "scheduler_config": self.scheduler_config}
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One Conv2d/Linear of the exported UNet, as quantized (cost accounting and reports)."""
+
+    name: str
+    kind: str  # "conv" | "linear"
+    weight_shape: tuple[int, ...]
+    skipped: bool
+    weight_bits: int | None
+    act_bits: int | None
+    cached: bool
+    weight_format: str | None = None
+    weight_note: str | None = None
+
+    @classmethod
+    def parse(cls, f: _Fields) -> "LayerInfo":
+        return cls(f.get("name", str), f.choice("kind", ("conv", "linear")), tuple(f.get("weight_shape", list)),
+                   f.get("skipped", bool), f.get("weight_bits", int, optional=True),
+                   f.get("act_bits", int, optional=True), f.get("cached", bool),
+                   f.get("weight_format", str, optional=True), f.get("weight_note", str, optional=True))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["weight_shape"] = list(self.weight_shape)
+        if d["weight_note"] is None:
+            del d["weight_note"]
+        return d
+
+
+@dataclass(frozen=True)
+class ScaleTable:
+    """Static delta scales: one per quantized layer (graph order) and timestep bucket."""
+
+    source: str
+    n_buckets: int
+    num_train_timesteps: int
+    layers: tuple[str, ...]
+    table: dict  # {layer: (scale per bucket, ...)}
+
+    def bucket(self, timestep: float) -> int:
+        """Uniform buckets over [0, T): the same rule as quantization.timestep_bucket."""
+        from .quant.quantization import timestep_bucket
+
+        return timestep_bucket(float(timestep), self.n_buckets, self.num_train_timesteps)
+
+    def row(self, timestep: float) -> np.ndarray:
+        """delta_scales [L] float32 for the bucket of `timestep`."""
+        b = self.bucket(timestep)
+        return np.array([self.table[name][b] for name in self.layers], dtype=np.float32)
+
+    @classmethod
+    def parse(cls, f: _Fields) -> "ScaleTable":
+        n = f.get("n_buckets", int)
+        T = f.get("num_train_timesteps", int, optional=True) or 1000
+        if n < 1 or T < 1:
+            f.fail("n_buckets", f"and num_train_timesteps must be >= 1, got {n} and {T}")
+        table = f.get("table", dict)
+        layers = tuple(f.get("layers", list, optional=True) or sorted(table))
+        for name in layers:
+            v = table.get(name)
+            if not isinstance(v, list) or len(v) != n or not all(
+                    isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in v):
+                f.fail(f"table[{name!r}]", f"must be {n} positive finite scale(s), got {str(v)[:60]}")
+        return cls(f.get("source", str, optional=True) or "", n, T, layers,
+                   {k: tuple(float(s) for s in v) for k, v in table.items()})
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "n_buckets": self.n_buckets, "num_train_timesteps": self.num_train_timesteps,
+                "layers": list(self.layers), "table": {k: list(v) for k, v in self.table.items()}}
+
+
+# -- the manifest ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Manifest:
+    model: ModelInfo
+    quant_config: QuantConfig
+    opset: int
+    cache_dtype: str
+    graphs: dict  # {"prime": file, "step": file | None}
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    caches: tuple[CacheSpec, ...] = ()
+    step_extra_inputs: tuple[TensorSpec, ...] = ()
+    layers: tuple[LayerInfo, ...] = ()
+    scales: ScaleTable | None = None
+    files: dict = field(default_factory=dict)  # {file: "sha256:..."}
+    target: str = "trt"
+    variant: dict | None = None
+
+    def __post_init__(self):
+        self.validate("manifest")
+
+    # -- what runners and builders ask -------------------------------------------------------
+    @property
+    def roles(self) -> list[str]:
+        return [r for r in ROLES if self.graphs.get(r)]
+
+    @property
+    def uses_cache(self) -> bool:
+        return bool(self.caches)
+
+    @property
+    def conditional(self) -> bool:
+        return any(s.name == "encoder_hidden_states" for s in self.inputs)
+
+    @property
+    def keyframe_interval(self) -> int | None:
+        return self.quant_config.keyframe_interval
+
+    def graph_inputs(self, role: str) -> list[TensorSpec]:
+        """Every input of one graph, in graph order."""
+        specs = list(self.inputs)
+        if role == "step":
+            specs += list(self.step_extra_inputs) + [c.as_input() for c in self.caches]
+        return specs
+
+    def graph_outputs(self, role: str) -> list[TensorSpec]:
+        return list(self.outputs) + [c.as_output() for c in self.caches]
+
+    def spec(self, name: str) -> TensorSpec:
+        for s in self.graph_inputs("step") + self.graph_outputs("step"):
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def delta_scale_row(self, timestep: float) -> np.ndarray | None:
+        """The `delta_scales` input of one step (static multi-bucket graphs), else None."""
+        if not any(s.name == "delta_scales" for s in self.step_extra_inputs):
+            return None
+        return self.scales.row(timestep)
+
+    @property
+    def cache_bytes_per_sample(self) -> int:
+        itemsize = {"float32": 4, "float16": 2}
+        return sum(math.prod(c.concrete(1)) * itemsize[c.dtype] for c in self.caches)
+
+    @property
+    def tag(self) -> str:
+        return self.quant_config.tag
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self, source: str) -> None:
+        def need(cond, what):
+            if not cond:
+                raise ManifestError(f"{source}: {what}")
+
+        need(self.graphs.get("prime"), "graphs.prime is missing")
+        need(set(self.graphs) <= set(ROLES), f"graphs has unknown roles {sorted(set(self.graphs) - set(ROLES))}")
+        need(self.cache_dtype in CACHE_DTYPES, f"cache_dtype {self.cache_dtype!r} not in {list(CACHE_DTYPES)}")
+        need(self.target in TARGETS, f"target {self.target!r} not in {list(TARGETS)}")
+        need(bool(self.caches) == bool(self.graphs.get("step")), "a step graph is listed exactly when there are caches")
+        names = [s.name for s in self.graph_inputs("step") + self.graph_outputs("step")]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        need(not dup, f"tensor names appear twice: {dup[:3]}")
+        need([s.name for s in self.inputs[:2]] == ["sample", "timestep"], "inputs must start with sample, timestep")
+        need([s.name for s in self.outputs] == ["noise_pred"], "outputs must be [noise_pred]")
+        C, (H, W) = self.model.in_channels, self.model.sample_size
+        need(self.inputs[0].shape == (BATCH, C, H, W),
+             f"sample shape {list(self.inputs[0].shape)} does not match the model's [batch, {C}, {H}, {W}]")
+        for c in self.caches:
+            need(c.shape[:1] == (BATCH,) and BATCH not in c.shape[1:],
+                 f"cache {c.key} shape {list(c.shape)} must have the batch axis first and only there")
+            need(c.dtype == self.cache_dtype,
+                 f"cache {c.key} dtype {c.dtype} differs from cache_dtype {self.cache_dtype}")
+        if any(s.name == "delta_scales" for s in self.step_extra_inputs):
+            need(self.scales is not None, "step graph takes delta_scales but there is no scale table")
+            n_q = sum(1 for layer in self.layers if not layer.skipped)
+            need(len(self.scales.layers) == self.spec("delta_scales").shape[0] and (not self.layers or
+                 len(self.scales.layers) == n_q), "scale table layers do not match the delta_scales input")
+
+    # -- (de)serialization -----------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d, source: str = "manifest") -> "Manifest":
+        f = _Fields(d, "", source)
+        if d.get("schema") != SCHEMA:
+            f.fail("schema", f"is {d.get('schema')!r}, expected {SCHEMA!r}")
+        if d.get("schema_version") != SCHEMA_VERSION:
+            f.fail("schema_version", f"{d.get('schema_version')!r} is not supported (this tool reads "
+                                     f"{SCHEMA_VERSION}); re-export the folder with `cli.py export`")
+        graphs = f.sub("graphs")
+        graph_files = {r: graphs.get(r, str, optional=(r != "prime")) for r in ROLES}
+        extra_roles = set(graphs.d) - set(ROLES)
+        if extra_roles:
+            graphs.fail(sorted(extra_roles)[0], "is not a graph role (prime, step)")
+        try:
+            qc = QuantConfig.from_dict(f.get("quant_config", dict))
+        except (ConfigError, TypeError) as e:
+            raise ManifestError(f"{source}: quant_config: {e}") from None
+        scales = f.sub("scales", optional=True)
+        files = f.get("files", dict)
+        if not all(isinstance(v, str) and v.startswith("sha256:") for v in files.values()):
+            f.fail("files", "must map file names to 'sha256:<hex>' digests")
+        opset = f.get("opset", int)
+        try:
+            return cls(model=ModelInfo.parse(f.sub("model")), quant_config=qc, opset=opset,
+                       cache_dtype=f.choice("cache_dtype", CACHE_DTYPES), graphs=graph_files,
+                       inputs=tuple(TensorSpec.parse(x) for x in f.items("inputs")),
+                       outputs=tuple(TensorSpec.parse(x) for x in f.items("outputs")),
+                       caches=tuple(CacheSpec.parse(x) for x in f.items("caches")),
+                       step_extra_inputs=tuple(TensorSpec.parse(x) for x in f.items("step_extra_inputs",
+                                                                                    optional=True)),
+                       layers=tuple(LayerInfo.parse(x) for x in f.items("layers", optional=True)),
+                       scales=None if scales is None else ScaleTable.parse(scales), files=dict(files),
+                       target=f.choice("target", TARGETS) if "target" in d else "trt",
+                       variant=f.get("variant", dict, optional=True))
+        except ManifestError as e:  # __post_init__ says "manifest: ..."; name the file instead
+            raise ManifestError(str(e).replace("manifest:", f"{source}:", 1)) from None
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "model": self.model.to_dict(),
+                "quant_config": self.quant_config.to_dict(), "opset": self.opset, "cache_dtype": self.cache_dtype,
+                "batch_axis": BATCH, "graphs": dict(self.graphs), "files": dict(self.files), "target": self.target,
+                "variant": self.variant, "inputs": [s.to_dict() for s in self.inputs],
+                "outputs": [s.to_dict() for s in self.outputs], "caches": [c.to_dict() for c in self.caches],
+                "step_extra_inputs": [s.to_dict() for s in self.step_extra_inputs],
+                "layers": [x.to_dict() for x in self.layers],
+                "scales": None if self.scales is None else self.scales.to_dict()}
+
+    def replace(self, **changes) -> "Manifest":
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+    # -- files ---------------------------------------------------------------------------------
+    def graph_files(self, folder: str | os.PathLike) -> list[str]:
+        """Every file the graphs consist of (graph files and their external-data files)."""
+        folder = Path(folder)
+        names = []
+        for r in self.roles:
+            names.append(self.graphs[r])
+            if (folder / f"{self.graphs[r]}.data").is_file():
+                names.append(f"{self.graphs[r]}.data")
+        return names
+
+    def with_digests(self, folder: str | os.PathLike) -> "Manifest":
+        """This manifest with the sha256 of every graph file in `folder` recorded."""
+        return self.replace(files={n: sha256_file(Path(folder) / n) for n in self.graph_files(folder)})
+
+    def verify_files(self, folder: str | os.PathLike, source: str | None = None) -> None:
+        """Every graph file exists and has the digest recorded at export: a graph from another model
+        or config (or a damaged copy) is one error naming both sides."""
+        folder = Path(folder)
+        source = source or str(folder / MANIFEST_NAME)
+        for r in self.roles:
+            if not (folder / self.graphs[r]).is_file():
+                raise ManifestError(f"{source}: the {r} graph {folder / self.graphs[r]} is missing")
+        for name in self.graph_files(folder):
+            want = self.files.get(name)
+            if want is None:
+                raise ManifestError(f"{source}: {name} has no recorded digest; re-export the folder")
+            got = sha256_file(folder / name)
+            if got != want:
+                raise ManifestError(f"{folder / name} does not belong to this manifest: its digest is {got[:19]}..., "
+                                    f"{source} records {want[:19]}... for {self.tag} of model {self.model.name} "
+                                    f"({self.model.content_hash[:19]}...); re-export the folder")
+
+    def write(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, verify: bool = True, what: str = "`cli.py export`") -> "Manifest":
+        """Read and validate `<folder>/manifest.json` (one-line error for every problem); with
+        `verify`, check every graph file's digest too."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ManifestError(f"{folder}: not a folder (expected a folder written by {what})")
+        path = folder / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(f"{path}: missing; {folder} was not written by {what}")
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{path}: unreadable ({type(e).__name__})") from None
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the file is damaged") from None
+        manifest = cls.from_dict(d, source=str(path))
+        if verify:
+            manifest.verify_files(folder, str(path))
+        return manifest

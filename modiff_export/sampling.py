@@ -1,4 +1,4 @@
-"""The sampling loop: any supported diffusers scheduler driving any Runner (design.md section 1).
+"""The sampling loop: any supported diffusers scheduler driving any Runner (docs/design.md section 5).
 
 The loop belongs to the scheduler; the runner (and MoDiff inside it) only sees successive UNet calls
 `runner(sample, timestep, encoder_hidden_states)`, reset at the start of every batch. Nothing here
@@ -13,8 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
 
 from .errors import ModiffExportError
 
@@ -33,6 +40,12 @@ _OVERRIDES = {"pndm": {"skip_prk_steps": True}, "dpmpp": {"algorithm_type": "dpm
 
 class SamplingError(ModiffExportError, ValueError):
     pass
+
+
+MAX_SEED = 2**63 - 1 - 2**21  # headroom for seed + batch index + ENCODER_SEED_OFFSET in a torch Generator
+MAX_SAMPLES = 100_000
+MAX_BATCH = 4096
+ENCODER_SEED_OFFSET = 1_000_003  # encoder states of batch i never share a random stream with its noise
 
 
 def make_scheduler(name: str, scheduler_config: dict):
@@ -66,7 +79,8 @@ def generate(runner, scheduler, num_steps: int, batch_size: int, seed: int, samp
         raise SamplingError(f"encoder_hidden_states must be [B={batch_size}, S, D], got {tuple(ehs.shape)}")
     if cfg:
         if uncond_hidden_states is None or uncond_hidden_states.shape != ehs.shape:
-            raise SamplingError(f"guidance_scale={guidance_scale} needs uncond_hidden_states of shape {tuple(ehs.shape)}")
+            raise SamplingError(f"guidance_scale={guidance_scale} needs uncond_hidden_states of shape "
+                                f"{tuple(ehs.shape)}")
         ehs = torch.cat([ehs, uncond_hidden_states])  # [2B, S, D]
     step_kwargs = {}
     params = inspect.signature(scheduler.step).parameters
@@ -124,34 +138,64 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
     return path
 
 
-def sample_model(model, config, scheduler_name: str = "ddim", num_steps: int = 25, num_samples: int = 16,
-                 batch_size: int = 16, seed: int = 0, guidance_scale: float = 1.0, backend: str = "torch",
-                 progress: bool = True, runner=None) -> torch.Tensor:
-    """num_samples images [N, C, H, W] from a LoadedModel under a QuantConfig, in batches.
+def run_batches(runner, model, scheduler_name: str, num_steps: int, num_samples: int, batch_size: int, seed: int,
+                guidance_scale: float = 1.0, progress: bool = True, desc: str = "sample") -> torch.Tensor:
+    """num_samples images [N, C, H, W] from `runner`, batch i from noise seed + i (the one batch loop of
+    sampling, evaluation and calibration). Conditional models get random encoder states [B, S, D] from
+    seed + i + ENCODER_SEED_OFFSET (no text encoder here) and zeros as the unconditional states."""
+    check_sampling_budget(model, num_samples, batch_size, seed, guidance_scale)
+    from tqdm import tqdm
 
-    The UNet is copied before quantize(), so `model` stays full precision (pass `runner` to sample
-    with an ORT/TensorRT runner instead; `model` then only supplies shapes and the scheduler). Batch i uses seed + i, so
-    two configs with the same seed start from identical noise (PSNR-to-FP compares like with like).
-    Conditional models get random encoder states [B, 77, D] (no text encoder here), zeros as uncond.
-    """
-    import copy
-
-    from .backends import make_runner
-    from .quantization import quantize
-
-    if guidance_scale != 1.0 and not model.conditional:
-        raise SamplingError(f"guidance scale {guidance_scale} needs a conditional UNet; {model.name} is unconditional (use 1.0)")
-    if runner is None:  # torch: quantize a copy; ort/trt runners come ready from their folder
-        runner = make_runner(backend, quantize(copy.deepcopy(model.unet), config))
-    out = []
-    for i, start in enumerate(range(0, num_samples, batch_size)):
+    out, starts = [], list(range(0, num_samples, batch_size))
+    for i, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) == 1)):
         b = min(batch_size, num_samples - start)
         ehs = unc = None
         if model.conditional:
-            g = torch.Generator().manual_seed(int(seed) + i + 1_000_003)
+            g = torch.Generator().manual_seed(int(seed) + i + ENCODER_SEED_OFFSET)
             ehs = torch.randn((b, model.encoder_seq_len, model.cross_attention_dim), generator=g)  # [B, S, D]
             unc = torch.zeros_like(ehs)
         scheduler = make_scheduler(scheduler_name, model.scheduler_config)
         out.append(generate(runner, scheduler, num_steps, b, int(seed) + i, model.sample_shape, ehs, unc,
-                            guidance_scale, progress))
+                            guidance_scale, progress and len(starts) == 1))
     return torch.cat(out)  # [N, C, H, W]
+
+
+def check_sampling_budget(model, num_samples: int, batch_size: int, seed: int, guidance_scale: float = 1.0) -> None:
+    """Refuse, before any work, requests that cannot finish: bad counts, seeds out of range, guidance on
+    an unconditional model, or images that would not fit in memory (the result [N, C, H, W] float32 must
+    fit in half the free RAM)."""
+    import psutil
+
+    if guidance_scale != 1.0 and not model.conditional:
+        raise SamplingError(f"guidance scale {guidance_scale} needs a conditional UNet; {model.name} is "
+                            f"unconditional (use 1.0)")
+    for name, v, lo, hi in (("num_samples", num_samples, 1, MAX_SAMPLES), ("batch_size", batch_size, 1, MAX_BATCH),
+                            ("seed", seed, 0, MAX_SEED)):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise SamplingError(f"{name}={v!r} is outside {lo}..{hi}")
+    need = num_samples * math.prod(model.sample_shape) * 4 * 3  # result + one batch of latents and noise, generous
+    free = psutil.virtual_memory().available
+    if need > free // 2:
+        raise SamplingError(f"{num_samples} samples of {list(model.sample_shape)} need ~{need / 2**30:.1f} GiB, more "
+                            f"than half the free memory ({free / 2**30:.1f} GiB); ask for fewer samples")
+
+
+def sample_model(model, config, scheduler_name: str = "ddim", num_steps: int = 25, num_samples: int = 16,
+                 batch_size: int = 16, seed: int = 0, guidance_scale: float = 1.0, backend: str = "torch",
+                 progress: bool = True, runner=None) -> torch.Tensor:
+    """num_samples images [N, C, H, W] from a LoadedModel under a QuantConfig (see run_batches).
+
+    The UNet is copied before quantize(), so `model` stays full precision (pass `runner` to sample
+    with an exported-graph runner instead; `model` then only supplies shapes and the scheduler).
+    Batch i uses seed + i, so two configs with the same seed start from identical noise.
+    """
+    import copy
+
+    from .backends import make_runner
+    from .quant.quantization import quantize
+
+    if runner is None:  # torch: quantize a copy; other runners come ready from their folder
+        check_sampling_budget(model, num_samples, batch_size, seed, guidance_scale)
+        runner = make_runner(backend, quantize(copy.deepcopy(model.unet), config))
+    return run_batches(runner, model, scheduler_name, num_steps, num_samples, batch_size, seed, guidance_scale,
+                       progress, desc=f"sample {config.tag}")

@@ -76,3 +76,10 @@ def tiny_unet():
 def tiny_cond_unet():
     """A fresh tiny UNet2DConditionModel (4 channels, 8x8, cross_attention_dim 32), seed 0."""
     return build_tiny_cond_unet()
+
+
+def tiny_model(unet, name: str = "tiny"):
+    """A LoadedModel around an in-memory UNet (what export_model takes)."""
+    from modiff_export.models import LoadedModel
+
+    return LoadedModel.from_unet(unet, name)

@@ -10,17 +10,23 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from modiff_export.calibration import (SCHEMA, CalibrationError, _fill_buckets, load_calibration, observe,
-                                       weight_clip_ratios, write_calibration)
 from modiff_export.config import QuantConfig
 from modiff_export.models import LoadedModel, content_hash
-from modiff_export.quantization import fake_quantize, modiff_layers, qmax_for, quantize
+from modiff_export.quant.calibration import (
+    SCHEMA,
+    CalibrationError,
+    _fill_buckets,
+    load_calibration,
+    observe,
+    weight_clip_ratios,
+    write_calibration,
+)
+from modiff_export.quant.quantization import fake_quantize, modiff_layers, qmax_for, quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cli import cli  # noqa: E402
-
 from conftest import build_tiny_unet  # noqa: E402
 
+from cli import cli  # noqa: E402
 
 STEPS, SAMPLES = 10, 4  # DDIM x10 from t=900: buckets of 3 see 800-700 / 600-400 / 300-0 as steps
 
@@ -45,7 +51,8 @@ def run_cal(config: QuantConfig, method: str = "mse", buckets: int = 3, seed: in
 def model_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_model")
     build_tiny_unet(0).save_pretrained(str(folder), safe_serialization=True)
-    (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}))
+    (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMScheduler",
+                                                              "num_train_timesteps": 1000}))
     return folder
 
 
@@ -119,7 +126,7 @@ def test_mse_scale_minimizes_error_on_the_stats():
     g = torch.Generator().manual_seed(0)
     v = torch.randn(20000, generator=g).abs()
     v[:5] = 40.0
-    from modiff_export.calibration import mse_scale
+    from modiff_export.quant.calibration import mse_scale
 
     s = mse_scale(v, float(v.max()), 3)
     err = lambda sc: float((fake_quantize(v, torch.tensor(sc), 3) - v).pow(2).mean())  # noqa: E731
@@ -135,7 +142,8 @@ def test_unobserved_buckets_take_the_nearest_observed_one(by_method):
     name = "conv_in"
     assert {"0", "16"} <= set(d["stats"][name]) and not {"17", "18", "19"} & set(d["stats"][name])
     assert d["scales"][name][17] == d["scales"][name][18] == d["scales"][name][19] == d["scales"][name][16]
-    assert d["scales"][name][15] == d["scales"][name][14] != d["scales"][name][16]  # empty 15: tie of 14 and 16, lower wins
+    # empty 15: tie of 14 and 16, lower wins
+    assert d["scales"][name][15] == d["scales"][name][14] != d["scales"][name][16]
 
 
 def test_weight_clips_in_unit_interval_and_below_one_at_low_bits(by_method):
@@ -145,7 +153,7 @@ def test_weight_clips_in_unit_interval_and_below_one_at_low_bits(by_method):
     w[:, 0] *= 8  # one outlier weight per channel: at 4 bits clipping it lowers the MSE
     r = weight_clip_ratios(w, 4)
     assert r.shape == (64,) and (r < 1).all() and (r >= 0.5).all()
-    from modiff_export.quantization import weight_scale
+    from modiff_export.quant.quantization import weight_scale
 
     mse = lambda clip: float((fake_quantize(w, weight_scale(w, 4, clip)[:, None], 4) - w).pow(2).sum())  # noqa: E731
     assert mse(r) < mse(torch.ones(64))
@@ -228,7 +236,7 @@ def test_cli_export_refuses_a_mismatched_file(model_folder, cli_file, tmp_path):
 def test_torch_static_matches_ort_static(tmp_path, model_folder, buckets, wbits, abits):
     from modiff_export.backends.ort_runner import OrtRunner
     from modiff_export.backends.torch_runner import TorchRunner
-    from modiff_export.manifest import load_manifest
+    from modiff_export.manifest import Manifest
 
     model = tiny_model()  # the model saved in model_folder
     cfg = QuantConfig(weight_bits=wbits, act_bits=abits, scale_mode="static")
@@ -238,9 +246,9 @@ def test_torch_static_matches_ort_static(tmp_path, model_folder, buckets, wbits,
                                    str(abits), "--scale-mode", "static", "--calibration", str(path),
                                    "--out", str(tmp_path / "g"), "--quiet"])
     assert res.exit_code == 0, res.output
-    m = load_manifest(tmp_path / "g")
-    assert m["scales"]["table"] == cal.scales and m["scales"]["source"] == str(path)
-    assert [s["name"] for s in m["step_extra_inputs"]] == (["delta_scales"] if buckets > 1 else [])
+    m = Manifest.load(tmp_path / "g")
+    assert {k: list(v) for k, v in m.scales.table.items()} == cal.scales and m.scales.source == str(path)
+    assert [s.name for s in m.step_extra_inputs] == (["delta_scales"] if buckets > 1 else [])
     torch_unet = quantize(build_tiny_unet(0), cfg)
     cal.apply(torch_unet)
     runners = TorchRunner(torch_unet), OrtRunner(tmp_path / "g", threads=1)

@@ -1,4 +1,4 @@
-"""QuantConfig: frozen, validated, serialisable (design.md section 1, ablations through config)."""
+"""QuantConfig: frozen, validated, serialisable (docs/design.md section 1, ablations through config)."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +13,7 @@ def test_defaults_are_the_product_defaults():
     c = QuantConfig()
     assert (c.mode, c.weight_bits, c.act_bits) == ("modiff", 8, 8)
     assert c.scale_mode == "dynamic"
-    assert c.granularity == "sample"  # batch-invariant is the product default (design.md 1)
+    assert c.granularity == "sample"  # batch-invariant is the product default (docs/design.md section 1)
     assert c.error_compensation is True
     assert c.keyframe_interval is None
     assert c.tag == "modiff-w8a8"

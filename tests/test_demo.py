@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from modiff_export import cost
 from modiff_export.config import QuantConfig
-from modiff_export.quantization import quantize
+from modiff_export.evaluation import cost
+from modiff_export.quant.quantization import quantize
 
 
 class Tiny(nn.Module):
@@ -55,8 +55,12 @@ def test_bops_per_call_and_trajectory():
 
 
 def test_weight_bytes():
-    m = {"layers": [{"name": "a", "weight_shape": [8, 3, 3, 3], "skipped": False, "weight_bits": 4},
-                    {"name": "b", "weight_shape": [10, 128], "skipped": True, "weight_bits": None}]}
+    from types import SimpleNamespace
+
+    from modiff_export.manifest import LayerInfo
+
+    m = SimpleNamespace(layers=(LayerInfo("a", "conv", (8, 3, 3, 3), False, 4, 4, True),
+                                LayerInfo("b", "linear", (10, 128), True, None, None, False)))
     assert cost.weight_bytes(m) == 216 + 1280 * 4
     assert cost.packed_weight_bytes(m) == 108 + 1280 * 4
 
@@ -72,15 +76,17 @@ def _results():
         "quality": [{"config": t, "fd": 1.0 + i, "confidence": 0.9, "psnr": float("inf") if t == "fp" else 20.0 + i}
                     for i, t in enumerate(tags)],
         "parity": [{"config": "modiff-w8a8", "psnr": 60.0, "max_abs_image": 1e-5, "max_abs_eps": 2e-5}],
-        "cost": [{"config": t, "bops_prime": 1e9, "bops_step": 2e8 if t.startswith("modiff") else None, "bops_traj": 5e9,
+        "cost": [{"config": t, "bops_prime": 1e9, "bops_step": 2e8 if t.startswith("modiff") else None,
+                  "bops_traj": 5e9,
                   "weight_bytes": 1000, "cache_bytes": 0, "latency": lat.get(t, {})} for t in tags],
-        "speed": {"batch": 16, "cpu": "test cpu", "flags": {"avx2": True}, "rows": [("FP32 graph", 0.01), ("step", 0.005)],
+        "speed": {"batch": 16, "cpu": "test cpu", "flags": {"avx2": True}, "rows": [("FP32 graph", 0.01), ("step",
+                                                                                                           0.005)],
                   "ref": "FP32 graph"},
     }
 
 
 def test_report_builder(tmp_path):
-    from modiff_export.report import build_report
+    from modiff_export.harness.report import build_report
 
     path = build_report(tmp_path / "rep", _results())
     text = path.read_text()
@@ -95,7 +101,7 @@ def test_report_builder(tmp_path):
 
 
 def test_tile_layout():
-    from modiff_export.report import tile
+    from modiff_export.harness.report import tile
 
     x = -torch.ones(4, 1, 2, 2)
     x[3] = 1
@@ -107,7 +113,7 @@ def test_tile_layout():
 def test_peer_settings_are_w8a8_qdq_on_compute_ops():
     """The peer stays a W8A8 QDQ quantize_static call restricted to Conv/MatMul/Gemm, and the report
     line names every setting."""
-    from modiff_export.commands.demo import PEER_SETTINGS, peer_settings_text
+    from modiff_export.harness.peer import PEER_SETTINGS, peer_settings_text
 
     s = PEER_SETTINGS
     assert s["quant_format"] == "QDQ" and s["per_channel"] is True

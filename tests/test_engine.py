@@ -6,20 +6,28 @@ skipped with their reason on machines without it; nothing about an engine is fak
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import tiny_model
 from onnx import TensorProto, helper
 
 from modiff_export.backends.trt_runner import TrtRunner
 from modiff_export.config import QuantConfig
-from modiff_export.engine import (EngineBuildOptions, EngineError, TensorRTUnavailable, build_engines,
-                                  builder_settings, check_engine_io, count_block_quantized_weights, plan_profiles)
-from modiff_export.manifest import SCHEMA, SCHEMA_VERSION, validate, write_manifest
+from modiff_export.engine import (
+    EngineBuildOptions,
+    EngineError,
+    TensorRTUnavailable,
+    build_engines,
+    builder_settings,
+    check_engine_io,
+    count_block_quantized_weights,
+    plan_profiles,
+)
+from modiff_export.manifest import SCHEMA, SCHEMA_VERSION, Manifest, ManifestError
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None and importlib.util.find_spec("polygraphy") is not None
 needs_trt = pytest.mark.skipif(
@@ -40,7 +48,8 @@ def make_manifest(mode="modiff", wbits=8, abits=8, buckets=1, conditional=False,
         inputs.append(_spec("encoder_hidden_states", ["batch", 77, 32]))
     caches = []
     if mode == "modiff":
-        for layer, a_shape, o_shape in (("conv_in", [1, 16, 16], [16, 16, 16]), ("time_embedding.linear_1", [16], [64])):
+        for layer, a_shape, o_shape in (("conv_in", [1, 16, 16], [16, 16, 16]), ("time_embedding.linear_1", [16],
+                                                                                 [64])):
             for kind, shape in (("a_hat", a_shape), ("o_hat", o_shape)):
                 caches.append({"layer": layer, "kind": kind, "input": f"cache_in.{layer}.{kind}",
                                "output": f"cache_out.{layer}.{kind}", "shape": ["batch", *shape], "dtype": "float32"})
@@ -56,39 +65,38 @@ def make_manifest(mode="modiff", wbits=8, abits=8, buckets=1, conditional=False,
          "scales": None if buckets == 1 else {"source": "cal.json", "n_buckets": buckets, "num_train_timesteps": 1000,
                                               "layers": layers, "table": {l: [0.1 * (i + 1) + b for b in range(buckets)]
                                                                           for i, l in enumerate(layers)}},
-         "batch_axis": "batch"}
-    validate(m)
-    return m
+         "batch_axis": "batch", "files": {}}
+    return Manifest.from_dict(m)
 
 
-def write_graph_folder(folder: Path, manifest: dict) -> Path:
+def write_graph_folder(folder: Path, manifest: Manifest) -> Path:
     """A graph folder with the manifest and small valid ONNX files (only parsed where TensorRT exists)."""
     folder.mkdir(parents=True)
-    for role, name in manifest["graphs"].items():
+    for role, name in manifest.graphs.items():
         if name:
             x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
             y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
             g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], role, [x], [y])
             onnx.save(helper.make_model(g), str(folder / name))
-    write_manifest(folder, manifest)
+    manifest.with_digests(folder).write(folder)
     return folder
 
 
 def fake_io(manifest, role, **changes):
-    from modiff_export.engine import graph_inputs, graph_outputs
-
-    io = {s["name"]: {"mode": "input", "dtype": s["dtype"], "shape": [-1 if d == "batch" else d for d in s["shape"]]}
-          for s in graph_inputs(manifest, role)}
-    io.update({s["name"]: {"mode": "output", "dtype": s["dtype"], "shape": [-1 if d == "batch" else d for d in s["shape"]]}
-               for s in graph_outputs(manifest, role)})
+    io = {s.name: {"mode": "input", "dtype": s.dtype, "shape": [-1 if d == "batch" else d for d in s.shape]}
+          for s in manifest.graph_inputs(role)}
+    io.update({s.name: {"mode": "output", "dtype": s.dtype, "shape": [-1 if d == "batch" else d for d in s.shape]}
+               for s in manifest.graph_outputs(role)})
     io.update(changes)
     return {k: v for k, v in io.items() if v is not None}
 
 
 # -- options -----------------------------------------------------------------------------------------
 def test_options_validate():
-    assert EngineBuildOptions(precision="int4", min_batch=1, opt_batch=2, max_batch=4, workspace_gb=2).workspace_bytes == 2 * 1024**3
-    for bad in (dict(precision="int2"), dict(min_batch=0), dict(min_batch=3, opt_batch=2), dict(opt_batch=9, max_batch=8),
+    assert EngineBuildOptions(precision="int4", min_batch=1, opt_batch=2, max_batch=4,
+                              workspace_gb=2).workspace_bytes == 2 * 1024**3
+    for bad in (dict(precision="int2"), dict(min_batch=0), dict(min_batch=3, opt_batch=2), dict(opt_batch=9,
+                                                                                                max_batch=8),
                 dict(max_batch=True), dict(workspace_gb=-1), dict(cuda_graph="yes")):
         with pytest.raises(EngineError):
             EngineBuildOptions(**bad)
@@ -101,7 +109,7 @@ def test_plan_profiles_cover_every_input_with_the_batch_range():
     assert set(p) == {"prime", "step"}
     assert [e[0] for e in p["prime"]] == ["sample", "timestep", "encoder_hidden_states"]
     step = {name: (lo, opt, hi) for name, lo, opt, hi in p["step"]}
-    assert set(step) == {"sample", "timestep", "encoder_hidden_states", "delta_scales", *(c["input"] for c in m["caches"])}
+    assert set(step) == {"sample", "timestep", "encoder_hidden_states", "delta_scales", *(c.input for c in m.caches)}
     assert step["sample"] == ((2, 1, 16, 16), (4, 1, 16, 16), (8, 1, 16, 16))
     assert step["delta_scales"] == ((2,), (2,), (2,))  # no batch axis: one fixed shape
     assert step["cache_in.time_embedding.linear_1.o_hat"] == ((2, 64), (4, 64), (8, 64))
@@ -110,19 +118,20 @@ def test_plan_profiles_cover_every_input_with_the_batch_range():
 def test_plan_profiles_fp_graph_has_prime_only_and_rejects_other_symbols():
     m = make_manifest(mode="fp")
     assert set(plan_profiles(m, EngineBuildOptions(precision="fp16"))) == {"prime"}
-    m["inputs"][0]["shape"] = ["batch", 1, "height", 16]
-    with pytest.raises(EngineError, match="height"):
-        plan_profiles(m, EngineBuildOptions(precision="fp16"))
+    d = m.to_dict()
+    d["inputs"][0]["shape"] = ["batch", 1, "height", 16]
+    with pytest.raises(ManifestError, match="height"):  # only the batch axis may be symbolic
+        Manifest.from_dict(d)
 
 
 def test_plan_profiles_match_a_real_exported_graph(tmp_path, tiny_unet):
-    export = pytest.importorskip("modiff_export.export")
+    export = pytest.importorskip("modiff_export.export.trace")
     cfg = QuantConfig(mode="modiff")
-    export.export_model(tiny_unet, export.ModelInfo("tiny", "hash", (1, 16, 16)), cfg, tmp_path / "g", progress=False)
-    m = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    export.export_model(tiny_model(tiny_unet), cfg, tmp_path / "g", progress=False)
+    m = Manifest.load(tmp_path / "g")
     p = plan_profiles(m, EngineBuildOptions())
     for role in p:  # TensorRT needs a shape range for every network input, and only for those
-        model = onnx.load(str(tmp_path / "g" / m["graphs"][role]), load_external_data=False)
+        model = onnx.load(str(tmp_path / "g" / m.graphs[role]), load_external_data=False)
         init = {i.name for i in model.graph.initializer}
         assert [e[0] for e in p[role]] == [i.name for i in model.graph.input if i.name not in init]
 
@@ -192,26 +201,9 @@ def test_check_engine_io_rejects_mismatches(change, message):
 
 # -- CLI without TensorRT ---------------------------------------------------------------------------
 def _cli():
-    import click
+    from cli import cli
 
-    try:
-        from cli import cli
-        return cli
-    except ImportError:  # a command module of another area is not there yet: same error handling, our command
-        from modiff_export.commands.engine import build_engine
-        from modiff_export.errors import ModiffExportError
-
-        class G(click.Group):
-            def invoke(self, ctx):
-                try:
-                    return super().invoke(ctx)
-                except ModiffExportError as e:
-                    click.echo(f"error: {e}", err=True)
-                    raise SystemExit(1)
-
-        group = G()
-        group.add_command(build_engine)
-        return group
+    return cli
 
 
 @no_trt_only
@@ -235,7 +227,9 @@ def test_build_engine_bad_options_and_inputs_fail_clearly(tmp_path):
     from click.testing import CliRunner
 
     graphs = write_graph_folder(tmp_path / "g", make_manifest())
-    run = lambda *a: CliRunner().invoke(_cli(), ["build-engine", *map(str, a), "--out", str(tmp_path / "e")])
+    def run(*a):
+        return CliRunner().invoke(_cli(), ["build-engine", *map(str, a), "--out", str(tmp_path / "e")])
+
     r = run(graphs, "--min-batch", 4, "--max-batch", 2)
     assert r.exit_code == 1 and "min <= opt <= max" in r.output
     r = run(tmp_path / "nope")
@@ -246,14 +240,17 @@ def test_build_engine_bad_options_and_inputs_fail_clearly(tmp_path):
 
 
 # -- runner: the parts that need no GPU -------------------------------------------------------------
-def write_engine_folder(folder: Path, manifest: dict, plans=("prime", "step")) -> Path:
+def write_engine_folder(folder: Path, manifest: Manifest, plans=("prime", "step")) -> Path:
+    from modiff_export.engine import BuildInfo
+    from modiff_export.fsutil import sha256_file
+
     folder.mkdir(parents=True)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    build = {"options": {"min_batch": 1, "opt_batch": 2, "max_batch": 4, "cuda_graph": False},
-             "plans": {r: f"{r}.plan" for r in plans}}
-    (folder / "build.json").write_text(json.dumps(build))
+    manifest.write(folder)
     for r in plans:  # placeholder bytes: only the file checks run here, nothing deserializes them
         (folder / f"{r}.plan").write_bytes(b"not an engine")
+    BuildInfo(tensorrt="none", options={"min_batch": 1, "opt_batch": 2, "max_batch": 4, "cuda_graph": False},
+              settings={}, profiles={}, plans={r: f"{r}.plan" for r in plans},
+              digests={r: sha256_file(folder / f"{r}.plan") for r in plans}).write(folder)
     return folder
 
 
@@ -262,16 +259,16 @@ def test_trt_runner_feeds_and_static_scales(tmp_path):
     runner = TrtRunner.from_folder(write_engine_folder(tmp_path / "e", m))
     assert runner.uses_cache and runner.max_batch == 4 and not runner.is_active
     sample, t = torch.randn(2, 1, 16, 16), torch.full((2,), 600.0)
-    feeds = runner.host_inputs("step", sample, t, None)
+    feeds = runner.host_inputs("step", sample, t, None, runner.delta_scales(600.0))
     assert list(feeds) == ["sample", "timestep", "delta_scales"]
     assert torch.allclose(feeds["delta_scales"], torch.tensor([2.1, 2.2]))  # bucket 2 of 4 at t=600
     assert "delta_scales" not in runner.host_inputs("prime", sample, t, None)
     with pytest.raises(Exception, match="outside the engine's profile"):
         runner.host_inputs("prime", torch.randn(5, 1, 16, 16), torch.zeros(5), None)
-    with pytest.raises(Exception, match="expects"):
-        runner.host_inputs("prime", torch.randn(2, 1, 8, 8), torch.zeros(2), None)
+    with pytest.raises(Exception, match="the model takes"):  # the base class checks shapes for every backend
+        runner.check_inputs(torch.randn(2, 1, 8, 8), torch.zeros(2), None)
     with pytest.raises(Exception, match="unconditional"):
-        runner.host_inputs("prime", sample, t, torch.zeros(2, 77, 32))
+        runner.check_inputs(sample, t, torch.zeros(2, 77, 32))
 
 
 def test_trt_runner_missing_plan_is_a_clear_error(tmp_path):
@@ -288,16 +285,17 @@ def test_trt_runner_activate_without_tensorrt(tmp_path):
 
 
 # -- real TensorRT (GPU machines) --------------------------------------------------------------------
-def _ort_prime_step(folder: Path, m: dict, sample, timesteps):
+def _ort_prime_step(folder: Path, m: Manifest, sample, timesteps):
     import onnxruntime as ort
 
-    sess = {r: ort.InferenceSession(str(folder / m["graphs"][r]), providers=["CPUExecutionProvider"]) for r in ("prime", "step")}
+    sess = {r: ort.InferenceSession(str(folder / m.graphs[r]), providers=["CPUExecutionProvider"]) for r in ("prime",
+                                                                                                             "step")}
     outs = sess["prime"].run(None, {"sample": sample.numpy(), "timestep": timesteps[0].numpy()})
-    caches = dict(zip([c["input"] for c in m["caches"]], outs[1:]))
+    caches = dict(zip([c.input for c in m.caches], outs[1:]))
     results = [outs[0]]
     for t in timesteps[1:]:
         outs = sess["step"].run(None, {"sample": sample.numpy(), "timestep": t.numpy(), **caches})
-        caches = dict(zip([c["input"] for c in m["caches"]], outs[1:]))
+        caches = dict(zip([c.input for c in m.caches], outs[1:]))
         results.append(outs[0])
     return [torch.from_numpy(r) for r in results]
 
@@ -307,14 +305,16 @@ def _ort_prime_step(folder: Path, m: dict, sample, timesteps):
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_trt_engine_matches_onnxruntime_and_pytorch(tmp_path, make_tiny_unet, cuda_graph):
     from modiff_export.backends.torch_runner import TorchRunner
-    from modiff_export.export import ModelInfo, export_model
-    from modiff_export.quantization import quantize
+    from modiff_export.export.trace import export_model
+    from modiff_export.quant.quantization import quantize
 
     cfg = QuantConfig(mode="modiff", weight_bits=8, act_bits=8)
-    m = export_model(make_tiny_unet(), ModelInfo("tiny", "hash", (1, 16, 16)), cfg, tmp_path / "g", progress=False)
-    out = build_engines(tmp_path / "g", EngineBuildOptions(min_batch=1, opt_batch=2, max_batch=4, cuda_graph=cuda_graph),
+    m = export_model(tiny_model(make_tiny_unet()), cfg, tmp_path / "g", progress=False)
+    out = build_engines(tmp_path / "g", EngineBuildOptions(min_batch=1, opt_batch=2, max_batch=4,
+                                                           cuda_graph=cuda_graph),
                         tmp_path / "e", progress=False)
-    assert {p.name for p in out.iterdir()} >= {"prime.plan", "step.plan", "timing.cache", "build.log", "build.json", "manifest.json"}
+    assert {p.name for p in out.iterdir()} >= {"prime.plan", "step.plan", "timing.cache", "build.log", "build.json",
+                                               "manifest.json"}
     torch.manual_seed(1)
     sample, timesteps = torch.randn(2, 1, 16, 16), [torch.full((2,), t) for t in (900.0, 850.0, 800.0, 750.0)]
     ref = TorchRunner(quantize(make_tiny_unet(), cfg))

@@ -10,59 +10,60 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import build_tiny_unet, tiny_model
 
 from cli import cli
-from conftest import build_tiny_unet
 from modiff_export import QuantConfig, list_caches, quantize
 from modiff_export.backends.ort_runner import OrtRunner
 from modiff_export.backends.torch_runner import TorchRunner
-from modiff_export.check import check_folder
 from modiff_export.errors import ModiffExportError
-from modiff_export.export import ExportError, ModelInfo, export_model
-from modiff_export.manifest import ManifestError, load_manifest
-
-INFO = ModelInfo("tiny", "sha256:test", (1, 16, 16))
-
+from modiff_export.export.check import check_folder
+from modiff_export.export.trace import export_model
+from modiff_export.fsutil import OutputError
+from modiff_export.manifest import Manifest, ManifestError
 
 
 @pytest.fixture(scope="module")
 def w8a4(tmp_path_factory):
     out = tmp_path_factory.mktemp("g") / "w8a4"
-    export_model(build_tiny_unet(), INFO, QuantConfig(act_bits=4), out, progress=False)
+    export_model(tiny_model(build_tiny_unet()), QuantConfig(act_bits=4), out, progress=False)
     return out
 
 
 def test_graph_form_and_manifest(w8a4):
-    m = load_manifest(w8a4)
+    m = Manifest.load(w8a4)
     ref = quantize(build_tiny_unet(), QuantConfig(act_bits=4))
     with torch.no_grad():
         ref(torch.randn(2, 1, 16, 16), 10)
     entries = list_caches(ref)
     # every cache of the reference, in its order, with a symbolic batch axis
-    assert [(c["layer"], c["kind"]) for c in m["caches"]] == [(e.layer, e.kind) for e in entries]
-    assert all(c["shape"] == ["batch", *e.shape[1:]] for c, e in zip(m["caches"], entries))
+    assert [(c.layer, c.kind) for c in m.caches] == [(e.layer, e.kind) for e in entries]
+    assert all(c.shape == ("batch", *e.shape[1:]) for c, e in zip(m.caches, entries))
     step = onnx.load(str(w8a4 / "step.onnx"))
     ops = [n.op_type for n in step.graph.node]
     # unit-scale activation Q/DQ per layer, Clip for 4 bits, and int8 weights behind DequantizeLinear
-    assert ops.count("QuantizeLinear") == len(m["caches"]) // 2
+    assert ops.count("QuantizeLinear") == len(m.caches) // 2
     int8 = [t for t in step.graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.name.endswith(".int8")]
-    assert len(int8) == len(m["caches"]) // 2
+    assert len(int8) == len(m.caches) // 2
     for t in step.graph.initializer:
-        assert t.data_type != onnx.TensorProto.FLOAT or np.prod(t.dims) < 1024 or "bias" in t.name or "norm" in t.name, \
+        small_or_fp = np.prod(t.dims) < 1024 or "bias" in t.name or "norm" in t.name
+        assert t.data_type != onnx.TensorProto.FLOAT or small_or_fp, \
             f"a large float initializer {t.name} survived: weights must be int8"
     # no same-type Casts around the float32 cache I/O (each would be a wasted copy per cache per step)
-    cache_names = {c["input"] for c in m["caches"]} | {c["output"] for c in m["caches"]}
+    cache_names = {c.input for c in m.caches} | {c.output for c in m.caches}
     assert not [n.name for n in step.graph.node if n.op_type == "Cast" and (set(n.input) | set(n.output)) & cache_names]
     assert [i.name for i in step.graph.input][:2] == ["sample", "timestep"]
     assert step.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    assert m["quant_config"]["act_bits"] == 4 and m["model"]["content_hash"] == "sha256:test"
+    assert m.quant_config.act_bits == 4 and m.model.name == "tiny"
+    assert m.model.content_hash == tiny_model(build_tiny_unet()).content_hash
+    assert set(m.files) == {"prime.onnx", "step.onnx"} and all(d.startswith("sha256:") for d in m.files.values())
     assert check_folder(w8a4).ok, check_folder(w8a4).problems
 
 
 def test_fp_and_ptq_export_one_graph(tmp_path):
     for mode in ("fp", "ptq"):
-        m = export_model(build_tiny_unet(), INFO, QuantConfig(mode=mode), tmp_path / mode, progress=False)
-        assert m["graphs"] == {"prime": "prime.onnx", "step": None} and m["caches"] == []
+        m = export_model(tiny_model(build_tiny_unet()), QuantConfig(mode=mode), tmp_path / mode, progress=False)
+        assert m.graphs == {"prime": "prime.onnx", "step": None} and m.caches == ()
         report = check_folder(tmp_path / mode)
         assert report.ok, report.problems
         if mode == "ptq":  # ptq quantizes activations: every weighted Conv/MatMul reads a DQ activation
@@ -75,7 +76,8 @@ def test_check_names_offending_nodes(w8a4, tmp_path):
     model = onnx.load(str(bad / "step.onnx"))
     q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
     # a computed scale: Q's scale now comes from a Mul node instead of a constant
-    model.graph.node.insert(0, onnx.helper.make_node("Mul", ["timestep", "timestep"], ["computed_scale"], name="make_scale"))
+    model.graph.node.insert(0, onnx.helper.make_node("Mul", ["timestep", "timestep"], ["computed_scale"],
+                                                     name="make_scale"))
     q.input[1] = "computed_scale"
     onnx.save(model, str(bad / "step.onnx"))
     report = check_folder(bad)
@@ -111,7 +113,7 @@ def test_bad_inputs_give_clear_errors(w8a4, tmp_path):
     shutil.copytree(w8a4, broken)
     (broken / "manifest.json").write_text('{"schema": ')
     with pytest.raises(ManifestError, match="not valid JSON"):
-        load_manifest(broken)
+        Manifest.load(broken)
     # manifest from another graph: a cache name the graph does not have
     other = tmp_path / "other"
     shutil.copytree(w8a4, other)
@@ -144,7 +146,7 @@ def test_cli_export_refuses_non_unet_folder(tmp_path):
 
 
 def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
-    import modiff_export.export as ex
+    import modiff_export.export.trace as ex
 
     calls = {"n": 0}
     real = ex._trace
@@ -157,13 +159,13 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ex, "_trace", dies_on_step_graph)
     with pytest.raises(KeyboardInterrupt):
-        export_model(build_tiny_unet(), INFO, QuantConfig(), tmp_path / "g", progress=False)
+        export_model(tiny_model(build_tiny_unet()), QuantConfig(), tmp_path / "g", progress=False)
     assert list(tmp_path.iterdir()) == [], f"left behind: {list(tmp_path.iterdir())}"
 
 
 def test_existing_folder_needs_overwrite(w8a4):
-    with pytest.raises(ExportError, match="already exists"):
-        export_model(build_tiny_unet(), INFO, QuantConfig(), w8a4, progress=False)
+    with pytest.raises(OutputError, match="already exists"):
+        export_model(tiny_model(build_tiny_unet()), QuantConfig(), w8a4, progress=False)
 
 
 @pytest.mark.parametrize("act_bits,min_psnr", [(8, 40.0), (4, 30.0)])
@@ -175,14 +177,13 @@ def test_digits_trajectory_parity(tmp_path, act_bits, min_psnr):
     differences (unlike a random UNet, where even FP vs W8A8 is chaotic), so code flips between
     runtimes stay at the level of single roundings.
     """
-    from modiff_export.metrics import psnr
+    from modiff_export.evaluation.metrics import psnr
     from modiff_export.models import load_model
     from modiff_export.sampling import generate, make_scheduler
 
     m = load_model("digits")
     cfg = QuantConfig(act_bits=act_bits)
-    info = ModelInfo(m.name, m.content_hash, m.sample_shape)
-    export_model(copy.deepcopy(m.unet), info, cfg, tmp_path / "g", progress=False)
+    export_model(m.copy(), cfg, tmp_path / "g", progress=False)
     runners = TorchRunner(quantize(copy.deepcopy(m.unet), cfg)), OrtRunner(tmp_path / "g")
     imgs = [generate(r, make_scheduler("ddim", m.scheduler_config), 10, 4, 0, m.sample_shape, progress=False)
             for r in runners]

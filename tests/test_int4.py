@@ -14,24 +14,24 @@ import pytest
 import torch
 import torch.nn as nn
 from click.testing import CliRunner
+from conftest import build_tiny_unet, tiny_model
 from onnx import TensorProto, helper, numpy_helper
 
 from cli import cli
-from conftest import build_tiny_unet
 from modiff_export import QuantConfig, quantize
 from modiff_export.backends.ort_runner import OrtRunner
 from modiff_export.backends.torch_runner import TorchRunner
-from modiff_export.check import check_folder
 from modiff_export.config import ConfigError
 from modiff_export.engine import EngineBuildOptions, builder_settings, count_block_quantized_weights
-from modiff_export.export import ExportError, ModelInfo, _layer_entry, export_model
-from modiff_export.graph_passes import quantize_weight_constants, remove_unused
-from modiff_export.manifest import load_manifest
-from modiff_export.quantization import MoDiffLayer, weight_scale
+from modiff_export.export.check import check_folder
+from modiff_export.export.passes import quantize_weight_constants, remove_unused
+from modiff_export.export.trace import ExportError, _layer_entry, export_model
+from modiff_export.manifest import Manifest
+from modiff_export.quant.quantization import MoDiffLayer, weight_scale
 from modiff_export.sampling import make_scheduler
 
-INFO = ModelInfo("tiny", "sha256:test", (1, 16, 16))
 BS = 16
+TINY_SHAPE = (1, 16, 16)  # build_tiny_unet: 1 channel, 16x16
 STEPS = 6
 
 
@@ -110,8 +110,9 @@ def test_block_size_applies_only_to_eligible_linears():
     odd = MoDiffLayer(nn.Linear(24, 8), "odd", cfg)  # 24 is not a multiple of 16
     assert odd.block_size is None and odd.w_scale.shape == (8,) and "not a multiple" in odd.weight_note
     entry = _layer_entry(odd)  # the manifest says so
-    assert entry["weight_format"] == "int8-per-channel" and "not a multiple of weight_block_size 16" in entry["weight_note"]
-    assert "weight_note" not in _layer_entry(MoDiffLayer(nn.Linear(32, 8), "ok", cfg))
+    assert entry["weight_format"] == "int8-per-channel"
+    assert "not a multiple of weight_block_size 16" in entry["weight_note"]
+    assert _layer_entry(MoDiffLayer(nn.Linear(32, 8), "ok", cfg))["weight_note"] is None
     assert MoDiffLayer(nn.Linear(32, 8), "keep", cfg).block_size is None  # int8 override: 8-bit weights
     assert MoDiffLayer(nn.Linear(32, 8), "skip", cfg).block_size is None
     assert MoDiffLayer(nn.Linear(32, 8), "ok", cfg).w_scale.shape == (8, 2)
@@ -130,7 +131,8 @@ def test_graph_pass_emits_int4_block_dequantize(op):
     else:  # Gemm(x, Wq [Cout, Cin], transB=1)
         init = [numpy_helper.from_array(wq, "w")]
         node = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
-    model = helper.make_model(helper.make_graph([node], "g", [x], [y], init), opset_imports=[helper.make_opsetid("", 21)])
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y], init), opset_imports=[helper.make_opsetid("",
+                                                                                                                 21)])
     assert quantize_weight_constants(model, [("lin", wq, scale, BS)]) == 1
     remove_unused(model)
     inits = {t.name: t for t in model.graph.initializer}
@@ -160,7 +162,8 @@ def exported(tmp_path_factory):
     out = {}
     for a in (8, 4):
         folder = tmp_path_factory.mktemp("int4") / f"w4a{a}"
-        export_model(build_tiny_unet(), INFO, QuantConfig(weight_bits=4, act_bits=a, weight_block_size=BS), folder,
+        export_model(tiny_model(build_tiny_unet()), QuantConfig(weight_bits=4, act_bits=a, weight_block_size=BS),
+                     folder,
                      opset=21, progress=False)
         out[a] = folder
     return out
@@ -169,9 +172,9 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("act_bits", [8, 4])
 def test_graph_form_check_and_int4_engine_settings(exported, act_bits):
     folder = exported[act_bits]
-    m = load_manifest(folder)
-    assert m["opset"] == 21 and m["quant_config"]["weight_block_size"] == BS
-    fmt = {l["name"]: (l["kind"], l["weight_format"]) for l in m["layers"]}
+    m = Manifest.load(folder)
+    assert m.opset == 21 and m.quant_config.weight_block_size == BS
+    fmt = {layer.name: (layer.kind, layer.weight_format) for layer in m.layers}
     assert {f for k, f in fmt.values() if k == "linear"} == {"int4-block16"}
     assert {f for k, f in fmt.values() if k == "conv"} == {"int8-per-channel"}
     ref = quantize(build_tiny_unet(), QuantConfig(weight_bits=4, act_bits=act_bits, weight_block_size=BS))
@@ -202,7 +205,7 @@ def test_graph_form_check_and_int4_engine_settings(exported, act_bits):
         assert seen["int8"] == {n for n, (k, _) in fmt.items() if k == "conv"}, role
     report = check_folder(folder)
     assert report.ok, report.problems
-    blocks = sum(count_block_quantized_weights(folder / m["graphs"][r]) for r in ("prime", "step"))
+    blocks = sum(count_block_quantized_weights(folder / m.graphs[r]) for r in ("prime", "step"))
     assert blocks == 2 * len(seen["int4"])
     s = builder_settings(m, EngineBuildOptions(precision="int4"), blocks)
     assert s["strongly_typed"] and not s["warnings"] and f"({blocks} found)" in s["explain"]
@@ -210,7 +213,7 @@ def test_graph_form_check_and_int4_engine_settings(exported, act_bits):
 
 def test_export_needs_opset_21(tmp_path):
     with pytest.raises(ExportError, match="needs opset >= 21"):
-        export_model(build_tiny_unet(), INFO, QuantConfig(weight_bits=4, weight_block_size=BS), tmp_path / "g",
+        export_model(tiny_model(build_tiny_unet()), QuantConfig(weight_bits=4, weight_block_size=BS), tmp_path / "g",
                      opset=17, progress=False)
     assert not (tmp_path / "g").exists()
     r = CliRunner().invoke(cli, ["export", "--weight-bits", "8", "--weight-block-size", "16", "--opset", "21",
@@ -229,7 +232,7 @@ def test_pytorch_ort_parity(exported, act_bits):
     runner = OrtRunner(exported[act_bits])
     sched = make_scheduler("ddim", {"num_train_timesteps": 1000})
     sched.set_timesteps(STEPS)
-    x = torch.randn(4, *INFO.sample_shape, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, *TINY_SHAPE, generator=torch.Generator().manual_seed(0))
     ratios = []
     for i, t in enumerate(sched.timesteps):
         xin = sched.scale_model_input(x, t)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from modiff_export.data import digits_split
-from modiff_export.metrics import DigitsEvaluator, MetricsError, frechet_distance_from_features, psnr
+from modiff_export.evaluation.metrics import DigitsEvaluator, MetricsError, frechet_distance_from_features, psnr
+from modiff_export.models.data import digits_split
 
 
 @pytest.fixture(scope="module")

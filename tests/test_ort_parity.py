@@ -20,12 +20,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import build_tiny_cond_unet, build_tiny_unet, tiny_model
 
-from conftest import build_tiny_cond_unet, build_tiny_unet
 from modiff_export import QuantConfig, quantize
 from modiff_export.backends.ort_runner import OrtRunner
 from modiff_export.backends.torch_runner import TorchRunner
-from modiff_export.export import ModelInfo, export_model
+from modiff_export.export.trace import export_model
+from modiff_export.manifest import Manifest, ManifestError
 from modiff_export.sampling import make_scheduler
 
 STEPS = 8
@@ -38,10 +39,12 @@ def rms(t: torch.Tensor) -> float:
 
 def _case(kind: str):
     if kind == "uncond":
-        return build_tiny_unet(), ModelInfo("tiny", "sha256:test", (1, 16, 16)), None
+        unet = build_tiny_unet()
+        return unet, tiny_model(unet), None
     ehs = torch.randn(4, 77, 32, generator=torch.Generator().manual_seed(7))  # [2B: cond + uncond, S, D]
     ehs[2:] = 0.0
-    return build_tiny_cond_unet(), ModelInfo("tiny-cond", "sha256:test", (4, 8, 8), 32, 77), ehs
+    unet = build_tiny_cond_unet()
+    return unet, tiny_model(unet, "tiny-cond"), ehs
 
 
 def _fp_trajectory(unet, info, ehs, scheduler: str):
@@ -65,7 +68,7 @@ def _fp_trajectory(unet, info, ehs, scheduler: str):
 def test_per_step_parity(tmp_path, kind, act_bits, scheduler):
     unet, info, ehs = _case(kind)
     cfg = QuantConfig(act_bits=act_bits)
-    export_model(copy.deepcopy(unet), info, cfg, tmp_path / "g", progress=False)
+    export_model(info.copy(), cfg, tmp_path / "g", progress=False)
     ref = TorchRunner(quantize(copy.deepcopy(unet), cfg))
     ort = OrtRunner(tmp_path / "g")
     inputs, fp_preds = _fp_trajectory(unet, info, ehs, scheduler)
@@ -93,7 +96,7 @@ def test_broken_graph_fails_parity(tmp_path):
     """The yardstick catches a real bug: scale one rescaling Mul after a quantized Conv by 1.01."""
     unet, info, ehs = _case("uncond")
     cfg = QuantConfig(act_bits=8)
-    export_model(copy.deepcopy(unet), info, cfg, tmp_path / "g", progress=False)
+    export_model(info.copy(), cfg, tmp_path / "g", progress=False)
     path = tmp_path / "g" / "step.onnx"
     model = onnx.load(str(path))
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
@@ -104,6 +107,10 @@ def test_broken_graph_fails_parity(tmp_path):
     mul.output[0] = mul.output[0] + "_pre"
     model.graph.node.insert(list(model.graph.node).index(mul) + 1, tail)
     onnx.save(model, str(path))
+    with pytest.raises(ManifestError, match="does not belong to this manifest"):
+        OrtRunner(tmp_path / "g")  # the edited graph no longer has the digest recorded at export
+    # an exporter bug would write the wrong graph *and* its digest: re-record it, parity must catch it
+    Manifest.load(tmp_path / "g", verify=False).with_digests(tmp_path / "g").write(tmp_path / "g")
     ref, ort = TorchRunner(quantize(copy.deepcopy(unet), cfg)), OrtRunner(tmp_path / "g")
     inputs, fp_preds = _fp_trajectory(unet, info, ehs, "ddim")
     worst = 0.0
@@ -118,8 +125,8 @@ def test_keyframes_and_fp16_caches(tmp_path):
     """keyframe_interval re-primes in both runtimes; fp16 cache I/O stays close to fp32 caches."""
     unet, info, ehs = _case("uncond")
     cfg = QuantConfig(act_bits=8, keyframe_interval=3)
-    export_model(copy.deepcopy(unet), info, cfg, tmp_path / "k", progress=False)
-    export_model(copy.deepcopy(unet), info, cfg, tmp_path / "h", cache_dtype="float16", progress=False)
+    export_model(info.copy(), cfg, tmp_path / "k", progress=False)
+    export_model(info.copy(), cfg, tmp_path / "h", cache_dtype="float16", progress=False)
     ref = TorchRunner(quantize(copy.deepcopy(unet), cfg))
     ort, half = OrtRunner(tmp_path / "k"), OrtRunner(tmp_path / "h")
     inputs, fp_preds = _fp_trajectory(unet, info, ehs, "ddim")

@@ -11,7 +11,6 @@ UNet depth x 10 headroom) against the Q/DQ graph, and the final images must agre
 from __future__ import annotations
 
 import collections
-import shutil
 
 import numpy as np
 import onnx
@@ -21,11 +20,11 @@ import torch
 from modiff_export.backends.ort_runner import OrtRunner
 from modiff_export.backends.torch_runner import TorchRunner
 from modiff_export.config import QuantConfig
-from modiff_export.export import ModelInfo, export_model
-from modiff_export.manifest import load_manifest
-from modiff_export.metrics import psnr
-from modiff_export.ort_variant import apply_to_folder
-from modiff_export.quantization import quantize
+from modiff_export.evaluation.metrics import psnr
+from modiff_export.export.ort_variant import apply_to_folder, write_variant
+from modiff_export.export.trace import export_model
+from modiff_export.manifest import Manifest
+from modiff_export.quant.quantization import quantize
 from modiff_export.sampling import generate, make_scheduler
 
 
@@ -43,16 +42,15 @@ class Rec:
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
-    from tests.conftest import build_tiny_unet
+    from tests.conftest import build_tiny_unet, tiny_model
 
     root = tmp_path_factory.mktemp("ortvar")
-    info = ModelInfo("tiny", "sha256:test", (1, 16, 16))
     out = {}
-    for cfg in (QuantConfig(mode="modiff", weight_bits=8, act_bits=4), QuantConfig(mode="ptq", weight_bits=4, act_bits=4)):
-        export_model(build_tiny_unet(), info, cfg, root / cfg.tag, progress=False)
+    for cfg in (QuantConfig(mode="modiff", weight_bits=8, act_bits=4), QuantConfig(mode="ptq", weight_bits=4,
+                                                                                   act_bits=4)):
+        export_model(tiny_model(build_tiny_unet()), cfg, root / cfg.tag, progress=False)
         for method in ("fold", "integer"):
-            shutil.copytree(root / cfg.tag, root / f"{cfg.tag}-{method}")
-            apply_to_folder(root / f"{cfg.tag}-{method}", method=method)
+            write_variant(root / cfg.tag, root / f"{cfg.tag}-{method}", method=method)
         out[cfg.tag] = cfg
     return root, out
 
@@ -63,16 +61,16 @@ def _ops(path):
 
 def test_rewrites_every_quantized_layer(graphs):
     root, cfgs = graphs
-    n_layers = sum(not l["skipped"] for l in load_manifest(root / "modiff-w8a4")["layers"])
-    m = load_manifest(root / "modiff-w8a4-integer")
-    assert m["target"] == "ort" and m["ort_variant"]["method"] == "integer"
-    assert m["ort_variant"]["rewritten_layers"]["step.onnx"] == n_layers
+    n_layers = sum(not layer.skipped for layer in Manifest.load(root / "modiff-w8a4").layers)
+    m = Manifest.load(root / "modiff-w8a4-integer")  # digests of the rewritten graphs verified on load
+    assert m.target == "ort" and m.variant["method"] == "integer"
+    assert m.variant["rewritten_layers"]["step.onnx"] == n_layers
     ops = _ops(root / "modiff-w8a4-integer" / "step.onnx")
     assert ops["ConvInteger"] + ops["MatMulInteger"] == n_layers
     assert ops["Conv"] == ops["Gemm"] == 0
     fold = _ops(root / "modiff-w8a4-fold" / "step.onnx")
     assert fold["QuantizeLinear"] == n_layers  # activation codes untouched
-    w = load_manifest(root / "modiff-w8a4-fold")["ort_variant"]["rewritten_layers"]
+    w = Manifest.load(root / "modiff-w8a4-fold").variant["rewritten_layers"]
     assert w == {"prime.onnx": n_layers, "step.onnx": n_layers}
 
 
@@ -81,21 +79,21 @@ def test_rewrites_every_quantized_layer(graphs):
 def test_per_call_parity(graphs, tag, method):
     """Every graph of the variant vs the Q/DQ graph on identical inputs (real caches from a prime call
     of a 2-step trajectory): noise_pred and every cache output within atol 1e-4, up to single code flips."""
-    from modiff_export.cost import make_session
+    from modiff_export.harness.latency import make_session
 
     root, cfgs = graphs
-    m = load_manifest(root / tag)
+    m = Manifest.load(root / tag)
     qdq = OrtRunner(root / tag)
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(4, 1, 16, 16, generator=g), torch.full((4,), 700.0)
     qdq(x, t)  # prime: fills the caches
-    feeds = {"sample": (x + 0.05 * torch.randn(4, 1, 16, 16, generator=g)).numpy(), "timestep": np.full(4, 660.0, np.float32)}
+    feeds = {"sample": (x + 0.05 * torch.randn(4, 1, 16, 16, generator=g)).numpy(), "timestep": np.full(4, 660.0,
+                                                                                                        np.float32)}
     caches = qdq.caches()
-    for c in m["caches"]:
-        feeds[c["input"]] = caches[f"{c['layer']}.{c['kind']}"].numpy()
-    for role, name in m["graphs"].items():
-        if name is None:
-            continue
+    for c in m.caches:
+        feeds[c.input] = caches[c.key].numpy()
+    for role in m.roles:
+        name = m.graphs[role]
         # make_session: as OrtRunner, MatMulNBits accuracy level 0 (else ORT quantizes the Q/DQ
         # graph's float activations of DQ(int8 W) -> MatMul itself, and the reference is off by 3e-3)
         sess = {k: make_session(root / f / name) for k, f in (("qdq", tag), ("ort", f"{tag}-{method}"))}
@@ -133,12 +131,13 @@ def test_trajectory_vs_qdq_and_torch(graphs, tag):
 
 
 def test_pass_is_a_noop_without_qdq(tmp_path):
-    from tests.conftest import build_tiny_unet
+    from tests.conftest import build_tiny_unet, tiny_model
 
-    export_model(build_tiny_unet(), ModelInfo("tiny", "sha256:test", (1, 16, 16)), QuantConfig(mode="fp"),
+    export_model(tiny_model(build_tiny_unet()), QuantConfig(mode="fp"),
                  tmp_path / "fp", progress=False)
     before = (tmp_path / "fp" / "prime.onnx").read_bytes()
-    assert apply_to_folder(tmp_path / "fp", method="integer") == {"prime.onnx": 0}
+    m = apply_to_folder(tmp_path / "fp", Manifest.load(tmp_path / "fp"), method="integer")
+    assert m.variant["rewritten_layers"] == {"prime.onnx": 0}
     assert (tmp_path / "fp" / "prime.onnx").read_bytes() == before
 
 
@@ -156,9 +155,11 @@ def test_noop_casts_removed_io_kept(graphs):
         # the exporter no longer emits same-type cache Casts, so "fold" may find none left to drop
         # ("integer" adds real int32 -> float Casts of its own)
         if method == "fold":
-            assert _ops(root / "modiff-w8a4-fold" / "step.onnx")["Cast"] <= _ops(root / "modiff-w8a4" / "step.onnx")["Cast"]
+            casts = _ops(root / "modiff-w8a4-fold" / "step.onnx")["Cast"]
+            assert casts <= _ops(root / "modiff-w8a4" / "step.onnx")["Cast"]
         inf = shape_inference.infer_shapes(b)
         types = {v.name: v.type.tensor_type.elem_type for v in list(inf.graph.value_info) + list(inf.graph.input)}
-        noop = [n.name for n in b.graph.node if n.op_type == "Cast" and n.output[0] not in {o.name for o in b.graph.output}
+        outputs = {o.name for o in b.graph.output}
+        noop = [n.name for n in b.graph.node if n.op_type == "Cast" and n.output[0] not in outputs
                 and types.get(n.input[0]) == next(x.i for x in n.attribute if x.name == "to")]
         assert not noop, noop[:3]

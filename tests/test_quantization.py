@@ -1,4 +1,4 @@
-"""The MoDiff reference (modiff_export/quantization.py) against design.md section 1."""
+"""The MoDiff reference (modiff_export/quant/quantization.py) against docs/design.md section 1."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from modiff_export.config import QuantConfig
-from modiff_export.quantization import (
+from modiff_export.quant.quantization import (
     SCALE_FLOOR,
     MoDiffError,
     MoDiffLayer,
@@ -22,7 +22,6 @@ from modiff_export.quantization import (
     set_static_scales,
     timestep_bucket,
 )
-
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -134,7 +133,8 @@ def test_fp_mode_is_bit_identical(make_tiny_unet, make_tiny_cond_unet):
     torch.manual_seed(1)
     x, ehs = torch.randn(2, 1, 16, 16), torch.randn(2, 7, 32)
     xc = torch.randn(2, 4, 8, 8)
-    for make, args, kw in ((make_tiny_unet, (x, 500), {}), (make_tiny_cond_unet, (xc, 500), {"encoder_hidden_states": ehs})):
+    for make, args, kw in ((make_tiny_unet, (x, 500), {}), (make_tiny_cond_unet, (xc, 500),
+                                                            {"encoder_hidden_states": ehs})):
         ref, q = make(), quantize(make(), QuantConfig(mode="fp"))
         with torch.no_grad():
             for _ in range(2):  # several calls: fp keeps no state
@@ -164,7 +164,8 @@ def test_batch_change_without_reset_raises_clear_error(which, tiny_unet, tiny_co
         unet, mk = quantize(tiny_unet, QuantConfig()), (lambda b: ((torch.randn(b, 1, 16, 16), 10), {}))
     else:
         unet = quantize(tiny_cond_unet, QuantConfig())
-        mk = lambda b: ((torch.randn(b, 4, 8, 8), 10), {"encoder_hidden_states": torch.randn(b, 7, 32)})
+        def mk(b):
+            return (torch.randn(b, 4, 8, 8), 10), {"encoder_hidden_states": torch.randn(b, 7, 32)}
     with torch.no_grad():
         args, kw = mk(2)
         unet(*args, **kw)

@@ -7,8 +7,7 @@ import torch
 from modiff_export.backends.base import RunnerError
 from modiff_export.backends.torch_runner import TorchRunner
 from modiff_export.config import QuantConfig
-from modiff_export.quantization import list_caches, modiff_layers, quantize
-
+from modiff_export.quant.quantization import list_caches, modiff_layers, quantize
 
 
 def inputs(n, batch=2, seed=0):
@@ -98,7 +97,9 @@ def test_cond_runner_prime_step(tiny_cond_unet):
         runner.step(x, 460, torch.randn(3, 7, 32))
 
 
-def test_batch_change_without_reset_raises(tiny_unet):
+def test_batch_change_without_reset(tiny_unet):
+    """step() refuses another batch; __call__ takes it as a new trajectory and primes (the runner
+    contract: a new trajectory never reuses the old caches)."""
     runner = TorchRunner(quantize(tiny_unet, QuantConfig()))
     xs, ts = inputs(2, batch=2)
     runner(xs[0], ts[0])
@@ -106,10 +107,10 @@ def test_batch_change_without_reset_raises(tiny_unet):
     x3, _ = inputs(1, batch=3)
     with pytest.raises(RunnerError, match=r"batch 3 does not match the cached batch 2; call reset\(\)"):
         runner.step(x3[0], ts[1])
-    with pytest.raises(RunnerError, match="batch 3"):
-        runner(x3[0], ts[1])
-    runner.reset()
-    assert runner(x3[0], ts[0]).shape[0] == 3
+    out = runner(x3[0], ts[1])
+    assert runner.calls == 1 and runner.batch_size == 3
+    assert torch.equal(runner.caches()["conv_in.a_hat"], x3[0])  # primed: a_hat is the input itself
+    assert out.shape[0] == 3
 
 
 def test_keyframes_reprime(tiny_unet):

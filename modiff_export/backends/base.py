@@ -1,9 +1,19 @@
-"""The runner contract every backend implements (design.md section 4).
+"""The runner contract every backend implements (docs/design.md section 4).
 
 A runner owns the MoDiff caches of one trajectory. `prime` runs the full-precision first step and
-fills them; `step` consumes and replaces them; `reset` empties them. `__call__` picks prime or
-step (keyframes included), so a sampling loop only ever calls `runner(sample, timestep, ehs)`.
-Polygraphy-style lifecycle: activate() / deactivate(), or use the runner as a context manager.
+fills them; `step` consumes and replaces them; `reset` empties them. `__call__` picks prime or step
+(keyframes included) and starts a new trajectory by itself when the timestep goes back up or the
+batch changes, so a sampling loop only ever calls `runner(sample, timestep, ehs)` and a second
+trajectory can never silently reuse the first one's caches.
+
+This base class owns everything backends have in common (Polygraphy-style lifecycle):
+  - activation: activate()/deactivate() or `with runner:`; prime/step activate on first use;
+  - input checks: shapes against the model's (C, H, W), batch >= 1, NaN/Inf, conditional or not;
+  - the trajectory rules above, and step() refusing a timestep that does not continue it;
+  - the `delta_scales` row of static multi-bucket graphs (from the manifest's scale table);
+  - the cache keys '<layer>.<kind>' of `caches()`.
+A backend implements only its engine calls: activate_impl, deactivate_impl, prime_impl, step_impl,
+reset_impl and caches.
 
 Tensors in and out are torch tensors on the CPU:
   sample                 [B, C, H, W] float32
@@ -15,9 +25,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 
 from ..errors import ModiffExportError
+from ..manifest import Manifest
+
+MAX_BATCH = 4096  # far above any real batch; a larger one is a typo that would exhaust memory
 
 
 class RunnerError(ModiffExportError, RuntimeError):
@@ -27,12 +41,34 @@ class RunnerError(ModiffExportError, RuntimeError):
 class Runner(ABC):
     backend = "base"
 
-    def __init__(self, keyframe_interval: int | None = None, uses_cache: bool = True):
+    def __init__(self, *, keyframe_interval: int | None = None, uses_cache: bool = True,
+                 conditional: bool | None = None, sample_shape: tuple[int, int, int] | None = None,
+                 encoder_shape: tuple[int, int] | None = None, manifest: Manifest | None = None):
+        """sample_shape (C, H, W) and encoder_shape (S, D) are checked when known; `manifest` supplies
+        the delta-scale table and cache keys of exported graphs."""
         self.keyframe_interval = keyframe_interval
         self.uses_cache = uses_cache
+        self.conditional = conditional
+        self.sample_shape = sample_shape
+        self.encoder_shape = encoder_shape
+        self.manifest = manifest
         self.is_active = False
         self.calls = 0
         self.batch_size: int | None = None
+        self.last_timestep: float | None = None
+
+    @classmethod
+    def contract_of(cls, manifest: Manifest) -> dict:
+        """Constructor arguments of a runner over exported graphs/engines, from their manifest."""
+        ehs = [s for s in manifest.inputs if s.name == "encoder_hidden_states"]
+        return {"keyframe_interval": manifest.keyframe_interval, "uses_cache": manifest.uses_cache,
+                "conditional": manifest.conditional, "sample_shape": manifest.model.sample_shape,
+                "encoder_shape": tuple(ehs[0].shape[1:]) if ehs else None, "manifest": manifest}
+
+    @property
+    def cache_keys(self) -> list[str]:
+        """'<layer>.<kind>' of every cache, in manifest order (what `caches()` returns)."""
+        return [c.key for c in self.manifest.caches] if self.manifest else []
 
     # -- lifecycle ---------------------------------------------------------------------------
     def activate(self) -> "Runner":
@@ -45,6 +81,7 @@ class Runner(ABC):
         if self.is_active:
             self.deactivate_impl()
             self.is_active = False
+            self.reset()
 
     def __enter__(self) -> "Runner":
         return self.activate()
@@ -53,23 +90,24 @@ class Runner(ABC):
         self.deactivate()
 
     def activate_impl(self) -> None:
-        pass
+        """Load graphs/engines and allocate what does not depend on the batch."""
 
     def deactivate_impl(self) -> None:
-        pass
+        """Free what activate_impl made."""
 
     # -- the contract ------------------------------------------------------------------------
     def reset(self) -> None:
-        """Empty the caches: call at the start of every trajectory / batch / request."""
+        """Empty the caches: a new trajectory / batch / request starts with prime."""
         self.calls = 0
         self.batch_size = None
+        self.last_timestep = None
         self.reset_impl()
 
     def prime(self, sample, timestep, encoder_hidden_states=None) -> torch.Tensor:
+        self.activate()
         sample, timestep, ehs = self.check_inputs(sample, timestep, encoder_hidden_states)
         out = self.prime_impl(sample, timestep, ehs)
-        self.batch_size = sample.shape[0]
-        self.calls += 1
+        self._advance(sample, timestep)
         return out
 
     def step(self, sample, timestep, encoder_hidden_states=None) -> torch.Tensor:
@@ -79,50 +117,89 @@ class Runner(ABC):
             raise RunnerError(f"{self.backend} runner: step() before prime(); caches are empty")
         sample, timestep, ehs = self.check_inputs(sample, timestep, encoder_hidden_states)
         if sample.shape[0] != self.batch_size:
-            raise RunnerError(
-                f"{self.backend} runner: batch {sample.shape[0]} does not match the cached batch "
-                f"{self.batch_size}; call reset() before a new batch")
-        out = self.step_impl(sample, timestep, ehs)
-        self.calls += 1
+            raise RunnerError(f"{self.backend} runner: batch {sample.shape[0]} does not match the cached batch "
+                              f"{self.batch_size}; call reset() before a new batch")
+        t = float(timestep[0])
+        if t > self.last_timestep:
+            raise RunnerError(f"{self.backend} runner: timestep {t:g} does not continue the trajectory (last "
+                              f"{self.last_timestep:g}); call reset() before a new trajectory")
+        out = self.step_impl(sample, timestep, ehs, self.delta_scales(t))
+        self._advance(sample, timestep)
         return out
 
     def __call__(self, sample, timestep, encoder_hidden_states=None) -> torch.Tensor:
+        if self.batch_size is not None and self.new_trajectory(sample, timestep):
+            self.reset()
         k = self.keyframe_interval
         if self.batch_size is None or not self.uses_cache or (k is not None and self.calls % k == 0):
             return self.prime(sample, timestep, encoder_hidden_states)
         return self.step(sample, timestep, encoder_hidden_states)
 
+    def new_trajectory(self, sample, timestep) -> bool:
+        """A call that cannot continue the cached trajectory: another batch size, or a timestep above
+        the last one (every sampler's timesteps are non-increasing within one trajectory)."""
+        b = getattr(sample, "shape", (None,))[0]
+        t = torch.as_tensor(timestep, dtype=torch.float32).flatten()
+        return b != self.batch_size or (t.numel() > 0 and float(t[0]) > self.last_timestep)
+
+    def _advance(self, sample, timestep) -> None:
+        self.batch_size = sample.shape[0]
+        self.last_timestep = float(timestep[0])
+        self.calls += 1
+
+    def delta_scales(self, timestep: float) -> np.ndarray | None:
+        """delta_scales [L] float32 for this step (static multi-bucket graphs), else None."""
+        return None if self.manifest is None else self.manifest.delta_scale_row(timestep)
+
     @abstractmethod
     def prime_impl(self, sample, timestep, ehs) -> torch.Tensor: ...
 
     @abstractmethod
-    def step_impl(self, sample, timestep, ehs) -> torch.Tensor: ...
+    def step_impl(self, sample, timestep, ehs, delta_scales: np.ndarray | None) -> torch.Tensor: ...
 
     @abstractmethod
     def reset_impl(self) -> None: ...
 
+    @abstractmethod
     def caches(self) -> dict[str, torch.Tensor]:
-        """Current caches by graph input name (copies on the CPU; for tests and debugging)."""
-        return {}
+        """The current caches as CPU float32 copies keyed '<layer>.<kind>' ({} before prime or when the
+        model has no caches); for tests and debugging."""
 
     # -- input validation --------------------------------------------------------------------
     def check_inputs(self, sample, timestep, ehs):
+        name = f"{self.backend} runner"
         if not torch.is_tensor(sample) or sample.dim() != 4:
-            raise RunnerError(f"{self.backend} runner: 'sample' must be a [B, C, H, W] tensor, got "
+            raise RunnerError(f"{name}: 'sample' must be a [B, C, H, W] tensor, got "
                               f"{getattr(sample, 'shape', type(sample).__name__)}")
-        sample = sample.float()
         b = sample.shape[0]
-        timestep = torch.as_tensor(timestep, dtype=torch.float32).flatten()
+        if not 1 <= b <= MAX_BATCH:
+            raise RunnerError(f"{name}: batch {b} is outside 1..{MAX_BATCH}")
+        if self.sample_shape is not None and tuple(sample.shape[1:]) != tuple(self.sample_shape):
+            raise RunnerError(f"{name}: 'sample' is {list(sample.shape)}, the model takes [B, "
+                              f"{', '.join(map(str, self.sample_shape))}]")
+        sample = sample.float()
+        try:
+            timestep = torch.as_tensor(timestep, dtype=torch.float32).flatten()
+        except (TypeError, ValueError, RuntimeError):
+            raise RunnerError(f"{name}: 'timestep' must be a number or a [B] tensor, got "
+                              f"{type(timestep).__name__}") from None
         if timestep.numel() == 1:
             timestep = timestep.expand(b).contiguous()
         if timestep.shape != (b,):
-            raise RunnerError(f"{self.backend} runner: 'timestep' must be a scalar or [B={b}], got {tuple(timestep.shape)}")
-        for name, t in (("sample", sample), ("timestep", timestep), ("encoder_hidden_states", ehs)):
-            if t is not None and not torch.isfinite(t).all():
-                raise RunnerError(f"{self.backend} runner: input '{name}' contains NaN or Inf")
+            raise RunnerError(f"{name}: 'timestep' must be a scalar or [B={b}], got {tuple(timestep.shape)}")
+        if self.conditional is True and ehs is None:
+            raise RunnerError(f"{name}: this UNet is conditional; 'encoder_hidden_states' is required")
+        if self.conditional is False and ehs is not None:
+            raise RunnerError(f"{name}: this UNet is unconditional; do not pass 'encoder_hidden_states'")
         if ehs is not None:
+            if not torch.is_tensor(ehs) or ehs.dim() != 3 or ehs.shape[0] != b:
+                raise RunnerError(f"{name}: 'encoder_hidden_states' must be [B={b}, S, D], got "
+                                  f"{tuple(getattr(ehs, 'shape', ())) or type(ehs).__name__}")
+            if self.encoder_shape is not None and tuple(ehs.shape[1:]) != tuple(self.encoder_shape):
+                raise RunnerError(f"{name}: 'encoder_hidden_states' is {list(ehs.shape)}, the model takes "
+                                  f"[B, {', '.join(map(str, self.encoder_shape))}]")
             ehs = ehs.float()
-            if ehs.dim() != 3 or ehs.shape[0] != b:
-                raise RunnerError(f"{self.backend} runner: 'encoder_hidden_states' must be [B={b}, S, D], "
-                                  f"got {tuple(ehs.shape)}")
+        for what, t in (("sample", sample), ("timestep", timestep), ("encoder_hidden_states", ehs)):
+            if t is not None and not torch.isfinite(t).all():
+                raise RunnerError(f"{name}: input '{what}' contains NaN or Inf")
         return sample, timestep, ehs

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..manifest import concrete_shape, load_manifest
-from ..quantization import timestep_bucket
+from ..manifest import Manifest
 from .base import Runner, RunnerError
 
 _NP = {"float32": np.float32, "float16": np.float16}
@@ -31,23 +30,14 @@ class OrtRunner(Runner):
     def __init__(self, graph_folder: str | Path, providers: list[str] | None = None, threads: int | None = None,
                  matmul_accuracy_level: int = 0):
         self.folder = Path(graph_folder)
-        self.manifest = m = load_manifest(self.folder)
-        qc = m["quant_config"]
-        super().__init__(qc.get("keyframe_interval"), uses_cache=bool(m["caches"]))
+        super().__init__(**Runner.contract_of(Manifest.load(self.folder)))
         self.providers = providers or available_providers()
         self.threads = threads
         self.matmul_accuracy_level = matmul_accuracy_level
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-        self.conditional = any(s["name"] == "encoder_hidden_states" for s in m["inputs"])
-        scales = m.get("scales") or {}
-        self.scale_table = None
-        if m.get("step_extra_inputs"):
-            table = scales["table"]
-            # [n_buckets, L]: row b is the delta scale of every quantized layer in bucket b
-            self.scale_table = np.array([table[name] for name in scales["layers"]], dtype=np.float32).T.copy()
-            self.num_train_timesteps = scales.get("num_train_timesteps", 1000)
         self.sessions: dict = {}
         self._sets: list[dict] = []
+        self._allocated_batch: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def activate_impl(self) -> None:
@@ -61,13 +51,13 @@ class OrtRunner(Runner):
         # accuracy level 4 quantizes the *activations* to int8 on the fly: not what the graph says
         # (measured: 3e-3 max error on a full-precision prime step). Level 0 keeps them float.
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.matmul_accuracy_level))
-        for role, name in self.manifest["graphs"].items():
-            if name is None:
-                continue
+        for role in self.manifest.roles:
+            name = self.manifest.graphs[role]
             try:
                 self.sessions[role] = ort.InferenceSession(str(self.folder / name), opts, providers=self.providers)
             except Exception as e:  # ORT raises its own exception types for damaged files
-                raise RunnerError(f"{self.folder / name}: ONNX Runtime cannot load this graph ({str(e).splitlines()[0][:200]})") from None
+                first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                raise RunnerError(f"{self.folder / name}: ONNX Runtime cannot load this graph ({first})") from None
             self._check_io(role, self.sessions[role])
         self.bindings = {role: s.io_binding() for role, s in self.sessions.items()}
 
@@ -75,17 +65,14 @@ class OrtRunner(Runner):
         self.sessions, self.bindings, self._sets, self._allocated_batch = {}, {}, [], None
 
     def _check_io(self, role: str, session) -> None:
-        m = self.manifest
-        want_in = [s["name"] for s in m["inputs"]]
-        want_out = [s["name"] for s in m["outputs"]] + [c["output"] for c in m["caches"]]
-        if role == "step":
-            want_in += [s["name"] for s in m.get("step_extra_inputs", [])] + [c["input"] for c in m["caches"]]
+        want_in = [s.name for s in self.manifest.graph_inputs(role)]
+        want_out = [s.name for s in self.manifest.graph_outputs(role)]
         got_in = [i.name for i in session.get_inputs()]
         got_out = [o.name for o in session.get_outputs()]
         if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
             missing = sorted(set(want_in + want_out) - set(got_in + got_out))
             extra = sorted(set(got_in + got_out) - set(want_in + want_out))
-            raise RunnerError(f"{self.folder / m['graphs'][role]}: graph I/O does not match manifest.json "
+            raise RunnerError(f"{self.folder / self.manifest.graphs[role]}: graph I/O does not match manifest.json "
                               f"(missing {missing[:3]}, unexpected {extra[:3]}); re-export the folder")
 
     # -- helpers -----------------------------------------------------------------------------
@@ -100,18 +87,14 @@ class OrtRunner(Runner):
 
         self._sets = []
         for _ in range(2):
-            self._sets.append({c["layer"] + "." + c["kind"]: ort.OrtValue.ortvalue_from_shape_and_type(
-                concrete_shape(c, batch), _NP[c["dtype"]], self.device, 0) for c in self.manifest["caches"]})
+            self._sets.append({c.key: ort.OrtValue.ortvalue_from_shape_and_type(
+                c.concrete(batch), _NP[c.dtype], self.device, 0) for c in self.manifest.caches})
 
     def _bind_inputs(self, io, sample, timestep, ehs) -> None:
         io.bind_ortvalue_input("sample", self._ortvalue(sample.numpy()))
         io.bind_ortvalue_input("timestep", self._ortvalue(timestep.numpy()))
-        if self.conditional:
-            if ehs is None:
-                raise RunnerError("ort runner: this graph is conditional; 'encoder_hidden_states' is required")
+        if ehs is not None:  # presence and shape checked by the base class
             io.bind_ortvalue_input("encoder_hidden_states", self._ortvalue(ehs.numpy()))
-        elif ehs is not None:
-            raise RunnerError("ort runner: this graph is unconditional; do not pass 'encoder_hidden_states'")
 
     def _run(self, role: str, io) -> torch.Tensor:
         # noise_pred is bound last: ORT lists outputs in binding order
@@ -121,32 +104,29 @@ class OrtRunner(Runner):
 
     # -- the contract ------------------------------------------------------------------------
     def prime_impl(self, sample, timestep, ehs) -> torch.Tensor:
-        self.activate()
         io = self.bindings["prime"]
         io.clear_binding_inputs()
         io.clear_binding_outputs()
         self._bind_inputs(io, sample, timestep, ehs)
         if self.uses_cache:
-            if getattr(self, "_allocated_batch", None) != sample.shape[0]:
+            if self._allocated_batch != sample.shape[0]:
                 self._allocate(sample.shape[0])
                 self._allocated_batch = sample.shape[0]
-            for c in self.manifest["caches"]:
-                io.bind_ortvalue_output(c["output"], self._sets[0][c["layer"] + "." + c["kind"]])
+            for c in self.manifest.caches:
+                io.bind_ortvalue_output(c.output, self._sets[0][c.key])
         return self._run("prime", io)
 
-    def step_impl(self, sample, timestep, ehs) -> torch.Tensor:
+    def step_impl(self, sample, timestep, ehs, delta_scales) -> torch.Tensor:
         io = self.bindings["step"]
         io.clear_binding_inputs()
         io.clear_binding_outputs()
         self._bind_inputs(io, sample, timestep, ehs)
-        if self.scale_table is not None:
-            b = timestep_bucket(float(timestep[0]), self.scale_table.shape[0], self.num_train_timesteps)
-            io.bind_ortvalue_input("delta_scales", self._ortvalue(self.scale_table[b]))
+        if delta_scales is not None:
+            io.bind_ortvalue_input("delta_scales", self._ortvalue(delta_scales))
         src, dst = self._sets
-        for c in self.manifest["caches"]:
-            key = c["layer"] + "." + c["kind"]
-            io.bind_ortvalue_input(c["input"], src[key])
-            io.bind_ortvalue_output(c["output"], dst[key])
+        for c in self.manifest.caches:
+            io.bind_ortvalue_input(c.input, src[c.key])
+            io.bind_ortvalue_output(c.output, dst[c.key])
         out = self._run("step", io)
         self._sets.reverse()  # ping-pong: this step's outputs are the next step's inputs
         return out

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quantization import list_caches, modiff_layers, reset_caches
+from ..quant.quantization import list_caches, modiff_layers, reset_caches
 from .base import Runner
 
 
@@ -12,8 +12,13 @@ class TorchRunner(Runner):
 
     def __init__(self, unet: torch.nn.Module):
         config = getattr(unet, "modiff_config", None)
-        uses_cache = any(l.uses_cache for l in modiff_layers(unet))
-        super().__init__(config.keyframe_interval if config else None, uses_cache)
+        cfg = getattr(unet, "config", None)
+        size = getattr(cfg, "sample_size", None)
+        hw = (size, size) if isinstance(size, int) else tuple(size) if size else None
+        super().__init__(keyframe_interval=config.keyframe_interval if config else None,
+                         uses_cache=any(layer.uses_cache for layer in modiff_layers(unet)),
+                         conditional=type(unet).__name__ == "UNet2DConditionModel" if cfg is not None else None,
+                         sample_shape=(int(cfg.in_channels), *hw) if hw else None)
         self.unet = unet.eval()
 
     def _run(self, phase: str, sample, timestep, ehs) -> torch.Tensor:
@@ -33,11 +38,11 @@ class TorchRunner(Runner):
     def prime_impl(self, sample, timestep, ehs):
         return self._run("prime", sample, timestep, ehs)
 
-    def step_impl(self, sample, timestep, ehs):
+    def step_impl(self, sample, timestep, ehs, delta_scales):  # static scales live in the layers
         return self._run("step", sample, timestep, ehs)
 
     def reset_impl(self) -> None:
         reset_caches(self.unet)
 
     def caches(self) -> dict[str, torch.Tensor]:
-        return {f"{c.layer}.{c.kind}": c.tensor.clone() for c in list_caches(self.unet) if c.tensor is not None}
+        return {f"{c.layer}.{c.kind}": c.tensor.float().clone() for c in list_caches(self.unet) if c.tensor is not None}

@@ -3,63 +3,58 @@ calibration trajectories (calibration/<name>.json)."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import click
 
-from ..config import GRANULARITIES, QuantConfig
 from ..sampling import SCHEDULERS
+from .options import QUANT
 
 
 @click.command("calibrate")
-@click.option("--model", default="digits", show_default=True, help="'digits' (embedded) or a local diffusers UNet/pipeline folder.")
-@click.option("--scheduler", type=click.Choice(sorted(SCHEDULERS)), default="ddim", show_default=True, help="Sampler of the calibration trajectories.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True, help="Sampling steps per trajectory.")
-@click.option("--samples", type=click.IntRange(1), default=64, show_default=True, help="Calibration trajectories (images).")
+@click.option("--model", default="digits", show_default=True,
+              help="'digits' (embedded) or a local diffusers UNet/pipeline folder.")
+@click.option("--scheduler", type=click.Choice(sorted(SCHEDULERS)), default="ddim", show_default=True,
+              help="Sampler of the calibration trajectories.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True,
+              help="Sampling steps per trajectory.")
+@click.option("--samples", type=click.IntRange(1), default=64, show_default=True,
+              help="Calibration trajectories (images).")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Trajectories per batch.")
 @click.option("--seed", type=int, default=1000, show_default=True,
               help="Noise seed (batch i uses seed+i); use a different seed than the evaluation.")
 @click.option("--buckets", type=click.IntRange(1, 1000), default=1, show_default=True,
               help="Timestep buckets: one scale per layer and bucket of uniform width over the training timesteps.")
 @click.option("--method", type=click.Choice(["absmax", "percentile", "mse"]), default="mse", show_default=True,
-              help="absmax of the deltas; a percentile of |delta|; or the clip ratio of the absmax minimizing quantization MSE.")
+              help="absmax of the deltas; a percentile of |delta|; or the clip ratio of the absmax minimizing "
+                   "quantization MSE.")
 @click.option("--percentile", type=click.FloatRange(0, 100, min_open=True), default=99.9, show_default=True,
               help="Percentile of |delta| for --method percentile.")
-@click.option("--mode", type=click.Choice(["modiff", "ptq"]), default="modiff", show_default=True,
-              help="modiff: calibrate the deltas x - a_hat; ptq: the inputs x.")
-@click.option("--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Weight bits (per output channel).")
-@click.option("--act-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Activation (delta) bits.")
-@click.option("--granularity", type=click.Choice(GRANULARITIES), default="sample", show_default=True,
-              help="Granularity of the dynamic scales used during the calibration trajectories (must match the export).")
-@click.option("--no-error-compensation", is_flag=True, help="Ablation: a_hat = x instead of a_hat + Q(delta).")
-@click.option("--keyframe-interval", type=click.IntRange(1), default=None, help="Re-run the full-precision step every K steps.")
-@click.option("--skip-layers", multiple=True, metavar="PATTERN", help="Layers left in full precision (fnmatch, repeatable).")
-@click.option("--weight-block-size", type=click.IntRange(2), default=None,
-              help="INT4 block quantization of Linear weights (as in `export --weight-block-size`; needs --weight-bits <= 4).")
-@click.option("--int8-layers", multiple=True, metavar="PATTERN", help="Layers kept at W8A8 (fnmatch, repeatable).")
-@click.option("--guidance-scale", type=float, default=1.0, show_default=True, help="Classifier-free guidance (conditional UNets).")
+@QUANT.options(exclude=("scale_mode",), mode=dict(type=click.Choice(["modiff", "ptq"]),
+                                                 help="modiff: calibrate the deltas x - a_hat; ptq: the inputs x."),
+               granularity=dict(help="Granularity of the dynamic scales during the calibration trajectories "
+                                     "(must match the export)."))
+@click.option("--guidance-scale", type=float, default=1.0, show_default=True,
+              help="Classifier-free guidance (conditional UNets).")
 @click.option("--subsample", type=click.IntRange(100), default=20_000, show_default=True,
               help="Values kept per layer and bucket for the percentile and MSE searches.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output file [default: calibration/<model>-<config>-<method>.json].")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Output file [default: calibration/<model>-<config>-<method>.json].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, method, percentile, mode, weight_bits, act_bits,
-              granularity, no_error_compensation, keyframe_interval, skip_layers, weight_block_size, int8_layers, guidance_scale, subsample,
-              out, overwrite, quiet):
+def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, method, percentile, guidance_scale,
+              subsample,
+              out, overwrite, quiet, **quant):
     """Run calibration trajectories (dynamic scales) and write static delta scales per layer and
     timestep bucket, per-channel weight clipping ratios (MSE search) and provenance (model hash,
     config, sampler, seed) to a JSON file for `export --scale-mode static --calibration`."""
-    from ..calibration import CalibrationError, calibrate as run_calibration, write_calibration
+    from ..fsutil import check_writable
     from ..models import load_model
+    from ..quant.calibration import calibrate as run_calibration
+    from ..quant.calibration import write_calibration
 
-    config = QuantConfig(mode=mode, weight_bits=weight_bits, act_bits=act_bits, scale_mode="static",
-                         granularity=granularity, error_compensation=not no_error_compensation,
-                         keyframe_interval=keyframe_interval, skip_layers=tuple(skip_layers), int8_layers=tuple(int8_layers),
-                         weight_block_size=weight_block_size)
+    config = QUANT.config(quant, scale_mode="static")
     loaded = load_model(model)
-    out = Path(out or f"calibration/{loaded.name}-{config.tag}-{method}.json")
-    if out.exists() and not overwrite:
-        raise CalibrationError(f"{out} already exists; pass --overwrite to replace it")
+    out = check_writable(out or f"calibration/{loaded.name}-{config.tag}-{method}.json", overwrite, kind="file")
     t0 = time.perf_counter()
     data = run_calibration(loaded, config, scheduler=scheduler, steps=steps, samples=samples, batch_size=batch_size,
                            seed=seed, buckets=buckets, method=method, percentile=percentile, subsample=subsample,

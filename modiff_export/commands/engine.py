@@ -41,7 +41,8 @@ def build_engine(graphs, precision, out, min_batch, opt_batch, max_batch, timing
     """
     options = EngineBuildOptions(precision=precision, min_batch=min_batch,
                                  opt_batch=max_batch if opt_batch is None else opt_batch, max_batch=max_batch,
-                                 workspace_gb=workspace_gb, timing_cache=None if timing_cache is None else str(timing_cache),
+                                 workspace_gb=workspace_gb,
+                                 timing_cache=None if timing_cache is None else str(timing_cache),
                                  cuda_graph=cuda_graph, overwrite=overwrite)
     out = out if out is not None else Path("engines") / Path(graphs).name
     path = build_engines(graphs, options, out, progress=not quiet)

@@ -7,57 +7,23 @@ from pathlib import Path
 
 import click
 
-from ..config import GRANULARITIES, MODES, QuantConfig
-from ..sampling import SCHEDULERS
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "digits"
-
-
-def quant_options(f):
-    """--mode/--weight-bits/--act-bits/--granularity, shared by `sample` and `evaluate`."""
-    opts = [
-        click.option("--mode", type=click.Choice(MODES), default="modiff", show_default=True,
-                     help="fp: full precision; ptq: plain fake quantization; modiff: quantize the change of each input."),
-        click.option("--weight-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Weight bits (per output channel)."),
-        click.option("--act-bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Activation (delta) bits."),
-        click.option("--granularity", type=click.Choice(GRANULARITIES), default="sample", show_default=True,
-                     help="Activation scale per sample (batch-invariant) or per tensor (paper)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def sampling_options(f):
-    opts = [
-        click.option("--model", default=None, help="'digits' (embedded, the default) or a local diffusers UNet/pipeline folder. "
-                     "With --backend ort/trt the model comes from the folder's manifest; --model then only checks it is the same model."),
-        click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True,
-                     help="torch: PyTorch reference; ort: ONNX Runtime on --graphs; trt: TensorRT on --engines."),
-        click.option("--graphs", type=click.Path(file_okay=False), default=None, help="Graph folder from `cli.py export` (--backend ort)."),
-        click.option("--engines", type=click.Path(file_okay=False), default=None, help="Engine folder from `cli.py build-engine` (--backend trt)."),
-        click.option("--scheduler", type=click.Choice(sorted(SCHEDULERS)), default="ddim", show_default=True, help="diffusers scheduler."),
-        click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True, help="Sampling steps."),
-        click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Images per batch."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (batch i uses seed+i)."),
-        click.option("--guidance-scale", type=float, default=1.0, show_default=True,
-                     help="Classifier-free guidance (conditional UNets; batch doubled)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+from ..config import QuantConfig
+from ..models.loading import ASSETS  # noqa: E402
+from .options import QUANT, SAMPLING
 
 
 @click.command("train-demo")
-@click.option("--steps", type=click.IntRange(1), default=2000, show_default=True, help="UNet training steps (batch 64, ~28 min on a shared 2-core CPU).")
+@click.option("--steps", type=click.IntRange(1), default=2000, show_default=True,
+              help="UNet training steps (batch 64, ~28 min on a shared 2-core CPU).")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True, help="Classifier training epochs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
 @click.option("--out", type=click.Path(file_okay=False), default=str(ASSETS), show_default=True, help="Output folder.")
-@click.option("--what", type=click.Choice(["all", "unet", "classifier"]), default="all", show_default=True, help="What to train.")
+@click.option("--what", type=click.Choice(["all", "unet", "classifier"]), default="all", show_default=True,
+              help="What to train.")
 def train_demo(steps, epochs, seed, out, what):
     """Train the embedded `digits` DDPM UNet and its metrics classifier on scikit-learn's digits
     (16x16, 80/20 split with a fixed seed). Reproduces the shipped weights (CPU, 1 thread)."""
-    from ..train import train_classifier, train_unet
+    from ..models.train import train_classifier, train_unet
 
     if what in ("all", "classifier"):
         acc = train_classifier(epochs=epochs, seed=seed, out=Path(out))
@@ -68,63 +34,70 @@ def train_demo(steps, epochs, seed, out, what):
 
 
 @click.command("sample")
-@sampling_options
-@quant_options
-@click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True, help="PNG grid to write.")
-def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, mode, weight_bits,
-           act_bits, granularity, out):
+@SAMPLING.options()
+@QUANT.options(exclude=("scale_mode",))
+@click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
+              help="PNG grid to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, out, overwrite,
+           **quant):
     """Generate one batch and save it as a PNG grid. --backend torch quantizes --model with the
     quantization options; ort/trt run exported graphs/engines, whose config is in their manifest."""
+    from ..fsutil import check_writable
     from ..sampling import sample_model, save_grid
 
-    m, cfg, runner = resolve_runner(model, backend, graphs, engines, QuantConfig(
-        mode=mode, weight_bits=weight_bits, act_bits=act_bits, granularity=granularity))
-    images = sample_model(m, cfg, scheduler, steps, batch_size, batch_size, seed, guidance_scale, backend, runner=runner)
+    check_writable(out, overwrite, kind="file")
+    m, cfg, runner = resolve_runner(model, backend, graphs, engines, QUANT.config(quant))
+    images = sample_model(m, cfg, scheduler, steps, batch_size, batch_size, seed, guidance_scale, backend,
+                          runner=runner)
     click.echo(f"{m.name} {cfg.tag} [{backend}] {scheduler}x{steps}: wrote {save_grid(images, out)}")
 
 
 def resolve_runner(model, backend, graphs, engines, cfg):
-    """(model meta, config, runner or None) for a backend; ort/trt read everything from their folder."""
-    from ..backends import RunnerError, make_runner
-    from ..models import load_model, model_from_manifest
+    """(model, config, runner or None) for a backend; graph/engine runners read everything from their
+    folder's manifest (whose graph files are digest-checked), and --model must be the same model."""
+    from ..backends import FOLDER_OPTION, RunnerError, make_runner
+    from ..models import LoadedModel, load_model
 
     if backend == "torch":
         if graphs or engines:
-            raise RunnerError("--graphs/--engines are for --backend ort/trt; --backend torch samples --model directly")
+            raise RunnerError("--graphs/--engines are for the graph/engine backends; --backend torch samples --model")
         return load_model(model or "digits"), cfg, None
-    folder = graphs if backend == "ort" else engines
+    folder = engines if backend == "trt" else graphs
     if folder is None:
-        raise RunnerError(f"--backend {backend} needs {'--graphs graphs/<name>' if backend == 'ort' else '--engines engines/<name>'}")
+        raise RunnerError(f"--backend {backend} needs {FOLDER_OPTION[backend]}")
     runner = make_runner(backend, folder=folder)
-    meta = model_from_manifest(runner.manifest)
+    meta = LoadedModel.from_info(runner.manifest.model)
     if model is not None:
         want = load_model(model).content_hash
         if want != meta.content_hash:
-            raise RunnerError(f"{folder} was exported from model {meta.content_hash[:19]}, not {model} ({want[:19]})")
-    return meta, QuantConfig.from_dict(runner.manifest["quant_config"]), runner
+            raise RunnerError(f"{folder} was exported from model {meta.name} ({meta.content_hash[:19]}...), "
+                              f"not {model} ({want[:19]}...)")
+    return meta, runner.manifest.quant_config, runner
 
 
 @click.command("evaluate")
-@sampling_options
-@quant_options
-@click.option("--num-samples", type=click.IntRange(2), default=128, show_default=True, help="Samples per config.")
-def evaluate(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, mode, weight_bits,
-             act_bits, granularity, num_samples):
+@SAMPLING.options()
+@QUANT.options(exclude=("scale_mode",))
+@click.option("--num-samples", type=click.IntRange(2, 100_000), default=128, show_default=True,
+              help="Samples per config.")
+def evaluate(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, num_samples, **quant):
     """FD-digits, classifier confidence and PSNR-to-FP (same noise) for one config vs full precision.
     The FP reference always runs on PyTorch; the quantized config runs on --backend (with ort/trt its
     config comes from the folder). FD-digits and confidence exist only for the `digits` model."""
-    from ..metrics import DigitsEvaluator, psnr
+    from ..evaluation.metrics import DigitsEvaluator, psnr
     from ..models import load_model
-    from ..sampling import sample_model
+    from ..sampling import SamplingError, sample_model
 
-    meta, qcfg, runner = resolve_runner(model, backend, graphs, engines, QuantConfig(
-        mode=mode, weight_bits=weight_bits, act_bits=act_bits, granularity=granularity))
+    meta, qcfg, runner = resolve_runner(model, backend, graphs, engines, QUANT.config(quant))
     m = meta if meta.unet is not None else load_model(model or "digits")
     if m.content_hash != meta.content_hash:
-        raise click.ClickException(f"the folder was exported from another model than {model or 'digits'}; pass its --model")
+        raise SamplingError(f"the folder was exported from another model than {model or 'digits'}; pass its --model")
     ev = DigitsEvaluator() if m.name == "digits" else None
     rows, ref = [], None
-    runs = [(QuantConfig(mode="fp"), "torch", None)] + ([] if qcfg.mode == "fp" and backend == "torch" else [(qcfg, backend, runner)])
+    runs = [(QuantConfig(mode="fp"), "torch", None)]
+    if not (qcfg.mode == "fp" and backend == "torch"):
+        runs.append((qcfg, backend, runner))
     for cfg, be, r in runs:
         t0 = time.time()
         x = sample_model(m, cfg, scheduler, steps, num_samples, batch_size, seed, guidance_scale, be, runner=r)

@@ -1,13 +1,14 @@
 """`cli.py check`: verify on the CPU what a TensorRT build of an exported folder relies on.
 
-Rules (design.md section 2; onnx-tensorrt docs/operators.md):
+Rules (docs/design.md section 3; onnx-tensorrt docs/operators.md):
   1. every QuantizeLinear/DequantizeLinear has a constant scale and a constant zero point of 0
      (TensorRT needs build-time-constant Q scales and zero points of 0);
   2. every quantized Conv/Gemm/MatMul reads its weight through DequantizeLinear of a constant
      int8 initializer, and, in a graph whose activations are quantized (MoDiff step graph, ptq
      graph), its activation through a DequantizeLinear too;
   3. every op is in the ONNX-TensorRT parser's supported list;
-  4. the graphs' inputs/outputs match manifest.json (names, dtypes, symbolic batch axis).
+  4. the graphs' inputs/outputs match manifest.json (names, dtypes, symbolic batch axis);
+  5. every graph file has the digest manifest.json records (it belongs to that export).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from .graph_passes import constants, producers
-from .manifest import BATCH, load_manifest
+from ..manifest import Manifest, ManifestError
+from .passes import constants, producers
 
 # Ops with "Y" in onnx-tensorrt's docs/operators.md support matrix (TensorRT 8.4 table), plus
 # LayerNormalization/GroupNormalization from the TensorRT 10 table. Anything else fails the check.
@@ -93,37 +94,36 @@ def _io(values) -> dict[str, tuple[str, list]]:
     return out
 
 
-def check_io(model: onnx.ModelProto, manifest: dict, role: str) -> list[str]:
+def check_io(model: onnx.ModelProto, manifest: Manifest, role: str) -> list[str]:
     """Rule 4: the graph's I/O is exactly what the manifest says."""
-    want_in = list(manifest["inputs"])
-    want_out = list(manifest["outputs"]) + [{"name": c["output"], **c} for c in manifest["caches"]]
-    if role == "step":
-        want_in += list(manifest.get("step_extra_inputs", [])) + [{"name": c["input"], **c} for c in manifest["caches"]]
     problems = []
-    for kind, want, got in (("input", want_in, _io(model.graph.input)), ("output", want_out, _io(model.graph.output))):
-        names = {s["name"] for s in want}
+    for kind, want, got in (("input", manifest.graph_inputs(role), _io(model.graph.input)),
+                            ("output", manifest.graph_outputs(role), _io(model.graph.output))):
+        names = {s.name for s in want}
         for name in sorted(set(got) - names):
             problems.append(f"{role}: graph {kind} {name!r} is not in manifest.json")
         for spec in want:
-            if spec["name"] not in got:
-                problems.append(f"{role}: manifest {kind} {spec['name']!r} is missing from the graph")
+            if spec.name not in got:
+                problems.append(f"{role}: manifest {kind} {spec.name!r} is missing from the graph")
                 continue
-            dtype, dims = got[spec["name"]]
-            want_dims = [BATCH if d == BATCH else int(d) for d in spec["shape"]]
-            if dtype != spec["dtype"] or dims != want_dims:
-                problems.append(f"{role}: {kind} {spec['name']!r} is {dtype}{dims}, manifest says {spec['dtype']}{want_dims}")
+            dtype, dims = got[spec.name]
+            if dtype != spec.dtype or dims != list(spec.shape):
+                problems.append(f"{role}: {kind} {spec.name!r} is {dtype}{dims}, "
+                                f"manifest says {spec.dtype}{list(spec.shape)}")
     return problems
 
 
 def check_folder(folder: str | Path) -> CheckReport:
     folder = Path(folder)
-    manifest = load_manifest(folder)
+    manifest = Manifest.load(folder, verify=False)
     report = CheckReport(folder)
-    mode = manifest["quant_config"]["mode"]
-    for role, name in manifest["graphs"].items():
-        if name is None:
-            continue
-        path = folder / name
+    try:
+        manifest.verify_files(folder)  # rule 5
+    except ManifestError as e:
+        report.problems.append(str(e))
+    mode = manifest.quant_config.mode
+    for role in manifest.roles:
+        path = folder / manifest.graphs[role]
         try:
             model = onnx.load(str(path))
             onnx.checker.check_model(str(path), full_check=True)

@@ -1,4 +1,4 @@
-"""MoDiff in PyTorch: the reference every other backend is checked against (design.md section 1).
+"""MoDiff in PyTorch: the reference every other backend is checked against (docs/design.md section 1).
 
 `quantize(unet, config)` swaps every nn.Conv2d / nn.Linear for a `MoDiffLayer`. A MoDiff layer
 keeps two caches, `a_hat` (last reconstructed input) and `o_hat` (last output):
@@ -16,15 +16,17 @@ the same float operations in the same order.
 """
 from __future__ import annotations
 
+import fnmatch
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import QuantConfig
-from .errors import ModiffExportError
+from ..config import QuantConfig
+from ..errors import ModiffExportError
 
 SCALE_FLOOR = 1e-8
 
@@ -260,12 +262,22 @@ def quantize(unet: nn.Module, config: QuantConfig) -> nn.Module:
     targets = [(n, m) for n, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not targets:
         raise MoDiffError(f"{type(unet).__name__} has no Conv2d or Linear layer to quantize")
+    names = [n for n, _ in targets]
+    for field in ("skip_layers", "int8_layers"):
+        unmatched = [p for p in getattr(config, field) if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            raise MoDiffError(f"{field} pattern(s) {unmatched} match no Conv2d/Linear layer of {type(unet).__name__} "
+                              f"(names look like {names[0]!r}, {names[-1]!r})")
+    if config.mode != "fp" and all(config.skips(n) for n in names):
+        raise MoDiffError(f"skip_layers {list(config.skip_layers)} leave no layer quantized; use mode 'fp' for an "
+                          f"unquantized model")
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
         setattr(parent, child, MoDiffLayer(module, name, config))
     unet.modiff_config = config
-    unet.register_forward_pre_hook(_set_bucket_from_timestep, with_kwargs=True)
+    unet.modiff_last_timestep = None
+    unet.register_forward_pre_hook(_before_call, with_kwargs=True)
     return unet
 
 
@@ -274,9 +286,11 @@ def modiff_layers(unet: nn.Module) -> Iterator[MoDiffLayer]:
 
 
 def reset_caches(unet: nn.Module) -> None:
-    """Empty every cache: call at the start of every trajectory / batch / request."""
+    """Empty every cache: call at the start of every trajectory / batch / request. (A call whose
+    timestep is above the previous call's starts a new trajectory by itself: see _before_call.)"""
     for layer in modiff_layers(unet):
         layer.reset()
+    unet.modiff_last_timestep = None
 
 
 @dataclass(frozen=True)
@@ -319,15 +333,34 @@ def set_static_scales(unet: nn.Module, table: dict[str, list[float]], num_train_
         scales = torch.tensor(table[name], dtype=torch.float32)
         if not torch.isfinite(scales).all() or (scales < 0).any():
             raise MoDiffError(f"scale table entry for layer {name} has a negative or non-finite scale: {table[name]}")
-        layer.static_scales = scales.clamp_min(SCALE_FLOOR)  # design.md 1: s has a floor of 1e-8 (0 -> 0/0 = NaN)
+        # docs/design.md section 1: s has a floor of 1e-8 (0 -> 0/0 = NaN)
+        layer.static_scales = scales.clamp_min(SCALE_FLOOR)
     unet.modiff_num_train_timesteps = num_train_timesteps
 
 
-def _set_bucket_from_timestep(unet: nn.Module, args: tuple, kwargs: dict) -> None:
+def _before_call(unet: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a quantized UNet (docs/design.md section 1, "trajectories"):
+    - refuses NaN/Inf inputs before they reach (and poison) the caches;
+    - a timestep above the previous call's means a new trajectory (every sampler's timesteps are
+      non-increasing within one), so the caches are reset: a diffusers pipeline called twice with the
+      same generator gives the same images;
+    - picks the static-scale bucket of this timestep."""
     t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
     if t is None:
         return
     t = t.flatten()[0].item() if torch.is_tensor(t) else float(t)
+    if not torch.jit.is_tracing():
+        sample = kwargs.get("sample", args[0] if args else None)
+        ehs = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        for what, x in (("sample", sample), ("encoder_hidden_states", ehs)):
+            if torch.is_tensor(x) and x.is_floating_point() and not torch.isfinite(x).all():
+                raise MoDiffError(f"input '{what}' contains NaN or Inf; the MoDiff caches were left unchanged")
+        if not math.isfinite(t):
+            raise MoDiffError(f"timestep {t} is not finite")
+        last = getattr(unet, "modiff_last_timestep", None)
+        if last is not None and t > last and not any(layer.phase for layer in modiff_layers(unet)):
+            reset_caches(unet)
+        unet.modiff_last_timestep = t
     T = getattr(unet, "modiff_num_train_timesteps", 1000)
     for layer in modiff_layers(unet):
         n = max(1, layer.static_scales.numel())

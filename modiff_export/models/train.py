@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..evaluation.metrics import ASSETS, CLASSIFIER_FILE, DigitsClassifier
+from ..fsutil import atomic_write_text
 from .data import digits_split, random_shift
-from .manifest import atomic_write_text
-from .metrics import ASSETS, CLASSIFIER_FILE, DigitsClassifier
 
 UNET_CONFIG = dict(
     sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
@@ -82,7 +82,8 @@ def train_unet(steps: int = 2000, seed: int = 0, out: Path = ASSETS, batch_size:
     return time.time() - t0
 
 
-def train_classifier(epochs: int = 30, seed: int = 0, out: Path = ASSETS, batch_size: int = 64, threads: int = 1) -> float:
+def train_classifier(epochs: int = 30, seed: int = 0, out: Path = ASSETS, batch_size: int = 64,
+                     threads: int = 1) -> float:
     """The metrics classifier (train split only, with shift augmentation). Returns test accuracy."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

@@ -18,13 +18,15 @@ DequantizeLinear stays where other nodes (the a_hat update) still read it.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph_passes import constants, producers, remove_unused
+from ..manifest import Manifest
+from .passes import constants, producers, remove_unused
 
 
 def _is_unit_qdq(node, consts) -> bool:
@@ -112,7 +114,8 @@ def rewrite_integer_ops(model: onnx.ModelProto) -> int:
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         else:
             w = codes
-            trans_b = node.op_type == "Gemm" and helper.get_attribute_value(attrs["transB"]) if "transB" in attrs else False
+            trans_b = (node.op_type == "Gemm" and helper.get_attribute_value(attrs["transB"])
+                       if "transB" in attrs else False)
             if node.op_type == "Gemm":
                 alpha = helper.get_attribute_value(attrs["alpha"]) if "alpha" in attrs else 1.0
                 beta = helper.get_attribute_value(attrs["beta"]) if "beta" in attrs else 1.0
@@ -232,21 +235,13 @@ def rewrite(model: onnx.ModelProto, method: str = "fold") -> int:
     return n
 
 
-def apply_to_folder(folder: str | Path, roles=("prime", "step"), method: str = "fold") -> dict[str, int]:
-    """Rewrite the graphs of an exported folder in place (each via a temp file + rename) and record
-    "target": "ort" in its manifest. Returns {graph file: layers rewritten}."""
-    import json
-    import os
-
-    from .manifest import MANIFEST_NAME, write_manifest
-
+def apply_to_folder(folder: str | Path, manifest: Manifest, method: str = "fold") -> Manifest:
+    """Rewrite the graphs of a folder being exported (each via a temp file + rename) and return its
+    manifest with target "ort" and what was rewritten (variant = {"method", "rewritten_layers"})."""
     folder = Path(folder)
-    manifest = json.loads((folder / MANIFEST_NAME).read_text())
     done = {}
-    for role in roles:
-        name = manifest["graphs"].get(role)
-        if not name:
-            continue
+    for role in manifest.roles:
+        name = manifest.graphs[role]
         path = folder / name
         model = onnx.load(str(path))
         n = rewrite(model, method)
@@ -260,7 +255,19 @@ def apply_to_folder(folder: str | Path, roles=("prime", "step"), method: str = "
                 onnx.save_model(model, str(tmp))
             onnx.checker.check_model(str(tmp))
             os.replace(tmp, path)
-    manifest["target"] = "ort"
-    manifest["ort_variant"] = {"method": method, "rewritten_layers": done}
-    write_manifest(folder, manifest)
-    return done
+    return manifest.replace(target="ort", variant={"method": method, "rewritten_layers": done})
+
+
+def write_variant(src: str | Path, out: str | Path, method: str = "fold", overwrite: bool = False) -> Manifest:
+    """The `--target ort` variant of an exported folder, written as a new folder `out` (atomically)."""
+    import shutil
+
+    from ..fsutil import atomic_folder
+
+    manifest = Manifest.load(src)
+    with atomic_folder(out, overwrite) as tmp:
+        for name in manifest.graph_files(src):
+            shutil.copyfile(Path(src) / name, tmp / name)
+        manifest = apply_to_folder(tmp, manifest, method).with_digests(tmp)
+        manifest.write(tmp)
+    return manifest

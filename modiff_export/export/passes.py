@@ -78,8 +78,10 @@ def quantize_weight_constants(model: onnx.ModelProto, layers) -> int:
             wname, attrs = f"{prefix}.int8", {"axis": 1 if transposed else 0}
             zero = np.zeros(scale.shape, np.int8)
         else:
-            if wq.ndim != 2 or scale.ndim != 2 or scale.shape[0] != wq.shape[0] or scale.shape[1] * block != wq.shape[1]:
-                raise ValueError(f"{name}: block scale {scale.shape} does not fit weight {wq.shape} with block size {block}")
+            fits = wq.ndim == 2 and scale.ndim == 2 and scale.shape[0] == wq.shape[0]
+            if not fits or scale.shape[1] * block != wq.shape[1]:
+                raise ValueError(f"{name}: block scale {scale.shape} does not fit weight {wq.shape} "
+                                 f"with block size {block}")
             full = np.repeat(scale, block, axis=1)
             codes = np.rint(wq / full)
             if codes.min() < -8 or codes.max() > 7:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import atomic_folder
+from ..fsutil import atomic_folder
 
 
 def tile(images, nrow: int = 4, pad: int = 1) -> np.ndarray:
@@ -81,7 +81,8 @@ def quality_figure(results: dict, path: Path) -> Path:
     bits = results["bits"]
     x = np.arange(len(bits))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, label in ((axes[0], "fd", "FD-digits (lower is better)"), (axes[1], "psnr", "PSNR to FP32, dB (higher is better)")):
+    for ax, key, label in ((axes[0], "fd", "FD-digits (lower is better)"), (axes[1], "psnr",
+                                                                            "PSNR to FP32, dB (higher is better)")):
         for mode, style in (("ptq", "o--"), ("modiff", "s-")):
             ys = [q.get(f"{mode}-{b.lower()}", {}).get(key, np.nan) for b in bits]
             ax.plot(x, ys, style, label="PTQ" if mode == "ptq" else "MoDiff")
@@ -118,16 +119,19 @@ def _si(n: float) -> str:
 
 
 def table(head: list[str], rows: list[list]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return ["| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head)] + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
 
 
 def quality_table(results: dict) -> list[str]:
     return table(["config", "FD-digits", "classifier confidence", "PSNR to FP32 (dB)"],
-                 [[r["config"], _fmt(r["fd"]), _fmt(r["confidence"], ".3f"), _fmt(r["psnr"])] for r in results["quality"]])
+                 [[r["config"], _fmt(r["fd"]), _fmt(r["confidence"], ".3f"),
+                   _fmt(r["psnr"])] for r in results["quality"]])
 
 
 def parity_table(results: dict) -> list[str]:
-    return table(["config", "ORT vs PyTorch image PSNR (dB)", "max abs diff, final images", "max abs diff, noise_pred over all steps"],
+    return table(["config", "ORT vs PyTorch image PSNR (dB)", "max abs diff, final images",
+                  "max abs diff, noise_pred over all steps"],
                  [[r["config"], _fmt(r["psnr"]), _fmt(r["max_abs_image"], ".2e"), _fmt(r["max_abs_eps"], ".2e")]
                   for r in results["parity"]])
 
@@ -135,9 +139,11 @@ def parity_table(results: dict) -> list[str]:
 def cost_table(results: dict) -> list[str]:
     rows = results["cost"]
     fp = next((r for r in rows if r["config"] == "fp"), rows[0])
-    graphs = sorted({g for r in rows for g in r.get("latency", {})}, key=lambda g: ["prime", "step", "prime (ort)", "step (ort)"].index(g) if g in ["prime", "step", "prime (ort)", "step (ort)"] else 9)
+    order = ["prime", "step", "prime (ort)", "step (ort)"]
+    graphs = sorted({g for r in rows for g in r.get("latency", {})}, key=lambda g: order.index(g) if g in order else 9)
     fp_lat = fp.get("latency", {}).get("prime")
-    head = ["config", "GBOPs / call (prime, step)", "GBOPs / trajectory", "vs FP32", "weight bytes", "cache bytes / sample"]
+    head = ["config", "GBOPs / call (prime, step)", "GBOPs / trajectory", "vs FP32", "weight bytes",
+            "cache bytes / sample"]
     head += [f"ORT ms / call, {g} (x FP32)" for g in graphs]
     out = []
     for r in rows:
@@ -154,14 +160,15 @@ def cost_table(results: dict) -> list[str]:
 def speed_table(results: dict) -> list[str]:
     s = results["speed"]
     ref = dict(s["rows"])[s["ref"]]
-    return table(["graph (ONNX Runtime CPU, batch %d)" % s["batch"], "ms / call", "x FP32"],
+    return table([f"graph (ONNX Runtime CPU, batch {s['batch']})", "ms / call", "x FP32"],
                  [[g, f"{t * 1e3:.1f}", f"{t / ref:.2f}"] for g, t in s["rows"]])
 
 
-def build_report(folder: str | os.PathLike, results: dict) -> Path:
-    """Write report.md + grid.png + quality.png into `folder` (built in a temp folder, then renamed)."""
+def build_report(folder: str | os.PathLike, results: dict, overwrite: bool = False) -> Path:
+    """Write report.md + grid.png + quality.png into `folder` (built in a temp folder, then renamed;
+    an existing folder is replaced only with `overwrite`)."""
     folder = Path(folder)
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, overwrite) as tmp:
         grid_figure(results, tmp / "grid.png")
         quality_figure(results, tmp / "quality.png")
         st = results.get("settings", {})

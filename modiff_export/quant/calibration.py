@@ -1,5 +1,5 @@
 """Calibration: static delta scales per layer and timestep bucket, and per-channel weight clipping
-(design.md sections 1 and 3).
+(docs/design.md section 2).
 
     calibrate(model, config, ...)          -> the calibration file's content (a dict)
     write_calibration(path, data)          -> temp file + rename
@@ -41,11 +41,18 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, QuantConfig
-from .errors import ModiffExportError
-from .manifest import atomic_write_text
-from .quantization import (SCALE_FLOOR, fake_quantize, modiff_layers, qmax_for, quantize, set_static_scales,
-                           timestep_bucket)
+from ..config import ConfigError, QuantConfig
+from ..errors import ModiffExportError
+from ..fsutil import atomic_write_text
+from .quantization import (
+    SCALE_FLOOR,
+    fake_quantize,
+    modiff_layers,
+    qmax_for,
+    quantize,
+    set_static_scales,
+    timestep_bucket,
+)
 
 SCHEMA = "modiff-export/calibration"
 SCHEMA_VERSION = 1
@@ -209,10 +216,9 @@ def observe(model, config: QuantConfig, *, scheduler: str = "ddim", steps: int =
             guidance_scale: float = 1.0, in_place: bool = False, progress: bool = True) -> Observations:
     """Run calibration trajectories for `model` (a models.LoadedModel) under `config` (with dynamic
     scales) and collect the statistics. The UNet is copied first unless in_place=True."""
-    from tqdm import tqdm
 
-    from .backends.torch_runner import TorchRunner
-    from .sampling import generate, make_scheduler
+    from ..backends.torch_runner import TorchRunner
+    from ..sampling import run_batches
 
     if config.mode == "fp":
         raise CalibrationError("mode 'fp' quantizes nothing; calibrate with --mode modiff or ptq")
@@ -236,17 +242,9 @@ def observe(model, config: QuantConfig, *, scheduler: str = "ddim", steps: int =
         layer.observer = obs
     runner = TorchRunner(unet)
     t0 = time.time()
-    try:
-        starts = list(range(0, samples, batch_size))
-        for i, start in enumerate(tqdm(starts, desc=f"calibrate {config.tag}", unit="batch", disable=not progress)):
-            b = min(batch_size, samples - start)
-            ehs = unc = None
-            if model.conditional:  # random encoder states, as sampling.sample_model does
-                g = torch.Generator().manual_seed(int(seed) + i + 1_000_003)
-                ehs = torch.randn((b, model.encoder_seq_len, model.cross_attention_dim), generator=g)  # [B, S, D]
-                unc = torch.zeros_like(ehs)
-            sched = make_scheduler(scheduler, model.scheduler_config)
-            generate(runner, sched, steps, b, int(seed) + i, model.sample_shape, ehs, unc, guidance_scale, progress=False)
+    try:  # the trajectories of sampling's own batch loop; the observer records every delta
+        run_batches(runner, model, scheduler, steps, samples, batch_size, seed, guidance_scale, progress,
+                    desc=f"calibrate {config.tag}")
     finally:
         hook.remove()
         for layer in layers:
@@ -286,13 +284,19 @@ def _short(h) -> str:
     return f"{algo}:{hexpart[:12]}" if hexpart else h[:12]
 
 
+def _positive_number(v) -> bool:
+    """A finite number > 0 (JSON true/false are not numbers here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 def _validate(d, path: Path) -> None:
     def need(cond, what):
         if not cond:
             raise CalibrationError(f"{path}: {what}")
 
     need(isinstance(d, dict), "not a calibration file (expected a JSON object)")
-    need(d.get("schema") == SCHEMA, f"schema is {d.get('schema')!r}, expected {SCHEMA!r} (a file from `cli.py calibrate`)")
+    need(d.get("schema") == SCHEMA,
+         f"schema is {d.get('schema')!r}, expected {SCHEMA!r} (a file from `cli.py calibrate`)")
     need(d.get("schema_version") == SCHEMA_VERSION,
          f"schema_version {d.get('schema_version')!r} is not supported (this tool reads {SCHEMA_VERSION})")
     for key in ("provenance", "scales", "weight_clips"):
@@ -301,14 +305,18 @@ def _validate(d, path: Path) -> None:
     for key in ("model_hash", "quant_config", "buckets", "num_train_timesteps"):
         need(key in p, f"provenance.{key} is missing; the file is damaged")
     n = p["buckets"]
-    need(isinstance(n, int) and n >= 1, f"provenance.buckets={n!r}; expected an integer >= 1")
-    need(isinstance(p["num_train_timesteps"], int) and p["num_train_timesteps"] >= 1,
+    need(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+         f"provenance.buckets={n!r}; expected an integer >= 1")
+    need(isinstance(p["num_train_timesteps"], int) and not isinstance(p["num_train_timesteps"], bool)
+         and p["num_train_timesteps"] >= 1,
          f"provenance.num_train_timesteps={p['num_train_timesteps']!r}; expected an integer >= 1")
+    need(set(d["weight_clips"]) <= set(d["scales"]) or not d["scales"],
+         "weight_clips names layers that have no scales; the file is damaged")
     for name, s in d["scales"].items():
-        need(isinstance(s, list) and len(s) == n and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in s),
+        need(isinstance(s, list) and len(s) == n and all(_positive_number(v) for v in s),
              f"scales[{name!r}] must be {n} positive finite numbers (one per bucket), got {str(s)[:80]}")
     for name, c in d["weight_clips"].items():
-        need(isinstance(c, list) and c and all(isinstance(v, (int, float)) and 0 < v <= 1 for v in c),
+        need(isinstance(c, list) and c and all(_positive_number(v) and v <= 1 for v in c),
              f"weight_clips[{name!r}] must be ratios in (0, 1], got {str(c)[:80]}")
 
 
@@ -388,7 +396,8 @@ def load_calibration(path: str | Path, model_hash: str | None, config: QuantConf
     except (OSError, UnicodeDecodeError) as e:
         raise CalibrationError(f"{path}: unreadable ({type(e).__name__})") from None
     except json.JSONDecodeError as e:
-        raise CalibrationError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the file is truncated or damaged") from None
+        raise CalibrationError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the file is truncated or "
+                               f"damaged") from None
     _validate(data, path)
     try:
         cal = Calibration(path, data)

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import ModiffExportError
+from ..errors import ModiffExportError
+from ..models.loading import ASSETS  # noqa: E402
 
-ASSETS = Path(__file__).parent / "assets" / "digits"
 CLASSIFIER_FILE = "classifier.safetensors"
 
 
@@ -77,7 +77,7 @@ class DigitsEvaluator:
     """FD-digits and confidence of generated digits against the held-out test split."""
 
     def __init__(self, folder: str | Path = ASSETS):
-        from .data import digits_split
+        from ..models.data import digits_split
 
         self.classifier = load_classifier(folder)
         self.real, self.real_labels = digits_split("test")  # [N, 1, 16, 16], [N]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -21,11 +20,13 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from . import graph_passes
-from .config import QuantConfig
-from .errors import ModiffExportError
-from .manifest import BATCH, SCHEMA, SCHEMA_VERSION, atomic_folder, write_manifest
-from .quantization import list_caches, modiff_layers, quantize, reset_caches, set_static_scales
+from ..config import QuantConfig
+from ..errors import ModiffExportError
+from ..fsutil import atomic_folder, check_writable
+from ..manifest import BATCH, CacheSpec, LayerInfo, Manifest, ScaleTable, TensorSpec
+from ..models.loading import LoadedModel
+from ..quant.quantization import list_caches, modiff_layers, quantize, reset_caches, set_static_scales
+from . import passes as graph_passes
 
 DEFAULT_OPSET = 17
 BLOCK_QUANT_OPSET = 21  # DequantizeLinear block_size and the INT4 type
@@ -34,22 +35,6 @@ PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # leave headroom under protobuf's 2
 
 class ExportError(ModiffExportError):
     pass
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the exporter needs to know about the model besides its modules."""
-
-    name: str
-    content_hash: str
-    sample_shape: tuple[int, int, int]  # (C, H, W)
-    cross_attention_dim: int | None = None
-    encoder_seq_len: int | None = None
-    scheduler_config: dict | None = None  # lets `sample --backend ort|trt` run from the folder alone
-
-    @property
-    def conditional(self) -> bool:
-        return self.cross_attention_dim is not None
 
 
 def _cache_names(layer: str, kind: str) -> tuple[str, str]:
@@ -112,31 +97,44 @@ def _spec(name: str, shape, dtype: str) -> dict:
     return {"name": name, "shape": list(shape), "dtype": dtype}
 
 
-def export_model(unet: nn.Module, info: ModelInfo, config: QuantConfig, out: str | Path, *,
+def export_model(model: LoadedModel, config: QuantConfig, out: str | Path, *,
                  scales: dict | None = None, weight_clips: dict[str, list[float]] | None = None,
-                 cache_dtype: str = "float32", opset: int = DEFAULT_OPSET,
-                 overwrite: bool = False, progress: bool = True) -> dict:
-    """Quantize `unet` (in place) with `config` and write graphs + manifest.json into `out`.
+                 cache_dtype: str = "float32", opset: int = DEFAULT_OPSET, target: str = "trt",
+                 overwrite: bool = False, progress: bool = True) -> Manifest:
+    """Quantize `model.unet` (in place: pass `model.copy()` to keep it) with `config` and write graphs
+    + manifest.json into `out` (docs/design.md section 3).
 
     weight_clips: {layer: [clip ratio per output channel]} from calibration.
     scales: for scale_mode="static", {"n_buckets", "num_train_timesteps", "table": {layer: [s]},
             "source": path}; one bucket becomes constants, several become a `delta_scales` input.
-    Returns the manifest. The folder appears only when everything succeeded.
+    target: "trt" (explicit Q/DQ, as TensorRT wants) or "ort" (rewritten for ONNX Runtime CPU by
+            ort_variant.py before the folder appears).
+    Returns the manifest. The folder appears only when everything succeeded; an existing `out` is
+    replaced only with `overwrite` (atomically: see fsutil.atomic_folder).
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+    out = check_writable(out, overwrite)
+    unet, info = model.unet, model
+    if unet is None:
+        raise ExportError(f"model {model.name!r} has no weights loaded; export needs the UNet itself")
     if cache_dtype not in ("float32", "float16"):
         raise ExportError(f"cache dtype {cache_dtype!r} not in ['float32', 'float16']")
     if config.weight_block_size is not None and opset < BLOCK_QUANT_OPSET:
         raise ExportError(f"weight_block_size={config.weight_block_size} (INT4 block-quantized weights) needs "
-                          f"opset >= {BLOCK_QUANT_OPSET} (DequantizeLinear block_size), got opset {opset}; pass --opset 21")
+                          f"opset >= {BLOCK_QUANT_OPSET} (DequantizeLinear block_size), got opset {opset}; "
+                          f"pass --opset 21")
     if config.scale_mode == "static" and scales is None:
         raise ExportError("scale_mode='static' needs a calibration file (--calibration)")
     unet = quantize(unet, config).eval()
     for layer in modiff_layers(unet):  # calibrated per-channel weight clipping (MSE search)
-        if weight_clips and layer.name in weight_clips and not layer.skipped:
-            layer.set_weight_clip(torch.tensor(weight_clips[layer.name], dtype=torch.float32))
+        if weight_clips is None or layer.skipped:
+            continue
+        clip = weight_clips.get(layer.name)
+        n_out = layer.inner.weight.shape[0]
+        if clip is None or len(clip) != n_out:
+            got = "no entry" if clip is None else f"{len(clip)} ratios"
+            raise ExportError(f"calibration weight clips for layer {layer.name}: {got}, expected {n_out} (one per "
+                              f"output channel); the calibration file does not fit this model and config")
+        layer.set_weight_clip(torch.tensor(clip, dtype=torch.float32))
     n_buckets = 1
     if scales is not None and config.mode != "fp":
         set_static_scales(unet, scales["table"], scales.get("num_train_timesteps", 1000))
@@ -169,6 +167,8 @@ def export_model(unet: nn.Module, info: ModelInfo, config: QuantConfig, out: str
         cin, cout = _cache_names(e.layer, e.kind)
         caches.append({"layer": e.layer, "kind": e.kind, "input": cin, "output": cout,
                        "shape": [BATCH, *e.shape[1:]], "dtype": cache_dtype})
+    if target not in ("trt", "ort"):
+        raise ExportError(f"target {target!r} not in ['trt', 'ort']")
     out_ch = int(getattr(unet.config, "out_channels", C))
     outputs = [_spec("noise_pred", (BATCH, out_ch, H, W), "float32")]
     step_extra = []
@@ -178,43 +178,45 @@ def export_model(unet: nn.Module, info: ModelInfo, config: QuantConfig, out: str
     io_shapes = {s["name"]: s["shape"] for s in inputs + outputs + step_extra}
     io_shapes.update({c[k]: c["shape"] for c in caches for k in ("input", "output")})
 
-    with atomic_folder(out) as tmp:
-        roles = ["prime", "step"] if has_step else ["prime"]
+    roles = ["prime", "step"] if has_step else ["prime"]
+    manifest = Manifest(
+        model=info.info, quant_config=config, opset=opset, cache_dtype=cache_dtype,
+        graphs={"prime": "prime.onnx", "step": "step.onnx" if has_step else None},
+        inputs=tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in inputs),
+        outputs=tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in outputs),
+        caches=tuple(CacheSpec(**{**c, "shape": tuple(c["shape"])}) for c in caches),
+        step_extra_inputs=tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in step_extra),
+        layers=tuple(LayerInfo(**_layer_entry(layer)) for layer in modiff_layers(unet)),
+        scales=None if scales is None else ScaleTable(
+            str(scales.get("source", "")), int(scales["n_buckets"]), int(scales.get("num_train_timesteps", 1000)),
+            tuple(layer.name for layer in quantized), {k: tuple(v) for k, v in scales["table"].items()}))
+    with atomic_folder(out, overwrite) as tmp:
         bar = tqdm(roles, desc=f"export {config.tag}", disable=not progress, unit="graph")
         for role in bar:
             bar.set_postfix_str(role)
-            _trace(unet, info, role, args, inputs, step_extra, caches, scales, cache_dtype, opset, tmp / f"{role}.onnx", io_shapes)
-        manifest = {
-            "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-            "model": {"name": info.name, "class": type(unet).__name__, "content_hash": info.content_hash,
-                      "in_channels": C, "out_channels": out_ch,
-                      "sample_size": [H, W], "cross_attention_dim": info.cross_attention_dim,
-                      "encoder_seq_len": info.encoder_seq_len if info.conditional else None,
-                      "scheduler_config": info.scheduler_config},
-            "quant_config": config.to_dict(), "opset": opset, "cache_dtype": cache_dtype,
-            "graphs": {"prime": "prime.onnx", "step": "step.onnx" if has_step else None},
-            "inputs": inputs, "outputs": outputs,
-            "caches": caches, "step_extra_inputs": step_extra,
-            "layers": [_layer_entry(l) for l in modiff_layers(unet)],
-            "scales": None if scales is None else {**scales, "layers": [l.name for l in quantized]},
-            "batch_axis": BATCH,
-        }
-        write_manifest(tmp, manifest)
+            _trace(unet, role, args, inputs, step_extra, caches, scales, cache_dtype, opset, tmp / f"{role}.onnx",
+                   io_shapes, info.conditional)
+        if target == "ort":
+            from .ort_variant import apply_to_folder
+
+            manifest = apply_to_folder(tmp, manifest)
+        manifest = manifest.with_digests(tmp)
+        manifest.write(tmp)
     return manifest
 
 
 def _layer_entry(l) -> dict:
     w = l.inner.weight
     kind = "conv" if isinstance(l.inner, nn.Conv2d) else "linear"
-    return {"name": l.name, "kind": kind, "weight_shape": list(w.shape), "skipped": l.skipped,
+    return {"name": l.name, "kind": kind, "weight_shape": tuple(w.shape), "skipped": l.skipped,
             "weight_bits": None if l.skipped else l.weight_bits, "act_bits": None if l.skipped else l.act_bits,
             "cached": l.uses_cache, "weight_format": None if l.skipped else l.weight_format,
-            **({"weight_note": l.weight_note} if l.weight_note else {})}
+            "weight_note": l.weight_note or None}
 
 
-def _trace(unet, info, role, args, inputs, step_extra, caches, scales, cache_dtype, opset, path: Path,
-           io_shapes: dict[str, list]) -> None:
-    module = _GraphModule(unet, role, info.conditional, bool(step_extra), getattr(torch, cache_dtype))
+def _trace(unet, role, args, inputs, step_extra, caches, scales, cache_dtype, opset, path: Path,
+           io_shapes: dict[str, list], conditional: bool) -> None:
+    module = _GraphModule(unet, role, conditional, bool(step_extra), getattr(torch, cache_dtype))
     in_names = [s["name"] for s in inputs]
     out_names = ["noise_pred"] + [c["output"] for c in caches]
     call_args = list(args)

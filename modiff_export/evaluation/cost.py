@@ -1,5 +1,5 @@
 """Cost figures: MACs and bit operations (BOPs) per UNet call and per trajectory, weight and cache
-bytes, and ONNX Runtime latency per call.
+bytes (latency lives in modiff_export/harness/latency.py).
 
 BOPs follow the quantized-network literature the paper belongs to (e.g. "Q-Diffusion", "PTQ4DM",
 and the BOPs of "Differentiable Quantization" / van Baalen et al.): for every Conv2d/Linear,
@@ -14,11 +14,13 @@ MoDiff: the prime call runs every layer at full-precision activations x quantize
 """
 from __future__ import annotations
 
-import time
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from ..manifest import Manifest
 
 FP_BITS = 32
 
@@ -33,7 +35,7 @@ class LayerMacs:
 def count_macs(unet: nn.Module, *args, **kwargs) -> list[LayerMacs]:
     """MACs of every Conv2d/Linear (including the ones inside MoDiffLayer wrappers) for one call
     `unet(*args, **kwargs)`, from the real input shapes. Layers called twice are summed."""
-    from .quantization import MoDiffLayer
+    from ..quant.quantization import MoDiffLayer
 
     totals: dict[str, list] = {}
     hooks = []
@@ -68,14 +70,6 @@ def count_macs(unet: nn.Module, *args, **kwargs) -> list[LayerMacs]:
     return [LayerMacs(n, k, v) for n, (k, v) in totals.items()]
 
 
-def layer_bits(manifest_layers: list[dict] | None, config) -> dict[str, tuple[int, int]]:
-    """{layer: (weight_bits, act_bits)} of the step call; fp and skipped layers are (32, 32)."""
-    out = {}
-    for l in manifest_layers or []:
-        out[l["name"]] = (FP_BITS, FP_BITS) if l["skipped"] else (l["weight_bits"], l["act_bits"])
-    return out
-
-
 def bops_per_call(macs: list[LayerMacs], config, phase: str = "step") -> int:
     """BOPs of one UNet call under a QuantConfig.
 
@@ -106,99 +100,13 @@ def bops_per_trajectory(macs: list[LayerMacs], config, steps: int) -> int:
     return primes * bops_per_call(macs, config, "prime") + (steps - primes) * bops_per_call(macs, config, "step")
 
 
-def weight_bytes(manifest: dict) -> int:
+def weight_bytes(manifest: Manifest) -> int:
     """Bytes of the Conv/Linear weights as stored: int8 containers (1 byte/weight) for quantized
     layers, 4 bytes for full-precision ones (fp config or skipped layers). Biases, norms excluded."""
-    total = 0
-    for l in manifest["layers"]:
-        n = 1
-        for d in l["weight_shape"]:
-            n *= int(d)
-        total += n * (4 if l["skipped"] else 1)
-    return total
+    return sum(math.prod(layer.weight_shape) * (4 if layer.skipped else 1) for layer in manifest.layers)
 
 
-def packed_weight_bytes(manifest: dict) -> int:
+def packed_weight_bytes(manifest: Manifest) -> int:
     """The same weights at their nominal bit width (4-bit weights packed two per byte)."""
-    total = 0
-    for l in manifest["layers"]:
-        n = 1
-        for d in l["weight_shape"]:
-            n *= int(d)
-        total += n * (32 if l["skipped"] else l["weight_bits"]) // 8
-    return total
-
-
-# -- ONNX Runtime latency ----------------------------------------------------------------------------
-def make_session(path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # as OrtRunner
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def session_feeds(session, batch: int, seed: int = 0) -> dict:
-    """Random feeds for every input of a session at `batch` (caches and scales included)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for i in session.get_inputs():
-        shape = [batch if not isinstance(d, int) else d for d in i.shape]
-        dtype = np.float16 if "float16" in i.type else np.float32
-        if i.name == "timestep":
-            feeds[i.name] = np.full(shape, 500.0, dtype)
-        elif i.name == "delta_scales":
-            feeds[i.name] = np.full(shape, 0.01, dtype)
-        else:
-            feeds[i.name] = rng.standard_normal(shape).astype(dtype) * (0.05 if i.name.startswith("cache_in") else 1.0)
-    return feeds
-
-
-def measure_latency(sessions: dict, feeds: dict, rounds: int = 5, warmup: int = 2, min_time: float = 0.0) -> dict:
-    """Median seconds per call of each session, interleaved (round r runs every session once), so
-    all of them see the same machine load. sessions/feeds: {name: session} / {name: feed dict}."""
-    import statistics
-
-    for name, s in sessions.items():
-        for _ in range(warmup):
-            s.run(None, feeds[name])
-    times = {name: [] for name in sessions}
-    r = 0
-    start = time.perf_counter()
-    while r < rounds or time.perf_counter() - start < min_time:
-        for name, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, feeds[name])
-            times[name].append(time.perf_counter() - t0)
-        r += 1
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
-def cpu_int8_flags() -> dict[str, bool]:
-    """Which int8-relevant x86 instruction sets /proc/cpuinfo reports."""
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        text = ""
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags |= set(line.split(":", 1)[1].split())
-    return {f: f in flags for f in ("avx512_vnni", "avx_vnni", "avx512bw", "avx2")}
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
+    return sum(math.prod(layer.weight_shape) * (32 if layer.skipped else layer.weight_bits) // 8
+               for layer in manifest.layers)

@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -13,14 +15,15 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModiffExportError
+from ..errors import ModiffExportError
+from ..manifest import DEFAULT_SCHEDULER_CONFIG, ModelInfo
 
-ASSETS = Path(__file__).parent / "assets" / "digits"
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "digits"  # the shipped digits model (the only definition)
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-DEFAULT_SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
 DEFAULT_SEQ_LEN = 77  # CLIP text length; conditional UNets get random encoder states of [B, 77, D]
-EXPECTED = f"a diffusers UNet folder ({'/'.join(UNET_CLASSES)}: config.json + {WEIGHTS}) or a pipeline folder with unet/"
+EXPECTED = (f"a diffusers UNet folder ({'/'.join(UNET_CLASSES)}: config.json + {WEIGHTS}) "
+            f"or a pipeline folder with unet/")
 
 
 class ModelError(ModiffExportError):
@@ -29,7 +32,10 @@ class ModelError(ModiffExportError):
 
 @dataclass
 class LoadedModel:
-    unet: torch.nn.Module           # eval mode, float32
+    """A UNet with what the pipeline needs to know about it (unet is None when only the metadata of an
+    exported model is known, e.g. read from a manifest)."""
+
+    unet: torch.nn.Module | None    # eval mode, float32
     name: str
     scheduler_config: dict
     content_hash: str               # "sha256:<hex>"
@@ -37,6 +43,44 @@ class LoadedModel:
     sample_shape: tuple[int, int, int]  # (C, H, W)
     cross_attention_dim: int | None
     encoder_seq_len: int | None
+    out_channels: int | None = None
+
+    @classmethod
+    def from_unet(cls, unet: torch.nn.Module, name: str, scheduler_config: dict | None = None) -> "LoadedModel":
+        """Describe an in-memory diffusers UNet (shapes from its config, identity from its weights)."""
+        cfg = unet.config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        conditional = hasattr(cfg, "cross_attention_dim") and type(unet).__name__ != "UNet2DModel"
+        cad = cfg.cross_attention_dim if conditional else None
+        if isinstance(cad, (list, tuple)):
+            cad = cad[0]
+        return cls(unet=unet, name=name, scheduler_config=dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG),
+                   content_hash=content_hash(unet), conditional=conditional,
+                   sample_shape=(int(cfg.in_channels), int(h), int(w)), cross_attention_dim=cad,
+                   encoder_seq_len=DEFAULT_SEQ_LEN if conditional else None,
+                   out_channels=int(getattr(cfg, "out_channels", None) or cfg.in_channels))
+
+    @classmethod
+    def from_info(cls, info: ModelInfo) -> "LoadedModel":
+        """Shapes, scheduler and identity of an exported model (no weights): what sampling needs to
+        drive an ONNX Runtime / OpenVINO / TensorRT runner."""
+        return cls(unet=None, name=info.name, scheduler_config=dict(info.scheduler_config),
+                   content_hash=info.content_hash, conditional=info.conditional, sample_shape=info.sample_shape,
+                   cross_attention_dim=info.cross_attention_dim, encoder_seq_len=info.encoder_seq_len,
+                   out_channels=info.out_channels)
+
+    @property
+    def info(self) -> ModelInfo:
+        """The manifest's description of this model."""
+        C, H, W = self.sample_shape
+        return ModelInfo(self.name, type(self.unet).__name__ if self.unet is not None else "UNet", self.content_hash,
+                         C, self.out_channels or C, (H, W), self.cross_attention_dim, self.encoder_seq_len,
+                         dict(self.scheduler_config))
+
+    def copy(self) -> "LoadedModel":
+        """The same model with its own copy of the weights (export and quantize consume the UNet)."""
+        return dataclasses.replace(self, unet=copy.deepcopy(self.unet))
 
 
 def content_hash(unet: torch.nn.Module) -> str:
@@ -87,23 +131,9 @@ def load_model(spec: str) -> LoadedModel:
         raise ModelError(f"{unet_dir / WEIGHTS}: cannot load {cls_name} ({msg})") from None
     unet = unet.float().eval().requires_grad_(False)
     sched = _read_json(sched_path, "scheduler config") if sched_path.is_file() else dict(DEFAULT_SCHEDULER_CONFIG)
-    size = unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    conditional = cls is UNet2DConditionModel
-    cad = unet.config.cross_attention_dim if conditional else None
-    if isinstance(cad, (list, tuple)):
-        cad = cad[0]
-    return LoadedModel(unet=unet, name=name, scheduler_config=sched, content_hash=content_hash(unet),
-                       conditional=conditional, sample_shape=(unet.config.in_channels, h, w),
-                       cross_attention_dim=cad, encoder_seq_len=DEFAULT_SEQ_LEN if conditional else None)
+    T = sched.get("num_train_timesteps", 1000)
+    if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= 100_000:
+        raise ModelError(f"{sched_path}: num_train_timesteps is {T!r}; expected an integer in 1..100000")
+    return LoadedModel.from_unet(unet, name, sched)
 
 
-def model_from_manifest(manifest: dict, source: str = "manifest") -> LoadedModel:
-    """Shapes, scheduler and identity of an exported model, read from its manifest (no weights):
-    what sampling needs to drive an ORT/TensorRT runner."""
-    m = manifest["model"]
-    H, W = m["sample_size"]
-    return LoadedModel(unet=None, name=m["name"], scheduler_config=m.get("scheduler_config") or dict(DEFAULT_SCHEDULER_CONFIG),
-                       content_hash=m["content_hash"], conditional=m.get("cross_attention_dim") is not None,
-                       sample_shape=(int(m["in_channels"]), int(H), int(W)),
-                       cross_attention_dim=m.get("cross_attention_dim"), encoder_seq_len=m.get("encoder_seq_len"))

@@ -1,0 +1,107 @@
+"""Shared CLI argument groups (Polygraphy style): each group defines its click options once and turns
+the parsed values into one typed object in one place.
+
+    @QUANT.options()            every QuantConfig field as an option
+    def export(..., **quant):
+        config = QUANT.config(quant)   # pops the group's values, returns a validated QuantConfig
+
+    @SAMPLING.options()         model / backend / folders / scheduler / steps / batch / seed / guidance
+"""
+from __future__ import annotations
+
+import click
+
+from ..config import GRANULARITIES, MODES, SCALE_MODES, QuantConfig
+from ..sampling import MAX_SEED, SCHEDULERS
+
+MAX_BATCH = 4096  # images per batch; far above what fits in memory for any real model
+MAX_SAMPLES = 100_000
+BACKEND_HELP = ("torch: PyTorch reference (quantizes --model); ort: ONNX Runtime on --graphs; "
+                "trt: TensorRT on --engines")
+
+
+class _Group:
+    """A named set of click options; `options(exclude=..., **defaults)` decorates a command."""
+
+    def __init__(self, specs: list[tuple[str, str, dict]]):
+        self.specs = specs  # (parameter name, option declaration, click.option kwargs)
+
+    def options(self, exclude: tuple[str, ...] = (), **overrides):
+        def decorate(f):
+            for name, decl, kwargs in reversed(self.specs):
+                if name in exclude:
+                    continue
+                kw = dict(kwargs)
+                if name in overrides:
+                    kw.update(overrides[name])
+                f = click.option(*decl.split(), name, **kw)(f)
+            return f
+
+        return decorate
+
+    def pop(self, values: dict) -> dict:
+        return {name: values.pop(name) for name, _, _ in self.specs if name in values}
+
+
+class _QuantGroup(_Group):
+    def config(self, values: dict, **fixed) -> QuantConfig:
+        """Pop this group's values from a command's kwargs and build the QuantConfig (fixed fields win)."""
+        v = {**self.pop(values), **fixed}
+        if "no_error_compensation" in v:
+            v["error_compensation"] = not v.pop("no_error_compensation")
+        for name in ("skip_layers", "int8_layers"):
+            if name in v:
+                v[name] = tuple(v[name])
+        return QuantConfig(**v)
+
+
+QUANT = _QuantGroup([
+    ("mode", "--mode", dict(type=click.Choice(MODES), default="modiff", show_default=True,
+                            help="fp: full precision; ptq: plain Q/DQ of inputs (baseline); "
+                                 "modiff: quantize the change of each input, caches as graph I/O.")),
+    ("weight_bits", "--weight-bits", dict(type=click.IntRange(2, 8), default=8, show_default=True,
+                                          help="Weight bits (symmetric, per output channel).")),
+    ("act_bits", "--act-bits", dict(type=click.IntRange(2, 8), default=8, show_default=True,
+                                    help="Activation (delta) bits; < 8 are exact inside int8 via Clip.")),
+    ("scale_mode", "--scale-mode", dict(type=click.Choice(SCALE_MODES), default="dynamic", show_default=True,
+                                        help="dynamic: per-sample absmax at run time; static: calibrated scales "
+                                             "(--calibration).")),
+    ("granularity", "--granularity", dict(type=click.Choice(GRANULARITIES), default="sample", show_default=True,
+                                          help="One activation scale per sample (batch-invariant) or per tensor "
+                                               "(the paper).")),
+    ("no_error_compensation", "--no-error-compensation",
+     dict(is_flag=True, help="Ablation: a_hat = x instead of a_hat + Q(delta).")),
+    ("keyframe_interval", "--keyframe-interval", dict(type=click.IntRange(1), default=None,
+                                                      help="Re-run the full-precision prime step every K steps.")),
+    ("skip_layers", "--skip-layers", dict(multiple=True, metavar="PATTERN",
+                                          help="Leave layers matching this fnmatch pattern in full precision "
+                                               "(repeatable; a pattern matching no layer is an error).")),
+    ("int8_layers", "--int8-layers", dict(multiple=True, metavar="PATTERN",
+                                          help="Keep layers matching this pattern at W8A8 (repeatable; a pattern "
+                                               "matching no layer is an error).")),
+    ("weight_block_size", "--weight-block-size",
+     dict(type=click.IntRange(2), default=None, metavar="N",
+          help="INT4 block quantization of Linear weights (N inputs per scale, e.g. 16..128; TensorRT weight-only "
+               "INT4); needs --weight-bits <= 4 (and --opset 21 to export).")),
+])
+
+SAMPLING = _Group([
+    ("model", "--model", dict(default=None, help="'digits' (embedded, the default) or a local diffusers UNet/pipeline "
+                                                 "folder. With a graph/engine folder the model comes from its "
+                                                 "manifest; --model then checks it is the same model.")),
+    ("backend", "--backend", dict(type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True,
+                                  help=BACKEND_HELP)),
+    ("graphs", "--graphs", dict(type=click.Path(file_okay=False), default=None,
+                                help="Graph folder from `cli.py export` (--backend ort).")),
+    ("engines", "--engines", dict(type=click.Path(file_okay=False), default=None,
+                                  help="Engine folder from `cli.py build-engine` (--backend trt).")),
+    ("scheduler", "--scheduler", dict(type=click.Choice(sorted(SCHEDULERS)), default="ddim", show_default=True,
+                                      help="diffusers scheduler (MoDiff never knows which one runs).")),
+    ("steps", "--steps", dict(type=click.IntRange(1, 1000), default=25, show_default=True, help="Sampling steps.")),
+    ("batch_size", "--batch-size", dict(type=click.IntRange(1, MAX_BATCH), default=16, show_default=True,
+                                        help="Images per batch.")),
+    ("seed", "--seed", dict(type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+                            help="Noise seed (batch i uses seed+i).")),
+    ("guidance_scale", "--guidance-scale", dict(type=click.FloatRange(0, 100), default=1.0, show_default=True,
+                                                help="Classifier-free guidance (conditional UNets; batch doubled).")),
+])

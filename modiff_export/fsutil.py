@@ -1,0 +1,160 @@
+"""Safe file writes (docs/design.md section 3, "Artifacts"): nothing is half-written, nothing the user
+owns is replaced unasked.
+
+    atomic_write_text(path, text)         temp file in the same folder, then one rename
+    atomic_folder(out, overwrite=False)   fill a temp sibling folder; on success it takes `out`'s place
+    sha256_file(path)                     "sha256:<hex>" of a file's bytes (artifact identity)
+    check_writable(path)                  fail before long work when an output cannot be written
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+from .errors import ModiffExportError
+
+TMP_TAG = ".modiff-tmp-"  # prefix of every temporary sibling this module creates
+
+
+class OutputError(ModiffExportError):
+    """An output location that cannot or must not be written."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+def check_writable(path: str | os.PathLike, overwrite: bool = False, kind: str = "folder") -> Path:
+    """Check, before any long work, that `path` can be created: it does not exist (or `overwrite`),
+    its nearest existing parent is a writable folder, and no file stands where a folder is needed."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise OutputError(f"{path} is a dangling symbolic link; remove it or choose another output")
+    if path.exists():
+        if not overwrite:
+            raise OutputError(f"{path} already exists; pass --overwrite to replace it")
+        if kind == "folder" and not path.is_dir():
+            raise OutputError(f"{path} exists and is not a folder; refusing to replace a file with a folder")
+        if kind == "file" and path.is_dir():
+            raise OutputError(f"{path} is a folder; expected a file path")
+    parent = path.parent
+    while not parent.exists():
+        if parent.is_symlink():
+            raise OutputError(f"{parent} is a dangling symbolic link; cannot create {path}")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{parent} is a file, so {path} cannot be created under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{parent} is not writable, so {path} cannot be created")
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename it into place."""
+    path = Path(path)
+    check_writable(path, overwrite=True, kind="file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_TAG}{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt while a folder is being written, so the cleanup below runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def clean_stale_temps(parent: Path, name: str) -> None:
+    """Remove temporary siblings of `name` left by a run that was killed (SIGKILL, power loss); an old
+    folder that was moved aside but never replaced is put back."""
+    for p in parent.glob(f"{TMP_TAG}{name}.*"):
+        try:
+            pid = int(p.name.rsplit(".", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        out = parent / name
+        if p.name.endswith(".old") and not (out.exists() or out.is_symlink()):
+            p.rename(out)  # killed between "old aside" and "new in": the old folder goes back
+        else:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary sibling of `out` to fill; on success it takes `out`'s place.
+
+    Without `overwrite`, an `out` that exists at the end (even one created meanwhile by someone else)
+    is never touched: the new folder is discarded with an error. With `overwrite`, the old folder is
+    first renamed aside, the new one renamed in, and only then the old one deleted, so an interrupt
+    at any moment leaves either the old or the new complete folder at `out`. On any error, Ctrl-C or
+    SIGTERM the temporary folder is removed; temporaries of killed runs are cleaned on the next run.
+    """
+    out = check_writable(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out.parent, out.name)
+    # same filesystem as `out`, so the renames are atomic; the pid lets a later run spot a dead writer
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_TAG}{out.name}.", suffix=f".{os.getpid()}.new", dir=out.parent))
+    old = None
+    try:
+        with _sigterm_as_interrupt():
+            yield tmp
+            tmp.chmod(0o755)
+            if out.exists() or out.is_symlink():
+                if not overwrite:
+                    raise OutputError(f"{out} appeared while this run was writing (another process?); "
+                                      f"it was left untouched; pass --overwrite to replace it")
+                old = out.with_name(f"{TMP_TAG}{out.name}.{os.getpid()}.old")
+                out.rename(old)
+            try:
+                os.rename(tmp, out)  # fails (instead of merging) if a folder appeared at `out` meanwhile
+            except OSError:
+                if old is not None and not out.exists():
+                    old.rename(out)
+                    old = None
+                raise OutputError(f"{out} appeared while this run was writing (another process?); "
+                                  f"it was left untouched") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

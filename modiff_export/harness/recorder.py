@@ -1,0 +1,44 @@
+"""Small helpers of the measuring harness: a runner wrapper that records calls, and a per-phase timer."""
+from __future__ import annotations
+
+import time
+
+
+class Recorder:
+    """Wraps a runner; keeps every call's inputs (calibration data for the peer) and outputs (parity)."""
+
+    def __init__(self, runner):
+        self.runner, self.inputs, self.outputs = runner, [], []
+
+    def reset(self):
+        self.runner.reset()
+
+    def __call__(self, sample, t, ehs=None):
+        out = self.runner(sample, t, ehs)
+        self.inputs.append((sample.clone(), float(t)))  # sample [B, C, H, W], one timestep per call
+        self.outputs.append(out.clone())
+        return out
+
+
+class Phases:
+    """Wall seconds per named phase: `with phases("export"): ...`; phases.seconds is {name: s}."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        return _Phase(self, name)
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())
+
+
+class _Phase:
+    def __init__(self, owner: Phases, name: str):
+        self.owner, self.name = owner, name
+
+    def __enter__(self):
+        self.t0 = time.time()
+
+    def __exit__(self, *exc):
+        self.owner.seconds[self.name] = self.owner.seconds.get(self.name, 0.0) + time.time() - self.t0

@@ -1,0 +1,136 @@
+"""The runner contract (docs/design.md section 4), one suite over every backend that runs here.
+
+Each backend is built for the same tiny UNet and W8A4 MoDiff config: `torch` quantizes it in memory,
+graph backends run its exported folder. TensorRT needs a GPU and is covered by tests/test_engine.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_cond_unet, build_tiny_unet, tiny_model
+
+from modiff_export.backends import make_runner
+from modiff_export.backends.base import RunnerError
+from modiff_export.config import QuantConfig
+from modiff_export.export.trace import export_model
+from modiff_export.quant.quantization import quantize
+
+CFG = QuantConfig(act_bits=4)
+BACKENDS = ["torch", "ort"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("contract")
+    export_model(tiny_model(build_tiny_unet()), CFG, root / "uncond", progress=False)
+    export_model(tiny_model(build_tiny_cond_unet(), "tiny-cond"), CFG, root / "cond", progress=False)
+    return root
+
+
+def make(backend: str, folders, kind: str = "uncond"):
+    if backend == "torch":
+        unet = build_tiny_unet() if kind == "uncond" else build_tiny_cond_unet()
+        return make_runner("torch", quantize(unet, CFG))
+    return make_runner(backend, folder=folders / kind)
+
+
+def trajectory(n: int, batch: int = 2, shape=(1, 16, 16), seed: int = 0):
+    """n smooth UNet inputs [B, C, H, W] at decreasing timesteps, as a sampler produces them."""
+    g = torch.Generator().manual_seed(seed)
+    x0, v = torch.randn(batch, *shape, generator=g), torch.randn(batch, *shape, generator=g)
+    return [(x0 + 0.05 * i * v, 900.0 - 40.0 * i) for i in range(n)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prime_step_reset_and_cache_keys(backend, folders):
+    runner = make(backend, folders)
+    (x0, t0), (x1, t1), (x2, t2) = trajectory(3)
+    assert runner.caches() == {} and runner.batch_size is None
+    with pytest.raises(RunnerError, match="step\\(\\) before prime"):
+        runner.step(x0, t0)
+    out = runner.prime(x0, t0)  # activates the runner on first use, whatever the backend
+    assert runner.is_active and out.shape == (2, 1, 16, 16) and out.dtype == torch.float32
+    caches = runner.caches()
+    assert caches and all(k.endswith((".a_hat", ".o_hat")) for k in caches)
+    if runner.manifest is not None:
+        assert list(caches) == runner.cache_keys  # manifest order
+    assert torch.allclose(caches["conv_in.a_hat"], x0)  # prime: a_hat is the input itself
+    runner.step(x1, t1)
+    assert not torch.allclose(runner.caches()["conv_in.a_hat"], x0) and runner.calls == 2
+    runner.reset()
+    assert runner.caches() == {} and runner.calls == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_outputs_across_backends(backend, folders):
+    """Every backend computes what the PyTorch reference computes (prime: float rounding only; steps:
+    rounding-tie code flips allowed, bounded by the quantization error, see tests/test_ort_parity.py)."""
+    ref, runner = make("torch", folders), make(backend, folders)
+    for i, (x, t) in enumerate(trajectory(4)):
+        a, b = ref(x, t), runner(x, t)
+        tol = 1e-4 if i == 0 else 0.05
+        assert (a - b).abs().max() <= tol * a.abs().max(), f"call {i}"
+    assert set(runner.caches()) == set(ref.caches())  # one cache per (layer, kind), named alike
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_new_trajectory_is_detected(backend, folders):
+    """A timestep above the last one, or another batch, starts a new trajectory in __call__ (no stale
+    caches); step() refuses both with a clear error."""
+    runner, fresh = make(backend, folders), make(backend, folders)
+    steps = trajectory(3)
+    for x, t in steps:
+        runner(x, t)
+    x_new, t_new = trajectory(1, seed=5)[0]
+    with pytest.raises(RunnerError, match="does not continue the trajectory"):
+        runner.step(x_new, t_new)
+    assert torch.equal(runner(x_new, t_new), fresh(x_new, t_new))  # same as a runner that never ran
+    assert runner.calls == 1
+    x3, t3 = trajectory(2, batch=3, seed=6)[1]
+    with pytest.raises(RunnerError, match="batch 3 does not match"):
+        runner.step(x3, t3)
+    assert runner(x3, t3).shape[0] == 3 and runner.calls == 1 and runner.batch_size == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs_leave_the_caches_alone(backend, folders):
+    runner = make(backend, folders)
+    (x0, t0), (x1, t1) = trajectory(2)
+    runner(x0, t0)
+    before = runner.caches()
+    bad = x1.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    cases = [((bad, t1), "contains NaN"), ((x1[:, :, :8], t1), "the model takes"),
+             ((x1[0], t1), "must be a \\[B, C, H, W\\]"), ((x1[:0], t1), "batch 0 is outside"),
+             ((x1, torch.zeros(3)), "'timestep' must be a scalar or \\[B=2\\]"),
+             ((x1, t1, torch.zeros(2, 77, 32)), "unconditional")]
+    for args, message in cases:
+        with pytest.raises(RunnerError, match=message):
+            runner.step(*args)
+    after = runner.caches()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conditional_checks(backend, folders):
+    runner = make(backend, folders, "cond")
+    x, t = trajectory(1, shape=(4, 8, 8))[0]
+    with pytest.raises(RunnerError, match="conditional; 'encoder_hidden_states' is required"):
+        runner(x, t)
+    if runner.encoder_shape is not None:  # graphs fix S and D; the PyTorch UNet takes any S
+        with pytest.raises(RunnerError, match="encoder_hidden_states"):
+            runner(x, t, torch.zeros(2, 5, 32))
+    runner(x, t, torch.zeros(2, 77, 32))
+    assert runner.calls == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lifecycle(backend, folders):
+    runner = make(backend, folders)
+    (x0, t0), (x1, t1) = trajectory(2)
+    with runner:
+        a = runner(x0, t0)
+        runner(x1, t1)
+    assert not runner.is_active and runner.batch_size is None  # deactivate ends the trajectory
+    assert torch.equal(runner(x0, t0), a) and runner.is_active  # reusable, activates again by itself
+    runner.deactivate()

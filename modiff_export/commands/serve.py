@@ -54,4 +54,36 @@ def serve(graphs, engines, backend, model, port, grpc_port, metrics_port, max_ba
     click.echo("server stopped", err=True)
 
 
-COMMANDS = [serve]
+@click.command("package-triton")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default="model_repository", show_default=True, help="Repository folder to write.")
+@click.option("--unet-backend", type=click.Choice(["onnxruntime", "tensorrt", "python"]), default=None,
+              help="Backend of modiff_unet [default: onnxruntime for graph folders, tensorrt for engine folders]. "
+                   "python: ORT inside Triton's Python backend (runs on the tritonserver bundled with nvidia-pytriton).")
+@click.option("--graphs", type=click.Path(exists=True, file_okay=False), default=None,
+              help="With an engine folder: the graph folder it was built from (source of the merged graph).")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True, help="max_batch_size of both models.")
+@click.option("--max-steps", type=click.IntRange(1, 1000), default=100, show_default=True, help="Largest `steps` a request may ask for.")
+@click.option("--scheduler", type=click.Choice(sorted(SCHEDULERS)), default="ddim", show_default=True, help="Scheduler when a request names none.")
+@click.option("--instances", type=click.IntRange(1), default=1, show_default=True, help="modiff_unet instances (per GPU with --kind KIND_GPU).")
+@click.option("--kind", type=click.Choice(["KIND_AUTO", "KIND_GPU", "KIND_CPU"]), default="KIND_AUTO", show_default=True,
+              help="instance_group kind of modiff_unet.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def package_triton(src, out, unet_backend, graphs, max_batch, max_steps, scheduler, instances, kind, overwrite):
+    """Write a Triton model repository for SRC (graphs/<name>, or engines/<name> with --graphs): `modiff`
+    (Python backend sampler: seed, steps -> image) calling `modiff_unet` (the UNet as one graph whose
+    prime/step branch is chosen by the sequence START flag, every MoDiff cache as Triton implicit state).
+    Deploy with `tritonserver --model-repository OUT`; see docs/serving.md."""
+    from pathlib import Path
+
+    from ..serving.model_repository import PackageOptions, write_model_repository
+
+    is_engine = (Path(src) / "build.json").is_file()
+    opt = PackageOptions(unet_backend=unet_backend or ("tensorrt" if is_engine else "onnxruntime"), max_batch=max_batch,
+                         max_steps=max_steps, default_scheduler=scheduler, unet_instances=instances, kind=kind)
+    path = write_model_repository(src, out, opt, graphs=graphs, overwrite=overwrite)
+    click.echo(f"wrote {path}/: modiff (python, sampler) -> modiff_unet ({opt.unet_backend}, sequence batching, "
+               f"implicit state){'; build the plan: see modiff_unet/BUILD_PLAN.md' if opt.unet_backend == 'tensorrt' else ''}")
+
+
+COMMANDS = [serve, package_triton]

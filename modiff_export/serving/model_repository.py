@@ -95,8 +95,8 @@ def unet_config(m: dict, opt: PackageOptions):
         for cache in m["caches"]:
             dt, dims = TYPES[cache["dtype"]], _dims(cache["shape"])
             sb.state.add(input_name=cache["input"], output_name=cache["output"], data_type=dt, dims=dims,
-                         initial_state=mc.ModelSequenceBatching.InitialState(data_type=dt, dims=dims, zero_data=True,
-                                                                             name="zeros"))
+                         initial_state=[mc.ModelSequenceBatching.InitialState(data_type=dt, dims=dims, zero_data=True,
+                                                                              name="zeros")])
     c.instance_group.add(count=opt.unet_instances, kind=getattr(mc.ModelInstanceGroup.Kind, opt.kind))
     return c
 

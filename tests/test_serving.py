@@ -147,3 +147,13 @@ def test_openvino_backend_fails_cleanly_until_available(graphs):
                         "--port", str(_free_port())], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 1
     assert p.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_missing_libpython_is_a_clear_error(monkeypatch):
+    from modiff_export.serving import triton_server
+
+    real = triton_server.sysconfig.get_config_var
+    monkeypatch.setattr(triton_server.sysconfig, "get_config_var",
+                        lambda k: "libpython3.11.a" if k == "LDLIBRARY" else real(k))  # a static-only Python build
+    with pytest.raises(triton_server.ServeError, match="no shared libpython"):
+        triton_server.libpython_dir()

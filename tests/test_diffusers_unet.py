@@ -111,3 +111,43 @@ def test_new_trajectory_detection():
     assert r.resets == 3
     out = u(torch.zeros(3, 1, 4, 4), 5, return_dict=False)
     assert isinstance(out, tuple) and out[0].shape == (3, 1, 4, 4)
+
+
+def test_serve_prompts_match_the_pipeline(tmp_path):
+    """serve's `prompt` input, encoded by the pipeline folder's own text encoder, gives the image the
+    StableDiffusionPipeline gives for that prompt and seed (same runner, guidance with the empty prompt)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from modiff_export.serving.prompts import PromptEncoder, PromptError
+    from modiff_export.serving.triton_server import (
+        ModiffModel,
+        ServeConfig,
+        load_runner,
+    )
+
+    tok, text, vae = _tiny_sd(tmp_path)
+    sched_cfg = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                 "clip_sample": False, "steps_offset": 1}
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=build_tiny_cond_unet(),
+                                   scheduler=DDIMScheduler.from_config(sched_cfg), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "pipe")
+    m = load_model(str(tmp_path / "pipe"))
+    export_model(m.unet, ModelInfo(m.name, m.content_hash, m.sample_shape, m.cross_attention_dim, m.encoder_seq_len,
+                                   m.scheduler_config), QuantConfig(act_bits=4), tmp_path / "g", progress=False)
+    cfg = ServeConfig(folder=str(tmp_path / "g"), pipeline=str(tmp_path / "pipe"), max_steps=10)
+    runner, meta = load_runner(cfg)
+    served = ModiffModel(runner, meta, cfg, PromptEncoder(tmp_path / "pipe"))
+    req = {"seed": np.array([[5]], np.int64), "steps": np.array([[4]], np.int32), "prompt": np.array([[b"a red cat"]], object),
+           "guidance_scale": np.array([[6.0]], np.float32)}
+    image = served.infer([req])[0]["image"][0]  # [4, 8, 8]
+    pipe.unet = ModiffUNet.from_folder(tmp_path / "g", "ort", threads=1)
+    pipe.set_progress_bar_config(disable=True)
+    lat = pipe("a red cat", height=8, width=8, num_inference_steps=4, guidance_scale=6.0, output_type="latent",
+               generator=torch.Generator().manual_seed(5)).images[0]
+    # exact: same noise (seed 5), same prompt/empty-prompt states, both UNet calls at batch 2
+    np.testing.assert_array_equal(image, lat.clamp(-1, 1).numpy())
+    other = served.infer([{**req, "prompt": np.array([[b"blue sky"]], object)}])[0]["image"][0]
+    assert not np.array_equal(image, other)
+    with pytest.raises(PromptError, match="tokenizer"):
+        PromptEncoder(tmp_path / "g")

@@ -23,8 +23,11 @@ SERVE_BACKENDS = ["ort", "openvino", "trt", "torch"]
 @click.option("--scheduler", type=click.Choice(sorted(SCHEDULERS)), default="ddim", show_default=True, help="Scheduler when a request names none.")
 @click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True, help="Model instances (one runner each).")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="Intra-op threads per ORT runner.")
+@click.option("--pipeline", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Diffusers pipeline folder (tokenizer/, text_encoder/): adds a `prompt` BYTES [1] request input "
+                   "encoded by its text encoder (guidance uncond: the empty prompt).")
 def serve(graphs, engines, backend, model, port, grpc_port, metrics_port, max_batch, queue_delay_us, max_steps, scheduler,
-          instances, threads):
+          instances, threads, pipeline):
     """Serve model `modiff` with a real Triton Inference Server (PyTriton), on loopback only.
 
     \b
@@ -42,7 +45,7 @@ def serve(graphs, engines, backend, model, port, grpc_port, metrics_port, max_ba
         folder = None
     cfg = ServeConfig(backend=backend, folder=folder, model=model, http_port=port, grpc_port=grpc_port or port + 1,
                       metrics_port=metrics_port or port + 2, max_batch=max_batch, queue_delay_us=queue_delay_us,
-                      max_steps=max_steps, scheduler=scheduler, instances=instances, threads=threads)
+                      max_steps=max_steps, scheduler=scheduler, instances=instances, threads=threads, pipeline=pipeline)
 
     def ready(models):
         m = models[0].meta

@@ -38,6 +38,7 @@ class Item:
     scheduler: str = "ddim"
     guidance_scale: float = 1.0
     encoder_hidden_states: torch.Tensor | None = None  # [S, D], conditional UNets only
+    negative: torch.Tensor | None = None  # [S, D] uncond states for guidance (default zeros, as sample_model)
 
     @property
     def group_key(self) -> tuple:
@@ -97,7 +98,8 @@ def generate_group(runner, scheduler_config: dict, items: list[Item], sample_sha
                            else default_encoder_states(it.seed, ehs_shape) for it in items]).float()  # [B, S, D]
     cfg = it0.guidance_scale != 1.0 and ehs is not None
     if cfg:
-        ehs = torch.cat([ehs, torch.zeros_like(ehs)])  # [2B, S, D]: cond first, uncond (zeros) second
+        unc = torch.stack([it.negative if it.negative is not None else torch.zeros(ehs_shape) for it in items]).float()
+        ehs = torch.cat([ehs, unc])  # [2B, S, D]: cond first, uncond second
     params = inspect.signature(scheduler.step).parameters
     step_kwargs = {}
     if "generator" in params:

@@ -50,6 +50,7 @@ class ServeConfig:
     scheduler: str = "ddim"           # default when a request has no `scheduler`
     instances: int = 1                # model instances (one runner each)
     threads: int = 1                  # intra-op threads per runner (ort)
+    pipeline: str | None = None       # diffusers pipeline folder: its text encoder serves the `prompt` input
 
 
 # -- runner + request handling (no PyTriton here: tests call it directly) ------------------------------
@@ -57,9 +58,12 @@ class ModiffModel:
     """One model instance: a runner and the metadata to serve it. `infer` takes PyTriton requests
     (dicts of numpy arrays, each with a leading request-batch axis) and returns one dict per request."""
 
-    def __init__(self, runner, meta, cfg: ServeConfig):
-        self.runner, self.meta, self.cfg = runner, meta, cfg
+    def __init__(self, runner, meta, cfg: ServeConfig, prompts=None):
+        self.runner, self.meta, self.cfg, self.prompts = runner, meta, cfg, prompts
         self.ehs_shape = (meta.encoder_seq_len, meta.cross_attention_dim) if meta.conditional else None
+        if prompts is not None and tuple(prompts.shape) != tuple(self.ehs_shape or ()):
+            raise ServeError(f"the pipeline's text encoder gives {list(prompts.shape)} states; the UNet takes "
+                             f"{list(self.ehs_shape) if self.ehs_shape else 'none (unconditional)'}")
         self.lock = threading.Lock()  # one trajectory at a time per runner (its caches)
         self.batches: list[int] = []  # images per infer call (for tests and the load benchmark)
 
@@ -80,6 +84,18 @@ class ModiffModel:
         sched = arr("scheduler", object, required=False)
         gs = arr("guidance_scale", np.float32, required=False)
         ehs = arr("encoder_hidden_states", np.float32, required=False)
+        prompt = arr("prompt", object, required=False)
+        negative = None
+        if prompt is not None:
+            if self.prompts is None:
+                raise RequestError("input 'prompt' needs a server started with --pipeline (a text encoder)")
+            if ehs is not None:
+                raise RequestError("send 'prompt' or 'encoder_hidden_states', not both")
+            texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in prompt.reshape(-1)]
+            if len(texts) != n:
+                raise RequestError(f"'prompt' has {len(texts)} values for {n} seeds")
+            ehs = self.prompts.encode(texts).numpy()  # [n, S, D]
+            negative = self.prompts.negative
         if steps.shape[0] != n:
             raise RequestError(f"'steps' has {steps.shape[0]} values for {n} seeds")
         items = []
@@ -87,7 +103,7 @@ class ModiffModel:
             name = self.cfg.scheduler if sched is None else sched.reshape(-1)[i]
             name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
             it = Item(int(seed[i]), int(steps[i]), name, 1.0 if gs is None else float(gs.reshape(-1)[i]),
-                      None if ehs is None else torch.from_numpy(np.array(ehs[i], dtype=np.float32)))
+                      None if ehs is None else torch.from_numpy(np.array(ehs[i], dtype=np.float32)), negative)
             check_item(it, self.cfg.max_steps, self.meta.conditional, self.ehs_shape)
             items.append(it)
         return items
@@ -162,7 +178,7 @@ def check_ports(*ports: int) -> None:
                                  "--port/--grpc-port/--metrics-port") from None
 
 
-def triton_inputs_outputs(meta):
+def triton_inputs_outputs(meta, prompts: bool = False):
     from pytriton.model_config import Tensor
 
     c, h, w = meta.sample_shape
@@ -172,6 +188,8 @@ def triton_inputs_outputs(meta):
         inputs += [Tensor(name="guidance_scale", dtype=np.float32, shape=(1,), optional=True),
                    Tensor(name="encoder_hidden_states", dtype=np.float32,
                           shape=(meta.encoder_seq_len, meta.cross_attention_dim), optional=True)]
+    if prompts:
+        inputs.append(Tensor(name="prompt", dtype=bytes, shape=(1,), optional=True))
     return inputs, [Tensor(name="image", dtype=np.float32, shape=(c, h, w))]
 
 
@@ -185,11 +203,16 @@ def serve(cfg: ServeConfig, on_ready=None) -> None:
     except ImportError as e:
         raise ServeError(f"PyTriton is not installed ({e}); pip install nvidia-pytriton") from None
     check_ports(cfg.http_port, cfg.grpc_port, cfg.metrics_port)
+    encoder = None
+    if cfg.pipeline:
+        from .prompts import PromptEncoder
+
+        encoder = PromptEncoder(cfg.pipeline)  # shared by the instances: inference only, no state
     models = []
     for _ in range(cfg.instances):
         runner, meta = load_runner(cfg)
-        models.append(ModiffModel(runner, meta, cfg))
-    inputs, outputs = triton_inputs_outputs(models[0].meta)
+        models.append(ModiffModel(runner, meta, cfg, encoder))
+    inputs, outputs = triton_inputs_outputs(models[0].meta, prompts=encoder is not None)
     tcfg = TritonConfig(http_address=LOOPBACK, http_port=cfg.http_port, grpc_address=LOOPBACK, grpc_port=cfg.grpc_port,
                         metrics_address=LOOPBACK, metrics_port=cfg.metrics_port, allow_gpu_metrics=False,
                         exit_timeout_secs=10)

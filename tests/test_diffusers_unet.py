@@ -37,6 +37,7 @@ def test_ddpm_pipeline_on_digits_equals_our_loop():
 
 def _tiny_sd(tmp_path):
     """Text encoder, tokenizer (hand-written vocab), VAE and conditional UNet, all tiny and random."""
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 

@@ -19,6 +19,7 @@ import signal
 import socket
 import sysconfig
 import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,7 @@ class ModiffModel:
             raise ServeError(f"the pipeline's text encoder gives {list(prompts.shape)} states; the UNet takes "
                              f"{list(self.ehs_shape) if self.ehs_shape else 'none (unconditional)'}")
         self.lock = threading.Lock()  # one trajectory at a time per runner (its caches)
-        self.batches: list[int] = []  # images per infer call (for tests and the load benchmark)
+        self.batches: deque[int] = deque(maxlen=1000)  # images per recent infer call (tests, debugging)
 
     def parse(self, req) -> list[Item]:
         def arr(name, dtype, required=True):
@@ -193,6 +194,10 @@ def triton_inputs_outputs(meta, prompts: bool = False):
     return inputs, [Tensor(name="image", dtype=np.float32, shape=(c, h, w))]
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(cfg: ServeConfig, on_ready=None) -> None:
     """Start Triton, serve until SIGINT/SIGTERM, stop cleanly. `on_ready(models)` runs once serving."""
     os.environ["LD_LIBRARY_PATH"] = ":".join(p for p in (libpython_dir(), os.environ.get("LD_LIBRARY_PATH")) if p)
@@ -217,7 +222,7 @@ def serve(cfg: ServeConfig, on_ready=None) -> None:
                         metrics_address=LOOPBACK, metrics_port=cfg.metrics_port, allow_gpu_metrics=False,
                         exit_timeout_secs=10)
     # SIGTERM (docker stop, systemd, kill) stops the server the way Ctrl-C does
-    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     triton = Triton(config=tcfg)
     try:
         try:

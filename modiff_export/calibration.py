@@ -241,10 +241,10 @@ def observe(model, config: QuantConfig, *, scheduler: str = "ddim", steps: int =
         for i, start in enumerate(tqdm(starts, desc=f"calibrate {config.tag}", unit="batch", disable=not progress)):
             b = min(batch_size, samples - start)
             ehs = unc = None
-            if model.conditional:  # random encoder states, as sampling.sample_model does
-                g = torch.Generator().manual_seed(int(seed) + i + 1_000_003)
-                ehs = torch.randn((b, model.encoder_seq_len, model.cross_attention_dim), generator=g)  # [B, S, D]
-                unc = torch.zeros_like(ehs)
+            if model.conditional:  # random states or --prompts states, as sampling.sample_model does
+                from .models import conditioning
+
+                ehs, unc = conditioning(model, seed, i, start, b)  # [B, S, D] each
             sched = make_scheduler(scheduler, model.scheduler_config)
             generate(runner, sched, steps, b, int(seed) + i, model.sample_shape, ehs, unc, guidance_scale, progress=False)
     finally:

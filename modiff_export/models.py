@@ -37,6 +37,20 @@ class LoadedModel:
     sample_shape: tuple[int, int, int]  # (C, H, W)
     cross_attention_dim: int | None
     encoder_seq_len: int | None
+    # (cond [P, S, D], uncond [S, D]) from `--prompts FILE` (serving/prompts.py); None: random states
+    prompt_states: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def conditioning(model: LoadedModel, seed: int, batch_index: int, start: int, b: int):
+    """(encoder states [b, S, D], uncond states [b, S, D]) of batch `batch_index` (images start..start+b):
+    the prompts' states cycled over the images, or random states seeded per batch with zeros as uncond."""
+    if model.prompt_states is not None:
+        cond, neg = model.prompt_states
+        rows = torch.arange(start, start + b) % cond.shape[0]
+        return cond[rows], neg.expand(b, *neg.shape).clone()
+    g = torch.Generator().manual_seed(int(seed) + batch_index + 1_000_003)
+    ehs = torch.randn((b, model.encoder_seq_len, model.cross_attention_dim), generator=g)  # [B, S, D]
+    return ehs, torch.zeros_like(ehs)
 
 
 def content_hash(unet: torch.nn.Module) -> str:

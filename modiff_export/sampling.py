@@ -137,6 +137,7 @@ def sample_model(model, config, scheduler_name: str = "ddim", num_steps: int = 2
     import copy
 
     from .backends import make_runner
+    from .models import conditioning
     from .quantization import quantize
 
     if guidance_scale != 1.0 and not model.conditional:
@@ -147,10 +148,8 @@ def sample_model(model, config, scheduler_name: str = "ddim", num_steps: int = 2
     for i, start in enumerate(range(0, num_samples, batch_size)):
         b = min(batch_size, num_samples - start)
         ehs = unc = None
-        if model.conditional:
-            g = torch.Generator().manual_seed(int(seed) + i + 1_000_003)
-            ehs = torch.randn((b, model.encoder_seq_len, model.cross_attention_dim), generator=g)  # [B, S, D]
-            unc = torch.zeros_like(ehs)
+        if model.conditional:  # random states, or the --prompts states (models.conditioning)
+            ehs, unc = conditioning(model, seed, i, start, b)  # [B, S, D] each
         scheduler = make_scheduler(scheduler_name, model.scheduler_config)
         out.append(generate(runner, scheduler, num_steps, b, int(seed) + i, model.sample_shape, ehs, unc,
                             guidance_scale, progress))

@@ -40,12 +40,15 @@ from ..sampling import SCHEDULERS
 @click.option("--guidance-scale", type=float, default=1.0, show_default=True, help="Classifier-free guidance (conditional UNets).")
 @click.option("--subsample", type=click.IntRange(100), default=20_000, show_default=True,
               help="Values kept per layer and bucket for the percentile and MSE searches.")
+@click.option("--prompts", type=click.Path(dir_okay=False), default=None,
+              help="Text file, one prompt per line, encoded by --model's (a pipeline folder) text encoder: calibrate on "
+                   "the conditioning the model will serve instead of random encoder states.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output file [default: calibration/<model>-<config>-<method>.json].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, method, percentile, mode, weight_bits, act_bits,
               granularity, no_error_compensation, keyframe_interval, skip_layers, weight_block_size, int8_layers, guidance_scale, subsample,
-              out, overwrite, quiet):
+              prompts, out, overwrite, quiet):
     """Run calibration trajectories (dynamic scales) and write static delta scales per layer and
     timestep bucket, per-channel weight clipping ratios (MSE search) and provenance (model hash,
     config, sampler, seed) to a JSON file for `export --scale-mode static --calibration`."""
@@ -57,6 +60,10 @@ def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, metho
                          keyframe_interval=keyframe_interval, skip_layers=tuple(skip_layers), int8_layers=tuple(int8_layers),
                          weight_block_size=weight_block_size)
     loaded = load_model(model)
+    if prompts:
+        from ..serving.prompts import attach_prompts
+
+        attach_prompts(loaded, model, prompts)
     out = Path(out or f"calibration/{loaded.name}-{config.tag}-{method}.json")
     if out.exists() and not overwrite:
         raise CalibrationError(f"{out} already exists; pass --overwrite to replace it")

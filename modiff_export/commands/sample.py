@@ -42,6 +42,9 @@ def sampling_options(f):
         click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (batch i uses seed+i)."),
         click.option("--guidance-scale", type=float, default=1.0, show_default=True,
                      help="Classifier-free guidance (conditional UNets; batch doubled)."),
+        click.option("--prompts", type=click.Path(dir_okay=False), default=None,
+                     help="Text file, one prompt per line, encoded by --model's (a pipeline folder) text encoder "
+                          "instead of random encoder states; cycled over the images."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -71,7 +74,7 @@ def train_demo(steps, epochs, seed, out, what):
 @sampling_options
 @quant_options
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True, help="PNG grid to write.")
-def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, mode, weight_bits,
+def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, prompts, mode, weight_bits,
            act_bits, granularity, out):
     """Generate one batch and save it as a PNG grid. --backend torch quantizes --model with the
     quantization options; ort/trt run exported graphs/engines, whose config is in their manifest."""
@@ -79,6 +82,10 @@ def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, 
 
     m, cfg, runner = resolve_runner(model, backend, graphs, engines, QuantConfig(
         mode=mode, weight_bits=weight_bits, act_bits=act_bits, granularity=granularity))
+    if prompts:
+        from ..serving.prompts import attach_prompts
+
+        attach_prompts(m, model, prompts)
     images = sample_model(m, cfg, scheduler, steps, batch_size, batch_size, seed, guidance_scale, backend, runner=runner)
     click.echo(f"{m.name} {cfg.tag} [{backend}] {scheduler}x{steps}: wrote {save_grid(images, out)}")
 
@@ -108,7 +115,7 @@ def resolve_runner(model, backend, graphs, engines, cfg):
 @sampling_options
 @quant_options
 @click.option("--num-samples", type=click.IntRange(2), default=128, show_default=True, help="Samples per config.")
-def evaluate(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, mode, weight_bits,
+def evaluate(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, prompts, mode, weight_bits,
              act_bits, granularity, num_samples):
     """FD-digits, classifier confidence and PSNR-to-FP (same noise) for one config vs full precision.
     The FP reference always runs on PyTorch; the quantized config runs on --backend (with ort/trt its
@@ -122,6 +129,10 @@ def evaluate(model, backend, graphs, engines, scheduler, steps, batch_size, seed
     m = meta if meta.unet is not None else load_model(model or "digits")
     if m.content_hash != meta.content_hash:
         raise click.ClickException(f"the folder was exported from another model than {model or 'digits'}; pass its --model")
+    if prompts:
+        from ..serving.prompts import attach_prompts
+
+        attach_prompts(m, model, prompts)
     ev = DigitsEvaluator() if m.name == "digits" else None
     rows, ref = [], None
     runs = [(QuantConfig(mode="fp"), "torch", None)] + ([] if qcfg.mode == "fp" and backend == "torch" else [(qcfg, backend, runner)])

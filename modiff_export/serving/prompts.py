@@ -59,3 +59,19 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise PromptError(f"{path}: no prompts (one per line)")
     return prompts
+
+
+def attach_prompts(model, folder: str | None, file: str):
+    """Give a LoadedModel the states of the prompts in `file`, encoded by pipeline `folder`'s text encoder;
+    sample_model/calibrate then cycle them over the images (uncond: the empty prompt)."""
+    if folder is None or folder == "digits":
+        raise PromptError("--prompts needs --model <diffusers pipeline folder> (its tokenizer/ and text_encoder/)")
+    if not model.conditional:
+        raise PromptError(f"--prompts needs a conditional UNet; {model.name} is unconditional")
+    enc = PromptEncoder(folder)
+    cond = enc.encode(read_prompts(file))  # [P, S, D]
+    want = (model.encoder_seq_len, model.cross_attention_dim)
+    if tuple(cond.shape[1:]) != tuple(want):
+        raise PromptError(f"{folder}: the text encoder gives [{', '.join(map(str, cond.shape[1:]))}] states, the UNet takes {list(want)}")
+    model.prompt_states = (cond, enc.negative)
+    return model

@@ -1,6 +1,7 @@
 """--prompts: encoder states from a pipeline folder's own text encoder for sample/evaluate/calibrate."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -73,5 +74,6 @@ def test_cli_prompts(pipeline, tmp_path):
     p = _cli("calibrate", "--model", pipe, "--prompts", prompts, "--steps", "2", "--samples", "2", "--batch-size", "2",
              "--act-bits", "4", "--method", "absmax", "--out", str(tmp_path / "c.json"), "--quiet")
     assert p.returncode == 0, p.stderr[-500:]
+    assert json.loads((tmp_path / "c.json").read_text())["provenance"]["conditioning"] == "2 prompts"
     p = _cli("sample", "--prompts", prompts, "--steps", "2")  # digits: no text encoder
     assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("error: --prompts needs --model")

@@ -32,7 +32,8 @@ def serve(graphs, engines, backend, model, port, grpc_port, metrics_port, max_ba
 
     \b
     Request:  seed INT64 [1], steps INT32 [1], optional scheduler BYTES [1]
-              (+ guidance_scale FP32 [1], encoder_hidden_states FP32 [S, D] for conditional UNets)
+              (+ guidance_scale FP32 [1], encoder_hidden_states FP32 [S, D] for conditional UNets,
+              and prompt BYTES [1] with --pipeline)
     Response: image FP32 [C, H, W] in [-1, 1]
     Health: GET /v2/health/live, /v2/health/ready, /v2/models/modiff/ready; metrics: GET :METRICS_PORT/metrics.
     Batched requests give exactly the images they give alone. Ctrl-C (or SIGTERM) stops the server.

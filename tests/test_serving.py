@@ -139,11 +139,12 @@ def test_port_in_use_is_one_error_line(graphs):
 
 
 def test_openvino_backend_fails_cleanly_until_available(graphs):
-    from modiff_export.backends import RunnerError, make_runner
+    from modiff_export.backends import make_runner
+    from modiff_export.errors import ModiffExportError
 
     try:
         make_runner("openvino", folder=graphs)
-    except RunnerError:
+    except ModiffExportError:
         pass
     else:
         pytest.skip("the openvino runner exists: `serve --backend openvino` then serves like ort")

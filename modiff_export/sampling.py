@@ -142,7 +142,7 @@ def run_batches(runner, model, scheduler_name: str, num_steps: int, num_samples:
                 guidance_scale: float = 1.0, progress: bool = True, desc: str = "sample") -> torch.Tensor:
     """num_samples images [N, C, H, W] from `runner`, batch i from noise seed + i (the one batch loop of
     sampling, evaluation and calibration). Conditional models get random encoder states [B, S, D] from
-    seed + i + ENCODER_SEED_OFFSET (no text encoder here) and zeros as the unconditional states."""
+    seed + i + ENCODER_SEED_OFFSET and zeros as uncond, or the states of `--prompts` (see conditioning)."""
     check_sampling_budget(model, num_samples, batch_size, seed, guidance_scale)
     from tqdm import tqdm
 
@@ -150,14 +150,25 @@ def run_batches(runner, model, scheduler_name: str, num_steps: int, num_samples:
     for i, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) == 1)):
         b = min(batch_size, num_samples - start)
         ehs = unc = None
-        if model.conditional:
-            g = torch.Generator().manual_seed(int(seed) + i + ENCODER_SEED_OFFSET)
-            ehs = torch.randn((b, model.encoder_seq_len, model.cross_attention_dim), generator=g)  # [B, S, D]
-            unc = torch.zeros_like(ehs)
+        if model.conditional:  # random states, or the --prompts states
+            ehs, unc = conditioning(model, seed, i, start, b)  # [B, S, D] each
         scheduler = make_scheduler(scheduler_name, model.scheduler_config)
         out.append(generate(runner, scheduler, num_steps, b, int(seed) + i, model.sample_shape, ehs, unc,
                             guidance_scale, progress and len(starts) == 1))
     return torch.cat(out)  # [N, C, H, W]
+
+
+def conditioning(model, seed: int, batch_index: int, start: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(encoder states [b, S, D], uncond states [b, S, D]) of batch `batch_index` (images start..start+b):
+    the `--prompts` states cycled over the images (serving/prompts.py), or random states from seed +
+    batch_index + ENCODER_SEED_OFFSET with zeros as uncond (no text encoder)."""
+    if model.prompt_states is not None:
+        cond, neg = model.prompt_states
+        rows = torch.arange(start, start + b) % cond.shape[0]
+        return cond[rows], neg.expand(b, *neg.shape).clone()
+    g = torch.Generator().manual_seed(int(seed) + batch_index + ENCODER_SEED_OFFSET)
+    ehs = torch.randn((b, model.encoder_seq_len, model.cross_attention_dim), generator=g)  # [B, S, D]
+    return ehs, torch.zeros_like(ehs)
 
 
 def check_sampling_budget(model, num_samples: int, batch_size: int, seed: int, guidance_scale: float = 1.0) -> None:

@@ -125,7 +125,8 @@ def test_plan_profiles_fp_graph_has_prime_only_and_rejects_other_symbols():
 
 
 def test_plan_profiles_match_a_real_exported_graph(tmp_path, tiny_unet):
-    export = pytest.importorskip("modiff_export.export.trace")
+    from modiff_export.export import trace as export
+
     cfg = QuantConfig(mode="modiff")
     export.export_model(tiny_model(tiny_unet), cfg, tmp_path / "g", progress=False)
     m = Manifest.load(tmp_path / "g")

@@ -43,6 +43,8 @@ def test_design_references_resolve():
 def test_only_the_manifest_module_parses_manifest_json():
     offenders = []
     for path in (ROOT / "modiff_export").rglob("*.py"):
+        if "triton_models" in path.parts:  # run inside Triton's Python backend, where this package is absent
+            continue
         text = path.read_text()
         if path.name != "manifest.py" and re.search(r'MANIFEST_NAME|/ "manifest\.json"|\("manifest\.json"', text):
             offenders.append(str(path.relative_to(ROOT)))

@@ -2,7 +2,7 @@
 import importlib
 
 # Add a module here when it gains commands; cli.py registers them in this order.
-COMMAND_MODULES = ["sample", "export", "engine", "calibrate", "demo"]
+COMMAND_MODULES = ["sample", "export", "engine", "calibrate", "demo", "serve"]
 
 
 def register(group) -> None:

@@ -37,13 +37,15 @@ from .options import QUANT
               help="Classifier-free guidance (conditional UNets).")
 @click.option("--subsample", type=click.IntRange(100), default=20_000, show_default=True,
               help="Values kept per layer and bucket for the percentile and MSE searches.")
+@click.option("--prompts", type=click.Path(dir_okay=False), default=None,
+              help="Text file, one prompt per line, encoded by --model's (a pipeline folder) text encoder: calibrate "
+                   "on the conditioning the model will serve instead of random encoder states.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Output file [default: calibration/<model>-<config>-<method>.json].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, method, percentile, guidance_scale,
-              subsample,
-              out, overwrite, quiet, **quant):
+              subsample, prompts, out, overwrite, quiet, **quant):
     """Run calibration trajectories (dynamic scales) and write static delta scales per layer and
     timestep bucket, per-channel weight clipping ratios (MSE search) and provenance (model hash,
     config, sampler, seed) to a JSON file for `export --scale-mode static --calibration`."""
@@ -55,6 +57,10 @@ def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, metho
     config = QUANT.config(quant, scale_mode="static")
     loaded = load_model(model)
     out = check_writable(out or f"calibration/{loaded.name}-{config.tag}-{method}.json", overwrite, kind="file")
+    if prompts:
+        from ..serving.prompts import attach_prompts
+
+        attach_prompts(loaded, model, prompts)
     t0 = time.perf_counter()
     data = run_calibration(loaded, config, scheduler=scheduler, steps=steps, samples=samples, batch_size=batch_size,
                            seed=seed, buckets=buckets, method=method, percentile=percentile, subsample=subsample,

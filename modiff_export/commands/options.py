@@ -104,4 +104,7 @@ SAMPLING = _Group([
                             help="Noise seed (batch i uses seed+i).")),
     ("guidance_scale", "--guidance-scale", dict(type=click.FloatRange(0, 100), default=1.0, show_default=True,
                                                 help="Classifier-free guidance (conditional UNets; batch doubled).")),
+    ("prompts", "--prompts", dict(type=click.Path(dir_okay=False), default=None,
+                                  help="Text file, one prompt per line, encoded by --model's (a pipeline folder) text "
+                                       "encoder instead of random encoder states; cycled over the images.")),
 ])

@@ -39,8 +39,8 @@ def train_demo(steps, epochs, seed, out, what):
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
               help="PNG grid to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, out, overwrite,
-           **quant):
+def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, prompts, out,
+           overwrite, **quant):
     """Generate one batch and save it as a PNG grid. --backend torch quantizes --model with the
     quantization options; ort/trt run exported graphs/engines, whose config is in their manifest."""
     from ..fsutil import check_writable
@@ -48,6 +48,10 @@ def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, 
 
     check_writable(out, overwrite, kind="file")
     m, cfg, runner = resolve_runner(model, backend, graphs, engines, QUANT.config(quant))
+    if prompts:
+        from ..serving.prompts import attach_prompts
+
+        attach_prompts(m, model, prompts)
     images = sample_model(m, cfg, scheduler, steps, batch_size, batch_size, seed, guidance_scale, backend,
                           runner=runner)
     click.echo(f"{m.name} {cfg.tag} [{backend}] {scheduler}x{steps}: wrote {save_grid(images, out)}")
@@ -81,7 +85,8 @@ def resolve_runner(model, backend, graphs, engines, cfg):
 @QUANT.options(exclude=("scale_mode",))
 @click.option("--num-samples", type=click.IntRange(2, 100_000), default=128, show_default=True,
               help="Samples per config.")
-def evaluate(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, num_samples, **quant):
+def evaluate(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, prompts,
+             num_samples, **quant):
     """FD-digits, classifier confidence and PSNR-to-FP (same noise) for one config vs full precision.
     The FP reference always runs on PyTorch; the quantized config runs on --backend (with ort/trt its
     config comes from the folder). FD-digits and confidence exist only for the `digits` model."""
@@ -93,6 +98,10 @@ def evaluate(model, backend, graphs, engines, scheduler, steps, batch_size, seed
     m = meta if meta.unet is not None else load_model(model or "digits")
     if m.content_hash != meta.content_hash:
         raise SamplingError(f"the folder was exported from another model than {model or 'digits'}; pass its --model")
+    if prompts:
+        from ..serving.prompts import attach_prompts
+
+        attach_prompts(m, model, prompts)
     ev = DigitsEvaluator() if m.name == "digits" else None
     rows, ref = [], None
     runs = [(QuantConfig(mode="fp"), "torch", None)]

@@ -44,6 +44,8 @@ class LoadedModel:
     cross_attention_dim: int | None
     encoder_seq_len: int | None
     out_channels: int | None = None
+    # (cond [P, S, D], uncond [S, D]) from `--prompts FILE` (serving/prompts.py); None: random states
+    prompt_states: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_unet(cls, unet: torch.nn.Module, name: str, scheduler_config: dict | None = None) -> "LoadedModel":

@@ -255,6 +255,8 @@ def observe(model, config: QuantConfig, *, scheduler: str = "ddim", steps: int =
         "quant_config": config.replace(scale_mode="static").to_dict(),
         "scheduler": scheduler, "steps": steps, "seed": seed, "samples": samples, "batch_size": batch_size,
         "guidance_scale": guidance_scale, "buckets": buckets, "num_train_timesteps": T, "subsample": subsample,
+        "conditioning": None if not model.conditional else (
+            "random" if getattr(model, "prompt_states", None) is None else f"{len(model.prompt_states[0])} prompts"),
         "seconds": round(time.time() - t0, 1),
     }
     return Observations(provenance, {l.name: l.act_bits for l in layers}, obs.stats, clips, buckets, config.mode)

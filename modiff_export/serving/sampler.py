@@ -1,0 +1,137 @@
+"""Per-request sampling for a server: a batch of requests, each with its own seed, gives exactly the
+images each request gives alone.
+
+Why this is exact: MoDiff with per-sample scales is batch-invariant (no statistic crosses samples),
+and each request draws its initial noise (and, for ancestral schedulers, its per-step noise) from its
+own `torch.Generator().manual_seed(seed)`, in the same order as `sampling.generate` does for a batch
+of 1. Requests with different `steps`/scheduler/guidance cannot share a trajectory: `group_requests`
+splits a batch into groups that can, and every group starts from `runner.reset()` (fresh caches).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ModiffExportError
+from ..sampling import SCHEDULERS, make_scheduler
+
+EHS_SEED_OFFSET = 1_000_003
+# ONNX Runtime's CPU GEMM (MLAS) takes another code path for M = 1 rows than for M >= 2: measured on
+# the digits prime graph, a batch of 1 differs from the same sample inside any batch of 2..16 by up to
+# 3e-6 (at any position: 0.0 difference between all M >= 2), and MoDiff's rounding turns such ulps into
+# flipped codes (0.08 max abs image difference after 10 steps). Running single requests as a batch of 2
+# (the request plus a dropped copy) keeps every call on one code path, so batched == alone exactly.
+MIN_BATCH = 2  # sampling.sample_model: batch 0 of seed s draws its encoder states from s + this
+
+
+class RequestError(ModiffExportError, ValueError):
+    """A request the server cannot serve (value out of range, unknown scheduler, bad shape)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to generate."""
+    seed: int
+    steps: int
+    scheduler: str = "ddim"
+    guidance_scale: float = 1.0
+    encoder_hidden_states: torch.Tensor | None = None  # [S, D], conditional UNets only
+    negative: torch.Tensor | None = None  # [S, D] uncond states for guidance (default zeros, as sample_model)
+
+    @property
+    def group_key(self) -> tuple:
+        return (self.steps, self.scheduler, self.guidance_scale)
+
+
+def group_requests(items: list[Item]) -> dict[tuple, list[int]]:
+    """Indices of `items` by trajectory: same steps, scheduler and guidance scale (insertion order)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.group_key, []).append(i)
+    return groups
+
+
+def check_item(it: Item, max_steps: int, conditional: bool, ehs_shape: tuple[int, int] | None) -> None:
+    if not 1 <= it.steps <= max_steps:
+        raise RequestError(f"steps={it.steps} out of range [1, {max_steps}]")
+    if it.scheduler not in SCHEDULERS:
+        raise RequestError(f"unknown scheduler {it.scheduler!r}; expected one of {sorted(SCHEDULERS)}")
+    if not (abs(it.guidance_scale) < 1e4):  # also rejects NaN
+        raise RequestError(f"guidance_scale={it.guidance_scale} is not a finite number below 1e4")
+    if it.guidance_scale != 1.0 and not conditional:
+        raise RequestError(f"guidance_scale={it.guidance_scale} needs a conditional UNet; this one is unconditional")
+    if it.encoder_hidden_states is not None:
+        if not conditional:
+            raise RequestError("encoder_hidden_states given to an unconditional UNet")
+        if tuple(it.encoder_hidden_states.shape) != tuple(ehs_shape):
+            raise RequestError(f"encoder_hidden_states must be {list(ehs_shape)}, got "
+                               f"{list(it.encoder_hidden_states.shape)}")
+        if not torch.isfinite(it.encoder_hidden_states).all():
+            raise RequestError("encoder_hidden_states contains NaN or Inf")
+
+
+def default_encoder_states(seed: int, ehs_shape: tuple[int, int]) -> torch.Tensor:
+    """[S, D] random encoder states, the ones `sample_model` uses for a batch of 1 with this seed."""
+    g = torch.Generator().manual_seed(int(seed) + EHS_SEED_OFFSET)
+    return torch.randn((1, *ehs_shape), generator=g)[0]
+
+
+@torch.no_grad()
+def generate_group(runner, scheduler_config: dict, items: list[Item], sample_shape: tuple[int, int, int],
+                   ehs_shape: tuple[int, int] | None = None, min_batch: int = MIN_BATCH) -> torch.Tensor:
+    """One trajectory for items that share steps/scheduler/guidance -> images [B, C, H, W] in [-1, 1].
+
+    Mirrors sampling.generate step for step; the only difference is one generator per item
+    (diffusers' randn_tensor draws sample i from generator i, shape [1, ...]). A group smaller than
+    `min_batch` is padded with copies of its first item (own generators, results dropped)."""
+    n = len(items)
+    items = list(items) + [items[0]] * max(0, min_batch - n)
+    it0 = items[0]
+    if not all(it.group_key == it0.group_key for it in items):
+        raise RequestError("items of one trajectory must share steps/scheduler/guidance")
+    scheduler = make_scheduler(it0.scheduler, scheduler_config)
+    gens = [torch.Generator().manual_seed(int(it.seed)) for it in items]
+    noise = torch.cat([torch.randn((1, *sample_shape), generator=g) for g in gens])  # [B, C, H, W]
+    ehs = None
+    if ehs_shape is not None:
+        ehs = torch.stack([it.encoder_hidden_states if it.encoder_hidden_states is not None
+                           else default_encoder_states(it.seed, ehs_shape) for it in items]).float()  # [B, S, D]
+    cfg = it0.guidance_scale != 1.0 and ehs is not None
+    if cfg:
+        unc = torch.stack([it.negative if it.negative is not None else torch.zeros(ehs_shape) for it in items]).float()
+        ehs = torch.cat([ehs, unc])  # [2B, S, D]: cond first, uncond second
+    params = inspect.signature(scheduler.step).parameters
+    step_kwargs = {}
+    if "generator" in params:
+        step_kwargs["generator"] = gens if len(gens) > 1 else gens[0]
+    if "eta" in params:
+        step_kwargs["eta"] = 0.0
+    scheduler.set_timesteps(it0.steps)
+    x = noise * scheduler.init_noise_sigma
+    runner.reset()  # fresh caches for every trajectory: nothing carries over from another group or batch
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(x, t)  # [B, C, H, W]
+        if cfg:
+            eps_c, eps_u = runner(torch.cat([inp, inp]), t, ehs).chunk(2)
+            eps = eps_u + it0.guidance_scale * (eps_c - eps_u)
+        else:
+            eps = runner(inp, t, ehs)
+        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+    runner.reset()
+    return x[:n].clamp(-1, 1)
+
+
+def generate_items(runner, scheduler_config: dict, items: list[Item], sample_shape, ehs_shape=None,
+                   max_group: int | None = None) -> torch.Tensor:
+    """Images [N, C, H, W] for items in any mix, one trajectory per group (chunks of max_group)."""
+    out: list[torch.Tensor | None] = [None] * len(items)
+    for idx in group_requests(items).values():
+        step = max_group or len(idx)
+        for s in range(0, len(idx), step):
+            chunk = idx[s:s + step]
+            imgs = generate_group(runner, scheduler_config, [items[i] for i in chunk], sample_shape, ehs_shape)
+            for j, i in enumerate(chunk):
+                out[i] = imgs[j]
+    return torch.stack(out)

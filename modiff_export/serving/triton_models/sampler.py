@@ -1,0 +1,132 @@
+"""Triton Python-backend model `modiff` (written by `cli.py package-triton`): the diffusion sampler.
+
+A client sends `seed` INT64 [1] and `steps` INT32 [1] (optional `scheduler` BYTES [1]; conditional
+UNets: optional `guidance_scale` FP32 [1], `encoder_hidden_states` FP32 [S, D]) and gets `image` FP32
+[C, H, W]. Each image is one trajectory: a sequence of BLS calls to the stateful UNet model with its own
+correlation id (START on the first call, END on the last), so Triton keeps that image's MoDiff caches
+as implicit state and batches the steps of concurrent trajectories together. All requests of a batch
+run concurrently (asyncio). Needs numpy, torch and diffusers in the Python backend's environment.
+"""
+import asyncio
+import inspect
+import itertools
+import json
+import os
+import random
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "pndm": PNDMScheduler,
+              "dpmpp": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+              "euler_a": EulerAncestralDiscreteScheduler, "unipc": UniPCMultistepScheduler}
+OVERRIDES = {"pndm": {"skip_prk_steps": True}, "dpmpp": {"algorithm_type": "dpmsolver++", "solver_order": 2}}
+EHS_SEED_OFFSET = 1_000_003  # same default encoder states as modiff-export's sample_model / serve
+
+
+class BadRequest(ValueError):
+    pass
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        self.unet = p["unet_model"]
+        self.sample_shape = tuple(json.loads(p["sample_shape"]))
+        self.ehs_shape = tuple(json.loads(p["ehs_shape"])) if p.get("ehs_shape") else None
+        self.max_steps = int(p["max_steps"])
+        self.default_scheduler = p["default_scheduler"]
+        here = os.path.join(args["model_repository"], args["model_version"])
+        with open(os.path.join(here, "scheduler_config.json")) as f:
+            self.scheduler_config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+        # correlation ids unique across instances and restarts of this model
+        self.ids = itertools.count(random.SystemRandom().randrange(1 << 40, 1 << 62))
+        torch.set_num_threads(1)
+
+    def _input(self, request, name, dtype=None):
+        t = pb_utils.get_input_tensor_by_name(request, name)
+        return None if t is None else t.as_numpy()
+
+    def _parse(self, request):
+        seed, steps = self._input(request, "seed"), self._input(request, "steps")
+        sched = self._input(request, "scheduler")
+        gs = self._input(request, "guidance_scale")
+        ehs = self._input(request, "encoder_hidden_states")
+        name = self.default_scheduler if sched is None else sched.reshape(-1)[0]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        item = {"seed": int(seed.reshape(-1)[0]), "steps": int(steps.reshape(-1)[0]), "scheduler": name,
+                "guidance_scale": 1.0 if gs is None else float(gs.reshape(-1)[0]),
+                "ehs": None if ehs is None else torch.from_numpy(np.array(ehs.reshape(self.ehs_shape), np.float32))}
+        if seed.size != 1 or steps.size != 1:
+            raise BadRequest("send one image per request: seed and steps of shape [1, 1]")
+        if not 1 <= item["steps"] <= self.max_steps:
+            raise BadRequest(f"steps={item['steps']} out of range [1, {self.max_steps}]")
+        if item["scheduler"] not in SCHEDULERS:
+            raise BadRequest(f"unknown scheduler {item['scheduler']!r}; expected one of {sorted(SCHEDULERS)}")
+        if not abs(item["guidance_scale"]) < 1e4 or (item["guidance_scale"] != 1.0 and self.ehs_shape is None):
+            raise BadRequest(f"guidance_scale={item['guidance_scale']} is not valid for this model")
+        return item
+
+    async def _unet(self, cid, sample, t, ehs, flags):
+        inputs = [pb_utils.Tensor("sample", sample.numpy()), pb_utils.Tensor("timestep", np.array([[t]], np.float32))]
+        if ehs is not None:
+            inputs.append(pb_utils.Tensor("encoder_hidden_states", ehs.numpy()))
+        req = pb_utils.InferenceRequest(model_name=self.unet, inputs=inputs, requested_output_names=["noise_pred"],
+                                        correlation_id=cid, flags=flags)
+        resp = await req.async_exec()
+        if resp.has_error():
+            raise RuntimeError(f"{self.unet}: {resp.error().message()}")
+        return torch.from_numpy(pb_utils.get_output_tensor_by_name(resp, "noise_pred").as_numpy().copy())
+
+    async def _trajectory(self, it):
+        sched = SCHEDULERS[it["scheduler"]].from_config({**self.scheduler_config, **OVERRIDES.get(it["scheduler"], {})})
+        gen = torch.Generator().manual_seed(it["seed"])
+        x = torch.randn((1, *self.sample_shape), generator=gen)
+        ehs = None
+        if self.ehs_shape is not None:
+            ehs = it["ehs"] if it["ehs"] is not None else torch.randn(
+                (1, *self.ehs_shape), generator=torch.Generator().manual_seed(it["seed"] + EHS_SEED_OFFSET))[0]
+            ehs = ehs[None]  # [1, S, D]
+        cfg = it["guidance_scale"] != 1.0
+        ids = [next(self.ids) for _ in range(2 if cfg else 1)]  # cond (and uncond) sequences
+        params = inspect.signature(sched.step).parameters
+        kw = ({"generator": gen} if "generator" in params else {}) | ({"eta": 0.0} if "eta" in params else {})
+        sched.set_timesteps(it["steps"])
+        x = x * sched.init_noise_sigma
+        n = len(sched.timesteps)
+        for i, t in enumerate(sched.timesteps):
+            flags = (pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START if i == 0 else 0) | (
+                pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END if i == n - 1 else 0)
+            inp = sched.scale_model_input(x, t)
+            if cfg:
+                eps_c, eps_u = await asyncio.gather(self._unet(ids[0], inp, float(t), ehs, flags),
+                                                    self._unet(ids[1], inp, float(t), torch.zeros_like(ehs), flags))
+                eps = eps_u + it["guidance_scale"] * (eps_c - eps_u)
+            else:
+                eps = await self._unet(ids[0], inp, float(t), ehs, flags)
+            x = sched.step(eps, t, x, **kw).prev_sample
+        return x.clamp(-1, 1)[0].numpy()
+
+    async def _one(self, request):
+        try:
+            item = self._parse(request)
+            image = await self._trajectory(item)
+        except BadRequest as e:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+        except Exception as e:  # noqa: BLE001 (the UNet model failed: this request fails, the others go on)
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(e).__name__}: {e}"))
+        return pb_utils.InferenceResponse([pb_utils.Tensor("image", image[None].astype(np.float32))])
+
+    async def execute(self, requests):
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))

@@ -1,0 +1,249 @@
+"""`serve`: MoDiff behind a real Triton Inference Server, started by PyTriton (nvidia-pytriton).
+
+Triton owns the network side (HTTP/REST and gRPC KServe v2 endpoints, health/readiness, Prometheus
+metrics, dynamic batching, request queueing); PyTriton forwards each batch Triton forms to
+`ModiffModel.infer` in this process, which runs the runner (ort, openvino, trt or torch).
+
+Model `modiff`:
+  inputs   seed            INT64 [1]
+           steps           INT32 [1]       1 .. max_steps
+           scheduler       BYTES [1]       optional, default --scheduler (ddim, ddpm, dpmpp, ...)
+           guidance_scale  FP32  [1]       optional, conditional UNets only (default 1.0)
+           encoder_hidden_states FP32 [S, D]  optional, conditional UNets only (default: random from the seed)
+  output   image           FP32  [C, H, W] in [-1, 1]
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sysconfig
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ModiffExportError
+from .sampler import Item, RequestError, check_item, generate_items
+
+MODEL_NAME = "modiff"
+LOOPBACK = "127.0.0.1"
+
+
+class ServeError(ModiffExportError, RuntimeError):
+    """The server cannot start (port in use, libpython missing, PyTriton missing, bad folder)."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    backend: str = "ort"
+    folder: str | None = None         # graphs/<name> (ort, openvino) or engines/<name> (trt)
+    model: str | None = None          # torch backend: 'digits' or a diffusers folder
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_batch: int = 8                # Triton max_batch_size (images per runner call, x2 with guidance)
+    queue_delay_us: int = 5000        # dynamic batcher: how long Triton waits to fill a batch
+    max_steps: int = 100
+    scheduler: str = "ddim"           # default when a request has no `scheduler`
+    instances: int = 1                # model instances (one runner each)
+    threads: int = 1                  # intra-op threads per runner (ort)
+    pipeline: str | None = None       # diffusers pipeline folder: its text encoder serves the `prompt` input
+
+
+# -- runner + request handling (no PyTriton here: tests call it directly) ------------------------------
+class ModiffModel:
+    """One model instance: a runner and the metadata to serve it. `infer` takes PyTriton requests
+    (dicts of numpy arrays, each with a leading request-batch axis) and returns one dict per request."""
+
+    def __init__(self, runner, meta, cfg: ServeConfig, prompts=None):
+        self.runner, self.meta, self.cfg, self.prompts = runner, meta, cfg, prompts
+        self.ehs_shape = (meta.encoder_seq_len, meta.cross_attention_dim) if meta.conditional else None
+        if prompts is not None and tuple(prompts.shape) != tuple(self.ehs_shape or ()):
+            raise ServeError(f"the pipeline's text encoder gives {list(prompts.shape)} states; the UNet takes "
+                             f"{list(self.ehs_shape) if self.ehs_shape else 'none (unconditional)'}")
+        self.lock = threading.Lock()  # one trajectory at a time per runner (its caches)
+        self.batches: deque[int] = deque(maxlen=1000)  # images per recent infer call (tests, debugging)
+
+    def parse(self, req) -> list[Item]:
+        def arr(name, dtype, required=True):
+            if name not in req:
+                if required:
+                    raise RequestError(f"input {name!r} is missing")
+                return None
+            a = np.asarray(req[name])
+            if a.dtype != dtype and not (dtype is object and a.dtype.kind in "SO"):
+                raise RequestError(f"input {name!r} must be {np.dtype(dtype).name}, got {a.dtype.name}")
+            return a
+
+        seed = arr("seed", np.int64).reshape(-1)
+        n = seed.shape[0]
+        steps = arr("steps", np.int32).reshape(-1)
+        sched = arr("scheduler", object, required=False)
+        gs = arr("guidance_scale", np.float32, required=False)
+        ehs = arr("encoder_hidden_states", np.float32, required=False)
+        prompt = arr("prompt", object, required=False)
+        negative = None
+        if prompt is not None:
+            if self.prompts is None:
+                raise RequestError("input 'prompt' needs a server started with --pipeline (a text encoder)")
+            if ehs is not None:
+                raise RequestError("send 'prompt' or 'encoder_hidden_states', not both")
+            texts = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in prompt.reshape(-1)]
+            if len(texts) != n:
+                raise RequestError(f"'prompt' has {len(texts)} values for {n} seeds")
+            ehs = self.prompts.encode(texts).numpy()  # [n, S, D]
+            negative = self.prompts.negative
+        if steps.shape[0] != n:
+            raise RequestError(f"'steps' has {steps.shape[0]} values for {n} seeds")
+        items = []
+        for i in range(n):
+            name = self.cfg.scheduler if sched is None else sched.reshape(-1)[i]
+            name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+            it = Item(int(seed[i]), int(steps[i]), name, 1.0 if gs is None else float(gs.reshape(-1)[i]),
+                      None if ehs is None else torch.from_numpy(np.array(ehs[i], dtype=np.float32)), negative)
+            check_item(it, self.cfg.max_steps, self.meta.conditional, self.ehs_shape)
+            items.append(it)
+        return items
+
+    def infer(self, requests) -> list[dict]:
+        items, counts, problems = [], [], []
+        for k, req in enumerate(requests):
+            try:
+                got = self.parse(req)
+            except RequestError as e:
+                problems.append(f"request {k}: {e}")
+                continue
+            items += got
+            counts.append(len(got))
+        if problems:
+            # PyTriton answers a batch with responses or with one error; a bad request therefore fails
+            # the batch it was queued with (no image is ever computed from a bad request).
+            raise RequestError("; ".join(problems)) from None
+        with self.lock:
+            per_call = self.cfg.max_batch // (2 if any(it.guidance_scale != 1.0 for it in items) else 1)
+            images = generate_items(self.runner, self.meta.scheduler_config, items, self.meta.sample_shape,
+                                    self.ehs_shape, max_group=max(1, per_call)).numpy()  # [N, C, H, W]
+            self.batches.append(len(items))
+        out, s = [], 0
+        for n in counts:
+            out.append({"image": images[s:s + n]})
+            s += n
+        return out
+
+
+def load_runner(cfg: ServeConfig):
+    """(runner, model meta) for the configured backend; any problem raises a ModiffExportError."""
+    from ..backends import FOLDER_OPTION, RunnerError, make_runner
+    from ..models import LoadedModel, load_model
+
+    if cfg.backend == "torch":
+        import copy
+
+        from ..config import QuantConfig
+        from ..manifest import Manifest
+        from ..quant.quantization import quantize
+
+        meta = load_model(cfg.model or "digits")
+        qc = Manifest.load(cfg.folder).quant_config if cfg.folder else QuantConfig()
+        return make_runner("torch", quantize(copy.deepcopy(meta.unet), qc)), meta
+    if cfg.folder is None:
+        raise RunnerError(f"--backend {cfg.backend} needs {FOLDER_OPTION[cfg.backend]}")
+    kwargs = {"threads": cfg.threads} if cfg.backend == "ort" else {}
+    runner = make_runner(cfg.backend, folder=cfg.folder, **kwargs)
+    runner.activate()
+    return runner, LoadedModel.from_info(runner.manifest.model)
+
+
+# -- the Triton side ---------------------------------------------------------------------------------
+def libpython_dir() -> str:
+    """The folder holding this interpreter's shared libpython, which the Python-backend stub needs."""
+    libdir, name = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY") or ""
+    if not libdir or not name.endswith(".so") and ".so." not in name or not (Path(libdir) / name).exists():
+        raise ServeError(f"this Python ({sysconfig.get_config_var('VERSION')}) has no shared libpython "
+                         f"({libdir}/{name}); Triton's Python backend needs one: use a Python built with "
+                         f"--enable-shared")
+    return libdir
+
+
+def check_ports(*ports: int) -> None:
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError as e:
+                raise ServeError(f"cannot listen on {LOOPBACK}:{port} ({e.strerror}); pick free ports with "
+                                 "--port/--grpc-port/--metrics-port") from None
+
+
+def triton_inputs_outputs(meta, prompts: bool = False):
+    from pytriton.model_config import Tensor
+
+    c, h, w = meta.sample_shape
+    inputs = [Tensor(name="seed", dtype=np.int64, shape=(1,)), Tensor(name="steps", dtype=np.int32, shape=(1,)),
+              Tensor(name="scheduler", dtype=bytes, shape=(1,), optional=True)]
+    if meta.conditional:
+        inputs += [Tensor(name="guidance_scale", dtype=np.float32, shape=(1,), optional=True),
+                   Tensor(name="encoder_hidden_states", dtype=np.float32,
+                          shape=(meta.encoder_seq_len, meta.cross_attention_dim), optional=True)]
+    if prompts:
+        inputs.append(Tensor(name="prompt", dtype=bytes, shape=(1,), optional=True))
+    return inputs, [Tensor(name="image", dtype=np.float32, shape=(c, h, w))]
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(cfg: ServeConfig, on_ready=None) -> None:
+    """Start Triton, serve until SIGINT/SIGTERM, stop cleanly. `on_ready(models)` runs once serving."""
+    os.environ["LD_LIBRARY_PATH"] = ":".join(p for p in (libpython_dir(), os.environ.get("LD_LIBRARY_PATH")) if p)
+    try:
+        from pytriton.decorators import batch  # noqa: F401  (import check only)
+        from pytriton.model_config import DynamicBatcher, ModelConfig
+        from pytriton.triton import Triton, TritonConfig
+    except ImportError as e:
+        raise ServeError(f"PyTriton is not installed ({e}); pip install nvidia-pytriton") from None
+    check_ports(cfg.http_port, cfg.grpc_port, cfg.metrics_port)
+    encoder = None
+    if cfg.pipeline:
+        from .prompts import PromptEncoder
+
+        encoder = PromptEncoder(cfg.pipeline)  # shared by the instances: inference only, no state
+    models = []
+    for _ in range(cfg.instances):
+        runner, meta = load_runner(cfg)
+        models.append(ModiffModel(runner, meta, cfg, encoder))
+    inputs, outputs = triton_inputs_outputs(models[0].meta, prompts=encoder is not None)
+    tcfg = TritonConfig(http_address=LOOPBACK, http_port=cfg.http_port, grpc_address=LOOPBACK, grpc_port=cfg.grpc_port,
+                        metrics_address=LOOPBACK, metrics_port=cfg.metrics_port, allow_gpu_metrics=False,
+                        exit_timeout_secs=10)
+    # SIGTERM (docker stop, systemd, kill) stops the server the way Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    triton = Triton(config=tcfg)
+    try:
+        try:
+            triton.bind(model_name=MODEL_NAME, infer_func=[m.infer for m in models], inputs=inputs, outputs=outputs,
+                        config=ModelConfig(max_batch_size=cfg.max_batch,
+                                           batcher=DynamicBatcher(max_queue_delay_microseconds=cfg.queue_delay_us)),
+                        strict=True)
+            triton.run()
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 (PyTriton/tritonserver start failures: one line, details in the log above)
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise ServeError(f"Triton Inference Server did not start: {msg}") from None
+        if on_ready is not None:
+            on_ready(models)
+        triton.serve()  # blocks; returns on SIGINT/SIGTERM (KeyboardInterrupt) or if Triton dies
+    except KeyboardInterrupt:
+        pass
+    finally:
+        triton.stop()
+        signal.signal(signal.SIGTERM, previous)
+        for m in models:
+            m.runner.deactivate()

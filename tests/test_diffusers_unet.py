@@ -1,0 +1,159 @@
+"""ModiffUNet inside diffusers pipelines: same images as our own loop from the same noise, caches reset
+at the start of every pipeline call (DDPMPipeline on digits; a tiny StableDiffusionPipeline with CFG)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_cond_unet
+
+from modiff_export import QuantConfig
+from modiff_export.export.trace import export_model
+from modiff_export.models import LoadedModel, load_model
+from modiff_export.sampling import generate, make_scheduler
+from modiff_export.serving.diffusers_unet import ModiffUNet
+
+
+def test_ddpm_pipeline_on_digits_equals_our_loop():
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    m = load_model("digits")
+    cfg = QuantConfig(act_bits=4)
+    unet = ModiffUNet.from_unet(m.unet, cfg)
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(m.scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    images = [pipe(batch_size=2, generator=torch.Generator().manual_seed(s), num_inference_steps=8,
+                   output_type="np").images
+              for s in (0, 0, 1)]  # [B, H, W, C] in [0, 1]
+    ours = ModiffUNet.from_unet(m.unet, cfg).runner
+    for s, img in zip((0, 0, 1), images):
+        x = generate(ours, make_scheduler("ddpm", m.scheduler_config), 8, 2, s, m.sample_shape, progress=False)
+        # exact: same runner code, same noise, same scheduler calls; (x/2 + 0.5) is exact in float
+        np.testing.assert_array_equal(img, (x / 2 + 0.5).permute(0, 2, 3, 1).numpy())
+    assert unet.trajectories == 3  # one cache reset per pipeline call, detected from the timesteps
+    assert not np.array_equal(images[0], images[2])
+
+
+def _tiny_sd(tmp_path):
+    """Text encoder, tokenizer (hand-written vocab), VAE and conditional UNet, all tiny and random."""
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in letters:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), pad_token="<|endoftext|>",
+                        model_max_length=77)
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                                        num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=1)).eval()
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",),
+                        latent_channels=4, norm_num_groups=8, sample_size=8).eval()
+    return tok, text, vae
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+def test_tiny_stable_diffusion_pipeline_with_ort_graphs(tmp_path, guidance):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    tok, text, vae = _tiny_sd(tmp_path)
+    # as in Stable Diffusion (the pipeline rewrites clip_sample=True / steps_offset=0 configs to these)
+    sched_cfg = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                 "beta_end": 0.012,
+                 "clip_sample": False, "steps_offset": 1}
+    export_model(LoadedModel.from_unet(build_tiny_cond_unet(), "tiny-sd", sched_cfg), QuantConfig(act_bits=4),
+                 tmp_path / "g", progress=False)
+    unet = ModiffUNet.from_folder(tmp_path / "g", "ort", threads=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler.from_config(sched_cfg), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red cat", "blue sky"]
+    latents = [pipe(prompts, height=8, width=8, num_inference_steps=5, guidance_scale=guidance, output_type="latent",
+                    generator=torch.Generator().manual_seed(3)).images for _ in range(2)]
+    assert unet.trajectories == 2
+    assert torch.equal(latents[0], latents[1])  # second call did not inherit the first call's caches
+    cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, guidance > 1.0, None)
+    ours = generate(unet.runner, make_scheduler("ddim", sched_cfg), 5, 2, 3, (4, 8, 8), cond,
+                    uncond if guidance > 1.0 else None, guidance, progress=False)
+    # exact: the pipeline sends [uncond, cond], our loop [cond, uncond]; per-sample scales make the
+    # runner batch-invariant and every call has batch >= 2 (one ORT GEMM code path)
+    assert torch.equal(latents[0].clamp(-1, 1), ours)
+    img = pipe(prompts, height=8, width=8, num_inference_steps=2, guidance_scale=guidance, output_type="np",
+               generator=torch.Generator().manual_seed(3)).images
+    assert img.shape == (2, 8, 8, 3) and np.isfinite(img).all()
+
+
+def test_new_trajectory_detection():
+    class Fake:
+        def __init__(self):
+            self.resets = 0
+
+        def reset(self):
+            self.resets += 1
+
+        def __call__(self, sample, t, ehs):
+            return sample
+
+    r = Fake()
+    u = ModiffUNet(r, {"in_channels": 1, "out_channels": 1, "sample_size": 4})
+    x = torch.zeros(2, 1, 4, 4)
+    for t in (999, 800, 800, 500):   # PNDM repeats a timestep: same trajectory
+        u(x, torch.tensor(t))
+    assert r.resets == 1
+    u(x, torch.tensor(999))          # timestep went up: new pipeline call
+    u(torch.zeros(3, 1, 4, 4), torch.tensor(10))  # new batch size
+    assert r.resets == 3
+    out = u(torch.zeros(3, 1, 4, 4), 5, return_dict=False)
+    assert isinstance(out, tuple) and out[0].shape == (3, 1, 4, 4)
+
+
+def test_serve_prompts_match_the_pipeline(tmp_path):
+    """serve's `prompt` input, encoded by the pipeline folder's own text encoder, gives the image the
+    StableDiffusionPipeline gives for that prompt and seed (same runner, guidance with the empty prompt)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from modiff_export.serving.prompts import PromptEncoder, PromptError
+    from modiff_export.serving.triton_server import (
+        ModiffModel,
+        ServeConfig,
+        load_runner,
+    )
+
+    tok, text, vae = _tiny_sd(tmp_path)
+    sched_cfg = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                 "beta_end": 0.012,
+                 "clip_sample": False, "steps_offset": 1}
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=build_tiny_cond_unet(),
+                                   scheduler=DDIMScheduler.from_config(sched_cfg), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "pipe")
+    m = load_model(str(tmp_path / "pipe"))
+    export_model(m, QuantConfig(act_bits=4), tmp_path / "g", progress=False)
+    cfg = ServeConfig(folder=str(tmp_path / "g"), pipeline=str(tmp_path / "pipe"), max_steps=10)
+    runner, meta = load_runner(cfg)
+    served = ModiffModel(runner, meta, cfg, PromptEncoder(tmp_path / "pipe"))
+    req = {"seed": np.array([[5]], np.int64), "steps": np.array([[4]], np.int32), "prompt": np.array([[b"a red cat"]],
+                                                                                                     object),
+           "guidance_scale": np.array([[6.0]], np.float32)}
+    image = served.infer([req])[0]["image"][0]  # [4, 8, 8]
+    pipe.unet = ModiffUNet.from_folder(tmp_path / "g", "ort", threads=1)
+    pipe.set_progress_bar_config(disable=True)
+    lat = pipe("a red cat", height=8, width=8, num_inference_steps=4, guidance_scale=6.0, output_type="latent",
+               generator=torch.Generator().manual_seed(5)).images[0]
+    # exact: same noise (seed 5), same prompt/empty-prompt states, both UNet calls at batch 2
+    np.testing.assert_array_equal(image, lat.clamp(-1, 1).numpy())
+    other = served.infer([{**req, "prompt": np.array([[b"blue sky"]], object)}])[0]["image"][0]
+    assert not np.array_equal(image, other)
+    with pytest.raises(PromptError, match="tokenizer"):
+        PromptEncoder(tmp_path / "g")

@@ -1,0 +1,216 @@
+"""`package-triton`: configs parsed with Triton's own protobuf and checked against the manifest; the merged
+START-selected graph computes prime or step per sample; the repository runs on the bundled tritonserver."""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import build_tiny_unet
+
+from modiff_export import QuantConfig
+from modiff_export.export.trace import export_model
+from modiff_export.fsutil import OutputError
+from modiff_export.manifest import Manifest
+from modiff_export.models import LoadedModel
+from modiff_export.serving.merge_graph import MergeError
+from modiff_export.serving.model_repository import (
+    PackageOptions,
+    write_model_repository,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHED = {"num_train_timesteps": 1000}
+SHAPE = (1, 16, 16)
+mc = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is not installed")
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repo") / "tiny-w8a4"
+    export_model(LoadedModel.from_unet(build_tiny_unet(), "tiny", SCHED), QuantConfig(act_bits=4), out, progress=False)
+    return out
+
+
+def _parse(path: Path):
+    from google.protobuf import text_format
+
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt", "python"])
+def test_configs_match_manifest(graphs, tmp_path, backend):
+    out = write_model_repository(graphs, tmp_path / "mr", PackageOptions(unet_backend=backend, max_batch=4))
+    m = Manifest.load(graphs)
+    unet, sampler = _parse(out / "modiff_unet" / "config.pbtxt"), _parse(out / "modiff" / "config.pbtxt")
+    assert unet.max_batch_size == 4 and sampler.max_batch_size == 4
+    assert (unet.platform or unet.backend) == {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan",
+                                               "python": "python"}[backend]
+    ins = {i.name: i for i in unet.input}
+    assert set(ins) == {s.name for s in m.inputs}
+    assert list(ins["sample"].dims) == [int(d) for d in m.inputs[0].shape[1:]]
+    assert list(ins["timestep"].dims) == [1] and list(ins["timestep"].reshape.shape) == []
+    assert [(o.name, list(o.dims)) for o in unet.output] == [("noise_pred", [1, 16, 16])]
+    sb = unet.sequence_batching
+    kind = mc.ModelSequenceBatching.Control.CONTROL_SEQUENCE_START
+    start = [c for c in sb.control_input if c.control[0].kind == kind]
+    assert len(start) == 1 and list(start[0].control[0].int32_false_true) == [0, 1]
+    if backend == "python":
+        assert not sb.state and {c.name for c in sb.control_input} == {"START", "END", "CORRID"}
+    else:
+        assert start[0].name == "start"
+        want = {c.input: (c.output, [int(d) for d in c.shape[1:]], c.dtype) for c in m.caches}
+        got = {s.input_name: (s.output_name, list(s.dims), s.data_type) for s in sb.state}
+        assert len(sb.state) == len(m.caches) == len(got)
+        for name, (out_name, dims, dtype) in want.items():
+            assert got[name] == (out_name, dims, mc.TYPE_FP32 if dtype == "float32" else mc.TYPE_FP16)
+        assert all(s.initial_state[0].zero_data and list(s.initial_state[0].dims) == list(s.dims) for s in sb.state)
+    assert [i.name for i in sampler.input] == ["seed", "steps", "scheduler"] and sampler.input[2].optional
+    assert [(o.name, list(o.dims)) for o in sampler.output] == [("image", [1, 16, 16])]
+    assert sampler.parameters["unet_model"].string_value == "modiff_unet"
+    model_file = out / "modiff_unet" / ("model.onnx" if backend == "tensorrt" else "1/model.onnx")
+    assert model_file.is_file() and (out / "modiff" / "1" / "model.py").is_file()
+
+
+def test_merged_graph_selects_prime_or_step_per_sample(graphs, tmp_path):
+    out = write_model_repository(graphs, tmp_path / "mr")
+    m = Manifest.load(graphs)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # as OrtRunner does
+    merged, prime, step = (ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for p in
+                           (out / "modiff_unet/1/model.onnx", graphs / "prime.onnx", graphs / "step.onnx"))
+    names = [o.name for o in merged.get_outputs()]
+    rs = np.random.RandomState(0)
+    x, t = rs.randn(3, *SHAPE).astype(np.float32), np.full(3, 900.0, np.float32)
+    zeros = {c.input: np.zeros([3, *[int(d) for d in c.shape[1:]]], np.float32) for c in m.caches}
+    a = dict(zip(names, merged.run(None, {"sample": x, "timestep": t, "start": np.ones((3, 1), np.int32), **zeros})))
+    p = dict(zip(names, prime.run(names, {"sample": x, "timestep": t})))
+    state = {c.input: a[c.output] for c in m.caches}
+    x2 = rs.randn(3, *SHAPE).astype(np.float32)
+    s = dict(zip(names, step.run(names, {"sample": x2, "timestep": t - 100, **state})))
+    p2 = dict(zip(names, prime.run(names, {"sample": x2, "timestep": t - 100})))
+    start = np.array([[0], [1], [0]], np.int32)
+    mixed = dict(zip(names, merged.run(None, {"sample": x2, "timestep": t - 100, "start": start, **state})))
+    for k in names:  # exact: the same graphs, the same kernels; Where only selects
+        np.testing.assert_array_equal(a[k], p[k])
+        np.testing.assert_array_equal(mixed[k][[0, 2]], s[k][[0, 2]])
+        np.testing.assert_array_equal(mixed[k][1], p2[k][1])
+
+
+def test_refuses_overwrite_and_stateless_graphs(graphs, tmp_path):
+    out = tmp_path / "mr"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(OutputError, match="--overwrite"):
+        write_model_repository(graphs, out)
+    assert (out / "keep.txt").is_file()
+    export_model(LoadedModel.from_unet(build_tiny_unet(), "tiny"), QuantConfig(mode="fp"), tmp_path / "fp",
+                 progress=False)
+    with pytest.raises(MergeError, match="no caches"):
+        write_model_repository(tmp_path / "fp", tmp_path / "mr2")
+    assert not (tmp_path / "mr2").exists() and not list(tmp_path.glob(".mr2.*"))
+    p = subprocess.run([sys.executable, "cli.py", "package-triton", str(graphs), "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 1 and p.stderr.strip().startswith("error:") and "--overwrite" in p.stderr
+
+
+def _ports() -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65000 and all(_free(port + k) for k in (1, 2)):
+            return port
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _start(repo, models, tmp_path):
+    pytest.importorskip("pytriton", reason="nvidia-pytriton (bundled tritonserver) is not installed")
+    import tritonclient.http as th
+
+    from modiff_export.serving.model_repository import local_tritonserver
+
+    port = _ports()
+    proc, scratch = local_tritonserver(repo, port, port + 1, port + 2, models, tmp_path / "ts.log")
+    client, t0 = th.InferenceServerClient(f"127.0.0.1:{port}"), time.time()
+    while time.time() - t0 < 120:
+        if proc.poll() is not None:
+            pytest.fail(f"tritonserver exited: {(tmp_path / 'ts.log').read_text()[-2000:]}")
+        try:
+            if all(client.is_model_ready(m) for m in models):
+                return proc, port, scratch
+        except Exception:  # noqa: BLE001, S110 (not up yet)
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail("tritonserver not ready after 120 s")
+
+
+def test_repository_runs_on_bundled_tritonserver(graphs, tmp_path):
+    """The python-UNet variant runs whole trajectories through Triton: BLS sampler -> sequence-batched
+    UNet with one correlation id per image; concurrent images equal the solo computation exactly."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve_load import Client
+
+    from modiff_export.backends.ort_runner import OrtRunner
+    from modiff_export.serving.sampler import Item, generate_items
+
+    repo = write_model_repository(graphs, tmp_path / "mr", PackageOptions(unet_backend="python", max_batch=4,
+                                                                          max_steps=10))
+    proc, port, scratch = _start(repo, ["modiff", "modiff_unet"], tmp_path)
+    try:
+        reqs = [(7 + k, 4 if k % 2 else 5) for k in range(4)]
+        got, errors = {}, []
+
+        def worker(k):
+            try:
+                got[k] = Client("http" if k % 2 == 0 else "grpc", port).infer(*reqs[k])
+            except Exception as e:  # noqa: BLE001
+                errors.append(str(e))
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        r = OrtRunner(graphs, threads=1)
+        for k, (seed, steps) in enumerate(reqs):
+            np.testing.assert_array_equal(got[k], generate_items(r, SCHED, [Item(seed, steps)], SHAPE)[0].numpy())
+        with pytest.raises(Exception, match="out of range"):
+            Client("http", port).infer(1, 11)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_sampler_of_onnxruntime_repository_loads_here(graphs, tmp_path):
+    """The bundled tritonserver has no onnxruntime backend: the sampler loads, and a request says why it fails."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve_load import Client
+
+    repo = write_model_repository(graphs, tmp_path / "mr")
+    proc, port, scratch = _start(repo, ["modiff"], tmp_path)
+    try:
+        with pytest.raises(Exception, match="modiff_unet"):
+            Client("http", port).infer(1, 3)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,167 @@
+"""`serve`: per-request sampling is batch-invariant, and a real Triton server (PyTriton) keeps concurrent
+requests isolated (every image equals the same request computed alone, exactly)."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_unet
+
+from modiff_export import QuantConfig
+from modiff_export.backends.ort_runner import OrtRunner
+from modiff_export.export.trace import export_model
+from modiff_export.models import LoadedModel
+from modiff_export.sampling import generate, make_scheduler
+from modiff_export.serving.sampler import Item, RequestError, check_item, generate_items
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHED = {"num_train_timesteps": 1000}
+SHAPE = (1, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "tiny-w8a4"
+    export_model(LoadedModel.from_unet(build_tiny_unet(), "tiny", SCHED), QuantConfig(act_bits=4), out, progress=False)
+    return out
+
+
+def test_group_is_the_generate_loop(graphs):
+    """Same noise -> generate_items gives what sampling.generate gives (one trajectory, one batch)."""
+    r = OrtRunner(graphs, threads=1)
+    items = [Item(5, 6, "ddim"), Item(9, 6, "ddim")]
+    noise = torch.cat([torch.randn((1, *SHAPE), generator=torch.Generator().manual_seed(it.seed)) for it in items])
+    ref = generate(r, make_scheduler("ddim", SCHED), 6, 2, 0, SHAPE, progress=False, noise=noise)
+    assert torch.equal(generate_items(r, SCHED, items, SHAPE), ref)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])  # ddpm: per-request step noise from the request's generator
+def test_mixed_batch_equals_solo(graphs, scheduler):
+    r = OrtRunner(graphs, threads=1)
+    items = [Item(1, 6, scheduler), Item(2, 4, scheduler), Item(3, 6, scheduler), Item(4, 4, scheduler), Item(5, 3,
+                                                                                                              scheduler)]
+    first_solo = generate_items(r, SCHED, [items[0]], SHAPE)
+    batched = generate_items(r, SCHED, items, SHAPE, max_group=2)
+    for i, it in enumerate(items):  # exact: per-sample scales, one generator per request, min batch 2
+        assert torch.equal(batched[i], generate_items(r, SCHED, [it], SHAPE)[0]), i
+    assert torch.equal(first_solo[0], generate_items(r, SCHED, [items[0]], SHAPE)[0])  # caches reset per group
+    assert len({float(batched[i].abs().sum()) for i in range(5)}) == 5  # different seeds, different images
+
+
+def test_bad_requests():
+    for it, msg in [(Item(0, 0), "out of range"), (Item(0, 101), "out of range"), (Item(0, 5, "nope"),
+                                                                                   "unknown scheduler"),
+                    (Item(0, 5, "ddim", float("nan")), "finite"), (Item(0, 5, "ddim", 7.5), "conditional")]:
+        with pytest.raises(RequestError, match=msg):
+            check_item(it, 100, False, None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _needs_triton():
+    pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed")
+    pytest.importorskip("tritonclient.http", reason="tritonclient is not installed")
+    if not str(sysconfig.get_config_var("LDLIBRARY") or "").endswith(".so"):
+        pytest.skip("this Python has no shared libpython: Triton's Python backend stub cannot start")
+
+
+def test_server_isolation_under_concurrency(graphs, tmp_path):
+    """6 concurrent clients (HTTP + gRPC), two step counts, a long queue delay so Triton batches them;
+    every image must equal the same request computed alone in this process, bit for bit."""
+    _needs_triton()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve_load import Client, batch_stats, start_server, stop_server, wait_ready
+
+    port = _free_port()
+    while any(_port_busy(p) for p in (port + 1, port + 2)):
+        port = _free_port()
+    proc = start_server(str(graphs), port, max_batch=8, log=str(tmp_path / "server.log"),
+                        extra=("--queue-delay-us", "300000", "--max-steps", "10"))
+    try:
+        wait_ready(port, proc)
+        reqs = [(100 + k, 4 if k % 2 else 6) for k in range(6)]
+        got, errors = {}, []
+
+        def worker(k):
+            try:
+                got[k] = Client("http" if k % 2 == 0 else "grpc", port).infer(*reqs[k])
+            except Exception as e:  # noqa: BLE001
+                errors.append(str(e))
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        n_req, n_exec = batch_stats(port + 2)
+        assert n_exec < n_req, "Triton never batched two requests; the test proves nothing"
+        r = OrtRunner(graphs, threads=1)
+        for k, (seed, steps) in enumerate(reqs):
+            solo = generate_items(r, SCHED, [Item(seed, steps, "ddim")], SHAPE)[0].numpy()
+            assert np.array_equal(got[k], solo), k
+        with pytest.raises(Exception, match="out of range"):  # a bad request gets a clear error
+            Client("http", port).infer(1, 11)
+    finally:
+        rc = stop_server(proc, signal.SIGTERM) if proc.poll() is None else proc.returncode
+    assert rc == 0 and "server stopped" in (tmp_path / "server.log").read_text()
+
+
+def _port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def test_port_in_use_is_one_error_line(graphs):
+    _needs_triton()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = subprocess.run([sys.executable, "cli.py", "serve", "--graphs", str(graphs), "--port", str(port)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}")
+
+
+def test_openvino_backend_fails_cleanly_until_available(graphs):
+    from modiff_export.backends import make_runner
+    from modiff_export.errors import ModiffExportError
+
+    try:
+        make_runner("openvino", folder=graphs)
+    except ModiffExportError:
+        pass
+    else:
+        pytest.skip("the openvino runner exists: `serve --backend openvino` then serves like ort")
+    p = subprocess.run([sys.executable, "cli.py", "serve", "--graphs", str(graphs), "--backend", "openvino",
+                        "--port", str(_free_port())], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_missing_libpython_is_a_clear_error(monkeypatch):
+    from modiff_export.serving import triton_server
+
+    real = triton_server.sysconfig.get_config_var
+    monkeypatch.setattr(triton_server.sysconfig, "get_config_var",
+                        lambda k: "libpython3.11.a" if k == "LDLIBRARY" else real(k))  # a static-only Python build
+    with pytest.raises(triton_server.ServeError, match="no shared libpython"):
+        triton_server.libpython_dir()

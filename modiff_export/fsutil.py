@@ -38,6 +38,9 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False, kind: str =
     """Check, before any long work, that `path` can be created: it does not exist (or `overwrite`),
     its nearest existing parent is a writable folder, and no file stands where a folder is needed."""
     path = Path(path)
+    if kind == "folder":
+        with contextlib.suppress(OSError):  # a killed run's leftovers first: its old folder may go back
+            clean_stale_temps(path.parent, path.name)
     if path.is_symlink() and not path.exists():
         raise OutputError(f"{path} is a dangling symbolic link; remove it or choose another output")
     if path.exists():
@@ -92,18 +95,36 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
+def _temp_owner(entry: str, name: str) -> tuple[int, str] | None:
+    """(pid, "new" | "old") when `entry` is a temporary of output `name` made by atomic_folder:
+    `<TMP_TAG><name>.<random>.<pid>.new` or `<TMP_TAG><name>.<pid>.old`; None for anything else
+    (including the temporaries of a sibling output such as `<name>.v2`)."""
+    prefix = f"{TMP_TAG}{name}."
+    if not entry.startswith(prefix):
+        return None
+    parts = entry[len(prefix):].split(".")
+    if parts[-1] == "old" and len(parts) == 2 and parts[0].isdigit():
+        return int(parts[0]), "old"
+    if parts[-1] == "new" and len(parts) == 3 and parts[1].isdigit():
+        return int(parts[1]), "new"
+    return None
+
+
 def clean_stale_temps(parent: Path, name: str) -> None:
     """Remove temporary siblings of `name` left by a run that was killed (SIGKILL, power loss); an old
     folder that was moved aside but never replaced is put back."""
-    for p in parent.glob(f"{TMP_TAG}{name}.*"):
-        try:
-            pid = int(p.name.rsplit(".", 2)[-2])
-        except (ValueError, IndexError):
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for p in sorted(parent.iterdir()):
+        owner = _temp_owner(p.name, name)
+        if owner is None:
             continue
+        pid, kind = owner
         if pid == os.getpid() or _alive(pid):
             continue
         out = parent / name
-        if p.name.endswith(".old") and not (out.exists() or out.is_symlink()):
+        if kind == "old" and not (out.exists() or out.is_symlink()):
             p.rename(out)  # killed between "old aside" and "new in": the old folder goes back
         else:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -134,7 +155,7 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False):
     clean_stale_temps(out.parent, out.name)
     # same filesystem as `out`, so the renames are atomic; the pid lets a later run spot a dead writer
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_TAG}{out.name}.", suffix=f".{os.getpid()}.new", dir=out.parent))
-    old = None
+    old, swapped = None, False
     try:
         with _sigterm_as_interrupt():
             yield tmp
@@ -148,12 +169,15 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False):
             try:
                 os.rename(tmp, out)  # fails (instead of merging) if a folder appeared at `out` meanwhile
             except OSError:
-                if old is not None and not out.exists():
-                    old.rename(out)
-                    old = None
                 raise OutputError(f"{out} appeared while this run was writing (another process?); "
                                   f"it was left untouched") from None
-    except BaseException:
+            swapped = True
+    except BaseException:  # an error, Ctrl-C or SIGTERM at any point: the old or the new folder stays
+        if old is not None and old.exists():
+            if swapped:
+                shutil.rmtree(old, ignore_errors=True)
+            elif not (out.exists() or out.is_symlink()):
+                old.rename(out)  # between "old aside" and "new in": the old folder goes back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:

@@ -53,7 +53,11 @@ def make_scheduler(name: str, scheduler_config: dict):
     if name not in SCHEDULERS:
         raise SamplingError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
     config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
-    return SCHEDULERS[name].from_config({**config, **_OVERRIDES.get(name, {})})
+    try:
+        return SCHEDULERS[name].from_config({**config, **_OVERRIDES.get(name, {})})
+    except Exception as e:  # diffusers: NotImplementedError for an unknown beta_schedule, ValueError, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SamplingError(f"scheduler {name!r} rejects the model's scheduler config ({first})") from None
 
 
 @torch.no_grad()
@@ -144,6 +148,7 @@ def run_batches(runner, model, scheduler_name: str, num_steps: int, num_samples:
     sampling, evaluation and calibration). Conditional models get random encoder states [B, S, D] from
     seed + i + ENCODER_SEED_OFFSET (no text encoder here) and zeros as the unconditional states."""
     check_sampling_budget(model, num_samples, batch_size, seed, guidance_scale)
+    check_scheduler(scheduler_name, model, num_steps)
     from tqdm import tqdm
 
     out, starts = [], list(range(0, num_samples, batch_size))
@@ -160,12 +165,37 @@ def run_batches(runner, model, scheduler_name: str, num_steps: int, num_samples:
     return torch.cat(out)  # [N, C, H, W]
 
 
+def check_scheduler(name: str, model, num_steps: int) -> None:
+    """Refuse, before any work, a scheduler that cannot run `num_steps` steps with the model's scheduler
+    config: more steps than training timesteps, or config values diffusers rejects (an unknown
+    beta_schedule or prediction_type, ...), found by one step of a throwaway scheduler on zeros."""
+    T = model.scheduler_config.get("num_train_timesteps", 1000)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
+        raise SamplingError(f"{num_steps} sampling steps: expected 1..{T} (num_train_timesteps of {model.name}'s "
+                            f"scheduler config)")
+    try:
+        scheduler = make_scheduler(name, model.scheduler_config)
+        scheduler.set_timesteps(num_steps)
+        t = scheduler.timesteps[0]
+        x = torch.zeros((1, *model.sample_shape))  # [1, C, H, W]
+        scheduler.step(torch.zeros_like(x), t, scheduler.scale_model_input(x, t))
+    except SamplingError:
+        raise
+    except Exception as e:  # diffusers raises ValueError, NotImplementedError, ... for bad configs
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SamplingError(f"scheduler {name!r} cannot run {num_steps} steps with {model.name}'s scheduler config "
+                            f"({first})") from None
+
+
 def check_sampling_budget(model, num_samples: int, batch_size: int, seed: int, guidance_scale: float = 1.0) -> None:
     """Refuse, before any work, requests that cannot finish: bad counts, seeds out of range, guidance on
     an unconditional model, or images that would not fit in memory (the result [N, C, H, W] float32 must
     fit in half the free RAM)."""
     import psutil
 
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale):
+        raise SamplingError(f"guidance scale {guidance_scale!r} is not a finite number")
     if guidance_scale != 1.0 and not model.conditional:
         raise SamplingError(f"guidance scale {guidance_scale} needs a conditional UNet; {model.name} is "
                             f"unconditional (use 1.0)")

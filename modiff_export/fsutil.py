@@ -174,7 +174,7 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False):
             swapped = True
     except BaseException:  # an error, Ctrl-C or SIGTERM at any point: the old or the new folder stays
         if old is not None and old.exists():
-            if swapped:
+            if swapped or not tmp.exists():  # the new folder is in place: the old one goes
                 shutil.rmtree(old, ignore_errors=True)
             elif not (out.exists() or out.is_symlink()):
                 old.rename(out)  # between "old aside" and "new in": the old folder goes back

@@ -48,6 +48,8 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False, kind: str =
             raise OutputError(f"{path} already exists; pass --overwrite to replace it")
         if kind == "folder" and not path.is_dir():
             raise OutputError(f"{path} exists and is not a folder; refusing to replace a file with a folder")
+        if kind == "folder" and not os.access(path, os.W_OK | os.X_OK):  # its files could not be removed
+            raise OutputError(f"{path} is not writable, so it cannot be replaced")
         if kind == "file" and path.is_dir():
             raise OutputError(f"{path} is a folder; expected a file path")
     parent = path.parent

@@ -374,6 +374,8 @@ class Manifest:
                  f"cache {c.key} dtype {c.dtype} differs from cache_dtype {self.cache_dtype}")
         if any(s.name == "delta_scales" for s in self.step_extra_inputs):
             need(self.scales is not None, "step graph takes delta_scales but there is no scale table")
+            shape = self.spec("delta_scales").shape
+            need(len(shape) == 1 and shape[0] != BATCH, f"delta_scales must have the shape [L], got {list(shape)}")
             n_q = sum(1 for layer in self.layers if not layer.skipped)
             need(len(self.scales.layers) == self.spec("delta_scales").shape[0] and (not self.layers or
                  len(self.scales.layers) == n_q), "scale table layers do not match the delta_scales input")

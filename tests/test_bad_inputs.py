@@ -53,7 +53,23 @@ def base(tmp_path_factory) -> Path:
     code, _, err = run_cli(CALIBRATE[:1] + ["--model", root / "m0"] + CALIBRATE[3:]
                            + ["--act-bits", "4", "--out", root / "cal.json"])
     assert code == 0, err
+    fake_engines(root / "g88", root / "e88")
     return root
+
+
+def fake_engines(graphs: Path, folder: Path) -> None:
+    """An engine folder as build-engine writes it, with placeholder plans: everything a TrtRunner
+    checks before it needs TensorRT (not installed here)."""
+    from modiff_export.engine import BuildInfo
+    from modiff_export.fsutil import sha256_file
+
+    folder.mkdir()
+    shutil.copyfile(graphs / "manifest.json", folder / "manifest.json")
+    for role in ("prime", "step"):
+        (folder / f"{role}.plan").write_bytes(f"placeholder {role} plan".encode())
+    BuildInfo(tensorrt="none", options={"min_batch": 1, "opt_batch": 2, "max_batch": 4, "cuda_graph": False},
+              settings={}, profiles={}, plans={r: f"{r}.plan" for r in ("prime", "step")},
+              digests={r: sha256_file(folder / f"{r}.plan") for r in ("prime", "step")}).write(folder)
 
 
 # -- setups: each edits the row's private copy of `base` ----------------------------------------------
@@ -99,6 +115,13 @@ def model_with_scheduler(sched: dict | str) -> Callable[[Path], None]:
         shutil.copytree(ws / "m0", ws / "mt")
         (ws / "mt" / "scheduler_config.json").write_text(sched if isinstance(sched, str) else json.dumps(sched))
     return setup
+
+
+def huge_samples(ws: Path) -> None:
+    """Folder `mh`: m0 declaring 4096x4096 samples (a batch of them cannot fit in memory)."""
+    shutil.copytree(ws / "m0", ws / "mh")
+    cfg = json.loads((ws / "mh" / "config.json").read_text())
+    (ws / "mh" / "config.json").write_text(json.dumps({**cfg, "sample_size": 4096}))
 
 
 def nan_weights(ws: Path) -> None:
@@ -241,6 +264,8 @@ CASES = [
     C("export-dangling-link", EXPORT + ["--out", "dl"], "dangling", symlink("dl", "nowhere")),
     C("export-under-dangling-link", EXPORT + ["--out", "dl/g"], "dangling", symlink("dl", "nowhere")),
     C("export-read-only", EXPORT + ["--out", "ro/g"], "not writable", write("ro/keep.txt", "mine"), readonly="ro"),
+    C("export-overwrite-read-only", EXPORT + ["--out", "ro", "--overwrite"], "not writable",
+      write("ro/keep.txt", "mine"), readonly="ro"),
     C("sample-onto-file", SAMPLE_ORT[:-4] + ["--out", "cal.json", "--backend", "ort", "--graphs", "g88"],
       "already exists"),
     C("sample-parent-is-file", SAMPLE_ORT[:-4] + ["--out", "cal.json/s.png", "--backend", "ort", "--graphs", "g88"],
@@ -271,6 +296,23 @@ CASES = [
     C("ort-without-graphs", SAMPLE + ["--backend", "ort"], "--graphs"),
     C("trt-on-graph-folder", SAMPLE + ["--backend", "trt", "--engines", "g88"], "build.json"),
     C("unknown-scheduler", SAMPLE_ORT + ["--scheduler", "lms"], "--scheduler"),
+    C("samples-beyond-memory", SAMPLE + ["--model", "mh", "--batch-size", "4096"], "free memory", huge_samples),
+    # 5b. engines (TensorRT is not installed here: everything checked before it is needed)
+    C("trt-without-tensorrt", SAMPLE + ["--backend", "trt", "--engines", "e88"], "tensorrt is not installed"),
+    C("engine-plan-replaced", SAMPLE + ["--backend", "trt", "--engines", "e88"], "does not belong to this build",
+      write("e88/step.plan", "another build's plan")),
+    C("engine-plan-missing", SAMPLE + ["--backend", "trt", "--engines", "e88"], "missing or empty",
+      remove("e88/prime.plan")),
+    C("engine-build-json-damaged", SAMPLE + ["--backend", "trt", "--engines", "e88"], "needs the fields",
+      mutate("e88/build.json", lambda b: b.pop("digests"))),
+    C("engine-min-batch-0", SAMPLE + ["--backend", "trt", "--engines", "e88"], "min_batch",
+      mutate("e88/build.json", lambda b: b["options"].update(min_batch=0))),
+    C("build-engine-min-batch-0", ["build-engine", "g88", "--min-batch", "0", "--out", "e"], "min_batch"),
+    C("build-engine-batches-inverted", ["build-engine", "g88", "--min-batch", "8", "--max-batch", "2", "--out", "e"],
+      "min <= opt <= max"),
+    C("build-engine-workspace-negative", ["build-engine", "g88", "--workspace-gb", "-1", "--out", "e"],
+      "workspace_gb"),
+    C("build-engine-fp16-on-modiff", ["build-engine", "g88", "--precision", "fp16", "--out", "e"], "fp16"),
     # 6. model folders and scheduler configs
     C("model-missing", SAMPLE + ["--model", "nothere"], "not a folder"),
     C("model-is-file", SAMPLE + ["--model", "cal.json"], "not a folder"),

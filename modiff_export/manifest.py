@@ -266,6 +266,8 @@ class ScaleTable:
             f.fail("n_buckets", f"and num_train_timesteps must be >= 1, got {n} and {T}")
         table = f.get("table", dict)
         layers = tuple(f.get("layers", list, optional=True) or sorted(table))
+        if not all(isinstance(name, str) for name in layers):
+            f.fail("layers", f"must be a list of layer names (strings), got {str(list(layers))[:60]}")
         for name in layers:
             v = table.get(name)
             if not isinstance(v, list) or len(v) != n or not all(

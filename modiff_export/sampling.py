@@ -178,7 +178,9 @@ def check_scheduler(name: str, model, num_steps: int) -> None:
         scheduler.set_timesteps(num_steps)
         t = scheduler.timesteps[0]
         x = torch.zeros((1, *model.sample_shape))  # [1, C, H, W]
-        scheduler.step(torch.zeros_like(x), t, scheduler.scale_model_input(x, t))
+        own_rng = {"generator": torch.Generator().manual_seed(0)}  # stochastic samplers: leave the global RNG be
+        kwargs = own_rng if "generator" in inspect.signature(scheduler.step).parameters else {}
+        scheduler.step(torch.zeros_like(x), t, scheduler.scale_model_input(x, t), **kwargs)
     except SamplingError:
         raise
     except Exception as e:  # diffusers raises ValueError, NotImplementedError, ... for bad configs

@@ -43,8 +43,11 @@ def export_cmd(out: str, *extra: str) -> list[str]:
 
 
 def spawn(args: list[str], cwd: Path) -> subprocess.Popen:
+    """A CLI process as a terminal starts it: SIGINT at its default even when this test runs in a
+    background job (which inherits SIGINT ignored, and Python then installs no KeyboardInterrupt)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def assert_old_or_new(out: Path, old_snap: dict | None, new_tag: str) -> str:

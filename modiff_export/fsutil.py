@@ -61,6 +61,12 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False, kind: str =
         raise OutputError(f"{parent} is a file, so {path} cannot be created under it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{parent} is not writable, so {path} cannot be created")
+    try:  # the real test (read-only mounts, pseudo file systems, ACLs): create and remove a file there
+        fd, probe = tempfile.mkstemp(prefix=f"{TMP_TAG}probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{parent} is not writable ({e.strerror}), so {path} cannot be created") from None
     return path
 
 

@@ -1,7 +1,8 @@
 """Safe file writes (docs/design.md section 3, "Artifacts"): nothing is half-written, nothing the user
 owns is replaced unasked.
 
-    atomic_write_text(path, text)         temp file in the same folder, then one rename
+    atomic_write_text(path, text)         temp file in the same folder, then one rename (or, without
+    atomic_write_bytes(path, data)        overwrite, one hard link that fails if `path` appeared meanwhile)
     atomic_folder(out, overwrite=False)   fill a temp sibling folder; on success it takes `out`'s place
     sha256_file(path)                     "sha256:<hex>" of a file's bytes (artifact identity)
     check_writable(path)                  fail before long work when an output cannot be written
@@ -70,17 +71,35 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False, kind: str =
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename it into place."""
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> None:
+    """Write to a temporary file in the same folder, then rename it into place (see atomic_write_bytes)."""
+    atomic_write_bytes(path, text.encode(), overwrite)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) -> None:
+    """Write to a temporary file in the same folder, then put it at `path` in one step: a rename with
+    `overwrite`, else a hard link, which fails instead of replacing a file that appeared meanwhile."""
     path = Path(path)
     check_writable(path, overwrite=True, kind="file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_TAG}{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise OutputError(f"{path} appeared while this run was writing (another process?); it was left "
+                              f"untouched; pass --overwrite to replace it") from None
+        except OSError:  # no hard links on this file system: check, then rename (a tiny window remains)
+            if path.exists() or path.is_symlink():
+                raise OutputError(f"{path} appeared while this run was writing; it was left untouched") from None
+            os.replace(tmp, path)
+        Path(tmp).unlink(missing_ok=True)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

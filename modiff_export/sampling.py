@@ -7,6 +7,7 @@ tells the quantizer which scheduler runs.
 from __future__ import annotations
 
 import inspect
+import io
 import math
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ from diffusers import (
 )
 
 from .errors import ModiffExportError
+from .fsutil import atomic_write_bytes
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,                    # eta = 0 (deterministic)
@@ -109,8 +111,10 @@ def generate(runner, scheduler, num_steps: int, batch_size: int, seed: int, samp
     return x.clamp(-1, 1)
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, min_cell: int = 64) -> Path:
-    """Write images [B, C, H, W] in [-1, 1] as one PNG grid (temp file, then rename).
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, min_cell: int = 64,
+              overwrite: bool = True) -> Path:
+    """Write images [B, C, H, W] in [-1, 1] as one PNG grid (temp file, then rename; without `overwrite`
+    a file that appeared at `path` meanwhile is left untouched and this is an error).
 
     Tiny images are upscaled (nearest) so each cell is at least `min_cell` pixels wide.
     More than 3 channels (latents): the first 3 are shown.
@@ -134,12 +138,10 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
         grid[:, y0:y0 + k * H, x0:x0 + k * W] = x[i]
     arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[:, :, 0] if C == 1 else np.ascontiguousarray(arr), mode="L" if C == 1 else "RGB")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue(), overwrite)
+    return Path(path)
 
 
 def run_batches(runner, model, scheduler_name: str, num_steps: int, num_samples: int, batch_size: int, seed: int,

@@ -171,6 +171,23 @@ def appear_during_export(monkeypatch, ws: Path) -> None:
     monkeypatch.setattr(trace, "_trace", traced)
 
 
+def appear_after(module: str, function: str, path: str):
+    """During: another writer creates the output file `path` right after `module.function` did the work."""
+    def during(monkeypatch, ws: Path) -> None:
+        import importlib
+
+        mod = importlib.import_module(module)
+        real = getattr(mod, function)
+
+        def wrapped(*args, **kwargs):
+            result = real(*args, **kwargs)
+            (ws / path).write_text("another writer's file")
+            return result
+
+        monkeypatch.setattr(mod, function, wrapped)
+    return during
+
+
 def no_training(monkeypatch, ws: Path) -> None:
     """train-demo must refuse before training (and before touching the shipped assets)."""
     import modiff_export.models.train as train
@@ -278,6 +295,10 @@ CASES = [
     C("sample-read-only", SAMPLE_ORT[:-4] + ["--out", "ro/s.png", "--backend", "ort", "--graphs", "g88"],
       "not writable", write("ro/keep.txt", "mine"), readonly="ro"),
     C("calibrate-onto-file", CALIBRATE + ["--out", "cal.json"], "already exists"),
+    C("calibrate-file-appears", CALIBRATE + ["--out", "c.json"], "appeared",
+      during=appear_after("modiff_export.quant.calibration", "calibrate", "c.json"), appears=("c.json",)),
+    C("sample-file-appears", SAMPLE_ORT, "appeared", during=appear_after("modiff_export.sampling", "sample_model",
+                                                                         "s.png"), appears=("s.png",)),
     C("calibrate-dangling-link", CALIBRATE + ["--out", "dl"], "dangling", symlink("dl", "nowhere")),
     C("build-engine-onto-folder", ["build-engine", "g88", "--out", "g84"], "already exists"),
     C("demo-onto-folder", ["demo", "--out", "g88"], "already exists"),

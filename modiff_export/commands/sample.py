@@ -53,7 +53,8 @@ def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, 
     m, cfg, runner = resolve_runner(model, backend, graphs, engines, QUANT.config(quant))
     images = sample_model(m, cfg, scheduler, steps, batch_size, batch_size, seed, guidance_scale, backend,
                           runner=runner)
-    click.echo(f"{m.name} {cfg.tag} [{backend}] {scheduler}x{steps}: wrote {save_grid(images, out)}")
+    path = save_grid(images, out, overwrite=overwrite)
+    click.echo(f"{m.name} {cfg.tag} [{backend}] {scheduler}x{steps}: wrote {path}")
 
 
 def resolve_runner(model, backend, graphs, engines, cfg):

@@ -66,7 +66,7 @@ class QuantConfig:
             raise ConfigError(f"QuantConfig.keyframe_interval={k!r} is not allowed; expected None or an integer >= 1")
         for name in ("skip_layers", "int8_layers"):
             v = getattr(self, name)
-            if isinstance(v, str) or not all(isinstance(p, str) for p in v):
+            if not isinstance(v, (tuple, list)) or not all(isinstance(p, str) for p in v):
                 raise ConfigError(f"QuantConfig.{name}={v!r}; expected a tuple of name patterns (strings)")
             object.__setattr__(self, name, tuple(v))
         bs = self.weight_block_size
@@ -103,13 +103,15 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a QuantConfig must be given as a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d) - known
+        extra = {str(k) for k in d} - known
         if extra:
             raise ConfigError(f"unknown QuantConfig fields {sorted(extra)}; known: {sorted(known)}")
         d = dict(d)
         for name in ("skip_layers", "int8_layers"):
-            if name in d:
+            if isinstance(d.get(name), list):  # JSON has lists; anything else is refused by __post_init__
                 d[name] = tuple(d[name])
         return cls(**d)
 

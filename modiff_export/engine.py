@@ -296,7 +296,7 @@ def build_engines(graph_folder: str | Path, options: EngineBuildOptions, out_fol
             except Exception as e:  # Polygraphy reports parser/builder failures as PolygraphyException
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise EngineError(f"TensorRT could not build the {role} engine from "
-                                  f"{graph_folder / manifest['graphs'][role]}: {first}") from e
+                                  f"{graph_folder / manifest.graphs[role]}: {first}") from e
             (tmp / f"{role}.plan").write_bytes(bytes(plan))
             io = engine_io(pg.EngineFromBytes(bytes(plan))(), trt)
             check_engine_io(io, manifest, role)

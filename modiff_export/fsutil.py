@@ -1,7 +1,8 @@
 """Safe file writes (docs/design.md section 3, "Artifacts"): nothing is half-written, nothing the user
 owns is replaced unasked.
 
-    atomic_write_text(path, text)         temp file in the same folder, then one rename
+    atomic_write_text(path, text)         temp file in the same folder, then one rename (or, without
+    atomic_write_bytes(path, data)        overwrite, one hard link that fails if `path` appeared meanwhile)
     atomic_folder(out, overwrite=False)   fill a temp sibling folder; on success it takes `out`'s place
     sha256_file(path)                     "sha256:<hex>" of a file's bytes (artifact identity)
     check_writable(path)                  fail before long work when an output cannot be written
@@ -38,6 +39,9 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False, kind: str =
     """Check, before any long work, that `path` can be created: it does not exist (or `overwrite`),
     its nearest existing parent is a writable folder, and no file stands where a folder is needed."""
     path = Path(path)
+    if kind == "folder":
+        with contextlib.suppress(OSError):  # a killed run's leftovers first: its old folder may go back
+            clean_stale_temps(path.parent, path.name)
     if path.is_symlink() and not path.exists():
         raise OutputError(f"{path} is a dangling symbolic link; remove it or choose another output")
     if path.exists():
@@ -45,6 +49,8 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False, kind: str =
             raise OutputError(f"{path} already exists; pass --overwrite to replace it")
         if kind == "folder" and not path.is_dir():
             raise OutputError(f"{path} exists and is not a folder; refusing to replace a file with a folder")
+        if kind == "folder" and not os.access(path, os.W_OK | os.X_OK):  # its files could not be removed
+            raise OutputError(f"{path} is not writable, so it cannot be replaced")
         if kind == "file" and path.is_dir():
             raise OutputError(f"{path} is a folder; expected a file path")
     parent = path.parent
@@ -56,20 +62,44 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False, kind: str =
         raise OutputError(f"{parent} is a file, so {path} cannot be created under it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{parent} is not writable, so {path} cannot be created")
+    try:  # the real test (read-only mounts, pseudo file systems, ACLs): create and remove a file there
+        fd, probe = tempfile.mkstemp(prefix=f"{TMP_TAG}probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{parent} is not writable ({e.strerror}), so {path} cannot be created") from None
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename it into place."""
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> None:
+    """Write to a temporary file in the same folder, then rename it into place (see atomic_write_bytes)."""
+    atomic_write_bytes(path, text.encode(), overwrite)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) -> None:
+    """Write to a temporary file in the same folder, then put it at `path` in one step: a rename with
+    `overwrite`, else a hard link, which fails instead of replacing a file that appeared meanwhile."""
     path = Path(path)
     check_writable(path, overwrite=True, kind="file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_TAG}{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise OutputError(f"{path} appeared while this run was writing (another process?); it was left "
+                              f"untouched; pass --overwrite to replace it") from None
+        except OSError:  # no hard links on this file system: check, then rename (a tiny window remains)
+            if path.exists() or path.is_symlink():
+                raise OutputError(f"{path} appeared while this run was writing; it was left untouched") from None
+            os.replace(tmp, path)
+        Path(tmp).unlink(missing_ok=True)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -92,18 +122,36 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
+def _temp_owner(entry: str, name: str) -> tuple[int, str] | None:
+    """(pid, "new" | "old") when `entry` is a temporary of output `name` made by atomic_folder:
+    `<TMP_TAG><name>.<random>.<pid>.new` or `<TMP_TAG><name>.<pid>.old`; None for anything else
+    (including the temporaries of a sibling output such as `<name>.v2`)."""
+    prefix = f"{TMP_TAG}{name}."
+    if not entry.startswith(prefix):
+        return None
+    parts = entry[len(prefix):].split(".")
+    if parts[-1] == "old" and len(parts) == 2 and parts[0].isdigit():
+        return int(parts[0]), "old"
+    if parts[-1] == "new" and len(parts) == 3 and parts[1].isdigit():
+        return int(parts[1]), "new"
+    return None
+
+
 def clean_stale_temps(parent: Path, name: str) -> None:
     """Remove temporary siblings of `name` left by a run that was killed (SIGKILL, power loss); an old
     folder that was moved aside but never replaced is put back."""
-    for p in parent.glob(f"{TMP_TAG}{name}.*"):
-        try:
-            pid = int(p.name.rsplit(".", 2)[-2])
-        except (ValueError, IndexError):
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for p in sorted(parent.iterdir()):
+        owner = _temp_owner(p.name, name)
+        if owner is None:
             continue
+        pid, kind = owner
         if pid == os.getpid() or _alive(pid):
             continue
         out = parent / name
-        if p.name.endswith(".old") and not (out.exists() or out.is_symlink()):
+        if kind == "old" and not (out.exists() or out.is_symlink()):
             p.rename(out)  # killed between "old aside" and "new in": the old folder goes back
         else:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -134,7 +182,7 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False):
     clean_stale_temps(out.parent, out.name)
     # same filesystem as `out`, so the renames are atomic; the pid lets a later run spot a dead writer
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_TAG}{out.name}.", suffix=f".{os.getpid()}.new", dir=out.parent))
-    old = None
+    old, swapped = None, False
     try:
         with _sigterm_as_interrupt():
             yield tmp
@@ -148,12 +196,15 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False):
             try:
                 os.rename(tmp, out)  # fails (instead of merging) if a folder appeared at `out` meanwhile
             except OSError:
-                if old is not None and not out.exists():
-                    old.rename(out)
-                    old = None
                 raise OutputError(f"{out} appeared while this run was writing (another process?); "
                                   f"it was left untouched") from None
-    except BaseException:
+            swapped = True
+    except BaseException:  # an error, Ctrl-C or SIGTERM at any point: the old or the new folder stays
+        if old is not None and old.exists():
+            if swapped or not tmp.exists():  # the new folder is in place: the old one goes
+                shutil.rmtree(old, ignore_errors=True)
+            elif not (out.exists() or out.is_symlink()):
+                old.rename(out)  # between "old aside" and "new in": the old folder goes back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:

@@ -218,9 +218,15 @@ class LayerInfo:
 
     @classmethod
     def parse(cls, f: _Fields) -> "LayerInfo":
-        return cls(f.get("name", str), f.choice("kind", ("conv", "linear")), tuple(f.get("weight_shape", list)),
-                   f.get("skipped", bool), f.get("weight_bits", int, optional=True),
-                   f.get("act_bits", int, optional=True), f.get("cached", bool),
+        shape = f.get("weight_shape", list)
+        if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            f.fail("weight_shape", f"must be a list of positive integers, got {str(shape)[:60]!r}")
+        bits = {k: f.get(k, int, optional=True) for k in ("weight_bits", "act_bits")}
+        for k, v in bits.items():
+            if v is not None and not 2 <= v <= 8:
+                f.fail(k, f"must be an integer in 2..8 (or null), got {v}")
+        return cls(f.get("name", str), f.choice("kind", ("conv", "linear")), tuple(shape),
+                   f.get("skipped", bool), bits["weight_bits"], bits["act_bits"], f.get("cached", bool),
                    f.get("weight_format", str, optional=True), f.get("weight_note", str, optional=True))
 
     def to_dict(self) -> dict:
@@ -260,6 +266,8 @@ class ScaleTable:
             f.fail("n_buckets", f"and num_train_timesteps must be >= 1, got {n} and {T}")
         table = f.get("table", dict)
         layers = tuple(f.get("layers", list, optional=True) or sorted(table))
+        if not all(isinstance(name, str) for name in layers):
+            f.fail("layers", f"must be a list of layer names (strings), got {str(list(layers))[:60]}")
         for name in layers:
             v = table.get(name)
             if not isinstance(v, list) or len(v) != n or not all(
@@ -368,6 +376,8 @@ class Manifest:
                  f"cache {c.key} dtype {c.dtype} differs from cache_dtype {self.cache_dtype}")
         if any(s.name == "delta_scales" for s in self.step_extra_inputs):
             need(self.scales is not None, "step graph takes delta_scales but there is no scale table")
+            shape = self.spec("delta_scales").shape
+            need(len(shape) == 1 and shape[0] != BATCH, f"delta_scales must have the shape [L], got {list(shape)}")
             n_q = sum(1 for layer in self.layers if not layer.skipped)
             need(len(self.scales.layers) == self.spec("delta_scales").shape[0] and (not self.layers or
                  len(self.scales.layers) == n_q), "scale table layers do not match the delta_scales input")
@@ -383,6 +393,9 @@ class Manifest:
                                      f"{SCHEMA_VERSION}); re-export the folder with `cli.py export`")
         graphs = f.sub("graphs")
         graph_files = {r: graphs.get(r, str, optional=(r != "prime")) for r in ROLES}
+        for r, name in graph_files.items():  # a plain file name in the folder: never a path elsewhere
+            if name is not None and (not name or name != Path(name).name or name in (".", "..")):
+                graphs.fail(r, f"must be a file name inside the folder, got {name!r}")
         extra_roles = set(graphs.d) - set(ROLES)
         if extra_roles:
             graphs.fail(sorted(extra_roles)[0], "is not a graph role (prime, step)")

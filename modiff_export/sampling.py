@@ -7,6 +7,7 @@ tells the quantizer which scheduler runs.
 from __future__ import annotations
 
 import inspect
+import io
 import math
 import os
 from pathlib import Path
@@ -24,6 +25,7 @@ from diffusers import (
 )
 
 from .errors import ModiffExportError
+from .fsutil import atomic_write_bytes
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,                    # eta = 0 (deterministic)
@@ -53,7 +55,11 @@ def make_scheduler(name: str, scheduler_config: dict):
     if name not in SCHEDULERS:
         raise SamplingError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
     config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
-    return SCHEDULERS[name].from_config({**config, **_OVERRIDES.get(name, {})})
+    try:
+        return SCHEDULERS[name].from_config({**config, **_OVERRIDES.get(name, {})})
+    except Exception as e:  # diffusers: NotImplementedError for an unknown beta_schedule, ValueError, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SamplingError(f"scheduler {name!r} rejects the model's scheduler config ({first})") from None
 
 
 @torch.no_grad()
@@ -105,8 +111,10 @@ def generate(runner, scheduler, num_steps: int, batch_size: int, seed: int, samp
     return x.clamp(-1, 1)
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, min_cell: int = 64) -> Path:
-    """Write images [B, C, H, W] in [-1, 1] as one PNG grid (temp file, then rename).
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, min_cell: int = 64,
+              overwrite: bool = True) -> Path:
+    """Write images [B, C, H, W] in [-1, 1] as one PNG grid (temp file, then rename; without `overwrite`
+    a file that appeared at `path` meanwhile is left untouched and this is an error).
 
     Tiny images are upscaled (nearest) so each cell is at least `min_cell` pixels wide.
     More than 3 channels (latents): the first 3 are shown.
@@ -130,12 +138,10 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
         grid[:, y0:y0 + k * H, x0:x0 + k * W] = x[i]
     arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[:, :, 0] if C == 1 else np.ascontiguousarray(arr), mode="L" if C == 1 else "RGB")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue(), overwrite)
+    return Path(path)
 
 
 def run_batches(runner, model, scheduler_name: str, num_steps: int, num_samples: int, batch_size: int, seed: int,
@@ -144,6 +150,7 @@ def run_batches(runner, model, scheduler_name: str, num_steps: int, num_samples:
     sampling, evaluation and calibration). Conditional models get random encoder states [B, S, D] from
     seed + i + ENCODER_SEED_OFFSET and zeros as uncond, or the states of `--prompts` (see conditioning)."""
     check_sampling_budget(model, num_samples, batch_size, seed, guidance_scale)
+    check_scheduler(scheduler_name, model, num_steps)
     from tqdm import tqdm
 
     out, starts = [], list(range(0, num_samples, batch_size))
@@ -171,12 +178,39 @@ def conditioning(model, seed: int, batch_index: int, start: int, b: int) -> tupl
     return ehs, torch.zeros_like(ehs)
 
 
+def check_scheduler(name: str, model, num_steps: int) -> None:
+    """Refuse, before any work, a scheduler that cannot run `num_steps` steps with the model's scheduler
+    config: more steps than training timesteps, or config values diffusers rejects (an unknown
+    beta_schedule or prediction_type, ...), found by one step of a throwaway scheduler on zeros."""
+    T = model.scheduler_config.get("num_train_timesteps", 1000)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
+        raise SamplingError(f"{num_steps} sampling steps: expected 1..{T} (num_train_timesteps of {model.name}'s "
+                            f"scheduler config)")
+    try:
+        scheduler = make_scheduler(name, model.scheduler_config)
+        scheduler.set_timesteps(num_steps)
+        t = scheduler.timesteps[0]
+        x = torch.zeros((1, *model.sample_shape))  # [1, C, H, W]
+        own_rng = {"generator": torch.Generator().manual_seed(0)}  # stochastic samplers: leave the global RNG be
+        kwargs = own_rng if "generator" in inspect.signature(scheduler.step).parameters else {}
+        scheduler.step(torch.zeros_like(x), t, scheduler.scale_model_input(x, t), **kwargs)
+    except SamplingError:
+        raise
+    except Exception as e:  # diffusers raises ValueError, NotImplementedError, ... for bad configs
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise SamplingError(f"scheduler {name!r} cannot run {num_steps} steps with {model.name}'s scheduler config "
+                            f"({first})") from None
+
+
 def check_sampling_budget(model, num_samples: int, batch_size: int, seed: int, guidance_scale: float = 1.0) -> None:
     """Refuse, before any work, requests that cannot finish: bad counts, seeds out of range, guidance on
     an unconditional model, or images that would not fit in memory (the result [N, C, H, W] float32 must
     fit in half the free RAM)."""
     import psutil
 
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+            or not math.isfinite(guidance_scale):
+        raise SamplingError(f"guidance scale {guidance_scale!r} is not a finite number")
     if guidance_scale != 1.0 and not model.conditional:
         raise SamplingError(f"guidance scale {guidance_scale} needs a conditional UNet; {model.name} is "
                             f"unconditional (use 1.0)")

@@ -106,7 +106,7 @@ class Runner(ABC):
     def prime(self, sample, timestep, encoder_hidden_states=None) -> torch.Tensor:
         self.activate()
         sample, timestep, ehs = self.check_inputs(sample, timestep, encoder_hidden_states)
-        out = self.prime_impl(sample, timestep, ehs)
+        out = self._finite(self.prime_impl(sample, timestep, ehs), "prime")
         self._advance(sample, timestep)
         return out
 
@@ -123,7 +123,7 @@ class Runner(ABC):
         if t > self.last_timestep:
             raise RunnerError(f"{self.backend} runner: timestep {t:g} does not continue the trajectory (last "
                               f"{self.last_timestep:g}); call reset() before a new trajectory")
-        out = self.step_impl(sample, timestep, ehs, self.delta_scales(t))
+        out = self._finite(self.step_impl(sample, timestep, ehs, self.delta_scales(t)), "step")
         self._advance(sample, timestep)
         return out
 
@@ -141,6 +141,15 @@ class Runner(ABC):
         b = getattr(sample, "shape", (None,))[0]
         t = torch.as_tensor(timestep, dtype=torch.float32).flatten()
         return b != self.batch_size or (t.numel() > 0 and float(t[0]) > self.last_timestep)
+
+    def _finite(self, out: torch.Tensor, phase: str) -> torch.Tensor:
+        """A NaN/Inf output (finite inputs: damaged weights, float16 overflow) is an error, never a
+        silent result; the caches it came with are dropped."""
+        if not torch.isfinite(out).all():
+            self.reset()
+            raise RunnerError(f"{self.backend} runner: the {phase} call produced NaN or Inf in noise_pred "
+                              f"(damaged weights or an overflow); caches reset")
+        return out
 
     def _advance(self, sample, timestep) -> None:
         self.batch_size = sample.shape[0]

@@ -15,6 +15,8 @@ from ..manifest import Manifest
 from .base import Runner, RunnerError
 
 _NP = {"float32": np.float32, "float16": np.float16}
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(int32)": "int32"}
 
 
 def available_providers() -> list[str]:
@@ -74,6 +76,15 @@ class OrtRunner(Runner):
             extra = sorted(set(got_in + got_out) - set(want_in + want_out))
             raise RunnerError(f"{self.folder / self.manifest.graphs[role]}: graph I/O does not match manifest.json "
                               f"(missing {missing[:3]}, unexpected {extra[:3]}); re-export the folder")
+        specs = {s.name: s for s in self.manifest.graph_inputs(role) + self.manifest.graph_outputs(role)}
+        for kind, args in (("input", session.get_inputs()), ("output", session.get_outputs())):
+            for a in args:  # shapes and dtypes too: the manifest's are what buffers are allocated from
+                spec = specs[a.name]
+                dtype = _ORT_TYPES.get(a.type, a.type)
+                if dtype != spec.dtype or list(a.shape) != list(spec.shape):
+                    raise RunnerError(f"{self.folder / self.manifest.graphs[role]}: {kind} {a.name!r} is {dtype}"
+                                      f"{list(a.shape)}, manifest.json says {spec.dtype}{list(spec.shape)}; "
+                                      f"re-export the folder")
 
     # -- helpers -----------------------------------------------------------------------------
     def _ortvalue(self, array: np.ndarray):
@@ -99,7 +110,12 @@ class OrtRunner(Runner):
     def _run(self, role: str, io) -> torch.Tensor:
         # noise_pred is bound last: ORT lists outputs in binding order
         io.bind_output("noise_pred", "cpu")
-        self.sessions[role].run_with_iobinding(io)
+        try:
+            self.sessions[role].run_with_iobinding(io)
+        except Exception as e:  # ORT's own exception types (out of memory, a kernel failure, ...)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise RunnerError(f"{self.folder / self.manifest.graphs[role]}: ONNX Runtime failed to run the {role} "
+                              f"graph ({first})") from None
         return torch.from_numpy(io.get_outputs()[-1].numpy())  # copies noise_pred only
 
     # -- the contract ------------------------------------------------------------------------

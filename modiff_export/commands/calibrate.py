@@ -65,7 +65,7 @@ def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, metho
     data = run_calibration(loaded, config, scheduler=scheduler, steps=steps, samples=samples, batch_size=batch_size,
                            seed=seed, buckets=buckets, method=method, percentile=percentile, subsample=subsample,
                            guidance_scale=guidance_scale, in_place=True, progress=not quiet)
-    write_calibration(out, data)
+    write_calibration(out, data, overwrite)
     click.echo(f"wrote {out}: {len(data['scales'])} layers x {buckets} bucket(s), method {method}, "
                f"{samples} trajectories of {scheduler}x{steps}, {time.perf_counter() - t0:.1f} s")
 

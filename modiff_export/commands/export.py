@@ -65,9 +65,10 @@ def check(graphs):
     for role, s in report.stats.items():
         click.echo(f"{role}: {s['nodes']} nodes, {s['quantized_linear']} quantized Conv/Gemm/MatMul, {s['qdq']} Q/DQ")
     if not report.ok:
-        for p in report.problems:
-            click.echo(f"FAIL {p}", err=True)
-        raise SystemExit(f"error: {graphs}: {len(report.problems)} problem(s) a TensorRT build would hit")
+        for p in report.problems:  # the report (stdout); stderr gets the one error line
+            click.echo(f"FAIL {p}")
+        raise SystemExit(f"error: {graphs}: {len(report.problems)} problem(s) a TensorRT build would hit "
+                         f"(listed above); the first: {report.problems[0]}")
     click.echo(f"OK {graphs}: ready for build-engine")
 
 

@@ -20,11 +20,14 @@ from .options import QUANT, SAMPLING
 @click.option("--out", type=click.Path(file_okay=False), default=str(ASSETS), show_default=True, help="Output folder.")
 @click.option("--what", type=click.Choice(["all", "unet", "classifier"]), default="all", show_default=True,
               help="What to train.")
-def train_demo(steps, epochs, seed, out, what):
+@click.option("--overwrite", is_flag=True, help="Write into an existing --out (the default is the shipped weights).")
+def train_demo(steps, epochs, seed, out, what, overwrite):
     """Train the embedded `digits` DDPM UNet and its metrics classifier on scikit-learn's digits
     (16x16, 80/20 split with a fixed seed). Reproduces the shipped weights (CPU, 1 thread)."""
+    from ..fsutil import check_writable
     from ..models.train import train_classifier, train_unet
 
+    check_writable(out, overwrite)  # the shipped weights are never replaced unasked
     if what in ("all", "classifier"):
         acc = train_classifier(epochs=epochs, seed=seed, out=Path(out))
         click.echo(f"classifier: held-out accuracy {acc:.4f} -> {Path(out)}")
@@ -54,7 +57,8 @@ def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, 
         attach_prompts(m, model, prompts)
     images = sample_model(m, cfg, scheduler, steps, batch_size, batch_size, seed, guidance_scale, backend,
                           runner=runner)
-    click.echo(f"{m.name} {cfg.tag} [{backend}] {scheduler}x{steps}: wrote {save_grid(images, out)}")
+    path = save_grid(images, out, overwrite=overwrite)
+    click.echo(f"{m.name} {cfg.tag} [{backend}] {scheduler}x{steps}: wrote {path}")
 
 
 def resolve_runner(model, backend, graphs, engines, cfg):

@@ -237,9 +237,14 @@ def _trace(unet, role, args, inputs, step_extra, caches, scales, cache_dtype, op
             raw_dir = path.parent / f".raw-{role}"  # torch may write external-data files here
             raw_dir.mkdir()
             raw = raw_dir / "model.onnx"
-            torch.onnx.export(module, tuple(call_args), str(raw), dynamo=False, opset_version=opset,
-                              input_names=in_names, output_names=out_names, dynamic_axes=dynamic,
-                              do_constant_folding=True)
+            try:
+                torch.onnx.export(module, tuple(call_args), str(raw), dynamo=False, opset_version=opset,
+                                  input_names=in_names, output_names=out_names, dynamic_axes=dynamic,
+                                  do_constant_folding=True)
+            except Exception as e:  # e.g. an operator this opset lacks (attention needs opset >= 14)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                raise ExportError(f"torch.onnx.export cannot trace the {role} graph at opset {opset}: "
+                                  f"{first}") from None
     model = onnx.load(str(raw))
     shutil.rmtree(raw_dir)
     graph_passes.quantize_weight_constants(model, (

@@ -132,6 +132,9 @@ def load_model(spec: str) -> LoadedModel:
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ModelError(f"{unet_dir / WEIGHTS}: cannot load {cls_name} ({msg})") from None
     unet = unet.float().eval().requires_grad_(False)
+    bad = [n for n, t in unet.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # every output would be NaN: refuse here instead of sampling garbage
+        raise ModelError(f"{unet_dir / WEIGHTS}: {len(bad)} weight tensor(s) contain NaN or Inf (first: {bad[0]})")
     sched = _read_json(sched_path, "scheduler config") if sched_path.is_file() else dict(DEFAULT_SCHEDULER_CONFIG)
     T = sched.get("num_train_timesteps", 1000)
     if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= 100_000:

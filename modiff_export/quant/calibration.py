@@ -271,11 +271,12 @@ def calibrate(model, config: QuantConfig, *, method: str = "mse", percentile: fl
     return observe(model, config, **observe_kwargs).to_file(method, percentile)
 
 
-def write_calibration(path: str | Path, data: dict) -> Path:
-    """Validate and write atomically (temp file in the same folder, then rename)."""
+def write_calibration(path: str | Path, data: dict, overwrite: bool = True) -> Path:
+    """Validate and write atomically (temp file in the same folder, then rename; without `overwrite` a
+    file that appeared at `path` meanwhile is left untouched and this is an error)."""
     path = Path(path)
     _validate(data, path)
-    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n", overwrite)
     return path
 
 

@@ -326,6 +326,10 @@ def timestep_bucket(t: float, n_buckets: int, num_train_timesteps: int = 1000) -
 def set_static_scales(unet: nn.Module, table: dict[str, list[float]], num_train_timesteps: int = 1000) -> None:
     """Load per-layer, per-bucket activation scales ({layer name: [scale per bucket]})."""
     layers = {l.name: l for l in modiff_layers(unet) if not l.skipped}
+    unknown = sorted(set(table) - {l.name for l in modiff_layers(unet)})
+    if unknown:  # a table for another model (or an edited one): refuse rather than ignore
+        raise MoDiffError(f"scale table names layers this model does not have: {unknown[:5]}"
+                          f"{'...' if len(unknown) > 5 else ''}")
     missing = sorted(set(layers) - set(table))
     if missing:
         raise MoDiffError(f"scale table has no entry for layers {missing[:5]}{'...' if len(missing) > 5 else ''}")

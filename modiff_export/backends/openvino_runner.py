@@ -1,0 +1,234 @@
+"""OpenVINO CPU backend: prime.onnx / step.onnx (as written by `cli.py export`) behind the runner contract.
+
+Precision (`precision=`, the step graph's; `prime_precision=` defaults to the same):
+  f32    INFERENCE_PRECISION_HINT f32: every float op in float32. Quantized Conv/MatMul still run as
+         int8 kernels (OpenVINO turns QuantizeLinear -> DequantizeLinear -> Conv into an int8 conv).
+  bf16   the hint OpenVINO picks by default on CPUs with BF16: float ops may run in bfloat16.
+  mixed  bf16 hint, but every node of MoDiff's delta path (x - a_hat, absmax scale, Div, Clip, Q/DQ,
+         rescale, o_hat/a_hat updates) is marked `disable_fp16_compression`, which the CPU plugin's
+         precision enforcement honours: they stay float32 (checked in the runtime model by the tests).
+
+Caches (`cache_mode=`) never pass through Python per step:
+  pingpong  two sets of preallocated host tensors bound with set_tensor; a step reads set A and
+            writes set B, then they swap (same scheme as OrtRunner).
+  stateful  the step graph's cache inputs/outputs become OpenVINO variables (MakeStateful:
+            ReadValue/Assign); prime writes the first values into the states once per trajectory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..manifest import concrete_shape, load_manifest
+from ..quantization import timestep_bucket
+from .base import Runner, RunnerError
+
+PRECISIONS = ("f32", "bf16", "mixed")
+CACHE_MODES = ("pingpong", "stateful")
+_NP = {"float32": np.float32, "float16": np.float16}
+# ops that end a delta path going forward (the quantized layer's own compute)
+_STOP = {"Convolution", "MatMul", "GroupConvolution", "Result"}
+DISABLE_F16 = "disable_fp16_compression_0"  # rt_info key of ov::DisableFP16Compression
+
+
+def mark_delta_path(model, manifest: dict) -> int:
+    """Mark MoDiff's delta path in an ov.Model to stay float32 under a bf16/f16 inference hint;
+    returns the number of marked nodes. Forward from every a_hat/o_hat cache input up to (not
+    including) the quantized Conv/MatMul, and backward from every cache output through its
+    element-wise producers (Add <- Mul <- ...) down to the Conv/MatMul."""
+    names_in = {c["input"] for c in manifest["caches"]}
+    names_out = {c["output"] for c in manifest["caches"]}
+    marked = set()
+
+    def mark(node):
+        if node.get_type_name() in _STOP or node.get_type_name() in ("Parameter", "Constant"):
+            return False
+        if id(node) in marked:
+            return False
+        node.get_rt_info()[DISABLE_F16] = ""
+        marked.add(id(node))
+        return True
+
+    stack = []
+    for p in model.get_parameters():
+        if p.get_friendly_name() in names_in or any(n in names_in for n in p.output(0).get_names()):
+            stack += [t.get_node() for t in p.output(0).get_target_inputs()]
+    while stack:  # forward
+        node = stack.pop()
+        if mark(node):
+            for out in node.outputs():
+                stack += [t.get_node() for t in out.get_target_inputs()]
+    for r in model.get_results():
+        src = r.input_value(0)
+        if not (names_out & set(src.get_names())):
+            continue
+        stack.append(src.get_node())
+        while stack:  # backward, element-wise producers only
+            node = stack.pop()
+            if node.get_type_name() in _STOP or node.get_type_name() in ("Parameter", "Constant"):
+                continue
+            mark(node)
+            stack += [v.get_node() for v in node.input_values()
+                      if v.get_node().get_type_name() not in ("Parameter", "Constant")
+                      and v.get_node().get_type_name() in ("Multiply", "Add", "Subtract", "Divide", "Convert")]
+    return len(marked)
+
+
+class OpenVinoRunner(Runner):
+    backend = "openvino"
+
+    def __init__(self, graph_folder: str | Path, threads: int | None = None, precision: str = "f32",
+                 prime_precision: str | None = None, cache_mode: str = "pingpong"):
+        if precision not in PRECISIONS or (prime_precision or precision) not in PRECISIONS:
+            raise RunnerError(f"openvino runner: precision must be one of {list(PRECISIONS)}")
+        if cache_mode not in CACHE_MODES:
+            raise RunnerError(f"openvino runner: cache_mode must be one of {list(CACHE_MODES)}")
+        self.folder = Path(graph_folder)
+        self.manifest = m = load_manifest(self.folder)
+        super().__init__(m["quant_config"].get("keyframe_interval"), uses_cache=bool(m["caches"]))
+        self.threads, self.cache_mode = threads, cache_mode
+        self.precision = {"step": precision, "prime": prime_precision or precision}
+        self.conditional = any(s["name"] == "encoder_hidden_states" for s in m["inputs"])
+        self.keys = [c["layer"] + "." + c["kind"] for c in m["caches"]]
+        self.scale_table = None
+        if m.get("step_extra_inputs"):
+            scales = m["scales"]
+            # [n_buckets, L]: row b is the delta scale of every quantized layer in bucket b
+            self.scale_table = np.array([scales["table"][n] for n in scales["layers"]], dtype=np.float32).T.copy()
+            self.num_train_timesteps = scales.get("num_train_timesteps", 1000)
+        self.compiled, self.requests = {}, {}
+        self._sets: list[dict] = []
+        self._allocated_batch = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def config(self, role: str) -> dict:
+        hint = "f32" if self.precision[role] == "f32" else "bf16"
+        cfg = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        if self.threads:
+            cfg["INFERENCE_NUM_THREADS"] = self.threads
+        return cfg
+
+    def read(self, role: str):
+        """The ov.Model of one graph, with this runner's precision marks and cache mode applied."""
+        import openvino as ov
+
+        path = self.folder / self.manifest["graphs"][role]
+        try:
+            model = ov.Core().read_model(str(path))
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses for damaged files
+            raise RunnerError(f"{path}: OpenVINO cannot read this graph ({str(e).strip().splitlines()[0][:200]})") from None
+        self._check_io(role, model)
+        if self.precision[role] == "mixed" and self.uses_cache:
+            mark_delta_path(model, self.manifest)
+        if role == "step" and self.cache_mode == "stateful":
+            from openvino._offline_transformations import apply_make_stateful_transformation
+
+            apply_make_stateful_transformation(model, {c["input"]: c["output"] for c in self.manifest["caches"]})
+        return model
+
+    def activate_impl(self) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        for role, name in self.manifest["graphs"].items():
+            if name is None:
+                continue
+            self.compiled[role] = core.compile_model(self.read(role), "CPU", self.config(role))
+            self.requests[role] = self.compiled[role].create_infer_request()
+
+    def deactivate_impl(self) -> None:
+        self.compiled, self.requests, self._sets, self._allocated_batch = {}, {}, [], None
+
+    def _check_io(self, role: str, model) -> None:
+        m = self.manifest
+        want_in = [s["name"] for s in m["inputs"]]
+        want_out = [s["name"] for s in m["outputs"]] + [c["output"] for c in m["caches"]]
+        if role == "step":
+            want_in += [s["name"] for s in m.get("step_extra_inputs", [])] + [c["input"] for c in m["caches"]]
+        got_in = [n for p in model.inputs for n in p.get_names()]
+        got_out = [n for p in model.outputs for n in p.get_names()]
+        missing = sorted(set(want_in) - set(got_in)) + sorted(set(want_out) - set(got_out))
+        if missing or len(model.inputs) != len(want_in) or len(model.outputs) != len(want_out):
+            raise RunnerError(f"{self.folder / m['graphs'][role]}: graph I/O does not match manifest.json "
+                              f"(missing {missing[:3]}); re-export the folder")
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _allocate(self, batch: int) -> None:
+        """Cache buffers for this batch size (two sets for ping-pong, one for stateful priming)."""
+        import openvino as ov
+
+        n = 2 if self.cache_mode == "pingpong" else 1
+        self._sets = [{k: ov.Tensor(np.zeros(concrete_shape(c, batch), _NP[c["dtype"]]), shared_memory=True)
+                       for k, c in zip(self.keys, self.manifest["caches"])} for _ in range(n)]
+        self._allocated_batch = batch
+
+    def _set_inputs(self, req, sample, timestep, ehs) -> None:
+        import openvino as ov
+
+        if self.conditional and ehs is None:
+            raise RunnerError("openvino runner: this graph is conditional; 'encoder_hidden_states' is required")
+        if not self.conditional and ehs is not None:
+            raise RunnerError("openvino runner: this graph is unconditional; do not pass 'encoder_hidden_states'")
+        req.set_tensor("sample", ov.Tensor(np.ascontiguousarray(sample.numpy())))
+        req.set_tensor("timestep", ov.Tensor(np.ascontiguousarray(timestep.numpy())))
+        if ehs is not None:
+            req.set_tensor("encoder_hidden_states", ov.Tensor(np.ascontiguousarray(ehs.numpy())))
+
+    @staticmethod
+    def _run(req) -> torch.Tensor:
+        req.infer()
+        return torch.from_numpy(req.get_tensor("noise_pred").data.copy())  # copies noise_pred only
+
+    # -- the contract ------------------------------------------------------------------------
+    def prime_impl(self, sample, timestep, ehs) -> torch.Tensor:
+        self.activate()
+        req = self.requests["prime"]
+        self._set_inputs(req, sample, timestep, ehs)
+        if self.uses_cache:
+            if self._allocated_batch != sample.shape[0]:
+                self._allocate(sample.shape[0])
+            for k, c in zip(self.keys, self.manifest["caches"]):
+                req.set_tensor(c["output"], self._sets[0][k])
+        out = self._run(req)
+        if self.uses_cache and self.cache_mode == "stateful":
+            step = self.requests["step"]
+            states = {s.name: s for s in step.query_state()}
+            for k, c in zip(self.keys, self.manifest["caches"]):
+                states[self._state_name(c)].state = self._sets[0][k]  # one copy per trajectory
+        return out
+
+    def _state_name(self, c: dict) -> str:
+        return c["input"] + c["output"]  # MakeStateful names a variable <param name><result name>
+
+    def step_impl(self, sample, timestep, ehs) -> torch.Tensor:
+        import openvino as ov
+
+        req = self.requests["step"]
+        self._set_inputs(req, sample, timestep, ehs)
+        if self.scale_table is not None:
+            b = timestep_bucket(float(timestep[0]), self.scale_table.shape[0], self.num_train_timesteps)
+            req.set_tensor("delta_scales", ov.Tensor(self.scale_table[b].copy()))
+        if self.cache_mode == "stateful":
+            return self._run(req)
+        src, dst = self._sets
+        for k, c in zip(self.keys, self.manifest["caches"]):
+            req.set_tensor(c["input"], src[k])
+            req.set_tensor(c["output"], dst[k])
+        out = self._run(req)
+        self._sets.reverse()  # ping-pong: this step's outputs are the next step's inputs
+        return out
+
+    def reset_impl(self) -> None:
+        if self.cache_mode == "stateful" and "step" in self.requests:
+            self.requests["step"].reset_state()
+
+    def caches(self) -> dict[str, torch.Tensor]:
+        if not self._sets or self.batch_size is None:
+            return {}
+        if self.cache_mode == "stateful" and self.calls > 1:
+            states = {s.name: s for s in self.requests["step"].query_state()}
+            return {k: torch.from_numpy(states[self._state_name(c)].state.data.astype(np.float32))
+                    for k, c in zip(self.keys, self.manifest["caches"])}
+        return {k: torch.from_numpy(v.data.astype(np.float32)) for k, v in self._sets[0].items()}

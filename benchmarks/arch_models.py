@@ -9,8 +9,8 @@ from pathlib import Path
 CIFAR_DDPM = dict(
     sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-)  # attention at 16x16, as in DDPM (Ho et al. 2020)
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+)  # attention at 16x16 with one head (attention_head_dim None), as in DDPM (Ho et al. 2020)
 
 SD15_UNET = dict(
     in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),

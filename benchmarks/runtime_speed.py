@@ -1,0 +1,320 @@
+"""CPU speed of FP32 / peer / PTQ / MoDiff graphs on ONNX Runtime and OpenVINO, at three model sizes.
+
+    python benchmarks/runtime_speed.py [--models digits,cifar,sd15] [--threads 1,2] [--rounds 5]
+                                       [--batch 4] [--sd-latent 16] [--work /tmp/runtime_speed] [--doc docs/speed.md]
+
+Models (random weights except digits; nothing downloaded): `digits` (the shipped 16x16 model, 0.7M params),
+`cifar` (the CIFAR-10 DDPM UNet architecture, 35.7M params, 32x32), `sd15` (Stable Diffusion 1.5's
+UNet2DConditionModel, 860M params, at a --sd-latent x --sd-latent latent, run with classifier-free guidance
+batching: UNet batch 2 x --batch). Graphs are exported once into --work and reused.
+
+Per model and thread count, every variant is loaded and all are timed in interleaved rounds (round r calls
+each variant once; medians), so they see the same machine load. sd15 variants are too big to hold together
+in 8 GB, so there each variant is loaded, timed and released in turn (not interleaved; said in the table).
+Trajectory = prime + 24 steps for MoDiff, 25 calls otherwise. Memory = RSS added by loading the variant and
+running it twice (MB). Cache bytes per sample come from the graph manifest.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+STEPS = 25
+CONFIGS = {"fp": ("fp", 8, 8), "ptq-w8a8": ("ptq", 8, 8), "modiff-w8a8": ("modiff", 8, 8), "modiff-w8a4": ("modiff", 8, 4)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str          # row label
+    runtime: str        # "ort" or "openvino"
+    graphs: str         # key into the exported folders
+    role: str           # "prime" or "step"
+    precision: str = "f32"
+    cache_mode: str = "stateful"
+
+
+def variants(with_peer: bool, quick: bool = False) -> list[Variant]:
+    v = [Variant("FP32 graph", "ort", "fp", "prime"), Variant("FP32 graph", "openvino", "fp", "prime"),
+         Variant("FP graph, OpenVINO default precision (bf16)", "openvino", "fp", "prime", "bf16")]
+    if with_peer:
+        v += [Variant("peer: ORT quantize_static W8A8", "ort", "peer", "prime"),
+              Variant("peer: ORT quantize_static W8A8", "openvino", "peer", "prime")]
+    v += [Variant("PTQ W8A8", "ort", "ptq-w8a8", "prime"), Variant("PTQ W8A8", "openvino", "ptq-w8a8", "prime")]
+    for cfg in ("modiff-w8a8", "modiff-w8a4"):
+        b = cfg.split("-")[1].upper()
+        v += [Variant(f"MoDiff {b} prime", "ort", cfg, "prime"), Variant(f"MoDiff {b} prime", "openvino", cfg, "prime"),
+              Variant(f"MoDiff {b} step", "ort", cfg, "step"), Variant(f"MoDiff {b} step", "openvino", cfg, "step")]
+        if not quick:
+            v += [Variant(f"MoDiff {b} step, ping-pong caches", "openvino", cfg, "step", "f32", "pingpong")]
+        v += [Variant(f"MoDiff {b} prime, mixed (bf16 hint, delta path f32)", "openvino", cfg, "prime", "mixed"),
+              Variant(f"MoDiff {b} step, mixed (bf16 hint, delta path f32)", "openvino", cfg, "step", "mixed")]
+    return v
+
+
+# -- models and graphs --------------------------------------------------------------------------
+def model_folder(name: str, work: Path, sd_latent: int) -> str:
+    from arch_models import write_model
+
+    if name == "digits":
+        return "digits"
+    if name == "cifar":
+        return str(write_model("cifar", work / "models" / "cifar"))
+    return str(write_model("sd15", work / "models" / f"sd15-{sd_latent}", latent=sd_latent))
+
+
+def export_graphs(name: str, spec: str, work: Path, sd_latent: int) -> dict[str, Path]:
+    """Export (once) fp / ptq-w8a8 / modiff-w8a8 / modiff-w8a4 graphs of a model; each in a child
+    `cli.py export` process so its memory is returned (the SD-size export peaks at ~13 GB)."""
+    out = {}
+    for key, (mode, w, a) in CONFIGS.items():
+        folder = work / "graphs" / (name if name != "sd15" else f"sd15-{sd_latent}") / key
+        if not (folder / "manifest.json").is_file():
+            print(f"exporting {name} {key} -> {folder}" + (" (SD-size: ~13 GB peak, minutes)" if name == "sd15" else ""),
+                  flush=True)
+            subprocess.run([sys.executable, str(ROOT / "cli.py"), "export", "--model", spec, "--mode", mode,
+                            "--weight-bits", str(w), "--act-bits", str(a), "--out", str(folder), "--quiet"], check=True)
+        out[key] = folder
+    return out
+
+
+def export_peer(spec: str, fp_folder: Path, batch: int) -> Path:
+    """The demo's peer (ORT quantize_static W8A8) calibrated on 2 short FP trajectories (DDIM 10 steps)."""
+    from modiff_export.backends.ort_runner import OrtRunner
+    from modiff_export.commands.demo import Recorder, peer_quantize
+    from modiff_export.models import load_model
+    from modiff_export.sampling import generate, make_scheduler
+
+    out = fp_folder.parent / "peer"
+    if (out / "prime.onnx").is_file():
+        return out
+    m = load_model(spec)
+    rec = Recorder(OrtRunner(fp_folder, threads=1))
+    for seed in range(2):
+        generate(rec, make_scheduler("ddim", m.scheduler_config), 10, batch, seed, m.sample_shape, progress=False)
+    return peer_quantize(fp_folder, out, rec.inputs, progress=False)
+
+
+# -- timing -------------------------------------------------------------------------------------
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def make(v: Variant, folder: Path, threads: int):
+    if v.runtime == "ort":
+        from modiff_export.backends.ort_runner import OrtRunner
+
+        return OrtRunner(folder, threads=threads)
+    from modiff_export.backends.openvino_runner import OpenVinoRunner
+
+    return OpenVinoRunner(folder, threads=threads, precision=v.precision, cache_mode=v.cache_mode)
+
+
+def inputs(manifest: dict, batch: int, seed: int = 0):
+    """(sample, perturbed sample, encoder_hidden_states or None) for a graph: the step call sees a sample
+    close to the primed one, as in a trajectory."""
+    g = torch.Generator().manual_seed(seed)
+    shape = next(s["shape"] for s in manifest["inputs"] if s["name"] == "sample")
+    x = torch.randn((batch, *shape[1:]), generator=g)
+    ehs = None
+    e = [s for s in manifest["inputs"] if s["name"] == "encoder_hidden_states"]
+    if e:
+        ehs = torch.randn((batch, *e[0]["shape"][1:]), generator=g)
+    return x, 0.97 * x + 0.05 * torch.randn(x.shape, generator=g), ehs
+
+
+class Timed:
+    """One loaded variant: call() runs its graph once (primed before for step rows)."""
+
+    def __init__(self, v: Variant, folder: Path, threads: int, batch: int):
+        before = rss_mb()
+        self.v, self.runner = v, make(v, folder, threads)
+        self.runner.activate()
+        self.x, self.x2, self.ehs = inputs(self.runner.manifest, batch)
+        self.cache_bytes = sum(_nbytes(c) for c in self.runner.manifest["caches"])
+        for _ in range(2):
+            self.call()
+        self.mem_mb = rss_mb() - before
+        self.times: list[float] = []
+
+    def call(self) -> float:
+        r = self.runner
+        t0 = time.perf_counter()
+        if self.v.role == "prime":
+            r.reset()
+            r.prime(self.x, 520.0, self.ehs)
+        else:
+            if r.batch_size is None:
+                r.prime(self.x, 520.0, self.ehs)
+                t0 = time.perf_counter()
+            r.step(self.x2, 480.0, self.ehs)
+        dt = time.perf_counter() - t0
+        return dt
+
+    def close(self):
+        self.runner.deactivate()
+        del self.runner
+        gc.collect()
+
+
+def _nbytes(c: dict) -> int:
+    n = 2 if c["dtype"] == "float16" else 4
+    for d in c["shape"][1:]:
+        n *= d
+    return n
+
+
+def run_model(name, spec, graphs, vs, threads, rounds, batch, interleave) -> list[dict]:
+    torch.set_num_threads(threads)
+    results = []
+    if interleave:
+        loaded = [Timed(v, graphs[v.graphs], threads, batch) for v in vs]
+        for _ in range(rounds):
+            for t in loaded:
+                t.times.append(t.call())
+        for t in loaded:
+            results.append(_row(t))
+            t.close()
+    else:
+        for v in vs:
+            t = Timed(v, graphs[v.graphs], threads, batch)
+            for _ in range(rounds):
+                t.times.append(t.call())
+            results.append(_row(t))
+            t.close()
+    return results
+
+
+def _row(t: Timed) -> dict:
+    return {**t.v.__dict__, "ms": 1e3 * statistics.median(t.times), "mem_mb": t.mem_mb, "cache_bytes": t.cache_bytes}
+
+
+# -- table --------------------------------------------------------------------------------------
+def trajectory_ms(rows: list[dict], r: dict) -> float:
+    """prime + 24 steps for a MoDiff step row (prime of the same runtime/precision), else 25 calls."""
+    if r["role"] != "step":
+        return STEPS * r["ms"]
+    prime = next(p for p in rows if p["graphs"] == r["graphs"] and p["role"] == "prime" and p["runtime"] == r["runtime"]
+                 and p["precision"] == r["precision"])
+    return prime["ms"] + (STEPS - 1) * r["ms"]
+
+
+def table(rows: list[dict], batch_note: str) -> list[str]:
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    get = {(r["label"], r["runtime"]): r for r in rows}
+    fp = {rt: get.get(("FP32 graph", rt)) for rt in ("ort", "openvino")}
+    bf = get.get(("FP graph, OpenVINO default precision (bf16)", "openvino"))
+    head = ["graph (" + batch_note + ")", "ORT ms", "ORT x FP32", "ORT traj. x FP32", "ORT MB", "OV ms", "OV x FP32",
+            "OV traj. x FP32", "OV traj. x FP-bf16", "OV MB", "cache bytes / sample"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in labels:
+        cells, cache = [label], 0
+        for rt in ("ort", "openvino"):
+            r = get.get((label, rt))
+            if r is None:
+                cells += ["-"] * (5 if rt == "openvino" else 4)
+                continue
+            cache = r["cache_bytes"] if r["role"] == "step" or "prime" in label else 0
+            base = fp[rt]
+            cells += [f"{r['ms']:.1f}", f"{r['ms'] / base['ms']:.2f}",
+                      f"{trajectory_ms(rows, r) / trajectory_ms(rows, base):.2f}"]
+            if rt == "openvino":
+                cells.append(f"{trajectory_ms(rows, r) / trajectory_ms(rows, bf):.2f}" if bf else "-")
+            cells.append(f"{r['mem_mb']:.0f}")
+        cells.append(f"{cache / 2**20:.2f} MiB" if cache else "0")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def cpu_line() -> str:
+    info = Path("/proc/cpuinfo").read_text()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), platform.processor())
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    have = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in
+                     ("avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni"))
+    return f"{name}, {os.cpu_count()} cores ({have})"
+
+
+def versions() -> str:
+    import onnxruntime
+    import openvino
+
+    return f"onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__.split('-')[0]}, torch {torch.__version__}"
+
+
+@click.command()
+@click.option("--models", default="digits,cifar,sd15", show_default=True, help="Comma list of digits, cifar, sd15.")
+@click.option("--threads", "threads_list", default="1,2", show_default=True, help="Comma list of intra-op thread counts.")
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1), help="Timed calls per variant (medians).")
+@click.option("--batch", default=4, show_default=True, type=click.IntRange(1), help="Images per call (sd15: UNet batch 2x this, CFG).")
+@click.option("--sd-latent", default=16, show_default=True, type=click.IntRange(8), help="sd15 latent height = width.")
+@click.option("--quick", is_flag=True, help="Fewer rows (no ping-pong step rows).")
+@click.option("--work", default="/tmp/runtime_speed", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for models and exported graphs (kept and reused).")
+@click.option("--doc", default=None, type=click.Path(dir_okay=False), help="Write the tables to this markdown file.")
+def main(models, threads_list, rounds, batch, sd_latent, quick, work, doc):
+    """Interleaved CPU speed table, ONNX Runtime vs OpenVINO, FP32 vs peer vs PTQ vs MoDiff."""
+    work = Path(work)
+    cmd = "python benchmarks/runtime_speed.py " + " ".join(sys.argv[1:])
+    out = [f"Command: `{cmd}`", "", f"CPU: {cpu_line()}; {versions()}.",
+           f"Load average before: {' '.join(open('/proc/loadavg').read().split()[:3])}.", ""]
+    print("\n".join(out), flush=True)
+    for name in models.split(","):
+        spec = model_folder(name, work, sd_latent)
+        graphs = export_graphs(name, spec, work, sd_latent)
+        cond = name == "sd15"
+        if not cond:
+            graphs["peer"] = export_peer(spec, graphs["fp"], batch)
+        b = 2 * batch if cond else batch
+        note = f"batch {b}" + (f" = CFG 2 x {batch}, latent {sd_latent}x{sd_latent}" if cond else "")
+        for threads in [int(t) for t in threads_list.split(",")]:
+            t0 = time.time()
+            rows = run_model(name, spec, graphs, variants(not cond, quick), threads, rounds, b, interleave=not cond)
+            load = " ".join(open("/proc/loadavg").read().split()[:3])
+            block = [f"### {name}, {threads} thread(s), {note}", "",
+                     f"Median of {rounds} {'interleaved rounds' if not cond else 'calls per variant, variants timed one after another (too big to hold together)'}; "
+                     f"{time.time() - t0:.0f} s; load average after: {load}.", ""] + table(rows, note) + [""]
+            print("\n".join(block), flush=True)
+            print("RAW " + json.dumps(rows), flush=True)
+            out += block
+    out.append(f"Peak RSS of the benchmark process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB.")
+    if doc:
+        from modiff_export.manifest import atomic_write_text
+
+        atomic_write_text(doc, "\n".join(out) + "\n")
+        print(f"wrote {doc}")
+
+
+def demo_speed_table(work: Path | str = "/tmp/runtime_speed", threads: int = 1, rounds: int = 3, batch: int = 4) -> str:
+    """A short CIFAR-architecture speed table for `cli.py demo` (markdown). Costs the exports the first time
+    (fp ~10 s, ptq ~15 s, 2 x modiff ~90 s each on this shared machine) plus ~1 min of timing."""
+    work = Path(work)
+    spec = model_folder("cifar", work, 16)
+    graphs = export_graphs("cifar", spec, work, 16)
+    vs = [v for v in variants(False, quick=True) if "W8A8 p" not in v.label and "W8A8 s" not in v.label]
+    with contextlib.redirect_stdout(sys.stderr):
+        rows = run_model("cifar", spec, graphs, vs, threads, rounds, batch, interleave=True)
+    return "\n".join(table(rows, f"batch {batch}"))
+
+
+if __name__ == "__main__":
+    main()

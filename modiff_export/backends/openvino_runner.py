@@ -35,8 +35,9 @@ DISABLE_F16 = "disable_fp16_compression_0"  # rt_info key of ov::DisableFP16Comp
 
 def mark_delta_path(model, manifest: dict) -> int:
     """Mark MoDiff's delta path in an ov.Model to stay float32 under a bf16/f16 inference hint;
-    returns the number of marked nodes. Forward from every a_hat/o_hat cache input up to (not
-    including) the quantized Conv/MatMul, and backward from every cache output through its
+    returns the number of marked nodes. Forward from every a_hat cache input (x - a_hat, absmax,
+    scale, Div, Clip, Q/DQ) up to, not including, the quantized Conv/MatMul and up to the cache
+    updates; the o_hat inputs' consumers; and backward from every cache output through its
     element-wise producers (Add <- Mul <- ...) down to the Conv/MatMul."""
     names_in = {c["input"] for c in manifest["caches"]}
     names_out = {c["output"] for c in manifest["caches"]}
@@ -45,19 +46,29 @@ def mark_delta_path(model, manifest: dict) -> int:
     def mark(node):
         if node.get_type_name() in _STOP or node.get_type_name() in ("Parameter", "Constant"):
             return False
-        if id(node) in marked:
+        key = node.get_instance_id()  # Python wrappers are temporary: id() is not a node identity
+        if key in marked:
             return False
         node.get_rt_info()[DISABLE_F16] = ""
-        marked.add(id(node))
+        marked.add(key)
         return True
+
+    def is_cache_out(node) -> bool:
+        return any(names_out & set(o.get_names()) for o in node.outputs())
 
     stack = []
     for p in model.get_parameters():
-        if p.get_friendly_name() in names_in or any(n in names_in for n in p.output(0).get_names()):
-            stack += [t.get_node() for t in p.output(0).get_target_inputs()]
-    while stack:  # forward
+        if not (names_in & set(p.output(0).get_names())):
+            continue
+        consumers = [t.get_node() for t in p.output(0).get_target_inputs()]
+        if any(n.endswith(".o_hat") for n in p.output(0).get_names()):
+            for node in consumers:  # o_hat only feeds the layer's output update (o_hat + y * s)
+                mark(node)
+        else:
+            stack += consumers
+    while stack:  # forward from x - a_hat, up to the quantized op and the cache updates
         node = stack.pop()
-        if mark(node):
+        if mark(node) and not is_cache_out(node):
             for out in node.outputs():
                 stack += [t.get_node() for t in out.get_target_inputs()]
     for r in model.get_results():
@@ -74,6 +85,12 @@ def mark_delta_path(model, manifest: dict) -> int:
                       if v.get_node().get_type_name() not in ("Parameter", "Constant")
                       and v.get_node().get_type_name() in ("Multiply", "Add", "Subtract", "Divide", "Convert")]
     return len(marked)
+
+
+def _reason(e: Exception) -> str:
+    """The informative line of an OpenVINO exception (its first lines only name C++ source files)."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Exception from ")]
+    return (lines[0] if lines else str(e).strip())[:200]
 
 
 class OpenVinoRunner(Runner):
@@ -121,7 +138,7 @@ class OpenVinoRunner(Runner):
         try:
             model = ov.Core().read_model(str(path))
         except Exception as e:  # OpenVINO raises RuntimeError subclasses for damaged files
-            raise RunnerError(f"{path}: OpenVINO cannot read this graph ({str(e).strip().splitlines()[0][:200]})") from None
+            raise RunnerError(f"{path}: OpenVINO cannot read this graph ({_reason(e)})") from None
         self._check_io(role, model)
         if self.precision[role] == "mixed" and self.uses_cache:
             mark_delta_path(model, self.manifest)

@@ -31,10 +31,11 @@ def quant_options(f):
 def sampling_options(f):
     opts = [
         click.option("--model", default=None, help="'digits' (embedded, the default) or a local diffusers UNet/pipeline folder. "
-                     "With --backend ort/trt the model comes from the folder's manifest; --model then only checks it is the same model."),
-        click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True,
-                     help="torch: PyTorch reference; ort: ONNX Runtime on --graphs; trt: TensorRT on --engines."),
-        click.option("--graphs", type=click.Path(file_okay=False), default=None, help="Graph folder from `cli.py export` (--backend ort)."),
+                     "With --backend ort/openvino/trt the model comes from the folder's manifest; --model then only checks it is the same model."),
+        click.option("--backend", type=click.Choice(["torch", "ort", "openvino", "trt"]), default="torch", show_default=True,
+                     help="torch: PyTorch reference; ort: ONNX Runtime on --graphs; openvino: OpenVINO CPU on --graphs; "
+                     "trt: TensorRT on --engines."),
+        click.option("--graphs", type=click.Path(file_okay=False), default=None, help="Graph folder from `cli.py export` (--backend ort/openvino)."),
         click.option("--engines", type=click.Path(file_okay=False), default=None, help="Engine folder from `cli.py build-engine` (--backend trt)."),
         click.option("--scheduler", type=click.Choice(sorted(SCHEDULERS)), default="ddim", show_default=True, help="diffusers scheduler."),
         click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True, help="Sampling steps."),
@@ -90,11 +91,11 @@ def resolve_runner(model, backend, graphs, engines, cfg):
 
     if backend == "torch":
         if graphs or engines:
-            raise RunnerError("--graphs/--engines are for --backend ort/trt; --backend torch samples --model directly")
+            raise RunnerError("--graphs/--engines are for --backend ort/openvino/trt; --backend torch samples --model directly")
         return load_model(model or "digits"), cfg, None
-    folder = graphs if backend == "ort" else engines
+    folder = engines if backend == "trt" else graphs
     if folder is None:
-        raise RunnerError(f"--backend {backend} needs {'--graphs graphs/<name>' if backend == 'ort' else '--engines engines/<name>'}")
+        raise RunnerError(f"--backend {backend} needs {'--engines engines/<name>' if backend == 'trt' else '--graphs graphs/<name>'}")
     runner = make_runner(backend, folder=folder)
     meta = model_from_manifest(runner.manifest)
     if model is not None:

@@ -17,7 +17,6 @@ running it twice (MB). Cache bytes per sample come from the graph manifest.
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import json
 import os
@@ -80,11 +79,12 @@ def model_folder(name: str, work: Path, sd_latent: int) -> str:
     return str(write_model("sd15", work / "models" / f"sd15-{sd_latent}", latent=sd_latent))
 
 
-def export_graphs(name: str, spec: str, work: Path, sd_latent: int) -> dict[str, Path]:
+def export_graphs(name: str, spec: str, work: Path, sd_latent: int, keys=tuple(CONFIGS)) -> dict[str, Path]:
     """Export (once) fp / ptq-w8a8 / modiff-w8a8 / modiff-w8a4 graphs of a model; each in a child
     `cli.py export` process so its memory is returned (the SD-size export peaks at ~13 GB)."""
     out = {}
-    for key, (mode, w, a) in CONFIGS.items():
+    for key in keys:
+        mode, w, a = CONFIGS[key]
         folder = work / "graphs" / (name if name != "sd15" else f"sd15-{sd_latent}") / key
         if not (folder / "manifest.json").is_file():
             print(f"exporting {name} {key} -> {folder}" + (" (SD-size: ~13 GB peak, minutes)" if name == "sd15" else ""),
@@ -245,6 +245,10 @@ def table(rows: list[dict], batch_note: str) -> list[str]:
     return lines
 
 
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def cpu_line() -> str:
     info = Path("/proc/cpuinfo").read_text()
     name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), platform.processor())
@@ -266,33 +270,38 @@ def versions() -> str:
 @click.option("--threads", "threads_list", default="1,2", show_default=True, help="Comma list of intra-op thread counts.")
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1), help="Timed calls per variant (medians).")
 @click.option("--batch", default=4, show_default=True, type=click.IntRange(1), help="Images per call (sd15: UNet batch 2x this, CFG).")
+@click.option("--sd-batch", default=1, show_default=True, type=click.IntRange(1), help="sd15 images per call (UNet batch 2x, CFG).")
+@click.option("--sd-configs", default="fp,ptq-w8a8,modiff-w8a8", show_default=True,
+              help="sd15 graphs to export and time (each SD-size export takes ~5-15 min and ~11-13 GB).")
 @click.option("--sd-latent", default=16, show_default=True, type=click.IntRange(8), help="sd15 latent height = width.")
 @click.option("--quick", is_flag=True, help="Fewer rows (no ping-pong step rows).")
 @click.option("--work", default="/tmp/runtime_speed", show_default=True, type=click.Path(file_okay=False),
               help="Folder for models and exported graphs (kept and reused).")
 @click.option("--doc", default=None, type=click.Path(dir_okay=False), help="Write the tables to this markdown file.")
-def main(models, threads_list, rounds, batch, sd_latent, quick, work, doc):
+def main(models, threads_list, rounds, batch, sd_batch, sd_configs, sd_latent, quick, work, doc):
     """Interleaved CPU speed table, ONNX Runtime vs OpenVINO, FP32 vs peer vs PTQ vs MoDiff."""
     work = Path(work)
     cmd = "python benchmarks/runtime_speed.py " + " ".join(sys.argv[1:])
     out = [f"Command: `{cmd}`", "", f"CPU: {cpu_line()}; {versions()}.",
-           f"Load average before: {' '.join(open('/proc/loadavg').read().split()[:3])}.", ""]
+           f"Load average before: {loadavg()}.", ""]
     print("\n".join(out), flush=True)
     for name in models.split(","):
         spec = model_folder(name, work, sd_latent)
-        graphs = export_graphs(name, spec, work, sd_latent)
         cond = name == "sd15"
+        graphs = export_graphs(name, spec, work, sd_latent, sd_configs.split(",") if cond else list(CONFIGS))
         if not cond:
             graphs["peer"] = export_peer(spec, graphs["fp"], batch)
-        b = 2 * batch if cond else batch
-        note = f"batch {b}" + (f" = CFG 2 x {batch}, latent {sd_latent}x{sd_latent}" if cond else "")
+        b = 2 * sd_batch if cond else batch
+        note = f"batch {b}" + (f" = CFG 2 x {sd_batch}, latent {sd_latent}x{sd_latent}" if cond else "")
         for threads in [int(t) for t in threads_list.split(",")]:
             t0 = time.time()
-            rows = run_model(name, spec, graphs, variants(not cond, quick), threads, rounds, b, interleave=not cond)
-            load = " ".join(open("/proc/loadavg").read().split()[:3])
+            vs = [v for v in variants(not cond, quick) if v.graphs in graphs]
+            rows = run_model(name, spec, graphs, vs, threads, rounds, b, interleave=not cond)
+            how = ("interleaved rounds" if not cond else
+                   "calls per variant, variants timed one after another (too big to hold together)")
             block = [f"### {name}, {threads} thread(s), {note}", "",
-                     f"Median of {rounds} {'interleaved rounds' if not cond else 'calls per variant, variants timed one after another (too big to hold together)'}; "
-                     f"{time.time() - t0:.0f} s; load average after: {load}.", ""] + table(rows, note) + [""]
+                     f"Median of {rounds} {how}; {time.time() - t0:.0f} s; load average after: {loadavg()}.", ""]
+            block += table(rows, note) + [""]
             print("\n".join(block), flush=True)
             print("RAW " + json.dumps(rows), flush=True)
             out += block

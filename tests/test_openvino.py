@@ -18,16 +18,16 @@ import copy
 
 import pytest
 import torch
+from test_ort_parity import _case, _fp_trajectory, rms
 
 from modiff_export import QuantConfig, quantize
 from modiff_export.backends import RunnerError, make_runner
 from modiff_export.backends.ort_runner import OrtRunner
 from modiff_export.backends.torch_runner import TorchRunner
 from modiff_export.export import ModelInfo, export_model
-from test_ort_parity import _case, _fp_trajectory, rms
 
 pytest.importorskip("openvino")
-from modiff_export.backends.openvino_runner import OpenVinoRunner, mark_delta_path  # noqa: E402
+from modiff_export.backends.openvino_runner import OpenVinoRunner, mark_delta_path
 
 
 def _ov(folder, **kw):

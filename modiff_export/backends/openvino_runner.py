@@ -137,15 +137,17 @@ class OpenVinoRunner(Runner):
         path = self.folder / self.manifest["graphs"][role]
         try:
             model = ov.Core().read_model(str(path))
-        except Exception as e:  # OpenVINO raises RuntimeError subclasses for damaged files
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises assorted types for damaged files; reported
             raise RunnerError(f"{path}: OpenVINO cannot read this graph ({_reason(e)})") from None
         self._check_io(role, model)
         if self.precision[role] == "mixed" and self.uses_cache:
             mark_delta_path(model, self.manifest)
         if role == "step" and self.cache_mode == "stateful":
-            from openvino._offline_transformations import apply_make_stateful_transformation
+            from openvino import passes
 
-            apply_make_stateful_transformation(model, {c["input"]: c["output"] for c in self.manifest["caches"]})
+            manager = passes.Manager()
+            manager.register_pass(passes.MakeStateful({c["input"]: c["output"] for c in self.manifest["caches"]}))
+            manager.run_passes(model)
         return model
 
     def activate_impl(self) -> None:

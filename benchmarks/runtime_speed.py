@@ -31,6 +31,7 @@ from pathlib import Path
 
 import click
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -51,6 +52,9 @@ class Variant:
 
 
 def variants(with_peer: bool, quick: bool = False) -> list[Variant]:
+    """The main table's rows. Runners are shared between a config's prime and step rows; the mixed-precision
+    rows are W8A4 only, so that every variant fits in memory at once (a MoDiff runner holds ~1 GB on the
+    CIFAR-size model at batch 4: caches of 42 MiB per sample, in and out)."""
     v = [Variant("FP32 graph", "ort", "fp", "prime"), Variant("FP32 graph", "openvino", "fp", "prime"),
          Variant("FP graph, OpenVINO default precision (bf16)", "openvino", "fp", "prime", "bf16")]
     if with_peer:
@@ -61,11 +65,19 @@ def variants(with_peer: bool, quick: bool = False) -> list[Variant]:
         b = cfg.split("-")[1].upper()
         v += [Variant(f"MoDiff {b} prime", "ort", cfg, "prime"), Variant(f"MoDiff {b} prime", "openvino", cfg, "prime"),
               Variant(f"MoDiff {b} step", "ort", cfg, "step"), Variant(f"MoDiff {b} step", "openvino", cfg, "step")]
-        if not quick:
-            v += [Variant(f"MoDiff {b} step, ping-pong caches", "openvino", cfg, "step", "f32", "pingpong")]
-        v += [Variant(f"MoDiff {b} prime, mixed (bf16 hint, delta path f32)", "openvino", cfg, "prime", "mixed"),
-              Variant(f"MoDiff {b} step, mixed (bf16 hint, delta path f32)", "openvino", cfg, "step", "mixed")]
+    if not quick:
+        v += [Variant("MoDiff W8A4 prime, mixed (bf16 hint, delta path f32)", "openvino", "modiff-w8a4", "prime", "mixed"),
+              Variant("MoDiff W8A4 step, mixed (bf16 hint, delta path f32)", "openvino", "modiff-w8a4", "step", "mixed")]
     return v
+
+
+def cache_variants() -> list[Variant]:
+    """OpenVINO cache handling, W8A4 step (f32 hint): stateful vs ping-pong, float32 vs float16 caches."""
+    return [Variant("MoDiff W8A4 step, stateful, float32 caches", "openvino", "modiff-w8a4", "step"),
+            Variant("MoDiff W8A4 step, ping-pong, float32 caches", "openvino", "modiff-w8a4", "step", "f32", "pingpong"),
+            Variant("MoDiff W8A4 step, stateful, float16 caches", "openvino", "modiff-w8a4-f16cache", "step"),
+            Variant("MoDiff W8A4 step, ping-pong, float16 caches", "openvino", "modiff-w8a4-f16cache", "step", "f32",
+                    "pingpong")]
 
 
 # -- models and graphs --------------------------------------------------------------------------
@@ -143,37 +155,36 @@ def inputs(manifest: dict, batch: int, seed: int = 0):
 
 
 class Timed:
-    """One loaded variant: call() runs its graph once (primed before for step rows)."""
+    """One row: call() runs its graph once (primed before for step rows). `pool` shares one runner between
+    the prime and step rows of the same graphs, runtime, precision and cache mode."""
 
-    def __init__(self, v: Variant, folder: Path, threads: int, batch: int):
-        before = rss_mb()
-        self.v, self.runner = v, make(v, folder, threads)
-        self.runner.activate()
+    def __init__(self, v: Variant, folder: Path, threads: int, batch: int, pool: dict):
+        key = (v.runtime, v.graphs, v.precision, v.cache_mode)
+        if key not in pool:
+            before = rss_mb()
+            runner = make(v, folder, threads)
+            runner.activate()
+            pool[key] = (runner, before)
+        self.v, (self.runner, before) = v, pool[key]
         self.x, self.x2, self.ehs = inputs(self.runner.manifest, batch)
         self.cache_bytes = sum(_nbytes(c) for c in self.runner.manifest["caches"])
         for _ in range(2):
             self.call()
-        self.mem_mb = rss_mb() - before
+        self.mem_mb = rss_mb() - before  # of the shared runner, up to this row's warm-up
         self.times: list[float] = []
 
     def call(self) -> float:
         r = self.runner
-        t0 = time.perf_counter()
         if self.v.role == "prime":
             r.reset()
+            t0 = time.perf_counter()
             r.prime(self.x, 520.0, self.ehs)
         else:
             if r.batch_size is None:
                 r.prime(self.x, 520.0, self.ehs)
-                t0 = time.perf_counter()
+            t0 = time.perf_counter()
             r.step(self.x2, 480.0, self.ehs)
-        dt = time.perf_counter() - t0
-        return dt
-
-    def close(self):
-        self.runner.deactivate()
-        del self.runner
-        gc.collect()
+        return time.perf_counter() - t0
 
 
 def _nbytes(c: dict) -> int:
@@ -183,24 +194,28 @@ def _nbytes(c: dict) -> int:
     return n
 
 
-def run_model(name, spec, graphs, vs, threads, rounds, batch, interleave) -> list[dict]:
+def run_model(graphs, vs, threads, rounds, batch, interleave) -> list[dict]:
     torch.set_num_threads(threads)
-    results = []
+    results, pool = [], {}
     if interleave:
-        loaded = [Timed(v, graphs[v.graphs], threads, batch) for v in vs]
-        for _ in range(rounds):
+        loaded = [Timed(v, graphs[v.graphs], threads, batch, pool) for v in vs]
+        for _ in tqdm(range(rounds), desc=f"rounds ({threads} thread(s))", leave=False):
             for t in loaded:
                 t.times.append(t.call())
-        for t in loaded:
-            results.append(_row(t))
-            t.close()
+        results = [_row(t) for t in loaded]
     else:
-        for v in vs:
-            t = Timed(v, graphs[v.graphs], threads, batch)
+        # one runner at a time (SD size): the rows of one runner back to back, then it is released
+        key = lambda v: (v.runtime, v.graphs, v.precision, v.cache_mode)
+        for v in tqdm(sorted(vs, key=key), desc=f"variants ({threads} thread(s))", leave=False):
+            if pool and key(v) not in pool:
+                pool.clear()
+                gc.collect()
+            t = Timed(v, graphs[v.graphs], threads, batch, pool)
             for _ in range(rounds):
                 t.times.append(t.call())
             results.append(_row(t))
-            t.close()
+    pool.clear()
+    gc.collect()
     return results
 
 
@@ -296,7 +311,7 @@ def main(models, threads_list, rounds, batch, sd_batch, sd_configs, sd_latent, q
         for threads in [int(t) for t in threads_list.split(",")]:
             t0 = time.time()
             vs = [v for v in variants(not cond, quick) if v.graphs in graphs]
-            rows = run_model(name, spec, graphs, vs, threads, rounds, b, interleave=not cond)
+            rows = run_model(graphs, vs, threads, rounds, b, interleave=not cond)
             how = ("interleaved rounds" if not cond else
                    "calls per variant, variants timed one after another (too big to hold together)")
             block = [f"### {name}, {threads} thread(s), {note}", "",
@@ -305,12 +320,32 @@ def main(models, threads_list, rounds, batch, sd_batch, sd_configs, sd_latent, q
             print("\n".join(block), flush=True)
             print("RAW " + json.dumps(rows), flush=True)
             out += block
+            if name == "cifar" and threads == 1 and not quick:
+                out += cache_block(spec, work, graphs, rounds, batch)
     out.append(f"Peak RSS of the benchmark process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GB.")
     if doc:
         from modiff_export.manifest import atomic_write_text
 
         atomic_write_text(doc, "\n".join(out) + "\n")
         print(f"wrote {doc}")
+
+
+def cache_block(spec: str, work: Path, graphs: dict, rounds: int, batch: int) -> list[str]:
+    """Stateful vs ping-pong caches, float32 vs float16 caches (W8A4 step, OpenVINO f32 hint, 1 thread)."""
+    folder = work / "graphs" / "cifar" / "modiff-w8a4-f16cache"
+    if not (folder / "manifest.json").is_file():
+        subprocess.run([sys.executable, str(ROOT / "cli.py"), "export", "--model", spec, "--act-bits", "4",
+                        "--cache-dtype", "float16", "--out", str(folder), "--quiet"], check=True)
+    graphs = {**graphs, "modiff-w8a4-f16cache": folder}
+    rows = run_model(graphs, cache_variants(), 1, rounds, batch, interleave=True)
+    base = rows[0]["ms"]
+    lines = ["### cifar: OpenVINO cache handling (W8A4 step, f32 hint, 1 thread, batch " + f"{batch})", "",
+             f"Median of {rounds} interleaved rounds; load average after: {loadavg()}.", "",
+             "| step graph | ms / call | x stateful float32 | cache bytes / sample | MB (runner) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['ms']:.1f} | {r['ms'] / base:.2f} | {r['cache_bytes'] / 2**20:.1f} MiB | "
+              f"{r['mem_mb']:.0f} |" for r in rows]
+    print("\n".join(lines), flush=True)
+    return lines + [""]
 
 
 def demo_speed_table(work: Path | str = "/tmp/runtime_speed", threads: int = 1, rounds: int = 3, batch: int = 4) -> str:
@@ -321,7 +356,7 @@ def demo_speed_table(work: Path | str = "/tmp/runtime_speed", threads: int = 1, 
     graphs = export_graphs("cifar", spec, work, 16)
     vs = [v for v in variants(False, quick=True) if "W8A8 p" not in v.label and "W8A8 s" not in v.label]
     with contextlib.redirect_stdout(sys.stderr):
-        rows = run_model("cifar", spec, graphs, vs, threads, rounds, batch, interleave=True)
+        rows = run_model(graphs, vs, threads, rounds, batch, interleave=True)
     return "\n".join(table(rows, f"batch {batch}"))
 
 

@@ -4,9 +4,12 @@ Precision (`precision=`, the step graph's; `prime_precision=` defaults to the sa
   f32    INFERENCE_PRECISION_HINT f32: every float op in float32. Quantized Conv/MatMul still run as
          int8 kernels (OpenVINO turns QuantizeLinear -> DequantizeLinear -> Conv into an int8 conv).
   bf16   the hint OpenVINO picks by default on CPUs with BF16: float ops may run in bfloat16.
-  mixed  bf16 hint, but every node of MoDiff's delta path (x - a_hat, absmax scale, Div, Clip, Q/DQ,
-         rescale, o_hat/a_hat updates) is marked `disable_fp16_compression`, which the CPU plugin's
-         precision enforcement honours: they stay float32 (checked in the runtime model by the tests).
+  mixed  bf16 hint, but in the step graph every node of MoDiff's delta path (x - a_hat, absmax scale,
+         Div, Clip, Q/DQ, rescale, o_hat/a_hat updates) is marked `disable_fp16_compression`, the rt_info
+         the CPU plugin's precision enforcement honours, so they stay float32. (OpenVINO 2026.4 on an
+         AMX CPU already keeps them f32 under a plain bf16 hint; the marks make it explicit.) The prime
+         graph has no delta path: mixed there is the plain bf16 hint (its convs run bf16, the caches it
+         writes carry bf16-level rounding; whole-trajectory cost measured in docs/speed.md).
 
 Caches (`cache_mode=`) never pass through Python per step:
   pingpong  two sets of preallocated host tensors bound with set_tensor; a step reads set A and
@@ -140,8 +143,8 @@ class OpenVinoRunner(Runner):
         except Exception as e:  # noqa: BLE001 - OpenVINO raises assorted types for damaged files; reported
             raise RunnerError(f"{path}: OpenVINO cannot read this graph ({_reason(e)})") from None
         self._check_io(role, model)
-        if self.precision[role] == "mixed" and self.uses_cache:
-            mark_delta_path(model, self.manifest)
+        if self.precision[role] == "mixed" and self.uses_cache and role == "step":
+            mark_delta_path(model, self.manifest)  # prime has no delta path: there mixed = the bf16 hint
         if role == "step" and self.cache_mode == "stateful":
             from openvino import passes
 

@@ -214,6 +214,7 @@ def run_model(graphs, vs, threads, rounds, batch, interleave) -> list[dict]:
             for _ in range(rounds):
                 t.times.append(t.call())
             results.append(_row(t))
+            tqdm.write(f"{v.label} [{v.runtime}, {v.precision}]: {results[-1]['ms']:.1f} ms, +{t.mem_mb:.0f} MB")
     pool.clear()
     gc.collect()
     return results

@@ -51,7 +51,7 @@ class Variant:
     cache_mode: str = "stateful"
 
 
-def variants(with_peer: bool, quick: bool = False) -> list[Variant]:
+def variants(with_peer: bool, quick: bool = False, mixed: str = "modiff-w8a4") -> list[Variant]:
     """The main table's rows. Runners are shared between a config's prime and step rows; the mixed-precision
     rows are W8A4 only, so that every variant fits in memory at once (a MoDiff runner holds ~1 GB on the
     CIFAR-size model at batch 4: caches of 42 MiB per sample, in and out)."""
@@ -66,8 +66,9 @@ def variants(with_peer: bool, quick: bool = False) -> list[Variant]:
         v += [Variant(f"MoDiff {b} prime", "ort", cfg, "prime"), Variant(f"MoDiff {b} prime", "openvino", cfg, "prime"),
               Variant(f"MoDiff {b} step", "ort", cfg, "step"), Variant(f"MoDiff {b} step", "openvino", cfg, "step")]
     if not quick:
-        v += [Variant("MoDiff W8A4 prime, mixed (bf16 hint, delta path f32)", "openvino", "modiff-w8a4", "prime", "mixed"),
-              Variant("MoDiff W8A4 step, mixed (bf16 hint, delta path f32)", "openvino", "modiff-w8a4", "step", "mixed")]
+        b = mixed.split("-")[1].upper()
+        v += [Variant(f"MoDiff {b} prime, mixed (bf16 hint, delta path f32)", "openvino", mixed, "prime", "mixed"),
+              Variant(f"MoDiff {b} step, mixed (bf16 hint, delta path f32)", "openvino", mixed, "step", "mixed")]
     return v
 
 
@@ -311,7 +312,8 @@ def main(models, threads_list, rounds, batch, sd_batch, sd_configs, sd_latent, q
         note = f"batch {b}" + (f" = CFG 2 x {sd_batch}, latent {sd_latent}x{sd_latent}" if cond else "")
         for threads in [int(t) for t in threads_list.split(",")]:
             t0 = time.time()
-            vs = [v for v in variants(not cond, quick) if v.graphs in graphs]
+            mixed = "modiff-w8a4" if "modiff-w8a4" in graphs else "modiff-w8a8"
+            vs = [v for v in variants(not cond, quick, mixed) if v.graphs in graphs]
             rows = run_model(graphs, vs, threads, rounds, b, interleave=not cond)
             how = ("interleaved rounds" if not cond else
                    "calls per variant, variants timed one after another (too big to hold together)")

@@ -162,6 +162,8 @@ class Timed:
     def __init__(self, v: Variant, folder: Path, threads: int, batch: int, pool: dict):
         key = (v.runtime, v.graphs, v.precision, v.cache_mode)
         if key not in pool:
+            if not pool:
+                _release(pool)
             before = rss_mb()
             runner = make(v, folder, threads)
             runner.activate()
@@ -205,20 +207,41 @@ def run_model(graphs, vs, threads, rounds, batch, interleave) -> list[dict]:
                 t.times.append(t.call())
         results = [_row(t) for t in loaded]
     else:
-        # one runner at a time (SD size): the rows of one runner back to back, then it is released
+        # SD size: one runner at a time. Each pass loads every runner in turn, times 2 calls per row and
+        # releases it; medians over `rounds` passes, so slow drifts of the machine's load hit all rows alike.
+        from modiff_export.manifest import load_manifest
+
         key = lambda v: (v.runtime, v.graphs, v.precision, v.cache_mode)
-        for v in tqdm(sorted(vs, key=key), desc=f"variants ({threads} thread(s))", leave=False):
-            if pool and key(v) not in pool:
-                pool.clear()
-                gc.collect()
-            t = Timed(v, graphs[v.graphs], threads, batch, pool)
-            for _ in range(rounds):
-                t.times.append(t.call())
+        order = sorted(vs, key=key)
+        timed: dict[Variant, list[float]] = {v: [] for v in order}
+        mem: dict[Variant, float] = {v: 0.0 for v in order}
+        for _ in tqdm(range(rounds), desc=f"passes ({threads} thread(s))", leave=False):
+            for v in order:
+                if pool and key(v) not in pool:
+                    _release(pool)
+                t = Timed(v, graphs[v.graphs], threads, batch, pool)
+                timed[v] += [t.call() for _ in range(2)]
+                mem[v] = max(mem[v], t.mem_mb)
+                tqdm.write(f"{v.label} [{v.runtime}, {v.precision}]: {1e3 * statistics.median(timed[v]):.1f} ms")
+            _release(pool)
+        for v in order:
+            t = Timed.__new__(Timed)
+            t.v, t.times, t.mem_mb = v, timed[v], mem[v]
+            t.cache_bytes = sum(_nbytes(c) for c in load_manifest(graphs[v.graphs])["caches"])
             results.append(_row(t))
-            tqdm.write(f"{v.label} [{v.runtime}, {v.precision}]: {results[-1]['ms']:.1f} ms, +{t.mem_mb:.0f} MB")
     pool.clear()
     gc.collect()
     return results
+
+
+def _release(pool: dict) -> None:
+    """Drop the pooled runners and hand freed memory back to the OS (so the next RSS baseline is honest)."""
+    import ctypes
+
+    pool.clear()
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _row(t: Timed) -> dict:
@@ -316,7 +339,8 @@ def main(models, threads_list, rounds, batch, sd_batch, sd_configs, sd_latent, q
             vs = [v for v in variants(not cond, quick, mixed) if v.graphs in graphs]
             rows = run_model(graphs, vs, threads, rounds, b, interleave=not cond)
             how = ("interleaved rounds" if not cond else
-                   "calls per variant, variants timed one after another (too big to hold together)")
+                   "passes; in each pass every variant is loaded, timed twice and released in turn (too big to "
+                   "hold together), so the median is over 2 x passes calls")
             block = [f"### {name}, {threads} thread(s), {note}", "",
                      f"Median of {rounds} {how}; {time.time() - t0:.0f} s; load average after: {loadavg()}.", ""]
             block += table(rows, note) + [""]

@@ -67,8 +67,10 @@ def variants(with_peer: bool, quick: bool = False, mixed: str = "modiff-w8a4") -
               Variant(f"MoDiff {b} step", "ort", cfg, "step"), Variant(f"MoDiff {b} step", "openvino", cfg, "step")]
     if not quick:
         b = mixed.split("-")[1].upper()
-        v += [Variant(f"MoDiff {b} prime, mixed (bf16 hint, delta path f32)", "openvino", mixed, "prime", "mixed"),
-              Variant(f"MoDiff {b} step, mixed (bf16 hint, delta path f32)", "openvino", mixed, "step", "mixed")]
+        v += [Variant(f"MoDiff {b} prime, mixed (bf16 hint, delta path f32)", "openvino", mixed, "prime", "mixed",
+                      "pingpong"),
+              Variant(f"MoDiff {b} step, mixed (bf16 hint, delta path f32)", "openvino", mixed, "step", "mixed",
+                      "pingpong")]
     return v
 
 

@@ -159,6 +159,8 @@ def test_bad_folders(tmp_path):
         _ov(tmp_path / "h").activate()
     with pytest.raises(RunnerError, match="precision"):
         _ov(tmp_path / "h", precision="int4")
+    with pytest.raises(RunnerError, match="needs cache_mode 'pingpong'"):
+        _ov(tmp_path / "h", precision="mixed", cache_mode="stateful")
 
 
 def test_cli_sample_openvino(tmp_path):

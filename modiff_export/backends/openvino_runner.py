@@ -11,8 +11,8 @@ Precision (`precision=`, the step graph's; `prime_precision=` defaults to the sa
          graph has no delta path: mixed there is the plain bf16 hint (its convs run bf16, the caches it
          writes carry bf16-level rounding; whole-trajectory cost measured in docs/speed.md).
 
-Caches (`cache_mode=`, default stateful: 1.32x faster than ping-pong on the CIFAR-size W8A4 step graph,
-docs/speed.md) never pass through Python per step:
+Caches (`cache_mode=`; default stateful for f32/bf16, 1.32-1.37x faster than ping-pong on the CIFAR-size W8A4
+step graph (docs/speed.md); ping-pong for mixed, see __init__) never pass through Python per step:
   pingpong  two sets of preallocated host tensors bound with set_tensor; a step reads set A and
             writes set B, then they swap (same scheme as OrtRunner).
   stateful  the step graph's cache inputs/outputs become OpenVINO variables (MakeStateful:
@@ -101,11 +101,19 @@ class OpenVinoRunner(Runner):
     backend = "openvino"
 
     def __init__(self, graph_folder: str | Path, threads: int | None = None, precision: str = "f32",
-                 prime_precision: str | None = None, cache_mode: str = "stateful"):
+                 prime_precision: str | None = None, cache_mode: str | None = None):
         if precision not in PRECISIONS or (prime_precision or precision) not in PRECISIONS:
             raise RunnerError(f"openvino runner: precision must be one of {list(PRECISIONS)}")
+        # OpenVINO 2026.4's CPU plugin keeps variables (stateful caches) at the inference precision and runs
+        # the ops around them in bf16 under a bf16 hint, marks or not (checked in the runtime model): the
+        # delta path stays float32 only with explicit cache I/O. So mixed means ping-pong caches.
+        if cache_mode is None:
+            cache_mode = "pingpong" if precision == "mixed" else "stateful"
         if cache_mode not in CACHE_MODES:
             raise RunnerError(f"openvino runner: cache_mode must be one of {list(CACHE_MODES)}")
+        if precision == "mixed" and cache_mode == "stateful":
+            raise RunnerError("openvino runner: precision 'mixed' needs cache_mode 'pingpong' (OpenVINO runs the "
+                              "ops around stateful variables in bf16 under a bf16 hint)")
         self.folder = Path(graph_folder)
         self.manifest = m = load_manifest(self.folder)
         super().__init__(m["quant_config"].get("keyframe_interval"), uses_cache=bool(m["caches"]))

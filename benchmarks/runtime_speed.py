@@ -378,12 +378,13 @@ def cache_block(spec: str, work: Path, graphs: dict, rounds: int, batch: int) ->
 
 
 def demo_speed_table(work: Path | str = "/tmp/runtime_speed", threads: int = 1, rounds: int = 3, batch: int = 4) -> str:
-    """A short CIFAR-architecture speed table for `cli.py demo` (markdown). Costs the exports the first time
-    (fp ~10 s, ptq ~15 s, 2 x modiff ~90 s each on this shared machine) plus ~1 min of timing."""
+    """A short CIFAR-architecture speed table for `cli.py demo` (markdown; random weights: speed only). Costs the
+    exports the first time (fp, ptq-w8a8, modiff-w8a4: 10-30 s, 15-50 s, 90-470 s on this shared machine depending
+    on load) plus ~80 s of timing and ~3.9 GB peak RSS."""
     work = Path(work)
     spec = model_folder("cifar", work, 16)
-    graphs = export_graphs("cifar", spec, work, 16)
-    vs = [v for v in variants(False, quick=True) if "W8A8 p" not in v.label and "W8A8 s" not in v.label]
+    graphs = export_graphs("cifar", spec, work, 16, ("fp", "ptq-w8a8", "modiff-w8a4"))
+    vs = [v for v in variants(False, quick=True) if v.graphs in graphs]
     with contextlib.redirect_stdout(sys.stderr):
         rows = run_model(graphs, vs, threads, rounds, batch, interleave=True)
     return "\n".join(table(rows, f"batch {batch}"))

@@ -6,8 +6,10 @@ Precision (`precision=`, the step graph's; `prime_precision=` defaults to the sa
   bf16   the hint OpenVINO picks by default on CPUs with BF16: float ops may run in bfloat16.
   mixed  bf16 hint, but in the step graph every node of MoDiff's delta path (x - a_hat, absmax scale,
          Div, Clip, Q/DQ, rescale, o_hat/a_hat updates) is marked `disable_fp16_compression`, the rt_info
-         the CPU plugin's precision enforcement honours, so they stay float32. (OpenVINO 2026.4 on an
-         AMX CPU already keeps them f32 under a plain bf16 hint; the marks make it explicit.) The prime
+         the CPU plugin's precision enforcement honours, so they stay float32 - with ping-pong caches only:
+         with stateful caches the plugin runs the ops around the variables in bf16, marks or not. (With
+         ping-pong caches OpenVINO 2026.4 on an AMX CPU already keeps them f32 under a plain bf16 hint; the
+         marks make it explicit.) Measured on the CIFAR-size model it is slower than f32 + stateful. The prime
          graph has no delta path: mixed there is the plain bf16 hint (its convs run bf16, the caches it
          writes carry bf16-level rounding; whole-trajectory cost measured in docs/speed.md).
 

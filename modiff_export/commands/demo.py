@@ -26,6 +26,9 @@ import click
               help="PyTorch and ONNX Runtime intra-op threads. 1 by default: this model's ops are tiny, and on a "
                    "shared 2-core machine a second thread that loses its core stalls every op (measured: PyTorch "
                    "UNet call 35 ms with 1 thread vs 1.8 s with 2 at load average 4).")
+@click.option("--speed/--no-speed", default=True, show_default=True,
+              help="Speed section on the CIFAR-10 DDPM architecture (random weights; OpenVINO and ONNX Runtime; "
+                   "exports 3 graphs of a 35.7M-parameter UNet, a few minutes).")
 @click.option("--peer-default/--no-peer-default", default=True, show_default=True,
               help="Also run quantize_static with its default choices (all ops, uint8 asymmetric) for a one-line note.")
 def demo(**settings):

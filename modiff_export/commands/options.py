@@ -16,8 +16,8 @@ from ..sampling import MAX_SEED, SCHEDULERS
 
 MAX_BATCH = 4096  # images per batch; far above what fits in memory for any real model
 MAX_SAMPLES = 100_000
-BACKEND_HELP = ("torch: PyTorch reference (quantizes --model); ort: ONNX Runtime on --graphs; "
-                "trt: TensorRT on --engines")
+BACKEND_HELP = ("torch: PyTorch reference (quantizes --model); ort: ONNX Runtime on --graphs; openvino: OpenVINO "
+                "CPU on --graphs; trt: TensorRT on --engines")
 
 
 class _Group:
@@ -89,10 +89,11 @@ SAMPLING = _Group([
     ("model", "--model", dict(default=None, help="'digits' (embedded, the default) or a local diffusers UNet/pipeline "
                                                  "folder. With a graph/engine folder the model comes from its "
                                                  "manifest; --model then checks it is the same model.")),
-    ("backend", "--backend", dict(type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True,
+    ("backend", "--backend", dict(type=click.Choice(["torch", "ort", "openvino", "trt"]), default="torch",
+                                  show_default=True,
                                   help=BACKEND_HELP)),
     ("graphs", "--graphs", dict(type=click.Path(file_okay=False), default=None,
-                                help="Graph folder from `cli.py export` (--backend ort).")),
+                                help="Graph folder from `cli.py export` (--backend ort, openvino).")),
     ("engines", "--engines", dict(type=click.Path(file_okay=False), default=None,
                                   help="Engine folder from `cli.py build-engine` (--backend trt).")),
     ("scheduler", "--scheduler", dict(type=click.Choice(sorted(SCHEDULERS)), default="ddim", show_default=True,

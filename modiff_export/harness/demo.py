@@ -38,6 +38,7 @@ class DemoSettings:
     peer_default: bool = True  # also run quantize_static's defaults, for a one-line note
     threads: int = 1
     overwrite: bool = False  # replace an existing report folder
+    speed: bool = True  # the CIFAR-10-architecture speed section (OpenVINO vs ONNX Runtime; random weights)
 
 
 class Demo:
@@ -60,7 +61,7 @@ class Demo:
         for name, phase in (("calibration", self.calibrate), ("export + --target ort variants", self.export),
                             ("engines", self.engines), ("sampling + parity", self.sample),
                             ("peer (quantize_static + ONNX Runtime sampling)", self.peer), ("metrics", self.quality),
-                            ("cost + latency", self.cost)):
+                            ("cost + latency", self.cost), ("speed, CIFAR-10 architecture", self.speed_section)):
             with self.phases(name):
                 phase()
         return self.report(time.time() - t_start)
@@ -236,6 +237,18 @@ class Demo:
                                 f"on a "
                                 f"shared 2-core machine; see benchmarks/ort_speed.py for a longer run"]}
 
+    def speed_section(self) -> None:
+        """Where MoDiff pays off: a UNet of the CIFAR-10 DDPM architecture (35.7M parameters, random weights:
+        speed only), FP32 / bf16 / PTQ / MoDiff graphs on ONNX Runtime and OpenVINO, interleaved rounds."""
+        self.cifar_speed = None
+        if not self.s.speed:
+            return
+        from .speed import demo_speed_table
+
+        self.cifar_speed = demo_speed_table(self.work / "speed", threads=self.s.threads, rounds=3, batch=4)
+        self.note("speed: CIFAR-10 DDPM architecture (35.7M parameters, random weights: speed only, quality stays on "
+                  "digits), batch 4, OpenVINO and ONNX Runtime, interleaved rounds; full tables: docs/speed.md")
+
     def report(self, wall: float) -> Path:
         from .report import build_report
 
@@ -251,7 +264,8 @@ class Demo:
         results = {"title": "modiff-export demo: digits UNet, FP32 vs PTQ vs MoDiff", "settings": settings,
                    "notes": self.notes, "bits": [f"W{w}A{a}" for w, a in BITS],
                    "grids": {k: v[:16] for k, v in self.images.items()}, "quality": self.quality_rows,
-                   "parity": self.parity, "cost": self.cost_rows, "speed": self.speed}
+                   "parity": self.parity, "cost": self.cost_rows, "speed": self.speed,
+                   "cifar_speed": self.cifar_speed}
         return build_report(s.out, results, s.overwrite)
 
 

@@ -1,0 +1,250 @@
+"""OpenVINO CPU backend: prime.onnx / step.onnx (as written by `cli.py export`) behind the runner contract.
+
+Precision (`precision=`, the step graph's; `prime_precision=` defaults to the same):
+  f32    INFERENCE_PRECISION_HINT f32: every float op in float32. Quantized Conv/MatMul still run as
+         int8 kernels (OpenVINO turns QuantizeLinear -> DequantizeLinear -> Conv into an int8 conv).
+  bf16   the hint OpenVINO picks by default on CPUs with BF16: float ops may run in bfloat16.
+  mixed  bf16 hint, but in the step graph every node of MoDiff's delta path (x - a_hat, absmax scale,
+         Div, Clip, Q/DQ, rescale, o_hat/a_hat updates) is marked `disable_fp16_compression`, the rt_info
+         the CPU plugin's precision enforcement honours, so they stay float32 - with ping-pong caches only:
+         with stateful caches the plugin runs the ops around the variables in bf16, marks or not. (With
+         ping-pong caches OpenVINO 2026.4 on an AMX CPU already keeps them f32 under a plain bf16 hint; the
+         marks make it explicit.) Measured on the CIFAR-size model it is slower than f32 + stateful. The prime
+         graph has no delta path: mixed there is the plain bf16 hint (its convs run bf16, the caches it
+         writes carry bf16-level rounding; whole-trajectory cost measured in docs/speed.md).
+
+Caches (`cache_mode=`; default stateful for f32/bf16, 1.32-1.37x faster than ping-pong on the CIFAR-size W8A4
+step graph (docs/speed.md); ping-pong for mixed, see __init__) never pass through Python per step:
+  pingpong  two sets of preallocated host tensors bound with set_tensor; a step reads set A and
+            writes set B, then they swap (same scheme as OrtRunner).
+  stateful  the step graph's cache inputs/outputs become OpenVINO variables (MakeStateful:
+            ReadValue/Assign); prime writes the first values into the states once per trajectory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..manifest import CacheSpec, Manifest
+from .base import Runner, RunnerError
+
+PRECISIONS = ("f32", "bf16", "mixed")
+CACHE_MODES = ("pingpong", "stateful")
+_NP = {"float32": np.float32, "float16": np.float16}
+# ops that end a delta path going forward (the quantized layer's own compute)
+_STOP = {"Convolution", "MatMul", "GroupConvolution", "Result"}
+DISABLE_F16 = "disable_fp16_compression_0"  # rt_info key of ov::DisableFP16Compression
+
+
+def mark_delta_path(model, manifest: Manifest) -> int:
+    """Mark MoDiff's delta path in an ov.Model to stay float32 under a bf16/f16 inference hint;
+    returns the number of marked nodes. Forward from every a_hat cache input (x - a_hat, absmax,
+    scale, Div, Clip, Q/DQ) up to, not including, the quantized Conv/MatMul and up to the cache
+    updates; the o_hat inputs' consumers; and backward from every cache output through its
+    element-wise producers (Add <- Mul <- ...) down to the Conv/MatMul."""
+    names_in = {c.input for c in manifest.caches}
+    names_out = {c.output for c in manifest.caches}
+    marked = set()
+
+    def mark(node):
+        if node.get_type_name() in _STOP or node.get_type_name() in ("Parameter", "Constant"):
+            return False
+        key = node.get_instance_id()  # Python wrappers are temporary: id() is not a node identity
+        if key in marked:
+            return False
+        node.get_rt_info()[DISABLE_F16] = ""
+        marked.add(key)
+        return True
+
+    def is_cache_out(node) -> bool:
+        return any(names_out & set(o.get_names()) for o in node.outputs())
+
+    stack = []
+    for p in model.get_parameters():
+        if not (names_in & set(p.output(0).get_names())):
+            continue
+        consumers = [t.get_node() for t in p.output(0).get_target_inputs()]
+        if any(n.endswith(".o_hat") for n in p.output(0).get_names()):
+            for node in consumers:  # o_hat only feeds the layer's output update (o_hat + y * s)
+                mark(node)
+        else:
+            stack += consumers
+    while stack:  # forward from x - a_hat, up to the quantized op and the cache updates
+        node = stack.pop()
+        if mark(node) and not is_cache_out(node):
+            for out in node.outputs():
+                stack += [t.get_node() for t in out.get_target_inputs()]
+    for r in model.get_results():
+        src = r.input_value(0)
+        if not (names_out & set(src.get_names())):
+            continue
+        stack.append(src.get_node())
+        while stack:  # backward, element-wise producers only
+            node = stack.pop()
+            if node.get_type_name() in _STOP or node.get_type_name() in ("Parameter", "Constant"):
+                continue
+            mark(node)
+            stack += [v.get_node() for v in node.input_values()
+                      if v.get_node().get_type_name() not in ("Parameter", "Constant")
+                      and v.get_node().get_type_name() in ("Multiply", "Add", "Subtract", "Divide", "Convert")]
+    return len(marked)
+
+
+def _reason(e: Exception) -> str:
+    """The informative line of an OpenVINO exception (its first lines only name C++ source files)."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Exception from ")]
+    return (lines[0] if lines else str(e).strip())[:200]
+
+
+class OpenVinoRunner(Runner):
+    backend = "openvino"
+
+    def __init__(self, graph_folder: str | Path, threads: int | None = None, precision: str = "f32",
+                 prime_precision: str | None = None, cache_mode: str | None = None):
+        if precision not in PRECISIONS or (prime_precision or precision) not in PRECISIONS:
+            raise RunnerError(f"openvino runner: precision must be one of {list(PRECISIONS)}")
+        # OpenVINO 2026.4's CPU plugin keeps variables (stateful caches) at the inference precision and runs
+        # the ops around them in bf16 under a bf16 hint, marks or not (checked in the runtime model): the
+        # delta path stays float32 only with explicit cache I/O. So mixed means ping-pong caches.
+        if cache_mode is None:
+            cache_mode = "pingpong" if precision == "mixed" else "stateful"
+        if cache_mode not in CACHE_MODES:
+            raise RunnerError(f"openvino runner: cache_mode must be one of {list(CACHE_MODES)}")
+        if precision == "mixed" and cache_mode == "stateful":
+            raise RunnerError("openvino runner: precision 'mixed' needs cache_mode 'pingpong' (OpenVINO runs the "
+                              "ops around stateful variables in bf16 under a bf16 hint)")
+        self.folder = Path(graph_folder)
+        super().__init__(**Runner.contract_of(Manifest.load(self.folder)))
+        self.threads, self.cache_mode = threads, cache_mode
+        self.precision = {"step": precision, "prime": prime_precision or precision}
+        self.compiled, self.requests = {}, {}
+        self._sets: list[dict] = []
+        self._allocated_batch = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def config(self, role: str) -> dict:
+        hint = "f32" if self.precision[role] == "f32" else "bf16"
+        # DYNAMIC_QUANTIZATION_GROUP_SIZE 0: the CPU plugin would otherwise quantize the *activations* of
+        # MatMuls with int8 weights to int8 on the fly (measured: 0.3% error on a full-precision prime
+        # Linear of the CIFAR-size UNet): not what the graph says.
+        cfg = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+        if self.threads:
+            cfg["INFERENCE_NUM_THREADS"] = self.threads
+        return cfg
+
+    def read(self, role: str):
+        """The ov.Model of one graph, with this runner's precision marks and cache mode applied."""
+        import openvino as ov
+
+        path = self.folder / self.manifest.graphs[role]
+        try:
+            model = ov.Core().read_model(str(path))
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises assorted types for damaged files; reported
+            raise RunnerError(f"{path}: OpenVINO cannot read this graph ({_reason(e)})") from None
+        self._check_io(role, model)
+        if self.precision[role] == "mixed" and self.uses_cache and role == "step":
+            mark_delta_path(model, self.manifest)  # prime has no delta path: there mixed = the bf16 hint
+        if role == "step" and self.cache_mode == "stateful":
+            from openvino import passes
+
+            manager = passes.Manager()
+            manager.register_pass(passes.MakeStateful({c.input: c.output for c in self.manifest.caches}))
+            manager.run_passes(model)
+        return model
+
+    def activate_impl(self) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        for role in self.manifest.roles:
+            self.compiled[role] = core.compile_model(self.read(role), "CPU", self.config(role))
+            self.requests[role] = self.compiled[role].create_infer_request()
+
+    def deactivate_impl(self) -> None:
+        self.compiled, self.requests, self._sets, self._allocated_batch = {}, {}, [], None
+
+    def _check_io(self, role: str, model) -> None:
+        want_in = [s.name for s in self.manifest.graph_inputs(role)]
+        want_out = [s.name for s in self.manifest.graph_outputs(role)]
+        got_in = [n for p in model.inputs for n in p.get_names()]
+        got_out = [n for p in model.outputs for n in p.get_names()]
+        missing = sorted(set(want_in) - set(got_in)) + sorted(set(want_out) - set(got_out))
+        if missing or len(model.inputs) != len(want_in) or len(model.outputs) != len(want_out):
+            raise RunnerError(f"{self.folder / self.manifest.graphs[role]}: graph I/O does not match manifest.json "
+                              f"(missing {missing[:3]}); re-export the folder")
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _allocate(self, batch: int) -> None:
+        """Cache buffers for this batch size (two sets for ping-pong, one for stateful priming)."""
+        import openvino as ov
+
+        n = 2 if self.cache_mode == "pingpong" else 1
+        self._sets = [{c.key: ov.Tensor(np.zeros(c.concrete(batch), _NP[c.dtype]), shared_memory=True)
+                       for c in self.manifest.caches} for _ in range(n)]
+        self._allocated_batch = batch
+
+    def _set_inputs(self, req, sample, timestep, ehs) -> None:
+        import openvino as ov
+
+        req.set_tensor("sample", ov.Tensor(np.ascontiguousarray(sample.numpy())))
+        req.set_tensor("timestep", ov.Tensor(np.ascontiguousarray(timestep.numpy())))
+        if ehs is not None:
+            req.set_tensor("encoder_hidden_states", ov.Tensor(np.ascontiguousarray(ehs.numpy())))
+
+    @staticmethod
+    def _run(req) -> torch.Tensor:
+        req.infer()
+        return torch.from_numpy(req.get_tensor("noise_pred").data.copy())  # copies noise_pred only
+
+    # -- the contract ------------------------------------------------------------------------
+    def prime_impl(self, sample, timestep, ehs) -> torch.Tensor:
+        req = self.requests["prime"]
+        self._set_inputs(req, sample, timestep, ehs)
+        if self.uses_cache:
+            if self._allocated_batch != sample.shape[0]:
+                self._allocate(sample.shape[0])
+            for c in self.manifest.caches:
+                req.set_tensor(c.output, self._sets[0][c.key])
+        out = self._run(req)
+        if self.uses_cache and self.cache_mode == "stateful":
+            step = self.requests["step"]
+            states = {s.name: s for s in step.query_state()}
+            for c in self.manifest.caches:
+                states[self._state_name(c)].state = self._sets[0][c.key]  # one copy per trajectory
+        return out
+
+    @staticmethod
+    def _state_name(c: CacheSpec) -> str:
+        return c.input + c.output  # MakeStateful names a variable <param name><result name>
+
+    def step_impl(self, sample, timestep, ehs, delta_scales) -> torch.Tensor:
+        import openvino as ov
+
+        req = self.requests["step"]
+        self._set_inputs(req, sample, timestep, ehs)
+        if delta_scales is not None:
+            req.set_tensor("delta_scales", ov.Tensor(delta_scales))
+        if self.cache_mode == "stateful":
+            return self._run(req)
+        src, dst = self._sets
+        for c in self.manifest.caches:
+            req.set_tensor(c.input, src[c.key])
+            req.set_tensor(c.output, dst[c.key])
+        out = self._run(req)
+        self._sets.reverse()  # ping-pong: this step's outputs are the next step's inputs
+        return out
+
+    def reset_impl(self) -> None:
+        if self.cache_mode == "stateful" and "step" in self.requests:
+            self.requests["step"].reset_state()
+
+    def caches(self) -> dict[str, torch.Tensor]:
+        if not self._sets or self.batch_size is None:
+            return {}
+        if self.cache_mode == "stateful" and self.calls > 1:
+            states = {s.name: s for s in self.requests["step"].query_state()}
+            return {c.key: torch.from_numpy(states[self._state_name(c)].state.data.astype(np.float32))
+                    for c in self.manifest.caches}
+        return {k: torch.from_numpy(v.data.astype(np.float32)) for k, v in self._sets[0].items()}

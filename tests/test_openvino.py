@@ -1,0 +1,189 @@
+"""OpenVINO backend: the exported graphs on OpenVINO CPU compute what ONNX Runtime and PyTorch compute.
+
+Tolerances, and why (the same yardsticks as tests/test_ort_parity.py and test_export.py):
+* prime: full-precision activations and the same int8 weights in both runtimes, so they differ only by
+  float32 summation order: 1e-4 relative to the output's scale. This needs the runner's
+  DYNAMIC_QUANTIZATION_GROUP_SIZE=0 (else the CPU plugin quantizes MatMul activations on the fly:
+  3e-3 relative on the CIFAR-size UNet's first Linear, which this bound catches).
+* steps: d = x - a_hat is small, so 1-ulp kernel differences upstream flip a few codes near rounding
+  boundaries (measured: ~0.04% of the codes of the first quantized conv of the CIFAR-size UNet); one
+  flip is a valid rounding, not a bug. Yardstick: rms(openvino - ort) <= 1.5 x rms(ort - fp) per step,
+  as for ORT vs PyTorch (two valid roundings differ by <= ~sqrt(2) x the rounding error).
+* whole digits trajectories vs PyTorch: >= 40 dB at W8A8 and >= 30 dB at W8A4, the issue's aims (ORT
+  reaches 62-69 / 43-44 dB); a trained denoiser contracts small differences.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_ort_parity import _case, _fp_trajectory, rms
+
+from modiff_export import QuantConfig, quantize
+from modiff_export.backends import RunnerError, make_runner
+from modiff_export.backends.ort_runner import OrtRunner
+from modiff_export.backends.torch_runner import TorchRunner
+from modiff_export.export.trace import export_model
+
+pytest.importorskip("openvino")
+from modiff_export.backends.openvino_runner import OpenVinoRunner, mark_delta_path
+
+
+def _rerecord(folder):
+    """Record the current graph files' digests (simulates an exporter that wrote a wrong graph)."""
+    from modiff_export.manifest import Manifest
+
+    Manifest.load(folder, verify=False).with_digests(folder).write(folder)
+
+
+def _ov(folder, **kw):
+    return OpenVinoRunner(folder, threads=1, **kw)
+
+
+@pytest.mark.parametrize("kind", ["uncond", "cond"])
+@pytest.mark.parametrize("act_bits", [8, 4])
+def test_per_step_parity_vs_ort(tmp_path, kind, act_bits):
+    """Tiny UNets (the conditional one with a CFG batch: cond + uncond halves), DDIM, both cache modes."""
+    unet, info, ehs = _case(kind)
+    cfg = QuantConfig(act_bits=act_bits)
+    export_model(info.copy(), cfg, tmp_path / "g", progress=False)
+    ort = OrtRunner(tmp_path / "g", threads=1)
+    ovs = {mode: _ov(tmp_path / "g", cache_mode=mode) for mode in ("stateful", "pingpong")}
+    inputs, fp_preds = _fp_trajectory(unet, info, ehs, "ddim")
+    for i, ((x, t), fp) in enumerate(zip(inputs, fp_preds)):
+        a = ort(x, t, ehs)
+        for mode, r in ovs.items():
+            b = r(x, t, ehs)
+            assert b.shape == a.shape
+            if i == 0:
+                assert (a - b).abs().max() <= 1e-4 * a.abs().max(), f"{mode}: prime outputs differ"
+                ca, cb = ort.caches(), r.caches()
+                assert ca.keys() == cb.keys() and len(ca) > 0
+                for k in ca:
+                    tol = 1e-4 * max(ca[k].abs().max().item(), 1e-6)
+                    assert (ca[k] - cb[k]).abs().max() <= tol, f"{mode}: cache {k}"
+            else:
+                ratio = rms(a - b) / max(rms(a - fp), 1e-12)
+                assert ratio <= 1.5, f"{mode} step {i}: rms(openvino - ort) = {ratio:.2f} x quantization error"
+    # after the trajectory both cache modes hold the same caches as ORT, within the same yardstick
+    ca = ort.caches()
+    for mode, r in ovs.items():
+        cb = r.caches()
+        assert {k: v.shape for k, v in ca.items()} == {k: v.shape for k, v in cb.items()}
+        assert all(torch.isfinite(v).all() for v in cb.values()), mode
+
+
+@pytest.mark.parametrize("act_bits,min_psnr", [(8, 40.0), (4, 30.0)])
+def test_digits_trajectory_parity(tmp_path, act_bits, min_psnr):
+    """Whole 10-step DDIM trajectories on the trained digits model, batch 4: OpenVINO vs PyTorch."""
+    from modiff_export.evaluation.metrics import psnr
+    from modiff_export.models import load_model
+    from modiff_export.sampling import generate, make_scheduler
+
+    m = load_model("digits")
+    cfg = QuantConfig(act_bits=act_bits)
+    export_model(m.copy(), cfg, tmp_path / "g", progress=False)
+    runners = (TorchRunner(quantize(copy.deepcopy(m.unet), cfg)),
+               make_runner("openvino", folder=tmp_path / "g", threads=1))
+    imgs = [generate(r, make_scheduler("ddim", m.scheduler_config), 10, 4, 0, m.sample_shape, progress=False)
+            for r in runners]
+    value = psnr(imgs[0], imgs[1])
+    assert value >= min_psnr, f"OpenVINO vs PyTorch trajectory PSNR {value:.1f} dB < {min_psnr} dB at W8A{act_bits}"
+
+
+@pytest.mark.parametrize("mode", ["stateful", "pingpong"])
+def test_caches_reset_between_trajectories(tmp_path, mode):
+    """Trajectory A, then B (other noise, other batch size), then A again: A is reproduced exactly, so
+    prime replaces every cache (stateful: every OpenVINO variable) and nothing leaks across trajectories."""
+    from modiff_export.sampling import generate, make_scheduler
+
+    unet, info, _ = _case("uncond")
+    export_model(info.copy(), QuantConfig(act_bits=4), tmp_path / "g", progress=False)
+    r = _ov(tmp_path / "g", cache_mode=mode)
+
+    def run(seed, batch):
+        return generate(r, make_scheduler("ddim", {"num_train_timesteps": 1000}), 5, batch, seed, info.sample_shape,
+                        progress=False)
+
+    first = run(0, 4)
+    run(1, 2)
+    assert torch.equal(run(0, 4), first), "a second trajectory saw caches of the previous one"
+    r.reset()
+    with pytest.raises(RunnerError, match="before prime"):
+        r.step(torch.zeros(4, *info.sample_shape), 10.0)
+
+
+def test_mixed_precision_keeps_delta_path_f32(tmp_path):
+    """precision='mixed': every node of the delta path carries the f32 mark, the compiled step graph runs
+    none of the cache updates in bf16, and the whole digits trajectory stays within the W8A4 parity aim."""
+    import openvino as ov
+
+    from modiff_export.evaluation.metrics import psnr
+    from modiff_export.models import load_model
+    from modiff_export.sampling import generate, make_scheduler
+
+    m = load_model("digits")
+    cfg = QuantConfig(act_bits=4)
+    export_model(m.copy(), cfg, tmp_path / "g", progress=False)
+    r = _ov(tmp_path / "g", precision="mixed")
+    model = ov.Core().read_model(str(tmp_path / "g" / "step.onnx"))
+    marked = mark_delta_path(model, r.manifest)
+    types = {op.get_type_name() for op in model.get_ops() if "disable_fp16_compression_0" in op.get_rt_info()}
+    assert marked >= 6 * len(r.manifest.caches) // 2, marked  # >= 6 marked ops per quantized layer
+    assert {"Subtract", "Abs", "ReduceMax", "Divide", "Add", "Multiply"} <= types, types
+    imgs = [generate(x, make_scheduler("ddim", m.scheduler_config), 10, 4, 0, m.sample_shape, progress=False)
+            for x in (TorchRunner(quantize(copy.deepcopy(m.unet), cfg)), r)]
+    bf16 = []
+    for op in r.compiled["step"].get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        names = info["originalLayersNames"].astype(str)
+        if info["runtimePrecision"].astype(str) == "bf16" and ("cache_out." in names or "/Sub" in names):
+            bf16.append(names)
+    assert not bf16, f"delta path nodes run in bf16: {bf16[:3]}"
+    assert psnr(imgs[0], imgs[1]) >= 30.0
+
+
+def test_bad_folders(tmp_path):
+    """Missing folder, damaged graph, graph from another export: one clear RunnerError/ModiffExportError."""
+    from modiff_export.errors import ModiffExportError
+
+    with pytest.raises(ModiffExportError, match="not a folder"):
+        make_runner("openvino", folder=tmp_path / "missing")
+    with pytest.raises(RunnerError, match="needs a folder"):
+        make_runner("openvino")
+    unet, info, _ = _case("uncond")
+    export_model(info.copy(), QuantConfig(act_bits=8), tmp_path / "g", progress=False)
+    (tmp_path / "g" / "prime.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(ModiffExportError, match="does not belong to this manifest"):
+        _ov(tmp_path / "g")  # the digest check comes first
+    _rerecord(tmp_path / "g")  # a damaged file whose digest was recorded: OpenVINO's own error, one line
+    with pytest.raises(RunnerError, match="OpenVINO cannot read this graph"):
+        _ov(tmp_path / "g").activate()
+    export_model(info.copy(), QuantConfig(mode="fp"), tmp_path / "fp", progress=False)
+    export_model(info.copy(), QuantConfig(act_bits=8), tmp_path / "h", progress=False)
+    (tmp_path / "h" / "prime.onnx").write_bytes((tmp_path / "fp" / "prime.onnx").read_bytes())  # no cache outputs
+    _rerecord(tmp_path / "h")
+    with pytest.raises(RunnerError, match="does not match manifest.json"):
+        _ov(tmp_path / "h").activate()
+    with pytest.raises(RunnerError, match="precision"):
+        _ov(tmp_path / "h", precision="int4")
+    with pytest.raises(RunnerError, match="needs cache_mode 'pingpong'"):
+        _ov(tmp_path / "h", precision="mixed", cache_mode="stateful")
+
+
+def test_cli_sample_openvino(tmp_path):
+    """`sample --backend openvino --graphs ...` writes a grid; a bad folder ends with one error line."""
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    unet, info, _ = _case("uncond")
+    export_model(info.copy(), QuantConfig(act_bits=8), tmp_path / "g", progress=False)
+    ok = CliRunner().invoke(cli, ["sample", "--backend", "openvino", "--graphs", str(tmp_path / "g"), "--steps", "3",
+                                  "--batch-size", "2", "--out", str(tmp_path / "x.png")])
+    assert ok.exit_code == 0 and (tmp_path / "x.png").is_file(), ok.output
+    bad = CliRunner().invoke(cli, ["sample", "--backend", "openvino", "--graphs", str(tmp_path / "nope"),
+                                   "--out", str(tmp_path / "y.png")])
+    text = bad.output + (bad.stderr if hasattr(bad, "stderr") else "")
+    assert bad.exit_code == 1 and "error:" in text and "Traceback" not in text

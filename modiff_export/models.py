@@ -1,6 +1,7 @@
 """Loading diffusion UNets: the embedded `digits` model or a local diffusers folder (no downloads).
 
     spec = "digits"             -> modiff_export/assets/digits (trained by `cli.py train-demo`)
+    spec = "digits_b"           -> modiff_export/assets/digits_b (second validation model, issue 11)
     spec = <UNet folder>        -> config.json + diffusion_pytorch_model.safetensors [+ scheduler_config.json]
     spec = <pipeline folder>    -> unet/ (as above) + scheduler/scheduler_config.json
 """
@@ -16,6 +17,7 @@ import torch
 from .errors import ModiffExportError
 
 ASSETS = Path(__file__).parent / "assets" / "digits"
+EMBEDDED = {"digits": ASSETS, "digits_b": ASSETS.parent / "digits_b"}  # names --model accepts besides folders
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 DEFAULT_SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
@@ -63,8 +65,8 @@ def load_model(spec: str) -> LoadedModel:
     """Load `digits` or a local diffusers folder; any problem raises ModelError naming the path."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
-    folder = ASSETS if spec == "digits" else Path(spec)
-    name = "digits" if spec == "digits" else folder.resolve().name
+    folder = EMBEDDED.get(spec, Path(spec))
+    name = spec if spec in EMBEDDED else folder.resolve().name
     if not folder.is_dir():
         raise ModelError(f"{folder}: not a folder; expected 'digits' or {EXPECTED}")
     unet_dir, sched_path = folder, folder / "scheduler_config.json"

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from modiff_export import QuantConfig
 from modiff_export.backends import make_runner
 from modiff_export.cost import bops_per_trajectory, count_macs
-from modiff_export.metrics import DigitsEvaluator, psnr
+from modiff_export.metrics import DigitsEvaluator, frechet_distance_from_features, psnr
 from modiff_export.models import load_model
 from modiff_export.quantization import modiff_layers, quantize
 from modiff_export.sampling import sample_model
@@ -120,6 +120,7 @@ def measure(models, samplers, rows, n, bs, seed, results, cache_dir):
                     runner, info = build_runner(model, cfg, feats)
                     x = sample_model(model, cfg, sched, steps, n, bs, seed, progress=False, runner=runner)
                 fd, p = ev.frechet_distance(x), psnr(x, ref)
+                torch.save(x, cache_dir / f"{name}-{sampler.replace(':', '')}-n{n}-s{seed}-{row}.pt")  # for `bootstrap`
                 uniform = QuantConfig(mode=cfg.mode, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits)
                 b = bops_per_trajectory(macs, cfg, steps)
                 rec = {"model": name, "model_hash": model.content_hash[:19], "sampler": sampler, "n": n, "seed": seed,
@@ -172,6 +173,31 @@ def spread(models, samplers, n, bs, results, cache_dir, seeds):
     """FD of full precision with other noise seeds: the seed-to-seed spread at this sample size."""
     for s in seeds.split(","):
         measure(models, samplers, "fp", n, bs, int(s), results, cache_dir)
+
+
+@cli.command()
+@common
+@click.option("--rounds", default=200, show_default=True)
+def bootstrap(models, samplers, n, bs, results, cache_dir, rounds):
+    """Paired bootstrap of FD relative to FP (same resampled indices for the row and FP): its sd says
+    which differences between rows from the same noise are real. Uses the samples saved by `run`."""
+    ev = DigitsEvaluator()
+    g = torch.Generator().manual_seed(0)
+    for name in models.split(","):
+        for sampler in samplers.split(","):
+            files = sorted(cache_dir.glob(f"{name}-{sampler.replace(':', '')}-n{n}-s0-*.pt"))
+            fp = next(iter(cache_dir.glob(f"{name}-*-{sampler.replace(':', '')}-n{n}-s0.pt")), None)  # fp_samples()
+            if fp is None:
+                continue
+            ffp = ev.features(torch.load(fp))
+            idx = [torch.randint(0, n, (n,), generator=g).numpy() for _ in range(rounds)]
+            for f in files:
+                fx = ev.features(torch.load(f))
+                rel = [100 * (frechet_distance_from_features(fx[i], ev.real_features)
+                              / frechet_distance_from_features(ffp[i], ev.real_features) - 1) for i in idx]
+                row = f.name.split("-s0-", 1)[1][:-3]
+                print(f"{name} {sampler} {row}: FD rel. to FP {statistics.mean(rel):+.1f}% "
+                      f"(paired bootstrap sd {statistics.stdev(rel):.1f} points)", flush=True)
 
 
 @cli.command()

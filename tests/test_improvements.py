@@ -93,3 +93,30 @@ def test_apply_gptq_keeps_weights_on_grid():
     assert apply_gptq(unet, h) == [layer.name for layer in layers]
     for layer in layers:  # identity Hessian: GPTQ is round-to-nearest
         assert torch.equal(layer.quantized_weight(), before[layer.name])
+
+
+def test_int8_io_time_recipe_keeps_ort_parity(tmp_path):
+    """The recommended mixed precision (W8A3 + INT8_IO_TIME_LAYERS at W8A8) exports and matches PyTorch per
+    step with the same yardstick as tests/test_ort_parity.py (rms(ort - torch) <= 1.5 x quantization error)."""
+    import copy
+
+    from test_ort_parity import _case, _fp_trajectory, rms
+
+    from modiff_export import quantize as quantize_
+    from modiff_export.backends.ort_runner import OrtRunner
+    from modiff_export.backends.torch_runner import TorchRunner
+    from modiff_export.export import export_model
+    from modiff_export.improvements import INT8_IO_TIME_LAYERS
+
+    unet, info, ehs = _case("uncond")
+    cfg = QuantConfig(weight_bits=8, act_bits=3, int8_layers=INT8_IO_TIME_LAYERS)
+    manifest = export_model(copy.deepcopy(unet), info, cfg, tmp_path / "g", progress=False)
+    bits = {layer["name"]: (layer["weight_bits"], layer["act_bits"]) for layer in manifest["layers"]}
+    assert bits["conv_in"] == bits["conv_out"] == bits["time_embedding.linear_1"] == (8, 8)
+    assert (8, 3) in bits.values()
+    ref, ort = TorchRunner(quantize_(copy.deepcopy(unet), cfg)), OrtRunner(tmp_path / "g")
+    inputs, fp_preds = _fp_trajectory(unet, info, ehs, "ddim")
+    for i, ((x, t), fp) in enumerate(zip(inputs, fp_preds)):
+        a, b = ref(x, t, ehs), ort(x, t, ehs)
+        if i:
+            assert rms(a - b) <= 1.5 * max(rms(a - fp), 1e-12), f"step {i}"

@@ -302,7 +302,8 @@ CASES = [
     C("calibrate-dangling-link", CALIBRATE + ["--out", "dl"], "dangling", symlink("dl", "nowhere")),
     C("build-engine-onto-folder", ["build-engine", "g88", "--out", "g84"], "already exists"),
     C("demo-onto-folder", ["demo", "--out", "g88"], "already exists"),
-    C("train-demo-default-out", ["train-demo"], "already exists", during=no_training),
+    C("train-demo-default-out", ["train-demo"], "already exists",
+      lambda ws: (ws / "trained" / "digits").mkdir(parents=True), during=no_training),
     C("train-demo-onto-folder", ["train-demo", "--out", "m0", "--steps", "1", "--epochs", "1"], "already exists",
       during=no_training),
     # 5. sampling options: absurd values refused up front

@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from ..config import QuantConfig
-from ..models.loading import ASSETS  # noqa: E402
 from .options import QUANT, SAMPLING
 
 
@@ -17,23 +16,28 @@ from .options import QUANT, SAMPLING
               help="UNet training steps (batch 64, ~28 min on a shared 2-core CPU).")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True, help="Classifier training epochs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
-@click.option("--out", type=click.Path(file_okay=False), default=str(ASSETS), show_default=True, help="Output folder.")
+@click.option("--arch", type=click.Choice(["digits", "digits_b"]), default="digits", show_default=True,
+              help="UNet + noise schedule: digits (shipped demo model) or digits_b (second validation model: "
+                   "no attention, 2 resnets per level, linear betas; shipped with --seed 1 --steps 1500).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder [default: trained/<arch>]. Never the shipped assets unless named and --overwrite.")
+@click.option("--overwrite", is_flag=True, help="Write into an existing --out.")
 @click.option("--what", type=click.Choice(["all", "unet", "classifier"]), default="all", show_default=True,
               help="What to train.")
-@click.option("--overwrite", is_flag=True, help="Write into an existing --out (the default is the shipped weights).")
-def train_demo(steps, epochs, seed, out, what, overwrite):
-    """Train the embedded `digits` DDPM UNet and its metrics classifier on scikit-learn's digits
-    (16x16, 80/20 split with a fixed seed). Reproduces the shipped weights (CPU, 1 thread)."""
+def train_demo(steps, epochs, seed, arch, out, overwrite, what):
+    """Train a digits DDPM UNet and the metrics classifier on scikit-learn's digits (16x16, 80/20
+    split with a fixed seed). With the defaults it reproduces the shipped `digits` weights (CPU, 1
+    thread) into trained/digits; compare with modiff_export/assets/digits."""
     from ..fsutil import check_writable
     from ..models.train import train_classifier, train_unet
 
-    check_writable(out, overwrite)  # the shipped weights are never replaced unasked
+    out = check_writable(out if out is not None else Path("trained") / arch, overwrite)  # never replaced unasked
     if what in ("all", "classifier"):
-        acc = train_classifier(epochs=epochs, seed=seed, out=Path(out))
-        click.echo(f"classifier: held-out accuracy {acc:.4f} -> {Path(out)}")
+        acc = train_classifier(epochs=epochs, seed=seed, out=out)
+        click.echo(f"classifier: held-out accuracy {acc:.4f} -> {out}")
     if what in ("all", "unet"):
-        wall = train_unet(steps=steps, seed=seed, out=Path(out))
-        click.echo(f"unet: {steps} steps in {wall / 60:.1f} min -> {Path(out)}")
+        wall = train_unet(steps=steps, seed=seed, out=out, arch=arch)
+        click.echo(f"unet ({arch}): {steps} steps in {wall / 60:.1f} min -> {out}")
 
 
 @click.command("sample")
@@ -106,7 +110,7 @@ def evaluate(model, backend, graphs, engines, scheduler, steps, batch_size, seed
         from ..serving.prompts import attach_prompts
 
         attach_prompts(m, model, prompts)
-    ev = DigitsEvaluator() if m.name == "digits" else None
+    ev = DigitsEvaluator() if m.name in ("digits", "digits_b") else None
     rows, ref = [], None
     runs = [(QuantConfig(mode="fp"), "torch", None)]
     if not (qcfg.mode == "fp" and backend == "torch"):

@@ -1,6 +1,7 @@
 """Loading diffusion UNets: the embedded `digits` model or a local diffusers folder (no downloads).
 
     spec = "digits"             -> modiff_export/assets/digits (trained by `cli.py train-demo`)
+    spec = "digits_b"           -> modiff_export/assets/digits_b (second validation model, issue 11)
     spec = <UNet folder>        -> config.json + diffusion_pytorch_model.safetensors [+ scheduler_config.json]
     spec = <pipeline folder>    -> unet/ (as above) + scheduler/scheduler_config.json
 """
@@ -19,6 +20,7 @@ from ..errors import ModiffExportError
 from ..manifest import DEFAULT_SCHEDULER_CONFIG, ModelInfo
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "digits"  # the shipped digits model (the only definition)
+EMBEDDED = {"digits": ASSETS, "digits_b": ASSETS.parent / "digits_b"}  # names --model accepts besides folders
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 DEFAULT_SEQ_LEN = 77  # CLIP text length; conditional UNets get random encoder states of [B, 77, D]
@@ -109,8 +111,8 @@ def load_model(spec: str) -> LoadedModel:
     """Load `digits` or a local diffusers folder; any problem raises ModelError naming the path."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
-    folder = ASSETS if spec == "digits" else Path(spec)
-    name = "digits" if spec == "digits" else folder.resolve().name
+    folder = EMBEDDED.get(spec, Path(spec))
+    name = spec if spec in EMBEDDED else folder.resolve().name
     if not folder.is_dir():
         raise ModelError(f"{folder}: not a folder; expected 'digits' or {EXPECTED}")
     unet_dir, sched_path = folder, folder / "scheduler_config.json"

@@ -24,6 +24,16 @@ UNET_CONFIG = dict(
     up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
 )
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+# digits_b: the second validation model (issue 11), trained differently so no decision is tuned to one model:
+# no attention anywhere, two resnets per level, linear betas; train-demo --arch digits_b --seed 1 --steps 1500.
+UNET_CONFIG_B = {
+    "sample_size": 16, "in_channels": 1, "out_channels": 1, "layers_per_block": 2,
+    "block_out_channels": (32, 64, 64), "norm_num_groups": 8, "add_attention": False,
+    "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D"),  # 16 -> 8 -> 4, no attention
+    "up_block_types": ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
+}
+SCHEDULER_CONFIG_B = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
+ARCHITECTURES = {"digits": (UNET_CONFIG, SCHEDULER_CONFIG), "digits_b": (UNET_CONFIG_B, SCHEDULER_CONFIG_B)}
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
@@ -43,23 +53,25 @@ def save_unet(unet, scheduler, out: Path) -> None:
 
 
 def train_unet(steps: int = 2000, seed: int = 0, out: Path = ASSETS, batch_size: int = 64, lr: float = 1e-3,
-               ema_decay: float = 0.998, save_every: int = 250, threads: int = 1) -> float:
+               ema_decay: float = 0.998, save_every: int = 250, threads: int = 1, arch: str = "digits") -> float:
     """DDPM epsilon-prediction training; the EMA weights are saved. Returns wall seconds.
-    One thread by default: reproducible, and fastest on a shared CPU."""
+    arch: a key of ARCHITECTURES (UNet + noise-schedule config). One thread by default: reproducible,
+    and fastest on a shared CPU."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x_train, _ = digits_split("train")  # [N, 1, 16, 16]
-    unet = UNet2DModel(**UNET_CONFIG)
-    ema = UNet2DModel(**UNET_CONFIG).eval().requires_grad_(False)
+    unet_config, scheduler_config = ARCHITECTURES[arch]
+    unet = UNet2DModel(**unet_config)
+    ema = UNet2DModel(**unet_config).eval().requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
-    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    scheduler = DDPMScheduler(**scheduler_config)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 100))  # warmup
     t0 = time.time()
-    bar = tqdm(range(steps), desc="train digits UNet")
+    bar = tqdm(range(steps), desc=f"train {arch} UNet")
     for step in bar:
         idx = torch.randint(0, len(x_train), (batch_size,), generator=g)
         x0 = random_shift(x_train[idx], 1, g)                                  # [B, 1, 16, 16]

@@ -96,6 +96,7 @@ class MoDiffLayer(nn.Module):
       scale_override a tensor used as the activation scale instead of the table (static export)
       observer       callable(layer, tensor_to_quantize) called before quantizing (calibration)
       static_scales  [n_buckets] activation scales for scale_mode="static"; bucket picks one
+      delta_clip     constant factor (0, 1] on the dynamic absmax scale (a calibrated clip ratio)
       block_size     Linear weights with config.weight_block_size (<= 4 bits, Cin divisible by it):
                      w_scale is [Cout, Cin // block_size] (one scale per output channel and input
                      block); None: per output channel, w_scale is [Cout]
@@ -118,6 +119,7 @@ class MoDiffLayer(nn.Module):
         self.phase: str | None = None
         self.scale_override: torch.Tensor | None = None
         self.observer: Callable[["MoDiffLayer", torch.Tensor], None] | None = None
+        self.delta_clip = 1.0  # constant factor on the dynamic scale (improvements.py); 1.0: plain absmax
         self.export_qdq = False  # set by the exporter: emit QuantizeLinear/DequantizeLinear ops
         self.reset()
 
@@ -204,7 +206,8 @@ class MoDiffLayer(nn.Module):
             if self.static_scales.numel() == 0:
                 raise MoDiffError(f"layer {self.name}: scale_mode='static' but no calibrated scales were loaded")
             return self.static_scales[min(self.bucket, self.static_scales.numel() - 1)]
-        return absmax_scale(t, self.act_bits, self.config.granularity == "sample")
+        s = absmax_scale(t, self.act_bits, self.config.granularity == "sample")
+        return s if self.delta_clip == 1.0 else s * self.delta_clip
 
     def _quantized_linear(self, t: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """f(Wq, Q(t)) computed as f(Wq, codes) * s (+ bias); returns (output, Q(t))."""

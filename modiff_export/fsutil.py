@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -25,6 +26,16 @@ TMP_TAG = ".modiff-tmp-"  # prefix of every temporary sibling this module create
 
 class OutputError(ModiffExportError):
     """An output location that cannot or must not be written."""
+
+
+def read_json(path: Path, error: type[ModiffExportError], damaged: str = "the file is damaged"):
+    """The JSON value in `path`; an unreadable or invalid file is one `error` line naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: unreadable ({type(e).__name__})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); {damaged}") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:

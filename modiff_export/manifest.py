@@ -31,7 +31,7 @@ import numpy as np
 
 from .config import ConfigError, QuantConfig
 from .errors import ModiffExportError
-from .fsutil import atomic_write_text, sha256_file
+from .fsutil import atomic_write_text, read_json, sha256_file
 
 SCHEMA = "modiff-export/manifest"
 SCHEMA_VERSION = 2
@@ -486,13 +486,7 @@ class Manifest:
         path = folder / MANIFEST_NAME
         if not path.is_file():
             raise ManifestError(f"{path}: missing; {folder} was not written by {what}")
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError) as e:
-            raise ManifestError(f"{path}: unreadable ({type(e).__name__})") from None
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the file is damaged") from None
-        manifest = cls.from_dict(d, source=str(path))
+        manifest = cls.from_dict(read_json(path, ManifestError), source=str(path))
         if verify:
             manifest.verify_files(folder, str(path))
         return manifest

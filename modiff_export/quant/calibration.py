@@ -43,7 +43,7 @@ import torch
 
 from ..config import ConfigError, QuantConfig
 from ..errors import ModiffExportError
-from ..fsutil import atomic_write_text
+from ..fsutil import atomic_write_text, read_json
 from .quantization import (
     SCALE_FLOOR,
     fake_quantize,
@@ -394,13 +394,7 @@ def load_calibration(path: str | Path, model_hash: str | None, config: QuantConf
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"{path}: missing; write it with `cli.py calibrate --out {path}`")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise CalibrationError(f"{path}: unreadable ({type(e).__name__})") from None
-    except json.JSONDecodeError as e:
-        raise CalibrationError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); the file is truncated or "
-                               f"damaged") from None
+    data = read_json(path, CalibrationError, "the file is truncated or damaged")
     _validate(data, path)
     try:
         cal = Calibration(path, data)

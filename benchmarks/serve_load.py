@@ -86,6 +86,25 @@ class Client:
         return self.client.infer("modiff", [a, b]).as_numpy("image")[0]  # [C, H, W]
 
 
+def infer_concurrently(port: int, reqs: list[tuple[int, int]]) -> tuple[dict[int, np.ndarray], list[str]]:
+    """Send every (seed, steps) request at once, one thread each, alternating HTTP and gRPC; returns
+    ({request index: image}, [error messages])."""
+    got, errors = {}, []
+
+    def worker(k):
+        try:
+            got[k] = Client("http" if k % 2 == 0 else "grpc", port).infer(*reqs[k])
+        except Exception as e:  # noqa: BLE001 - collected: the caller asserts there are none
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return got, errors
+
+
 @dataclass
 class LoadResult:
     latencies: list = field(default_factory=list)   # seconds per request

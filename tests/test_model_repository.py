@@ -6,7 +6,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -166,7 +165,7 @@ def test_repository_runs_on_bundled_tritonserver(graphs, tmp_path):
     """The python-UNet variant runs whole trajectories through Triton: BLS sampler -> sequence-batched
     UNet with one correlation id per image; concurrent images equal the solo computation exactly."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from serve_load import Client
+    from serve_load import Client, infer_concurrently
 
     from modiff_export.backends.ort_runner import OrtRunner
     from modiff_export.serving.sampler import Item, generate_items
@@ -176,18 +175,7 @@ def test_repository_runs_on_bundled_tritonserver(graphs, tmp_path):
     proc, port, scratch = _start(repo, ["modiff", "modiff_unet"], tmp_path)
     try:
         reqs = [(7 + k, 4 if k % 2 else 5) for k in range(4)]
-        got, errors = {}, []
-
-        def worker(k):
-            try:
-                got[k] = Client("http" if k % 2 == 0 else "grpc", port).infer(*reqs[k])
-            except Exception as e:  # noqa: BLE001
-                errors.append(str(e))
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        got, errors = infer_concurrently(port, reqs)
         assert not errors, errors
         r = OrtRunner(graphs, threads=1)
         for k, (seed, steps) in enumerate(reqs):

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +81,7 @@ def test_server_isolation_under_concurrency(graphs, tmp_path):
     every image must equal the same request computed alone in this process, bit for bit."""
     _needs_triton()
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from serve_load import Client, batch_stats, start_server, stop_server, wait_ready
+    from serve_load import Client, batch_stats, infer_concurrently, start_server, stop_server, wait_ready
 
     port = _free_port()
     while any(_port_busy(p) for p in (port + 1, port + 2)):
@@ -92,19 +91,7 @@ def test_server_isolation_under_concurrency(graphs, tmp_path):
     try:
         wait_ready(port, proc)
         reqs = [(100 + k, 4 if k % 2 else 6) for k in range(6)]
-        got, errors = {}, []
-
-        def worker(k):
-            try:
-                got[k] = Client("http" if k % 2 == 0 else "grpc", port).infer(*reqs[k])
-            except Exception as e:  # noqa: BLE001
-                errors.append(str(e))
-
-        threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        got, errors = infer_concurrently(port, reqs)
         assert not errors, errors
         n_req, n_exec = batch_stats(port + 2)
         assert n_exec < n_req, "Triton never batched two requests; the test proves nothing"

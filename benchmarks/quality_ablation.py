@@ -9,6 +9,7 @@ A row is `<mode>-w<W>a<A>` (or `fp`) plus optional `+feature`s:
     +clip   calibrated constant clip ratio on the dynamic per-sample delta scale (improvements.py)
     +kf<K>  keyframe refresh: a full-precision-activation prime call every K steps
     +gptq   GPTQ rounding of the <= 4-bit weights (improvements.py)
+    +gptq8  GPTQ rounding of all quantized weights, 8-bit ones too
     +wclip  per-channel MSE weight clip ratios (calibration.weight_clip_ratios)
 Each row: FD-digits, FD relative to FP from the same noise, PSNR to FP, BOPs per trajectory vs FP32 and
 vs the uniform W/A row. PyTorch reference, one thread. Results are appended to a JSON-lines file (a row
@@ -72,10 +73,10 @@ def build_runner(model, cfg: QuantConfig, feats: set[str]):
         for layer in modiff_layers(unet):
             if not layer.skipped and layer.weight_bits < 8:
                 layer.set_weight_clip(weight_clip_ratios(layer.inner.weight, layer.weight_bits))
-    if "gptq" in feats:
+    if "gptq" in feats or "gptq8" in feats:
         if model.name not in _HESSIANS:
             _HESSIANS[model.name] = collect_hessians(model)
-        info["gptq_layers"] = len(apply_gptq(unet, _HESSIANS[model.name]))
+        info["gptq_layers"] = len(apply_gptq(unet, _HESSIANS[model.name], 8 if "gptq8" in feats else 4))
     if "clip" in feats:
         ratios = calibrate_delta_clip(model, cfg)  # on the unmodified weights' deltas; ratios are bit-width driven
         apply_delta_clip(unet, ratios)

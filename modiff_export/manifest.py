@@ -73,8 +73,10 @@ class _Fields:
             self.fail(key, f"must be {_type_names(types)}, got {type(v).__name__} {str(v)[:40]!r}")
         return v
 
-    def choice(self, key: str, allowed) -> str:
-        v = self.get(key, str)
+    def choice(self, key: str, allowed, optional: bool = False) -> str | None:
+        v = self.get(key, str, optional)
+        if v is None and optional:
+            return None
         if v not in allowed:
             self.fail(key, f"is {v!r}, expected one of {list(allowed)}")
         return v
@@ -215,6 +217,7 @@ class LayerInfo:
     cached: bool
     weight_format: str | None = None
     weight_note: str | None = None
+    weight_rounding: str | None = None  # "gptq": codes from a calibration file; None: nearest rounding
 
     @classmethod
     def parse(cls, f: _Fields) -> "LayerInfo":
@@ -227,13 +230,15 @@ class LayerInfo:
                 f.fail(k, f"must be an integer in 2..8 (or null), got {v}")
         return cls(f.get("name", str), f.choice("kind", ("conv", "linear")), tuple(shape),
                    f.get("skipped", bool), bits["weight_bits"], bits["act_bits"], f.get("cached", bool),
-                   f.get("weight_format", str, optional=True), f.get("weight_note", str, optional=True))
+                   f.get("weight_format", str, optional=True), f.get("weight_note", str, optional=True),
+                   f.choice("weight_rounding", ("gptq",), optional=True))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["weight_shape"] = list(self.weight_shape)
-        if d["weight_note"] is None:
-            del d["weight_note"]
+        for key in ("weight_note", "weight_rounding"):
+            if d[key] is None:
+                del d[key]
         return d
 
 

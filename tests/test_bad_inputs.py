@@ -31,6 +31,8 @@ EXPORT = ["export", "--model", "m0", "--quiet"]
 EXPORT_STATIC = EXPORT + ["--act-bits", "4", "--scale-mode", "static", "--calibration", "cal.json", "--out", "gs"]
 CALIBRATE = ["calibrate", "--model", "m0", "--steps", "3", "--samples", "1", "--batch-size", "1", "--method", "absmax",
              "--quiet"]
+W4A4 = ["--weight-bits", "4", "--act-bits", "4"]
+EXPORT_GPTQ = EXPORT + W4A4 + ["--calibration", "cal4.json", "--out", "gw"]
 
 
 # -- the shared inputs ---------------------------------------------------------------------------------
@@ -43,7 +45,8 @@ def _save_model(folder: Path, seed: int, scheduler: dict | None = None) -> None:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """m0, m1: two tiny UNets (seeds 0, 1); g88 / g84: m0 exported modiff W8A8 / W8A4; g88m1: m1 W8A8;
-    cal.json: a W8A4 static calibration of m0 (1 bucket)."""
+    cal.json: a W8A4 static calibration of m0 (1 bucket); cal4.json + cal4.weights.safetensors: a W4A4
+    one with GPTQ-rounded weights (the recommended recipe)."""
     root = tmp_path_factory.mktemp("bad_inputs_base")
     _save_model(root / "m0", 0)
     _save_model(root / "m1", 1)
@@ -53,6 +56,9 @@ def base(tmp_path_factory) -> Path:
     code, _, err = run_cli(CALIBRATE[:1] + ["--model", root / "m0"] + CALIBRATE[3:]
                            + ["--act-bits", "4", "--out", root / "cal.json"])
     assert code == 0, err
+    code, _, err = run_cli(CALIBRATE[:1] + ["--model", root / "m0"] + CALIBRATE[3:] + W4A4
+                           + ["--out", root / "cal4.json"])
+    assert code == 0 and (root / "cal4.weights.safetensors").is_file(), err
     fake_engines(root / "g88", root / "e88")
     return root
 
@@ -92,6 +98,21 @@ def write(path: str, text: str | bytes) -> Callable[[Path], None]:
 
 def copy(src: str, dst: str) -> Callable[[Path], None]:
     return lambda ws: shutil.copyfile(ws / src, ws / dst)
+
+
+def bad_codes(ws: Path) -> None:
+    """Setup: cal4's first GPTQ layer gets codes outside the 4-bit range, with the digest updated (a
+    consistent but wrong pair, as a buggy writer would leave it)."""
+    from safetensors.torch import load_file, save_file
+
+    from modiff_export.fsutil import sha256_file
+
+    f = ws / "cal4.weights.safetensors"
+    t = load_file(str(f))
+    key = next(k for k in sorted(t) if k.endswith("conv1.codes"))  # a 4-bit layer (W8A8 ones span int8)
+    t[key] = torch.full_like(t[key], 100)
+    save_file(t, str(f))
+    mutate("cal4.json", lambda d: d["weights"].update(sha256=sha256_file(f)))(ws)
 
 
 def truncate(path: str) -> Callable[[Path], None]:
@@ -256,7 +277,17 @@ CASES = [
     C("cal-buckets-zero", EXPORT_STATIC, "buckets", mutate("cal.json", lambda d: d["provenance"].update(buckets=0))),
     C("cal-no-provenance", EXPORT_STATIC, "provenance", mutate("cal.json", lambda d: d.pop("provenance"))),
     C("cal-missing-file", EXPORT_STATIC, "missing", remove("cal.json")),
-    C("cal-with-dynamic", EXPORT + ["--act-bits", "4", "--calibration", "cal.json", "--out", "gs"], "scale_mode"),
+    C("cal-weights-missing", EXPORT_GPTQ, "are missing", remove("cal4.weights.safetensors")),
+    C("cal-weights-replaced", EXPORT_GPTQ, "differs from", write("cal4.weights.safetensors", b"not the same weights")),
+    C("cal-weights-renamed-json", EXPORT_GPTQ[:-4] + ["--calibration", "renamed.json", "--out", "gw"],
+      "rename both", copy("cal4.json", "renamed.json")),
+    C("cal-weights-malformed", EXPORT_GPTQ, "malformed field",
+      mutate("cal4.json", lambda d: d.update(weights={"f": 1}))),
+    C("cal-weights-codes-out-of-range", EXPORT_GPTQ, "out of range", bad_codes),
+    C("cal-weights-for-other-bits", EXPORT + ["--weight-bits", "8", "--act-bits", "4", "--calibration", "cal4.json",
+                                              "--out", "gw"], "calibrated for weight_bits"),
+    C("calibrate-weights-file-exists", CALIBRATE + W4A4 + ["--out", "c4.json"], "already exists",
+      write("c4.weights.safetensors", "mine")),
     C("static-without-cal", EXPORT + ["--scale-mode", "static", "--out", "gs"], "calibration"),
     # 3. layer patterns and quantization options
     C("skip-matches-nothing", EXPORT + ["--skip-layers", "nomatch*", "--out", "gx"], "match no"),

@@ -22,6 +22,7 @@ from modiff_export.quant.calibration import (
     write_calibration,
 )
 from modiff_export.quant.quantization import fake_quantize, modiff_layers, qmax_for, quantize
+from modiff_export.quant.recipe import INT8_IO_TIME_LAYERS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import build_tiny_unet  # noqa: E402
@@ -47,6 +48,9 @@ def run_cal(config: QuantConfig, method: str = "mse", buckets: int = 3, seed: in
     return run_obs(config, buckets, seed, model).to_file(method)
 
 
+RECIPE_A4 = QuantConfig(act_bits=4, scale_mode="static", int8_layers=INT8_IO_TIME_LAYERS)
+
+
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_model")
@@ -70,11 +74,12 @@ def cli_file(model_folder, tmp_path_factory) -> Path:
 # -- the file --------------------------------------------------------------------------------------
 def test_calibrate_command_writes_schema_and_provenance(cli_file, model_folder):
     d = json.loads(cli_file.read_text())
-    assert d["schema"] == SCHEMA and d["schema_version"] == 1
+    assert d["schema"] == SCHEMA and d["schema_version"] == 2
+    assert d["weights"]["layers"] == sorted(d["weight_clips"])  # the recipe: GPTQ for every quantized weight
     p = d["provenance"]
     assert p["model"] == model_folder.name
     assert p["model_hash"] == content_hash(build_tiny_unet(0))
-    assert p["quant_config"] == QuantConfig(act_bits=4, scale_mode="static").to_dict()
+    assert p["quant_config"] == RECIPE_A4.to_dict()  # the recommended recipe's W8A8 layers, all present here
     assert (p["scheduler"], p["steps"], p["seed"], p["samples"], p["method"], p["buckets"], p["num_train_timesteps"]) \
         == ("ddim", STEPS, 3, 4, "percentile", 3, 1000)
     assert p["percentile"] == 99 and "created" in p
@@ -86,7 +91,7 @@ def test_calibrate_command_writes_schema_and_provenance(cli_file, model_folder):
             assert b in ("0", "1", "2") and st["count"] > 0 and 0 <= st["p99"] <= st["p99.9"] <= st["absmax"]
     assert not list(cli_file.parent.glob("*.tmp"))  # atomic write: nothing left behind
     # and it loads for the config it was made for
-    cal = load_calibration(cli_file, p["model_hash"], QuantConfig(act_bits=4, scale_mode="static"))
+    cal = load_calibration(cli_file, p["model_hash"], RECIPE_A4)
     es = cal.export_scales()
     assert es == {"n_buckets": 3, "num_train_timesteps": 1000, "table": d["scales"], "source": str(cli_file)}
 
@@ -188,11 +193,29 @@ def test_load_refuses_another_model(good_file, by_method):
 
 @pytest.mark.parametrize("change", [dict(act_bits=8), dict(weight_bits=4), dict(mode="ptq"), dict(granularity="tensor"),
                                     dict(error_compensation=False), dict(skip_layers=("conv_in",)),
-                                    dict(int8_layers=("conv_out",)), dict(scale_mode="dynamic"),
+                                    dict(int8_layers=("conv_out",)),
                                     dict(weight_bits=4, weight_block_size=16)])
 def test_load_refuses_another_config(good_file, by_method, change):
     msg = _refused(good_file, by_method["mse"]["provenance"]["model_hash"], STATIC_A4.replace(**change))
     assert next(iter(change)) in msg
+
+
+def test_dynamic_config_uses_the_weights_only(good_file, by_method):
+    """A dynamic-scale config may use a calibration file (issue 11: `export --calibration F` without
+    --scale-mode static): its weight clips apply, its static delta scales do not."""
+    h = by_method["mse"]["provenance"]["model_hash"]
+    dyn = STATIC_A4.replace(scale_mode="dynamic")
+    cal = load_calibration(good_file, h, dyn)
+    first = next(iter(cal.weight_clips))
+    cal.weight_clips[first] = [0.5] * len(cal.weight_clips[first])  # W8 clips are ~1: make one visible
+    unet = quantize(build_tiny_unet(0), dyn)
+    cal.apply(unet)
+    layers = list(modiff_layers(unet))
+    assert all(l.static_scales.numel() == 0 for l in layers)  # dynamic scales stay
+    for l in layers:  # and the weight clips are in: w_scale = clip * absmax / qmax
+        w = l.inner.weight.detach().reshape(l.inner.weight.shape[0], -1)
+        want = torch.tensor(cal.weight_clips[l.name]) * w.abs().amax(1) / qmax_for(l.weight_bits)
+        torch.testing.assert_close(l.w_scale, want.clamp_min(1e-8))
 
 
 def test_load_refuses_damaged_files(tmp_path, good_file, by_method):
@@ -204,7 +227,7 @@ def test_load_refuses_damaged_files(tmp_path, good_file, by_method):
     missing = tmp_path / "nope.json"
     assert "missing" in _refused(missing, h, STATIC_A4)
     d = json.loads(text)
-    for key, value, expect in (("schema", "modiff-export/manifest", "schema"), ("schema_version", 2, "schema_version")):
+    for key, value, expect in (("schema", "modiff-export/manifest", "schema"), ("schema_version", 3, "schema_version")):
         f = tmp_path / f"{key}.json"
         f.write_text(json.dumps({**d, key: value}))
         assert expect in _refused(f, h, STATIC_A4)
@@ -223,6 +246,7 @@ def test_cli_export_refuses_a_mismatched_file(model_folder, cli_file, tmp_path):
     assert str(cli_file) in res.output and "act_bits" in res.output
     d = json.loads(cli_file.read_text())
     d["provenance"]["model_hash"] = tiny_model(seed=1).content_hash
+    d["weights"] = None  # (its GPTQ weights file is named after cli_file, not this copy)
     other = tmp_path / "other-model.json"
     other.write_text(json.dumps(d))
     res = CliRunner().invoke(cli, args + ["--act-bits", "4", "--calibration", str(other)])
@@ -244,7 +268,7 @@ def test_torch_static_matches_ort_static(tmp_path, model_folder, buckets, wbits,
     cal = load_calibration(path, model.content_hash, cfg)
     res = CliRunner().invoke(cli, ["export", "--model", str(model_folder), "--weight-bits", str(wbits), "--act-bits",
                                    str(abits), "--scale-mode", "static", "--calibration", str(path),
-                                   "--out", str(tmp_path / "g"), "--quiet"])
+                                   "--recipe", "paper", "--out", str(tmp_path / "g"), "--quiet"])
     assert res.exit_code == 0, res.output
     m = Manifest.load(tmp_path / "g")
     assert {k: list(v) for k, v in m.scales.table.items()} == cal.scales and m.scales.source == str(path)

@@ -48,26 +48,37 @@ def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, metho
               subsample, prompts, out, overwrite, quiet, **quant):
     """Run calibration trajectories (dynamic scales) and write static delta scales per layer and
     timestep bucket, per-channel weight clipping ratios (MSE search) and provenance (model hash,
-    config, sampler, seed) to a JSON file for `export --scale-mode static --calibration`."""
+    config, sampler, seed) to a JSON file for `export --calibration`. With the recommended recipe,
+    every quantized weight is first rounded with GPTQ on full-precision trajectories of the same
+    sampler and seed; their codes go into <out>.weights.safetensors beside the JSON."""
     from ..fsutil import check_writable
     from ..models import load_model
     from ..quant.calibration import calibrate as run_calibration
-    from ..quant.calibration import write_calibration
+    from ..quant.calibration import weights_path, write_calibration
+    from ..quant.improvements import gptq_round
+    from ..quant.recipe import gptq_layers
 
-    config = QUANT.config(quant, scale_mode="static")
     loaded = load_model(model)
+    recipe = QUANT.recipe(quant)
+    config = QUANT.config(quant, model=loaded, scale_mode="static")
     out = check_writable(out or f"calibration/{loaded.name}-{config.tag}-{method}.json", overwrite, kind="file")
+    names = gptq_layers(config, loaded.unet, recipe)
+    if names:
+        check_writable(weights_path(out), overwrite, kind="file")
     if prompts:
         from ..serving.prompts import attach_prompts
 
         attach_prompts(loaded, model, prompts)
     t0 = time.perf_counter()
+    rounded = gptq_round(loaded, config, names, scheduler=scheduler, steps=steps, samples=samples,
+                         batch_size=batch_size, seed=seed, guidance_scale=guidance_scale, progress=not quiet)
     data = run_calibration(loaded, config, scheduler=scheduler, steps=steps, samples=samples, batch_size=batch_size,
                            seed=seed, buckets=buckets, method=method, percentile=percentile, subsample=subsample,
-                           guidance_scale=guidance_scale, in_place=True, progress=not quiet)
-    write_calibration(out, data, overwrite)
+                           guidance_scale=guidance_scale, in_place=True, progress=not quiet, rounded_weights=rounded)
+    write_calibration(out, data, overwrite, weights=rounded)
+    extra = f", GPTQ weights of {len(rounded)} layers in {weights_path(out).name}" if rounded else ""
     click.echo(f"wrote {out}: {len(data['scales'])} layers x {buckets} bucket(s), method {method}, "
-               f"{samples} trajectories of {scheduler}x{steps}, {time.perf_counter() - t0:.1f} s")
+               f"{samples} trajectories of {scheduler}x{steps}{extra}, {time.perf_counter() - t0:.1f} s")
 
 
 COMMANDS = [calibrate]

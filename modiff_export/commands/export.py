@@ -14,7 +14,8 @@ from .options import QUANT
               help="'digits' (embedded) or a local diffusers UNet/pipeline folder.")
 @QUANT.options()
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
-              help="calibration/<name>.json from `cli.py calibrate` (static scales, weight clipping).")
+              help="calibration/<name>.json from `cli.py calibrate`: its weights (clipping; GPTQ rounding with "
+                   "the recommended recipe) always, its static delta scales with --scale-mode static.")
 @click.option("--cache-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="dtype of the cache I/O tensors.")
 @click.option("--target", type=click.Choice(["trt", "ort"]), default="trt", show_default=True,
@@ -34,18 +35,20 @@ def export(model, calibration, cache_dtype, target, opset, out, overwrite, quiet
     from ..fsutil import check_writable
     from ..models import load_model
 
-    config = QUANT.config(quant)
     loaded = load_model(model)
+    config = QUANT.config(quant, model=loaded)
     out = Path(out or f"graphs/{loaded.name}-{config.tag}{'-static' if config.scale_mode == 'static' else ''}")
     check_writable(out, overwrite)  # before the (long) export
-    scales = clips = None
-    if calibration is not None:
+    scales = clips = rounded = None
+    if calibration is not None:  # weights (clips, GPTQ) always; delta scales with --scale-mode static
         from ..quant.calibration import load_calibration
 
         cal = load_calibration(calibration, loaded.content_hash, config)
-        scales, clips = cal.export_scales(), cal.weight_clips
+        clips, rounded = cal.weight_clips, cal.rounded_weights
+        scales = cal.export_scales() if config.scale_mode == "static" else None
     t0 = time.perf_counter()
-    manifest = export_model(loaded, config, out, scales=scales, weight_clips=clips, cache_dtype=cache_dtype,
+    manifest = export_model(loaded, config, out, scales=scales, weight_clips=clips, rounded_weights=rounded,
+                            cache_dtype=cache_dtype,
                             opset=opset, target=target, overwrite=overwrite, progress=not quiet)
     graphs = list(manifest.files)
     click.echo(f"wrote {out}/ ({', '.join(graphs)}, manifest.json): {len(manifest.caches)} caches, "

@@ -1,9 +1,10 @@
 """Shared CLI argument groups (Polygraphy style): each group defines its click options once and turns
 the parsed values into one typed object in one place.
 
-    @QUANT.options()            every QuantConfig field as an option
+    @QUANT.options()            every QuantConfig field as an option, plus --recipe
     def export(..., **quant):
-        config = QUANT.config(quant)   # pops the group's values, returns a validated QuantConfig
+        config = QUANT.config(quant, model=loaded)   # pops the group's values, applies the recipe to
+                                                     # the model's layers, returns a validated QuantConfig
 
     @SAMPLING.options()         model / backend / folders / scheduler / steps / batch / seed / guidance
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import click
 
 from ..config import GRANULARITIES, MODES, SCALE_MODES, QuantConfig
+from ..quant.recipe import DEFAULT_RECIPE, RECIPES, apply_recipe
 from ..sampling import MAX_SEED, SCHEDULERS
 
 MAX_BATCH = 4096  # images per batch; far above what fits in memory for any real model
@@ -44,18 +46,31 @@ class _Group:
 
 
 class _QuantGroup(_Group):
-    def config(self, values: dict, **fixed) -> QuantConfig:
-        """Pop this group's values from a command's kwargs and build the QuantConfig (fixed fields win)."""
+    def config(self, values: dict, model=None, **fixed) -> QuantConfig:
+        """Pop this group's values from a command's kwargs and build the QuantConfig (fixed fields win);
+        with `model` (a LoadedModel) the --recipe adds the W8A8 layers that model has (quant/recipe.py)."""
         v = {**self.pop(values), **fixed}
+        recipe = v.pop("recipe", DEFAULT_RECIPE)
         if "no_error_compensation" in v:
             v["error_compensation"] = not v.pop("no_error_compensation")
         for name in ("skip_layers", "int8_layers"):
             if name in v:
                 v[name] = tuple(v[name])
-        return QuantConfig(**v)
+        config = QuantConfig(**v)
+        return config if model is None or model.unet is None else apply_recipe(config, model.unet, recipe)
+
+    @staticmethod
+    def recipe(values: dict) -> str:
+        """The --recipe value (without popping it)."""
+        return values.get("recipe", DEFAULT_RECIPE)
 
 
 QUANT = _QuantGroup([
+    ("recipe", "--recipe", dict(type=click.Choice(RECIPES), default=DEFAULT_RECIPE, show_default=True,
+                                help="recommended: MoDiff plus what docs/quality.md measured to help on two models "
+                                     "(conv_in/conv_out/time-embedding layers at W8A8 when bits are below 8, "
+                                     "+0.3-1.1% BOPs; calibrate adds GPTQ rounding of the weights). "
+                                     "paper: MoDiff exactly as published.")),
     ("mode", "--mode", dict(type=click.Choice(MODES), default="modiff", show_default=True,
                             help="fp: full precision; ptq: plain Q/DQ of inputs (baseline); "
                                  "modiff: quantize the change of each input, caches as graph I/O.")),

@@ -54,7 +54,7 @@ def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, 
     from ..sampling import sample_model, save_grid
 
     check_writable(out, overwrite, kind="file")
-    m, cfg, runner = resolve_runner(model, backend, graphs, engines, QUANT.config(quant))
+    m, cfg, runner = resolve_runner(model, backend, graphs, engines, quant)
     if prompts:
         from ..serving.prompts import attach_prompts
 
@@ -65,16 +65,18 @@ def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, 
     click.echo(f"{m.name} {cfg.tag} [{backend}] {scheduler}x{steps}: wrote {path}")
 
 
-def resolve_runner(model, backend, graphs, engines, cfg):
-    """(model, config, runner or None) for a backend; graph/engine runners read everything from their
-    folder's manifest (whose graph files are digest-checked), and --model must be the same model."""
+def resolve_runner(model, backend, graphs, engines, quant: dict):
+    """(model, config, runner or None) for a backend: torch quantizes --model with the quantization
+    options `quant` (and their --recipe); graph/engine runners read everything from their folder's
+    manifest (whose graph files are digest-checked), and --model must be the same model."""
     from ..backends import FOLDER_OPTION, RunnerError, make_runner
     from ..models import LoadedModel, load_model
 
     if backend == "torch":
         if graphs or engines:
             raise RunnerError("--graphs/--engines are for the graph/engine backends; --backend torch samples --model")
-        return load_model(model or "digits"), cfg, None
+        loaded = load_model(model or "digits")
+        return loaded, QUANT.config(quant, model=loaded), None
     folder = engines if backend == "trt" else graphs
     if folder is None:
         raise RunnerError(f"--backend {backend} needs {FOLDER_OPTION[backend]}")
@@ -85,6 +87,7 @@ def resolve_runner(model, backend, graphs, engines, cfg):
         if want != meta.content_hash:
             raise RunnerError(f"{folder} was exported from model {meta.name} ({meta.content_hash[:19]}...), "
                               f"not {model} ({want[:19]}...)")
+    QUANT.config(quant)  # validated even though the folder's manifest decides
     return meta, runner.manifest.quant_config, runner
 
 
@@ -102,7 +105,7 @@ def evaluate(model, backend, graphs, engines, scheduler, steps, batch_size, seed
     from ..models import load_model
     from ..sampling import SamplingError, sample_model
 
-    meta, qcfg, runner = resolve_runner(model, backend, graphs, engines, QUANT.config(quant))
+    meta, qcfg, runner = resolve_runner(model, backend, graphs, engines, quant)
     m = meta if meta.unet is not None else load_model(model or "digits")
     if m.content_hash != meta.content_hash:
         raise SamplingError(f"the folder was exported from another model than {model or 'digits'}; pass its --model")

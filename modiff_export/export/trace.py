@@ -99,12 +99,15 @@ def _spec(name: str, shape, dtype: str) -> dict:
 
 def export_model(model: LoadedModel, config: QuantConfig, out: str | Path, *,
                  scales: dict | None = None, weight_clips: dict[str, list[float]] | None = None,
+                 rounded_weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                  cache_dtype: str = "float32", opset: int = DEFAULT_OPSET, target: str = "trt",
                  overwrite: bool = False, progress: bool = True) -> Manifest:
     """Quantize `model.unet` (in place: pass `model.copy()` to keep it) with `config` and write graphs
     + manifest.json into `out` (docs/design.md section 3).
 
     weight_clips: {layer: [clip ratio per output channel]} from calibration.
+    rounded_weights: {layer: (codes, scale)} from calibration (GPTQ, quant/recipe.py): these layers'
+            int8 weight initializers are exactly those codes and scales.
     scales: for scale_mode="static", {"n_buckets", "num_train_timesteps", "table": {layer: [s]},
             "source": path}; one bucket becomes constants, several become a `delta_scales` input.
     target: "trt" (explicit Q/DQ, as TensorRT wants) or "ort" (rewritten for ONNX Runtime CPU by
@@ -135,6 +138,15 @@ def export_model(model: LoadedModel, config: QuantConfig, out: str | Path, *,
             raise ExportError(f"calibration weight clips for layer {layer.name}: {got}, expected {n_out} (one per "
                               f"output channel); the calibration file does not fit this model and config")
         layer.set_weight_clip(torch.tensor(clip, dtype=torch.float32))
+    by_name = {layer.name: layer for layer in modiff_layers(unet)}
+    for name, (codes, scale) in (rounded_weights or {}).items():
+        if name not in by_name:
+            raise ExportError(f"rounded weights for layer {name}, which this model does not have; the calibration "
+                              f"file does not fit this model")
+        try:
+            by_name[name].set_rounded_weight(codes, scale)
+        except ModiffExportError as e:
+            raise ExportError(f"calibration rounded weights: {e}") from None
     n_buckets = 1
     if scales is not None and config.mode != "fp":
         set_static_scales(unet, scales["table"], scales.get("num_train_timesteps", 1000))
@@ -211,7 +223,7 @@ def _layer_entry(l) -> dict:
     return {"name": l.name, "kind": kind, "weight_shape": tuple(w.shape), "skipped": l.skipped,
             "weight_bits": None if l.skipped else l.weight_bits, "act_bits": None if l.skipped else l.act_bits,
             "cached": l.uses_cache, "weight_format": None if l.skipped else l.weight_format,
-            "weight_note": l.weight_note or None}
+            "weight_note": l.weight_note or None, "weight_rounding": l.weight_rounding}
 
 
 def _trace(unet, role, args, inputs, step_extra, caches, scales, cache_dtype, opset, path: Path,

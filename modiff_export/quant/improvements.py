@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ModiffExportError
 from ..sampling import generate, make_scheduler
 from .quantization import modiff_layers, qmax_for, quantize, quantize_codes
+from .recipe import INT8_IO_TIME_LAYERS  # noqa: F401  (re-exported: benchmarks and tests use it from here)
 
-# kept at W8A8 by the recipe measured in docs/quality.md (issue 11): first/last conv and the time-embedding
-# Linears; +0.4-1.1% BOPs on the digits models. Use with QuantConfig(int8_layers=...) or export --int8-layers.
-INT8_IO_TIME_LAYERS = ("conv_in", "conv_out", "time_embedding.*", "*.time_emb_proj")
 CALIB_SEED = 100_000                       # calibration noise: batch seeds far from evaluation seeds
 CLIP_GRID = torch.linspace(0.2, 1.0, 41)   # delta clip ratios searched
 
@@ -91,13 +90,36 @@ def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+class HessianBudgetError(ModiffExportError):
+    """The GPTQ Hessians of the requested layers would not fit in memory."""
+
+
+def hessian_bytes(unet: nn.Module, names: set[str] | None = None) -> int:
+    """Memory of the float64 Hessian sums collect_hessians keeps: sum of N^2 * 8 over the layers."""
+    total = 0
+    for name, m in unet.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and (names is None or name in names):
+            total += (m.weight[0].numel()) ** 2 * 8
+    return total
+
+
 @torch.no_grad()
-def collect_hessians(model, steps: int = 20, samples: int = 16, seed: int = CALIB_SEED,
-                     max_rows: int = 8192) -> dict[str, torch.Tensor]:
-    """{layer: H = mean(x x^T)} [N, N] of each Conv2d/Linear input over full-precision DDIM trajectories."""
+def collect_hessians(model, steps: int = 20, samples: int = 16, seed: int = CALIB_SEED, max_rows: int = 8192,
+                     names: set[str] | None = None, scheduler: str = "ddim", batch_size: int | None = None,
+                     guidance_scale: float = 1.0, progress: bool = False) -> dict[str, torch.Tensor]:
+    """{layer: H = mean(x x^T)} [N, N] of each Conv2d/Linear input (only `names`, if given) over
+    full-precision trajectories of `scheduler` (sampling.run_batches: conditional models get their
+    encoder states as in sampling). Refuses, before any work, Hessians over half the free RAM."""
+    import psutil
+
     from ..backends import make_runner
     from ..config import QuantConfig
+    from ..sampling import run_batches
 
+    need, free = hessian_bytes(model.unet, names), psutil.virtual_memory().available
+    if need > free // 2:
+        raise HessianBudgetError(f"GPTQ Hessians need {need / 2**30:.1f} GiB, over half the free memory "
+                                 f"({free / 2**30:.1f} GiB); calibrate with --recipe paper (nearest rounding)")
     unet = copy.deepcopy(model.unet)
     sums: dict[str, list] = {}
     gen = torch.Generator().manual_seed(seed + 1)
@@ -114,11 +136,12 @@ def collect_hessians(model, steps: int = 20, samples: int = 16, seed: int = CALI
         return fn
 
     for name, m in unet.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and (names is None or name in names):
             hooks.append(m.register_forward_pre_hook(hook(name)))
     try:
         runner = make_runner("torch", quantize(unet, QuantConfig(mode="fp")))
-        _run_trajectories(model, runner, steps, samples, samples, seed)
+        run_batches(runner, model, scheduler, steps, samples, batch_size or samples, seed, guidance_scale,
+                    progress, desc="GPTQ Hessians")
     finally:
         for h in hooks:
             h.remove()
@@ -160,3 +183,29 @@ def apply_gptq(unet: nn.Module, hessians: dict[str, torch.Tensor], max_weight_bi
         assert torch.equal(layer.quantized_weight(), w), layer.name  # on its own grid: re-quantizes to itself
         done.append(layer.name)
     return done
+
+
+@torch.no_grad()
+def gptq_round(model, config, names: list[str], mse_clip: bool = True,
+               **hessian_kwargs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GPTQ-rounded weights of the layers `names` of `model` (a LoadedModel) under `config`:
+    {layer: (codes int8 [Cout, ...], scale float32 [Cout])}, each on its layer's per-channel grid,
+    clipped first by the MSE search calibration uses (mse_clip; docs/quality.md measured GPTQ on the
+    clipped grid 0.1-1.1 dB better than on the absmax grid at W4A4, on both models). What
+    calibration stores and export bakes in (recipe.py)."""
+    from .calibration import weight_clip_ratios
+
+    if not names:
+        return {}
+    unet = quantize(copy.deepcopy(model.unet), config)
+    chosen = set(names)
+    for layer in modiff_layers(unet):
+        if layer.block_size is not None:  # INT4 block layouts: nearest rounding (apply_gptq skips them)
+            chosen.discard(layer.name)
+        elif layer.name in chosen and mse_clip and not layer.skipped:
+            layer.set_weight_clip(weight_clip_ratios(layer.inner.weight, layer.weight_bits))
+    hessians = collect_hessians(model, names=chosen, **hessian_kwargs)
+    done = apply_gptq(unet, {k: v for k, v in hessians.items() if k in chosen}, max_weight_bits=8)
+    layers = {layer.name: layer for layer in modiff_layers(unet)}
+    return {name: (layers[name].weight_codes().to(torch.int8), layers[name].w_scale.detach().clone())
+            for name in done}

@@ -119,6 +119,7 @@ class MoDiffLayer(nn.Module):
         self.phase: str | None = None
         self.scale_override: torch.Tensor | None = None
         self.observer: Callable[["MoDiffLayer", torch.Tensor], None] | None = None
+        self.weight_rounding: str | None = None  # "gptq" after set_rounded_weight; None: nearest
         self.delta_clip = 1.0  # constant factor on the dynamic scale (improvements.py); 1.0: plain absmax
         self.export_qdq = False  # set by the exporter: emit QuantizeLinear/DequantizeLinear ops
         self.reset()
@@ -158,6 +159,29 @@ class MoDiffLayer(nn.Module):
         an output channel's ratio applies to every block of it."""
         self.w_scale = self._weight_scale(clip.to(self.inner.weight))
         self._wq = None
+
+    @torch.no_grad()
+    def set_rounded_weight(self, codes: torch.Tensor, scale: torch.Tensor, method: str = "gptq") -> None:
+        """Use pre-rounded weights (GPTQ from calibration, recipe.py): codes [Cout, ...] on the
+        per-channel grid scale [Cout]. The float weight becomes codes * scale, which re-quantizes to
+        `codes` exactly, so the PyTorch reference and the exported int8 initializers agree."""
+        w = self.inner.weight
+        if self.skipped or self.block_size is not None:
+            raise MoDiffError(f"{self.name}: rounded weights need a quantized layer with per-channel scales")
+        if tuple(codes.shape) != tuple(w.shape) or tuple(scale.shape) != (w.shape[0],):
+            raise MoDiffError(f"{self.name}: rounded weights {tuple(codes.shape)} / scales {tuple(scale.shape)} do "
+                              f"not fit the layer's weight {tuple(w.shape)}")
+        q = qmax_for(self.weight_bits)
+        if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()) or int(codes.abs().max()) > q + 1:
+            raise MoDiffError(f"{self.name}: rounded weights out of range for {self.weight_bits} bits "
+                              f"(codes beyond +-{q} or scales not positive)")
+        self.w_scale = scale.to(w).clone()
+        w.copy_(codes.to(w) * _per_channel(self.w_scale, w))
+        self._wq = None
+        self.weight_rounding = method
+        if not torch.equal(self.weight_codes(), codes.to(w)):
+            raise MoDiffError(f"{self.name}: rounded weights do not re-quantize to themselves (codes beyond "
+                              f"the {self.weight_bits}-bit range?)")
 
     def weight_codes(self) -> torch.Tensor:
         w = self.inner.weight

@@ -1,0 +1,161 @@
+"""Issue 11, point 3-4: the user's path, measured. For each model and W/A, the real CLI writes the
+graphs (`cli.py calibrate` / `cli.py export --target ort`, defaults unless the variant says
+otherwise) and ONNX Runtime samples them from the same noise as full precision (PyTorch FP).
+
+    python benchmarks/quality_recipe.py run --models digits,digits_b --bits w8a4,w8a3,w4a4
+    python benchmarks/quality_recipe.py table
+
+Variants (the CLI commands each runs; M = model, W/A = bits):
+    paper       export --model M --weight-bits W --act-bits A --recipe paper          (MoDiff as published)
+    default     export --model M --weight-bits W --act-bits A                         (calibration-free default)
+    calibrated  calibrate --model M --weight-bits W --act-bits A --out F
+                export --model M --weight-bits W --act-bits A --calibration F         (the recommended path)
+    static      the calibrated file, exported with --scale-mode static               (static delta scales)
+
+One JSON line per (model, sampler, bits, variant) in --results (done cells are skipped): FD-digits,
+FD relative to FP from the same noise, PSNR to FP, BOPs per trajectory vs FP32 and vs uniform W/A
+(from the exported manifest's layer bits), and the seconds of each CLI step. ONNX Runtime, 1 thread.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from modiff_export import QuantConfig
+from modiff_export.backends import make_runner
+from modiff_export.evaluation.cost import bops_per_trajectory, count_macs
+from modiff_export.evaluation.metrics import DigitsEvaluator, psnr
+from modiff_export.manifest import Manifest
+from modiff_export.models import load_model
+from modiff_export.sampling import sample_model
+
+RESULTS = ROOT / "docs" / "quality_recipe.jsonl"
+VARIANTS = ("paper", "default", "calibrated", "static")
+
+
+def cli(*args: str) -> float:
+    """Run `python cli.py ARGS` (quiet), fail loudly; returns its seconds."""
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args, "--quiet"], capture_output=True, text=True,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    if r.returncode:
+        raise SystemExit(f"cli.py {' '.join(args)} failed:\n{r.stderr}")
+    return round(time.time() - t0, 1)
+
+
+def build(work: Path, model: str, w: int, a: int, variant: str) -> tuple[Path, dict]:
+    """The graph folder of one variant (made with the CLI unless already there) and its CLI seconds."""
+    bits = ["--model", model, "--weight-bits", str(w), "--act-bits", str(a)]
+    graphs, cal = work / f"{model}-w{w}a{a}-{variant}", work / f"{model}-w{w}a{a}.json"
+    secs = {}
+    if variant in ("calibrated", "static") and not cal.exists():
+        secs["calibrate_s"] = cli("calibrate", *bits, "--out", str(cal))
+    if not graphs.exists():
+        extra = {"paper": ["--recipe", "paper"], "default": [], "calibrated": ["--calibration", str(cal)],
+                 "static": ["--calibration", str(cal), "--scale-mode", "static"]}[variant]
+        secs["export_s"] = cli("export", *bits, *extra, "--target", "ort", "--out", str(graphs))
+    return graphs, secs
+
+
+def fp_reference(model, sched: str, steps: int, n: int, seed: int, cache_dir: Path) -> torch.Tensor:
+    f = cache_dir / f"{model.name}-{model.content_hash[7:19]}-{sched}{steps}-n{n}-s{seed}.pt"  # = quality_ablation
+    if f.is_file():
+        return torch.load(f)
+    x = sample_model(model, QuantConfig(mode="fp"), sched, steps, n, n, seed, progress=False)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(x, f)
+    return x
+
+
+@click.group()
+def main():
+    """Quality of the CLI's recipes (issue 11) through export + ONNX Runtime."""
+
+
+@main.command()
+@click.option("--models", default="digits,digits_b", show_default=True)
+@click.option("--bits", default="w8a4,w8a3,w4a4", show_default=True, help="Comma list of wWaA.")
+@click.option("--variants", default="paper,default,calibrated", show_default=True,
+              help=f"Comma list of {', '.join(VARIANTS)}.")
+@click.option("--samplers", default="ddim:50,dpmpp:20", show_default=True)
+@click.option("--num-samples", "n", default=256, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Noise seed of every row and of FP.")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/quality_recipe"),
+              show_default=True, help="Calibration files and graph folders go here (reused when present).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/qa_cache"),
+              show_default=True, help="FP samples (shared with quality_ablation.py).")
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=RESULTS, show_default=True)
+def run(models, bits, variants, samplers, n, seed, work, cache_dir, results):
+    """Build each variant with the CLI, sample it with ONNX Runtime from the same noise as FP."""
+    torch.set_num_threads(1)
+    work.mkdir(parents=True, exist_ok=True)
+    ev = DigitsEvaluator()
+    done = set()
+    if results.is_file():
+        for line in results.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["model"], r["sampler"], r["bits"], r["variant"], r["n"], r["seed"]))
+    for name in models.split(","):
+        model = load_model(name)
+        macs = count_macs(model.unet, torch.zeros(1, *model.sample_shape), torch.tensor(500))
+        for wa in bits.split(","):
+            w, a = (int(v) for v in wa[1:].split("a"))
+            for variant in variants.split(","):
+                graphs, secs = build(work, name, w, a, variant)
+                cfg = Manifest.load(graphs).quant_config
+                for sampler in samplers.split(","):
+                    if (name, sampler, wa, variant, n, seed) in done:
+                        continue
+                    sched, steps = sampler.split(":")
+                    steps = int(steps)
+                    ref = fp_reference(model, sched, steps, n, seed, cache_dir)
+                    t0 = time.time()
+                    x = sample_model(model, cfg, sched, steps, n, n, seed, backend="ort", progress=False,
+                                     runner=make_runner("ort", folder=graphs, threads=1))
+                    fd, fd_fp, p = ev.frechet_distance(x), ev.frechet_distance(ref), psnr(x, ref)
+                    uniform = QuantConfig(mode=cfg.mode, weight_bits=w, act_bits=a)
+                    b = bops_per_trajectory(macs, cfg, steps)
+                    rec = {"model": name, "model_hash": model.content_hash[:19], "sampler": sampler, "bits": wa,
+                           "variant": variant, "n": n, "seed": seed, "fd": round(fd, 3), "fd_fp": round(fd_fp, 3),
+                           "fd_rel": round(100 * (fd - fd_fp) / fd_fp, 2),
+                           "psnr": None if math.isinf(p) else round(p, 2), "confidence": round(ev.confidence(x), 4),
+                           "bops_vs_fp": round(b / bops_per_trajectory(macs, QuantConfig(mode="fp"), steps), 5),
+                           "bops_vs_uniform": round(b / bops_per_trajectory(macs, uniform, steps), 4),
+                           "int8_layers": list(cfg.int8_layers), "scale_mode": cfg.scale_mode,
+                           "gptq_layers": sum(1 for lay in Manifest.load(graphs).layers if lay.weight_rounding),
+                           "sample_s": round(time.time() - t0, 1), **secs}
+                    secs = {}
+                    with results.open("a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    print(json.dumps(rec), flush=True)
+
+
+@main.command()
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=RESULTS, show_default=True)
+def table(results):
+    """Markdown: one line per (bits, variant), models x samplers as columns: FD rel. to FP (PSNR)."""
+    recs = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    cols = sorted({(r["model"], r["sampler"]) for r in recs}, key=lambda c: (c[0], c[1] != "ddim:50"))
+    get = {(r["model"], r["sampler"], r["bits"], r["variant"]): r for r in recs}
+    rows = list(dict.fromkeys((r["bits"], r["variant"]) for r in recs))
+    print("| W/A | CLI path | BOPs vs uniform (DDIM-50) | " + " | ".join(f"{m} {s}" for m, s in cols) + " |")
+    print("|---|---|---:|" + "---:|" * len(cols))
+    for wa, variant in rows:
+        cells = [get.get((m, s, wa, variant)) for m, s in cols]
+        ddim = next((r for r, (m, s) in zip(cells, cols) if r and s == "ddim:50"), None)
+        bops = "-" if ddim is None else f"{ddim['bops_vs_uniform']:.3f}"
+        print(f"| {wa.upper()} | {variant} | {bops} | " + " | ".join(
+            "-" if r is None else f"{r['fd_rel']:+.1f}% ({r['psnr']:.1f} dB)" for r in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

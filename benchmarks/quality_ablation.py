@@ -181,15 +181,16 @@ def spread(models, samplers, n, bs, results, cache_dir, seeds):
 @cli.command()
 @common
 @click.option("--rounds", default=200, show_default=True)
-def bootstrap(models, samplers, n, bs, results, cache_dir, rounds):
+@click.option("--seed", default=0, show_default=True, help="Noise seed of the saved rows.")
+def bootstrap(models, samplers, n, bs, results, cache_dir, rounds, seed):
     """Paired bootstrap of FD relative to FP (same resampled indices for the row and FP): its sd says
     which differences between rows from the same noise are real. Uses the samples saved by `run`."""
     ev = DigitsEvaluator()
     g = torch.Generator().manual_seed(0)
     for name in models.split(","):
         for sampler in samplers.split(","):
-            files = sorted(cache_dir.glob(f"{name}-{sampler.replace(':', '')}-n{n}-s0-*.pt"))
-            fp = next(iter(cache_dir.glob(f"{name}-*-{sampler.replace(':', '')}-n{n}-s0.pt")), None)  # fp_samples()
+            files = sorted(cache_dir.glob(f"{name}-{sampler.replace(':', '')}-n{n}-s{seed}-*.pt"))
+            fp = next(iter(cache_dir.glob(f"{name}-*-{sampler.replace(':', '')}-n{n}-s{seed}.pt")), None)
             if fp is None:
                 continue
             ffp = ev.features(torch.load(fp))
@@ -198,7 +199,7 @@ def bootstrap(models, samplers, n, bs, results, cache_dir, rounds):
                 fx = ev.features(torch.load(f))
                 rel = [100 * (frechet_distance_from_features(fx[i], ev.real_features)
                               / frechet_distance_from_features(ffp[i], ev.real_features) - 1) for i in idx]
-                row = f.name.split("-s0-", 1)[1][:-3]
+                row = f.name.split(f"-s{seed}-", 1)[1][:-3]
                 print(f"{name} {sampler} {row}: FD rel. to FP {statistics.mean(rel):+.1f}% "
                       f"(paired bootstrap sd {statistics.stdev(rel):.1f} points)", flush=True)
 

@@ -86,6 +86,33 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
     assert err_gptq < 0.7 * err_rtn, (err_gptq, err_rtn)
 
 
+def test_gptq_blocked_is_the_textbook_loop():
+    """The lazy-batch form (blocks of columns, later blocks updated by one matmul) does the same float64
+    arithmetic as the column-by-column loop: the same codes, whatever the block size."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(24, 300, generator=g)
+    x = torch.randn(2048, 16, generator=g) @ torch.randn(16, 300, generator=g)
+    x = x + 0.1 * torch.randn(2048, 300, generator=g)  # correlated inputs: GPTQ moves many codes
+    h, s = x.T @ x / len(x), weight_scale(w, 4)
+    ref = gptq_quantize(w, s, 4, h, block=1)
+    for block in (7, 128, 1000):
+        assert torch.equal(gptq_quantize(w, s, 4, h, block=block), ref), block
+
+
+def test_hessian_groups_fit_the_budget():
+    from modiff_export.quant.improvements import HessianBudgetError, _hessian_groups, hessian_bytes
+
+    unet = build_tiny_unet(0)
+    names = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    biggest = max(hessian_bytes(unet, {n}) for n in names)
+    groups = _hessian_groups(unet, names, budget=biggest)
+    assert [n for g in groups for n in g] == names and len(groups) > 1  # every layer once, in order
+    assert all(hessian_bytes(unet, set(g)) <= biggest for g in groups)
+    assert _hessian_groups(unet, names, budget=10**12) == [names]  # all at once when it fits
+    with pytest.raises(HessianBudgetError, match="--recipe paper"):
+        _hessian_groups(unet, names, budget=biggest - 1)
+
+
 def test_apply_gptq_keeps_weights_on_grid():
     unet = quantize(build_tiny_unet(0), QuantConfig(mode="modiff", weight_bits=4, act_bits=4))
     layers = [layer for layer in modiff_layers(unet) if layer.inner.weight.dim() == 2][:2]

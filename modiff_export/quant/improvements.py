@@ -103,6 +103,26 @@ def hessian_bytes(unet: nn.Module, names: set[str] | None = None) -> int:
     return total
 
 
+def _hessian_groups(unet: nn.Module, names: list[str], budget: int | None = None) -> list[list[str]]:
+    """`names` split into groups whose Hessians (hessian_bytes) each fit in `budget` (default: a third of
+    the free memory), so a large UNet gets several passes of trajectories instead of an out-of-memory."""
+    import psutil
+
+    budget = budget or psutil.virtual_memory().available // 3
+    groups, size = [[]], 0
+    for name in names:
+        b = hessian_bytes(unet, {name})
+        if b > budget:
+            raise HessianBudgetError(f"layer {name}: its GPTQ Hessian needs {b / 2**30:.1f} GiB, over a third of "
+                                     f"the free memory; calibrate with --recipe paper (nearest rounding)")
+        if size + b > budget and groups[-1]:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += b
+    return [g for g in groups if g]
+
+
 @torch.no_grad()
 def collect_hessians(model, steps: int = 20, samples: int = 16, seed: int = CALIB_SEED, max_rows: int = 8192,
                      names: set[str] | None = None, scheduler: str = "ddim", batch_size: int | None = None,
@@ -148,8 +168,14 @@ def collect_hessians(model, steps: int = 20, samples: int = 16, seed: int = CALI
     return {name: (s / n).float() for name, (s, n) in sums.items()}
 
 
-def gptq_quantize(w: torch.Tensor, scale: torch.Tensor, bits: int, h: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """GPTQ rounding of w [Cout, N] on the per-channel grid scale [Cout]; h [N, N]. Returns Wq [Cout, N]."""
+def gptq_quantize(w: torch.Tensor, scale: torch.Tensor, bits: int, h: torch.Tensor, damp: float = 0.01,
+                  block: int = 128) -> torch.Tensor:
+    """GPTQ rounding of w [Cout, N] on the per-channel grid scale [Cout]; h [N, N]. Returns Wq [Cout, N].
+
+    Columns are rounded in order; each rounding error is spread over the later columns through the
+    upper Cholesky factor of H^-1. Within a block of `block` columns the update is column by column,
+    the later blocks get it as one matrix product (GPTQ's "lazy batch" form: the same arithmetic,
+    BLAS-speed on layers with N in the thousands; block=1 is the textbook loop)."""
     w = w.clone().double()
     h = h.clone().double()
     dead = torch.diag(h) == 0
@@ -159,10 +185,16 @@ def gptq_quantize(w: torch.Tensor, scale: torch.Tensor, bits: int, h: torch.Tens
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # [N, N]
     s = scale.double().reshape(-1)                                                                # [Cout]
     codes = torch.zeros_like(w)
-    for i in range(w.shape[1]):
-        codes[:, i] = quantize_codes(w[:, i], s, bits)
-        err = (w[:, i] - codes[:, i] * s) / hinv[i, i]                       # [Cout]
-        w[:, i + 1:] -= err[:, None] * hinv[i, i + 1:][None, :]
+    n = w.shape[1]
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        errs = torch.zeros(w.shape[0], i2 - i1, dtype=w.dtype)                                  # [Cout, b]
+        for i in range(i1, i2):
+            codes[:, i] = quantize_codes(w[:, i], s, bits)
+            err = (w[:, i] - codes[:, i] * s) / hinv[i, i]                                       # [Cout]
+            w[:, i + 1:i2] -= err[:, None] * hinv[i, i + 1:i2][None, :]
+            errs[:, i - i1] = err
+        w[:, i2:] -= errs @ hinv[i1:i2, i2:]                                                     # later blocks
     return codes.float() * scale.float().reshape(-1, 1)  # float32 products, as quantized_weight() computes them
 
 
@@ -204,8 +236,11 @@ def gptq_round(model, config, names: list[str], mse_clip: bool = True,
             chosen.discard(layer.name)
         elif layer.name in chosen and mse_clip and not layer.skipped:
             layer.set_weight_clip(weight_clip_ratios(layer.inner.weight, layer.weight_bits))
-    hessians = collect_hessians(model, names=chosen, **hessian_kwargs)
-    done = apply_gptq(unet, {k: v for k, v in hessians.items() if k in chosen}, max_weight_bits=8)
+    done = []
+    for group in _hessian_groups(model.unet, [n for n in names if n in chosen]):  # each group's H fits in memory
+        hessians = collect_hessians(model, names=set(group), **hessian_kwargs)
+        done += apply_gptq(unet, hessians, max_weight_bits=8)
+        del hessians
     layers = {layer.name: layer for layer in modiff_layers(unet)}
     return {name: (layers[name].weight_codes().to(torch.int8), layers[name].w_scale.detach().clone())
             for name in done}

@@ -289,6 +289,9 @@ CASES = [
     C("calibrate-weights-file-exists", CALIBRATE + W4A4 + ["--out", "c4.json"], "already exists",
       write("c4.weights.safetensors", "mine")),
     C("static-without-cal", EXPORT + ["--scale-mode", "static", "--out", "gs"], "calibration"),
+    C("calibration-with-ort", SAMPLE_ORT + ["--calibration", "cal.json"], "--backend torch"),
+    C("static-torch-without-cal", SAMPLE + ["--model", "m0", "--scale-mode", "static"], "needs --calibration"),
+    C("torch-cal-other-bits", SAMPLE + ["--model", "m0", "--calibration", "cal4.json"], "calibrated for weight_bits"),
     # 3. layer patterns and quantization options
     C("skip-matches-nothing", EXPORT + ["--skip-layers", "nomatch*", "--out", "gx"], "match no"),
     C("int8-matches-nothing", EXPORT + ["--int8-layers", "conv_9", "--out", "gx"], "match no"),

@@ -88,6 +88,14 @@ def test_default_cli_path_bakes_gptq_weights_and_keeps_parity(tmp_path, kind):
         changed += int((nearest[name] != torch.from_numpy(codes).float()).any())
     assert changed >= len(d["weights"]["layers"]) // 2, f"GPTQ changed only {changed} layers"
 
+    # `sample/evaluate --backend torch --calibration F` quantize with the same recipe and GPTQ weights
+    from modiff_export.commands.sample import resolve_runner
+
+    _, torch_cfg, runner = resolve_runner(str(tmp_path / "model"), "torch", None, None,
+                                          {"weight_bits": 4, "act_bits": 4}, str(tmp_path / "cal.json"))
+    assert torch_cfg == cfg
+    assert sorted(l.name for l in modiff_layers(runner.unet) if l.weight_rounding == "gptq") == d["weights"]["layers"]
+
     # parity: the PyTorch reference with the same calibration file vs ONNX Runtime, per step
     ref_unet = quantize(copy.deepcopy(unet), cfg)
     load_calibration(tmp_path / "cal.json", LoadedModel.from_unet(unet, "m").content_hash, cfg).apply(ref_unet)

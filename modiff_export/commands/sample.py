@@ -42,19 +42,22 @@ def train_demo(steps, epochs, seed, arch, out, overwrite, what):
 
 @click.command("sample")
 @SAMPLING.options()
-@QUANT.options(exclude=("scale_mode",))
+@QUANT.options()
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+              help="--backend torch: a file from `cli.py calibrate` whose weights (GPTQ, clips) the PyTorch reference "
+                   "uses, as `export --calibration` does (its static scales with --scale-mode static).")
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
               help="PNG grid to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, prompts, out,
-           overwrite, **quant):
+def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, prompts, calibration,
+           out, overwrite, **quant):
     """Generate one batch and save it as a PNG grid. --backend torch quantizes --model with the
     quantization options; ort/trt run exported graphs/engines, whose config is in their manifest."""
     from ..fsutil import check_writable
     from ..sampling import sample_model, save_grid
 
     check_writable(out, overwrite, kind="file")
-    m, cfg, runner = resolve_runner(model, backend, graphs, engines, quant)
+    m, cfg, runner = resolve_runner(model, backend, graphs, engines, quant, calibration)
     if prompts:
         from ..serving.prompts import attach_prompts
 
@@ -65,7 +68,7 @@ def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, 
     click.echo(f"{m.name} {cfg.tag} [{backend}] {scheduler}x{steps}: wrote {path}")
 
 
-def resolve_runner(model, backend, graphs, engines, quant: dict):
+def resolve_runner(model, backend, graphs, engines, quant: dict, calibration: str | None = None):
     """(model, config, runner or None) for a backend: torch quantizes --model with the quantization
     options `quant` (and their --recipe); graph/engine runners read everything from their folder's
     manifest (whose graph files are digest-checked), and --model must be the same model."""
@@ -76,7 +79,23 @@ def resolve_runner(model, backend, graphs, engines, quant: dict):
         if graphs or engines:
             raise RunnerError("--graphs/--engines are for the graph/engine backends; --backend torch samples --model")
         loaded = load_model(model or "digits")
-        return loaded, QUANT.config(quant, model=loaded), None
+        config = QUANT.config(quant, model=loaded)
+        if calibration is None:
+            if config.scale_mode == "static":
+                raise RunnerError("--scale-mode static needs --calibration (the file with the static scales)")
+            return loaded, config, None
+        import copy
+
+        from ..quant.calibration import load_calibration
+        from ..quant.quantization import quantize
+
+        cal = load_calibration(calibration, loaded.content_hash, config)
+        unet = quantize(copy.deepcopy(loaded.unet), config)
+        cal.apply(unet)
+        return loaded, config, make_runner("torch", unet)
+    if calibration is not None:
+        raise RunnerError(f"--calibration is for --backend torch; the {backend} backend runs a folder that already "
+                          f"carries its calibration")
     folder = engines if backend == "trt" else graphs
     if folder is None:
         raise RunnerError(f"--backend {backend} needs {FOLDER_OPTION[backend]}")
@@ -93,11 +112,14 @@ def resolve_runner(model, backend, graphs, engines, quant: dict):
 
 @click.command("evaluate")
 @SAMPLING.options()
-@QUANT.options(exclude=("scale_mode",))
+@QUANT.options()
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+              help="--backend torch: a file from `cli.py calibrate` whose weights (GPTQ, clips) the PyTorch reference "
+                   "uses, as `export --calibration` does (its static scales with --scale-mode static).")
 @click.option("--num-samples", type=click.IntRange(2, 100_000), default=128, show_default=True,
               help="Samples per config.")
 def evaluate(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, prompts,
-             num_samples, **quant):
+             calibration, num_samples, **quant):
     """FD-digits, classifier confidence and PSNR-to-FP (same noise) for one config vs full precision.
     The FP reference always runs on PyTorch; the quantized config runs on --backend (with ort/trt its
     config comes from the folder). FD-digits and confidence exist only for the `digits` model."""
@@ -105,7 +127,7 @@ def evaluate(model, backend, graphs, engines, scheduler, steps, batch_size, seed
     from ..models import load_model
     from ..sampling import SamplingError, sample_model
 
-    meta, qcfg, runner = resolve_runner(model, backend, graphs, engines, quant)
+    meta, qcfg, runner = resolve_runner(model, backend, graphs, engines, quant, calibration)
     m = meta if meta.unet is not None else load_model(model or "digits")
     if m.content_hash != meta.content_hash:
         raise SamplingError(f"the folder was exported from another model than {model or 'digits'}; pass its --model")

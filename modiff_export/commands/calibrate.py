@@ -53,28 +53,24 @@ def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, metho
     sampler and seed; their codes go into <out>.weights.safetensors beside the JSON."""
     from ..fsutil import check_writable
     from ..models import load_model
-    from ..quant.calibration import calibrate as run_calibration
     from ..quant.calibration import weights_path, write_calibration
-    from ..quant.improvements import gptq_round
-    from ..quant.recipe import gptq_layers
+    from ..quant.recipe import calibrate_recipe, gptq_layers
 
     loaded = load_model(model)
     recipe = QUANT.recipe(quant)
     config = QUANT.config(quant, model=loaded, scale_mode="static")
     out = check_writable(out or f"calibration/{loaded.name}-{config.tag}-{method}.json", overwrite, kind="file")
-    names = gptq_layers(config, loaded.unet, recipe)
-    if names:
+    if gptq_layers(config, loaded.unet, recipe):
         check_writable(weights_path(out), overwrite, kind="file")
     if prompts:
         from ..serving.prompts import attach_prompts
 
         attach_prompts(loaded, model, prompts)
     t0 = time.perf_counter()
-    rounded = gptq_round(loaded, config, names, scheduler=scheduler, steps=steps, samples=samples,
-                         batch_size=batch_size, seed=seed, guidance_scale=guidance_scale, progress=not quiet)
-    data = run_calibration(loaded, config, scheduler=scheduler, steps=steps, samples=samples, batch_size=batch_size,
-                           seed=seed, buckets=buckets, method=method, percentile=percentile, subsample=subsample,
-                           guidance_scale=guidance_scale, in_place=True, progress=not quiet, rounded_weights=rounded)
+    data, rounded = calibrate_recipe(loaded, config, recipe, scheduler=scheduler, steps=steps, samples=samples,
+                                     batch_size=batch_size, seed=seed, guidance_scale=guidance_scale,
+                                     progress=not quiet, buckets=buckets, method=method, percentile=percentile,
+                                     subsample=subsample, in_place=True)
     write_calibration(out, data, overwrite, weights=rounded)
     extra = f", GPTQ weights of {len(rounded)} layers in {weights_path(out).name}" if rounded else ""
     click.echo(f"wrote {out}: {len(data['scales'])} layers x {buckets} bucket(s), method {method}, "

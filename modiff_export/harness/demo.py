@@ -77,8 +77,10 @@ class Demo:
 
     # -- phases ----------------------------------------------------------------------------------
     def calibrate(self) -> None:
-        """Static scales for MoDiff W8A4 (seed 1000, not the evaluation noise) -> row modiff-w8a4-static."""
+        """Static scales for MoDiff W8A4 (seed 1000, not the evaluation noise) -> row modiff-w8a4-static; the
+        recommended recipe's calibration (GPTQ weights) for W4A4 -> row modiff-w4a4-recommended."""
         from ..quant.calibration import calibrate, load_calibration, write_calibration
+        from ..quant.recipe import apply_recipe, calibrate_recipe
 
         cfg = QuantConfig(mode="modiff", weight_bits=8, act_bits=4, scale_mode="static")
         t0, n = time.time(), self.s.calibration_samples
@@ -89,6 +91,15 @@ class Demo:
         self.note(f"calibration: `calibrate` (MSE scales, 1 bucket, weight clipping) for MoDiff W8A4 static on {n} "
                   f"DDIM trajectories (seed 1000, not the evaluation noise) in {time.time() - t0:.0f} s -> row "
                   f"modiff-w8a4-static")
+        t0 = time.time()
+        rec = apply_recipe(QuantConfig(mode="modiff", weight_bits=4, act_bits=4), self.model.unet)
+        data, rounded = calibrate_recipe(self.model, rec, steps=self.s.steps, samples=n, batch_size=n, progress=False)
+        path = write_calibration(self.work / "calibration-w4a4.json", data, weights=rounded)
+        self.configs.append((rec.tag + "-recommended", rec, load_calibration(path, self.model.content_hash, rec)))
+        self.note(f"recommended recipe (`calibrate`/`export` defaults, docs/quality.md): MoDiff W4A4 with conv_in, "
+                  f"conv_out and the time-embedding Linears at W8A8 and GPTQ-rounded weights ({len(rounded)} layers, "
+                  f"Hessians from {n} full-precision DDIM trajectories, seed 1000), dynamic delta scales, in "
+                  f"{time.time() - t0:.0f} s -> row modiff-w4a4-recommended")
 
     def export(self) -> None:
         """Q/DQ graphs of every config, and the `--target ort` variant of the quantized ones."""
@@ -96,7 +107,8 @@ class Demo:
         from ..export.trace import export_model
 
         for tag, cfg, cal in tqdm(self.configs, desc="export", unit="config"):
-            kw = dict(scales=cal.export_scales(), weight_clips=cal.weight_clips) if cal else {}
+            kw = {} if cal is None else dict(weight_clips=cal.weight_clips, rounded_weights=cal.rounded_weights,
+                                             scales=cal.export_scales() if cfg.scale_mode == "static" else None)
             self.folders[tag] = self.work / tag
             export_model(self.model.copy(), cfg, self.folders[tag], progress=False, **kw)
             if cfg.mode != "fp":

@@ -90,6 +90,10 @@ def quality_figure(results: dict, path: Path) -> Path:
             ax.axhline(q["fp"]["fd"], color="gray", ls=":", label="FP32")
         if "peer" in q and "W8A8" in bits:
             ax.plot([bits.index("W8A8")], [q["peer"][key]], "r^", label="ORT static W8A8 (peer)")
+        for tag in (t for t in q if t.endswith("-recommended")):  # e.g. modiff-w4a4-recommended
+            b = tag.split("-")[1].upper()
+            if b in bits:
+                ax.plot([bits.index(b)], [q[tag][key]], "g*", markersize=11, label=f"MoDiff {b}, recommended recipe")
         ax.set_xticks(x, bits)
         ax.set_xlabel("weight / activation bits")
         ax.set_title(label, fontsize=10)

@@ -62,3 +62,19 @@ def gptq_layers(config: QuantConfig, unet: nn.Module, recipe: str = DEFAULT_RECI
     if recipe == "paper" or config.mode == "fp":
         return []
     return [name for name in linear_layer_names(unet) if not config.skips(name)]
+
+
+def calibrate_recipe(model, config: QuantConfig, recipe: str = DEFAULT_RECIPE, *, scheduler: str = "ddim",
+                     steps: int = 25, samples: int = 64, batch_size: int = 16, seed: int = 1000,
+                     guidance_scale: float = 1.0, progress: bool = True, **calibrate_kwargs) -> tuple[dict, dict]:
+    """What `cli.py calibrate` computes for `model` (a LoadedModel) under `config` (recipe already applied)
+    and `recipe`: (calibration file content, {layer: (codes, scale)} GPTQ weights; {} for "paper").
+    GPTQ runs first on full-precision trajectories, then the deltas are observed with those weights.
+    calibrate_kwargs go to calibration.calibrate (buckets, method, percentile, subsample, in_place)."""
+    from .calibration import calibrate
+    from .improvements import gptq_round
+
+    traj = dict(scheduler=scheduler, steps=steps, samples=samples, batch_size=batch_size, seed=seed,
+                guidance_scale=guidance_scale, progress=progress)
+    rounded = gptq_round(model, config, gptq_layers(config, model.unet, recipe), **traj)
+    return calibrate(model, config, rounded_weights=rounded, **traj, **calibrate_kwargs), rounded

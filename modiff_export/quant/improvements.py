@@ -124,7 +124,7 @@ def _hessian_groups(unet: nn.Module, names: list[str], budget: int | None = None
 
 
 @torch.no_grad()
-def collect_hessians(model, steps: int = 20, samples: int = 16, seed: int = CALIB_SEED, max_rows: int = 8192,
+def collect_hessians(model, steps: int = 20, samples: int = 16, seed: int = CALIB_SEED, max_rows: int = 4096,
                      names: set[str] | None = None, scheduler: str = "ddim", batch_size: int | None = None,
                      guidance_scale: float = 1.0, progress: bool = False) -> dict[str, torch.Tensor]:
     """{layer: H = mean(x x^T)} [N, N] of each Conv2d/Linear input (only `names`, if given) over

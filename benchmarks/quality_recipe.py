@@ -67,13 +67,10 @@ def build(work: Path, model: str, w: int, a: int, variant: str) -> tuple[Path, d
 
 
 def fp_reference(model, sched: str, steps: int, n: int, seed: int, cache_dir: Path) -> torch.Tensor:
-    f = cache_dir / f"{model.name}-{model.content_hash[7:19]}-{sched}{steps}-n{n}-s{seed}.pt"  # = quality_ablation
-    if f.is_file():
-        return torch.load(f)
-    x = sample_model(model, QuantConfig(mode="fp"), sched, steps, n, n, seed, progress=False)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(x, f)
-    return x
+    """FP samples from the same noise, shared with quality_ablation.py through its cache."""
+    from quality_ablation import fp_samples  # the sibling script (benchmarks/ is on sys.path when run)
+
+    return fp_samples(model, sched, steps, n, n, seed, cache_dir)
 
 
 @click.group()
@@ -154,7 +151,7 @@ def parity(models, bits, variants, samplers, n, work):
     PSNR between the two runtimes' images (the issue asks >= 40 dB at W8A8, >= 30 dB at W8A4)."""
     import copy
 
-    from modiff_export.quant.calibration import load_calibration
+    from modiff_export.quant.calibration_file import load_calibration
     from modiff_export.quant.quantization import quantize
 
     torch.set_num_threads(1)

@@ -28,7 +28,8 @@ from modiff_export.backends.torch_runner import TorchRunner  # noqa: E402
 from modiff_export.evaluation.metrics import DigitsEvaluator, psnr  # noqa: E402
 from modiff_export.fsutil import atomic_write_text  # noqa: E402
 from modiff_export.models import load_model  # noqa: E402
-from modiff_export.quant.calibration import calibrate, load_calibration, write_calibration  # noqa: E402
+from modiff_export.quant.calibration import calibrate  # noqa: E402
+from modiff_export.quant.calibration_file import load_calibration, write_calibration  # noqa: E402
 from modiff_export.quant.quantization import quantize  # noqa: E402
 from modiff_export.sampling import generate, make_scheduler  # noqa: E402
 

@@ -12,15 +12,8 @@ from click.testing import CliRunner
 
 from modiff_export.config import QuantConfig
 from modiff_export.models import LoadedModel, content_hash
-from modiff_export.quant.calibration import (
-    SCHEMA,
-    CalibrationError,
-    _fill_buckets,
-    load_calibration,
-    observe,
-    weight_clip_ratios,
-    write_calibration,
-)
+from modiff_export.quant.calibration import _fill_buckets, observe, weight_clip_ratios
+from modiff_export.quant.calibration_file import SCHEMA, CalibrationError, load_calibration, write_calibration
 from modiff_export.quant.quantization import fake_quantize, modiff_layers, qmax_for, quantize
 from modiff_export.quant.recipe import INT8_IO_TIME_LAYERS
 

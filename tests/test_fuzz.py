@@ -22,7 +22,8 @@ from modiff_export.config import QuantConfig
 from modiff_export.errors import ModiffExportError
 from modiff_export.export.trace import export_model
 from modiff_export.manifest import Manifest
-from modiff_export.quant.calibration import calibrate, load_calibration, write_calibration
+from modiff_export.quant.calibration import calibrate
+from modiff_export.quant.calibration_file import load_calibration, write_calibration
 from modiff_export.quant.quantization import quantize
 
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None, database=None,

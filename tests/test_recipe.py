@@ -25,7 +25,7 @@ from modiff_export.backends.ort_runner import OrtRunner
 from modiff_export.backends.torch_runner import TorchRunner
 from modiff_export.manifest import Manifest
 from modiff_export.models import LoadedModel
-from modiff_export.quant.calibration import load_calibration, weights_path
+from modiff_export.quant.calibration_file import load_calibration, weights_path
 from modiff_export.quant.quantization import modiff_layers
 from modiff_export.quant.recipe import INT8_IO_TIME_LAYERS, apply_recipe, gptq_layers, recipe_int8_layers
 

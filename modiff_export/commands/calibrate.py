@@ -53,7 +53,7 @@ def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, metho
     sampler and seed; their codes go into <out>.weights.safetensors beside the JSON."""
     from ..fsutil import check_writable
     from ..models import load_model
-    from ..quant.calibration import weights_path, write_calibration
+    from ..quant.calibration_file import weights_path, write_calibration
     from ..quant.recipe import calibrate_recipe, gptq_layers
 
     loaded = load_model(model)

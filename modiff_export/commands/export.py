@@ -41,7 +41,7 @@ def export(model, calibration, cache_dtype, target, opset, out, overwrite, quiet
     check_writable(out, overwrite)  # before the (long) export
     scales = clips = rounded = None
     if calibration is not None:  # weights (clips, GPTQ) always; delta scales with --scale-mode static
-        from ..quant.calibration import load_calibration
+        from ..quant.calibration_file import load_calibration
 
         cal = load_calibration(calibration, loaded.content_hash, config)
         clips, rounded = cal.weight_clips, cal.rounded_weights

@@ -86,7 +86,7 @@ def resolve_runner(model, backend, graphs, engines, quant: dict, calibration: st
             return loaded, config, None
         import copy
 
-        from ..quant.calibration import load_calibration
+        from ..quant.calibration_file import load_calibration
         from ..quant.quantization import quantize
 
         cal = load_calibration(calibration, loaded.content_hash, config)

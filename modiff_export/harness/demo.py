@@ -79,7 +79,8 @@ class Demo:
     def calibrate(self) -> None:
         """Static scales for MoDiff W8A4 (seed 1000, not the evaluation noise) -> row modiff-w8a4-static; the
         recommended recipe's calibration (GPTQ weights) for W4A4 -> row modiff-w4a4-recommended."""
-        from ..quant.calibration import calibrate, load_calibration, write_calibration
+        from ..quant.calibration import calibrate
+        from ..quant.calibration_file import load_calibration, write_calibration
         from ..quant.recipe import apply_recipe, calibrate_recipe
 
         cfg = QuantConfig(mode="modiff", weight_bits=8, act_bits=4, scale_mode="static")

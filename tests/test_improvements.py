@@ -148,3 +148,23 @@ def test_int8_io_time_recipe_keeps_ort_parity(tmp_path):
         a, b = ref(x, t, ehs), ort(x, t, ehs)
         if i:
             assert rms(a - b) <= 1.5 * max(rms(a - fp), 1e-12), f"step {i}"
+
+
+@pytest.mark.parametrize("conv,shape", [
+    (dict(kernel_size=3, padding=1), (3, 4, 9, 7)), (dict(kernel_size=3, stride=2, padding=1), (2, 4, 9, 8)),
+    (dict(kernel_size=1), (2, 4, 5, 5)), (dict(kernel_size=3, padding=2, dilation=2), (2, 4, 6, 6)),
+    (dict(kernel_size=(3, 1), padding=(1, 0)), (2, 4, 6, 6))])
+def test_gathered_columns_are_im2col_rows(conv, shape):
+    """GPTQ's conv rows are gathered patch by patch (only the sampled ones); they must be exactly the
+    rows of im2col (F.unfold), in the same (sample, position) order, and the same random subset."""
+    import torch.nn.functional as F
+
+    from modiff_export.quant.improvements import _columns
+
+    m = torch.nn.Conv2d(4, 8, **conv)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    ref = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)   # [B, Cin*k*k, L]
+    ref = ref.transpose(1, 2).reshape(-1, ref.shape[1])                 # [B*L, Cin*k*k]
+    assert torch.equal(_columns(m, x), ref)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(_columns(m, x, 10, g1), ref[torch.randperm(ref.shape[0], generator=g2)[:10]])

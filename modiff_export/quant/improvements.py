@@ -82,12 +82,39 @@ def apply_delta_clip(unet: nn.Module, ratios: dict[str, float]) -> None:
 
 
 # -- GPTQ ---------------------------------------------------------------------------------------------
-def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer input as rows of the weight's column space: [n, Cin*kh*kw] (conv: im2col) or [n, Cin]."""
+def _columns(module: nn.Module, x: torch.Tensor, max_rows: int | None = None,
+             gen: torch.Generator | None = None) -> torch.Tensor:
+    """The layer input as rows of the weight's column space: [n, Cin*kh*kw] (conv: im2col) or [n, Cin];
+    with max_rows, a uniform random subset of max_rows rows (randperm over the rows in (sample,
+    position) order). Convs gather only the chosen patches: im2col of a whole 32x32 batch cost more
+    than the Hessian product it feeds."""
     if isinstance(module, nn.Conv2d):
-        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # [B, Cin*k*k, L]
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return x.reshape(-1, x.shape[-1])
+        B, C, H, W = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+        ph, pw = module.padding
+        ho, wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        total = B * ho * wo
+        idx = torch.arange(total) if max_rows is None or total <= max_rows else \
+            torch.randperm(total, generator=gen)[:max_rows]                                    # [n]
+        b, r = idx // (ho * wo), idx % (ho * wo)
+        ys = (r // wo)[:, None] * sh + torch.arange(kh) * dh                                    # [n, kh]
+        xs = (r % wo)[:, None] * sw + torch.arange(kw) * dw                                     # [n, kw]
+        xp = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)                                    # [B, H', W', C]
+        patches = xp[b[:, None, None], ys[:, :, None], xs[:, None, :]]                          # [n, kh, kw, C]
+        return patches.permute(0, 3, 1, 2).reshape(len(idx), -1)                                # [n, C*kh*kw]
+    rows = x.reshape(-1, x.shape[-1])
+    if max_rows is not None and rows.shape[0] > max_rows:
+        rows = rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows]]
+    return rows
+
+
+def gptq_supported(module: nn.Module) -> bool:
+    """GPTQ here covers Linear and ungrouped, zero-padded Conv2d with integer padding (every conv of a
+    diffusers UNet); others keep nearest rounding."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
 
 
 class HessianBudgetError(ModiffExportError):
@@ -124,12 +151,16 @@ def _hessian_groups(unet: nn.Module, names: list[str], budget: int | None = None
 
 
 @torch.no_grad()
-def collect_hessians(model, steps: int = 20, samples: int = 16, seed: int = CALIB_SEED, max_rows: int = 4096,
+def collect_hessians(model, steps: int = 20, samples: int = 16, seed: int = CALIB_SEED, max_rows: int = 1024,
                      names: set[str] | None = None, scheduler: str = "ddim", batch_size: int | None = None,
                      guidance_scale: float = 1.0, progress: bool = False) -> dict[str, torch.Tensor]:
     """{layer: H = mean(x x^T)} [N, N] of each Conv2d/Linear input (only `names`, if given) over
     full-precision trajectories of `scheduler` (sampling.run_batches: conditional models get their
-    encoder states as in sampling). Refuses, before any work, Hessians over half the free RAM."""
+    encoder states as in sampling). Refuses, before any work, Hessians over half the free RAM.
+
+    Cost: each UNet call adds X^T X of at most `max_rows` random rows (pixels x samples) per layer;
+    1024 rows over calibrate's 100 default calls are ~100k rows, far more than any N, and keep this
+    GEMM (not the UNet) from dominating: on the CIFAR-size UNet 8192 float64 rows took 21 s a call."""
     import psutil
 
     from ..backends import make_runner
@@ -147,11 +178,9 @@ def collect_hessians(model, steps: int = 20, samples: int = 16, seed: int = CALI
 
     def hook(name):
         def fn(module, inputs):
-            cols = _columns(module, inputs[0].float())                  # [n, N]
-            if cols.shape[0] > max_rows:
-                cols = cols[torch.randperm(cols.shape[0], generator=gen)[:max_rows]]
+            cols = _columns(module, inputs[0].float(), max_rows, gen)  # [n <= max_rows, N]
             acc = sums.setdefault(name, [0.0, 0])
-            acc[0] = acc[0] + cols.T.double() @ cols.double()
+            acc[0] = acc[0] + (cols.T @ cols).double()  # float32 GEMM per call, float64 sum over calls
             acc[1] += cols.shape[0]
         return fn
 
@@ -232,8 +261,8 @@ def gptq_round(model, config, names: list[str], mse_clip: bool = True,
     unet = quantize(copy.deepcopy(model.unet), config)
     chosen = set(names)
     for layer in modiff_layers(unet):
-        if layer.block_size is not None:  # INT4 block layouts: nearest rounding (apply_gptq skips them)
-            chosen.discard(layer.name)
+        if layer.block_size is not None or not gptq_supported(layer.inner):  # INT4 block layouts, grouped convs:
+            chosen.discard(layer.name)                                           # nearest rounding
         elif layer.name in chosen and mse_clip and not layer.skipped:
             layer.set_weight_clip(weight_clip_ratios(layer.inner.weight, layer.weight_bits))
     done = []

@@ -53,14 +53,21 @@ def stop_server(proc: subprocess.Popen, sig=signal.SIGINT, timeout: float = 60.0
     return proc.wait(timeout=timeout)
 
 
-def batch_stats(metrics_port: int) -> tuple[float, float]:
-    """(requests, executions) of model modiff from Triton's metrics; requests / executions = mean batch."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-
-    def value(name):
+def batch_stats(metrics_port: int, expect: int = 1, timeout: float = 15.0) -> tuple[float, float]:
+    """(requests, executions) of model modiff from Triton's metrics; requests / executions = mean batch.
+    Triton publishes its counters with a delay (seen: 0 / 0 right after 6 answered requests, on a loaded
+    machine), so poll until at least `expect` requests are counted or `timeout` seconds pass."""
+    def value(text, name):
         m = re.search(rf'^{name}{{model="modiff",version="1"}} ([0-9.e+]+)$', text, re.MULTILINE)
         return float(m.group(1)) if m else float("nan")
-    return value("nv_inference_count"), value("nv_inference_exec_count")
+
+    deadline = time.time() + timeout
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        n_req, n_exec = value(text, "nv_inference_count"), value(text, "nv_inference_exec_count")
+        if n_req >= expect or time.time() > deadline:
+            return n_req, n_exec
+        time.sleep(0.5)
 
 
 class Client:

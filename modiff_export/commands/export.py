@@ -39,17 +39,14 @@ def export(model, calibration, cache_dtype, target, opset, out, overwrite, quiet
     config = QUANT.config(quant, model=loaded)
     out = Path(out or f"graphs/{loaded.name}-{config.tag}{'-static' if config.scale_mode == 'static' else ''}")
     check_writable(out, overwrite)  # before the (long) export
-    scales = clips = rounded = None
+    from_cal = {}
     if calibration is not None:  # weights (clips, GPTQ) always; delta scales with --scale-mode static
         from ..quant.calibration_file import load_calibration
 
-        cal = load_calibration(calibration, loaded.content_hash, config)
-        clips, rounded = cal.weight_clips, cal.rounded_weights
-        scales = cal.export_scales() if config.scale_mode == "static" else None
+        from_cal = load_calibration(calibration, loaded.content_hash, config).export_kwargs(config)
     t0 = time.perf_counter()
-    manifest = export_model(loaded, config, out, scales=scales, weight_clips=clips, rounded_weights=rounded,
-                            cache_dtype=cache_dtype,
-                            opset=opset, target=target, overwrite=overwrite, progress=not quiet)
+    manifest = export_model(loaded, config, out, cache_dtype=cache_dtype, opset=opset, target=target,
+                            overwrite=overwrite, progress=not quiet, **from_cal)
     graphs = list(manifest.files)
     click.echo(f"wrote {out}/ ({', '.join(graphs)}, manifest.json): {len(manifest.caches)} caches, "
                f"{sum((out / g).stat().st_size for g in graphs) / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")

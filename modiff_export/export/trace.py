@@ -25,7 +25,14 @@ from ..errors import ModiffExportError
 from ..fsutil import atomic_folder, check_writable
 from ..manifest import BATCH, CacheSpec, LayerInfo, Manifest, ScaleTable, TensorSpec
 from ..models.loading import LoadedModel
-from ..quant.quantization import list_caches, modiff_layers, quantize, reset_caches, set_static_scales
+from ..quant.quantization import (
+    apply_weight_choices,
+    list_caches,
+    modiff_layers,
+    quantize,
+    reset_caches,
+    set_static_scales,
+)
 from . import passes as graph_passes
 
 DEFAULT_OPSET = 17
@@ -128,25 +135,10 @@ def export_model(model: LoadedModel, config: QuantConfig, out: str | Path, *,
     if config.scale_mode == "static" and scales is None:
         raise ExportError("scale_mode='static' needs a calibration file (--calibration)")
     unet = quantize(unet, config).eval()
-    for layer in modiff_layers(unet):  # calibrated per-channel weight clipping (MSE search)
-        if weight_clips is None or layer.skipped:
-            continue
-        clip = weight_clips.get(layer.name)
-        n_out = layer.inner.weight.shape[0]
-        if clip is None or len(clip) != n_out:
-            got = "no entry" if clip is None else f"{len(clip)} ratios"
-            raise ExportError(f"calibration weight clips for layer {layer.name}: {got}, expected {n_out} (one per "
-                              f"output channel); the calibration file does not fit this model and config")
-        layer.set_weight_clip(torch.tensor(clip, dtype=torch.float32))
-    by_name = {layer.name: layer for layer in modiff_layers(unet)}
-    for name, (codes, scale) in (rounded_weights or {}).items():
-        if name not in by_name:
-            raise ExportError(f"rounded weights for layer {name}, which this model does not have; the calibration "
-                              f"file does not fit this model")
-        try:
-            by_name[name].set_rounded_weight(codes, scale)
-        except ModiffExportError as e:
-            raise ExportError(f"calibration rounded weights: {e}") from None
+    try:  # calibrated per-channel weight clipping (MSE search) and GPTQ-rounded weights
+        apply_weight_choices(unet, weight_clips, rounded_weights)
+    except ModiffExportError as e:
+        raise ExportError(f"calibration {e}; the calibration file does not fit this model and config") from None
     n_buckets = 1
     if scales is not None and config.mode != "fp":
         set_static_scales(unet, scales["table"], scales.get("num_train_timesteps", 1000))

@@ -108,8 +108,7 @@ class Demo:
         from ..export.trace import export_model
 
         for tag, cfg, cal in tqdm(self.configs, desc="export", unit="config"):
-            kw = {} if cal is None else dict(weight_clips=cal.weight_clips, rounded_weights=cal.rounded_weights,
-                                             scales=cal.export_scales() if cfg.scale_mode == "static" else None)
+            kw = {} if cal is None else cal.export_kwargs(cfg)
             self.folders[tag] = self.work / tag
             export_model(self.model.copy(), cfg, self.folders[tag], progress=False, **kw)
             if cfg.mode != "fp":

@@ -34,7 +34,15 @@ import torch
 
 from ..config import QuantConfig
 from .calibration_file import SCHEMA, SCHEMA_VERSION, CalibrationError
-from .quantization import SCALE_FLOOR, fake_quantize, modiff_layers, qmax_for, quantize, timestep_bucket
+from .quantization import (
+    SCALE_FLOOR,
+    apply_weight_choices,
+    fake_quantize,
+    modiff_layers,
+    qmax_for,
+    quantize,
+    timestep_bucket,
+)
 
 METHODS = ("absmax", "percentile", "mse")
 DEFAULT_SUBSAMPLE = 20_000
@@ -207,12 +215,9 @@ def observe(model, config: QuantConfig, *, scheduler: str = "ddim", steps: int =
     unet = quantize(unet, config.replace(scale_mode="dynamic")).eval()
     layers = [l for l in modiff_layers(unet) if not l.skipped]
 
-    clips = {}
-    for layer in layers:  # weight clipping first: the trajectories then see the exported weights
-        clips[layer.name] = weight_clip_ratios(layer.inner.weight, layer.weight_bits)
-        layer.set_weight_clip(clips[layer.name])
-        if rounded_weights and layer.name in rounded_weights:
-            layer.set_rounded_weight(*rounded_weights[layer.name])
+    # weight clipping (and GPTQ weights) first: the trajectories then see the exported weights
+    clips = {layer.name: weight_clip_ratios(layer.inner.weight, layer.weight_bits) for layer in layers}
+    apply_weight_choices(unet, clips, rounded_weights)
 
     obs = _Observer(buckets, T, subsample, seed)
     hook = unet.register_forward_pre_hook(obs.pre_hook, with_kwargs=True)

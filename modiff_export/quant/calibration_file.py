@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ import torch
 from ..config import ConfigError, QuantConfig
 from ..errors import ModiffExportError
 from ..fsutil import atomic_write_bytes, atomic_write_text, read_json, sha256_file
-from .quantization import modiff_layers, set_static_scales
+from .quantization import apply_weight_choices, set_static_scales
 
 SCHEMA = "modiff-export/calibration"
 SCHEMA_VERSION = 2
@@ -168,61 +169,46 @@ class Calibration:
     def config(self) -> QuantConfig:
         return QuantConfig.from_dict(self.provenance["quant_config"])
 
-    @property
+    @cached_property
     def rounded_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{layer: (codes int8, scale float32)} from the weights file beside this one (GPTQ), verified
-        against the digest the JSON records; {} for files without rounded weights."""
+        against the digest the JSON records; {} for files without rounded weights. Read once."""
         w = self.data.get("weights")
         if not w:
             return {}
-        if "_rounded" not in self.__dict__:
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
-            f = self.path.with_name(w["file"])
-            if not f.is_file():
-                raise CalibrationError(f"{self.path}: its rounded weights {f.name} are missing (keep both files "
-                                       f"together, or recalibrate)")
-            digest = sha256_file(f)
-            if digest != w["sha256"]:
-                raise CalibrationError(f"{f}: content {_short(digest)} differs from {_short(w['sha256'])} recorded in "
-                                       f"{self.path.name}; the files do not belong together")
-            try:
-                t = load_file(str(f))
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CalibrationError(f"{f}: not a readable safetensors file ({e})") from None
-            out = {}
-            for name in w["layers"]:
-                codes, scale = t.get(f"{name}.codes"), t.get(f"{name}.scale")
-                if codes is None or scale is None or codes.dtype != torch.int8 or scale.dtype != torch.float32:
-                    raise CalibrationError(f"{f}: no int8 codes / float32 scale for layer {name}; the file is damaged")
-                out[name] = (codes, scale)
-            self.__dict__["_rounded"] = out
-        return self.__dict__["_rounded"]
-
-    def apply_weights(self, layers) -> None:
-        """Weight clips, then rounded weights, on quantized layers (PyTorch side and export alike)."""
-        rounded = self.rounded_weights
-        for layer in layers:
-            if layer.skipped:
-                continue
-            if layer.name not in self.weight_clips:
-                raise CalibrationError(f"{self.path}: no weight_clips entry for layer {layer.name}")
-            clip = torch.tensor(self.weight_clips[layer.name], dtype=torch.float32)
-            if clip.numel() != layer.inner.weight.shape[0]:
-                raise CalibrationError(f"{self.path}: weight_clips[{layer.name!r}] has {clip.numel()} ratios, "
-                                       f"the layer has {layer.inner.weight.shape[0]} output channels")
-            layer.set_weight_clip(clip)
-            if layer.name in rounded:
-                try:
-                    layer.set_rounded_weight(*rounded[layer.name])
-                except ModiffExportError as e:
-                    raise CalibrationError(f"{self.path}: {e}") from None
+        f = self.path.with_name(w["file"])
+        if not f.is_file():
+            raise CalibrationError(f"{self.path}: its rounded weights {f.name} are missing (keep both files "
+                                   f"together, or recalibrate)")
+        digest = sha256_file(f)
+        if digest != w["sha256"]:
+            raise CalibrationError(f"{f}: content {_short(digest)} differs from {_short(w['sha256'])} recorded in "
+                                   f"{self.path.name}; the files do not belong together")
+        try:
+            t = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CalibrationError(f"{f}: not a readable safetensors file ({e})") from None
+        out = {}
+        for name in w["layers"]:
+            codes, scale = t.get(f"{name}.codes"), t.get(f"{name}.scale")
+            if codes is None or scale is None or codes.dtype != torch.int8 or scale.dtype != torch.float32:
+                raise CalibrationError(f"{f}: no int8 codes / float32 scale for layer {name}; the file is damaged")
+            out[name] = (codes, scale)
+        return out
 
     def export_scales(self) -> dict:
         """What export.export_model(scales=...) takes."""
         return {"n_buckets": self.n_buckets, "num_train_timesteps": self.num_train_timesteps,
                 "table": {k: list(v) for k, v in self.scales.items()}, "source": str(self.path)}
+
+    def export_kwargs(self, config: QuantConfig) -> dict:
+        """What export.export_model takes from this file for `config`: the weights (clips, GPTQ codes)
+        always, the static delta scales only for a static config."""
+        return {"weight_clips": self.weight_clips, "rounded_weights": self.rounded_weights,
+                "scales": self.export_scales() if config.scale_mode == "static" else None}
 
     def check_config(self, config: QuantConfig) -> None:
         """Refuse a config this file was not calibrated for (one line naming the file and the field)."""
@@ -243,7 +229,10 @@ class Calibration:
         self.check_config(config)
         if config.scale_mode == "static":
             set_static_scales(unet, self.scales, self.num_train_timesteps)
-        self.apply_weights(modiff_layers(unet))
+        try:
+            apply_weight_choices(unet, self.weight_clips, self.rounded_weights)
+        except ModiffExportError as e:
+            raise CalibrationError(f"{self.path}: {e}") from None
 
 
 def load_calibration(path: str | Path, model_hash: str | None, config: QuantConfig | None) -> Calibration:

@@ -30,19 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModiffExportError
-from ..sampling import generate, make_scheduler
+from ..sampling import run_batches
 from .quantization import modiff_layers, qmax_for, quantize, quantize_codes
 from .recipe import INT8_IO_TIME_LAYERS  # noqa: F401  (re-exported: benchmarks and tests use it from here)
 
 CALIB_SEED = 100_000                       # calibration noise: batch seeds far from evaluation seeds
 CLIP_GRID = torch.linspace(0.2, 1.0, 41)   # delta clip ratios searched
-
-
-def _run_trajectories(model, runner, steps: int, samples: int, batch_size: int, seed: int) -> None:
-    for i, start in enumerate(range(0, samples, batch_size)):
-        b = min(batch_size, samples - start)
-        generate(runner, make_scheduler("ddim", model.scheduler_config), steps, b, seed + i, model.sample_shape,
-                 progress=False)
 
 
 # -- delta clip ---------------------------------------------------------------------------------------
@@ -65,7 +58,7 @@ def calibrate_delta_clip(model, config, steps: int = 25, samples: int = 32, per_
     layers = [layer for layer in modiff_layers(unet) if layer.uses_cache]
     for layer in layers:
         layer.observer = observer
-    _run_trajectories(model, make_runner("torch", unet), steps, samples, samples, seed)
+    run_batches(make_runner("torch", unet), model, "ddim", steps, samples, samples, seed, progress=False)
     ratios = {}
     for layer in layers:
         u = torch.cat(seen[layer.name])                                   # [n]
@@ -165,7 +158,6 @@ def collect_hessians(model, steps: int = 20, samples: int = 16, seed: int = CALI
 
     from ..backends import make_runner
     from ..config import QuantConfig
-    from ..sampling import run_batches
 
     need, free = hessian_bytes(model.unet, names), psutil.virtual_memory().available
     if need > free // 2:

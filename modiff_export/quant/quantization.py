@@ -350,6 +350,29 @@ def timestep_bucket(t: float, n_buckets: int, num_train_timesteps: int = 1000) -
     return max(0, min(n_buckets - 1, int(float(t) * n_buckets / num_train_timesteps)))
 
 
+def apply_weight_choices(unet: nn.Module, clips: dict | None, rounded: dict | None) -> None:
+    """Calibrated per-channel weight clips ({layer: ratios [Cout]}; every quantized layer needs one) and
+    pre-rounded weights ({layer: (codes, scale)}, GPTQ) on a quantized UNet, clips first. The one place
+    export, the PyTorch reference (calibration file) and calibration itself set weights; a clip or
+    rounded weight that does not fit the model is a MoDiffError naming the layer."""
+    layers = {layer.name: layer for layer in modiff_layers(unet)}
+    for name in rounded or {}:
+        if name not in layers:
+            raise MoDiffError(f"rounded weights for layer {name}, which this model does not have")
+    for layer in layers.values():
+        if layer.skipped:
+            continue
+        if clips is not None:
+            clip, n_out = clips.get(layer.name), layer.inner.weight.shape[0]
+            if clip is None or len(clip) != n_out:
+                got = "no entry" if clip is None else f"{len(clip)} ratios"
+                raise MoDiffError(f"weight clips for layer {layer.name}: {got}, expected {n_out} (one per output "
+                                  f"channel)")
+            layer.set_weight_clip(torch.as_tensor(clip, dtype=torch.float32))
+        if rounded and layer.name in rounded:
+            layer.set_rounded_weight(*rounded[layer.name])
+
+
 def set_static_scales(unet: nn.Module, table: dict[str, list[float]], num_train_timesteps: int = 1000) -> None:
     """Load per-layer, per-bucket activation scales ({layer name: [scale per bucket]})."""
     layers = {l.name: l for l in modiff_layers(unet) if not l.skipped}

@@ -1,4 +1,4 @@
-"""Quality ablation (issue 11): models x samplers x configs (+ improvements), same noise for every row.
+"""Quality ablation: models x samplers x configs (+ improvements), same noise for every row.
 
     python benchmarks/quality_ablation.py run --models digits,digits_b --rows fp,modiff-w8a3,modiff-w8a3+clip
     python benchmarks/quality_ablation.py spread --models digits,digits_b --seeds 1000,2000,3000
@@ -6,9 +6,9 @@
 
 A row is `<mode>-w<W>a<A>` (or `fp`) plus optional `+feature`s:
     +io8    conv_in / conv_out kept at W8A8          +t8    time-embedding Linears at W8A8
-    +clip   calibrated constant clip ratio on the dynamic per-sample delta scale (improvements.py)
+    +clip   calibrated constant clip ratio on the dynamic per-sample delta scale (benchmarks/delta_clip.py)
     +kf<K>  keyframe refresh: a full-precision-activation prime call every K steps
-    +gptq   GPTQ rounding of the <= 4-bit weights (improvements.py)
+    +gptq   GPTQ rounding of the <= 4-bit weights (quant/gptq.py)
     +gptq8  GPTQ rounding of all quantized weights, 8-bit ones too
     +wclip  per-channel MSE weight clip ratios (calibration.weight_clip_ratios)
 Each row: FD-digits, FD relative to FP from the same noise, PSNR to FP, BOPs per trajectory vs FP32 and
@@ -36,7 +36,7 @@ from modiff_export.evaluation.cost import bops_per_trajectory, count_macs
 from modiff_export.evaluation.metrics import DigitsEvaluator, frechet_distance_from_features, psnr
 from modiff_export.models import load_model
 from modiff_export.quant.quantization import modiff_layers, quantize
-from modiff_export.sampling import sample_model
+from modiff_export.sampling import Trajectories, sample_model
 
 RESULTS = ROOT / "docs" / "quality_ablation.jsonl"
 IO_LAYERS = ("conv_in", "conv_out")
@@ -59,13 +59,11 @@ _HESSIANS: dict[str, dict] = {}
 
 
 def build_runner(model, cfg: QuantConfig, feats: set[str]):
-    from modiff_export.quant.calibration import weight_clip_ratios
-    from modiff_export.quant.improvements import (
-        apply_delta_clip,
-        apply_gptq,
-        calibrate_delta_clip,
-        collect_hessians,
-    )
+    from delta_clip import apply_delta_clip, calibrate_delta_clip
+
+    from modiff_export.calibration.hessians import collect_hessians
+    from modiff_export.quant.gptq import apply_gptq
+    from modiff_export.quant.search import weight_clip_ratios
 
     unet = quantize(copy.deepcopy(model.unet), cfg)
     info = {}
@@ -92,7 +90,7 @@ def fp_samples(model, sched, steps, n, bs, seed, cache_dir: Path) -> torch.Tenso
     f = cache_dir / f"{model.name}-{model.content_hash[7:19]}-{sched}{steps}-n{n}-s{seed}.pt"
     if f.is_file():
         return torch.load(f)
-    x = sample_model(model, QuantConfig(mode="fp"), sched, steps, n, bs, seed, progress=False)
+    x = sample_model(model, QuantConfig(mode="fp"), Trajectories(sched, steps, n, bs, seed), progress=False)
     cache_dir.mkdir(parents=True, exist_ok=True)
     torch.save(x, f)
     return x
@@ -120,7 +118,7 @@ def measure(models, samplers, rows, n, bs, seed, results, cache_dir):
                     x, info = ref, {}
                 else:
                     runner, info = build_runner(model, cfg, feats)
-                    x = sample_model(model, cfg, sched, steps, n, bs, seed, progress=False, runner=runner)
+                    x = sample_model(model, cfg, Trajectories(sched, steps, n, bs, seed), progress=False, runner=runner)
                 fd, p = ev.frechet_distance(x), psnr(x, ref)
                 torch.save(x, cache_dir / f"{name}-{sampler.replace(':', '')}-n{n}-s{seed}-{row}.pt")  # for `bootstrap`
                 uniform = QuantConfig(mode=cfg.mode, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits)

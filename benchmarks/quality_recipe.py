@@ -36,7 +36,7 @@ from modiff_export.evaluation.cost import bops_per_trajectory, count_macs
 from modiff_export.evaluation.metrics import DigitsEvaluator, psnr
 from modiff_export.manifest import Manifest
 from modiff_export.models import load_model
-from modiff_export.sampling import sample_model
+from modiff_export.sampling import Trajectories, sample_model
 
 RESULTS = ROOT / "docs" / "quality_recipe.jsonl"
 VARIANTS = ("paper", "default", "calibrated", "static")
@@ -75,7 +75,7 @@ def fp_reference(model, sched: str, steps: int, n: int, seed: int, cache_dir: Pa
 
 @click.group()
 def main():
-    """Quality of the CLI's recipes (issue 11) through export + ONNX Runtime."""
+    """Quality of the CLI's recipes through export + ONNX Runtime."""
 
 
 @main.command()
@@ -116,7 +116,7 @@ def run(models, bits, variants, samplers, n, seed, work, cache_dir, results):
                     steps = int(steps)
                     ref = fp_reference(model, sched, steps, n, seed, cache_dir)
                     t0 = time.time()
-                    x = sample_model(model, cfg, sched, steps, n, n, seed, backend="ort", progress=False,
+                    x = sample_model(model, cfg, Trajectories(sched, steps, n, n, seed), backend="ort", progress=False,
                                      runner=make_runner("ort", folder=graphs, threads=1))
                     fd, fd_fp, p = ev.frechet_distance(x), ev.frechet_distance(ref), psnr(x, ref)
                     # kept for `quality_ablation.py bootstrap` (paired bootstrap sd of FD relative to FP)
@@ -151,7 +151,7 @@ def parity(models, bits, variants, samplers, n, work):
     PSNR between the two runtimes' images (the issue asks >= 40 dB at W8A8, >= 30 dB at W8A4)."""
     import copy
 
-    from modiff_export.quant.calibration_file import load_calibration
+    from modiff_export.calibration.file import load_calibration
     from modiff_export.quant.quantization import quantize
 
     torch.set_num_threads(1)
@@ -168,10 +168,10 @@ def parity(models, bits, variants, samplers, n, work):
                     load_calibration(work / f"{name}-w{w}a{a}.json", model.content_hash, cfg).apply(unet)
                 for sampler in samplers.split(","):
                     sched, steps = sampler.split(":")
-                    ref = sample_model(model, cfg, sched, int(steps), n, n, 0, progress=False,
+                    ref = sample_model(model, cfg, Trajectories(sched, int(steps), n, n, 0), progress=False,
                                        runner=make_runner("torch", unet))
-                    x = sample_model(model, cfg, sched, int(steps), n, n, 0, backend="ort", progress=False,
-                                     runner=make_runner("ort", folder=graphs, threads=1))
+                    x = sample_model(model, cfg, Trajectories(sched, int(steps), n, n, 0), backend="ort",
+                                     progress=False, runner=make_runner("ort", folder=graphs, threads=1))
                     print(f"{name} {wa} {variant} {sampler}: ORT vs PyTorch PSNR {psnr(x, ref):.1f} dB "
                           f"({n} samples)", flush=True)
 

@@ -20,7 +20,7 @@ from modiff_export import QuantConfig  # noqa: E402
 from modiff_export.evaluation.metrics import DigitsEvaluator, psnr  # noqa: E402
 from modiff_export.fsutil import atomic_write_text  # noqa: E402
 from modiff_export.models import load_model  # noqa: E402
-from modiff_export.sampling import sample_model  # noqa: E402
+from modiff_export.sampling import Trajectories, sample_model  # noqa: E402
 
 BITS = [(8, 8), (8, 4), (8, 3), (4, 4)]
 FINDINGS_HEADER = "## What this model shows"
@@ -43,7 +43,7 @@ def main(schedulers, steps, num_samples, batch_size, seed, out):
         ref = None
         for cfg in configs:
             t0 = time.time()
-            x = sample_model(model, cfg, sched, steps, num_samples, batch_size, seed, progress=False)
+            x = sample_model(model, cfg, Trajectories(sched, steps, num_samples, batch_size, seed), progress=False)
             ref = x if ref is None else ref
             p = psnr(x, ref)
             row = (sched, cfg.tag, f"{ev.frechet_distance(x):.2f}", f"{ev.confidence(x):.3f}",

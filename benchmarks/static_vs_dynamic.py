@@ -25,13 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modiff_export import QuantConfig  # noqa: E402
 from modiff_export.backends.torch_runner import TorchRunner  # noqa: E402
+from modiff_export.calibration.file import load_calibration, write_calibration  # noqa: E402
+from modiff_export.calibration.observe import calibrate  # noqa: E402
 from modiff_export.evaluation.metrics import DigitsEvaluator, psnr  # noqa: E402
 from modiff_export.fsutil import atomic_write_text  # noqa: E402
 from modiff_export.models import load_model  # noqa: E402
-from modiff_export.quant.calibration import calibrate  # noqa: E402
-from modiff_export.quant.calibration_file import load_calibration, write_calibration  # noqa: E402
 from modiff_export.quant.quantization import quantize  # noqa: E402
-from modiff_export.sampling import generate, make_scheduler  # noqa: E402
+from modiff_export.sampling import Trajectories, generate, make_scheduler  # noqa: E402
 
 BITS = [(8, 8), (8, 4), (8, 3)]
 
@@ -109,8 +109,8 @@ def main(model_spec, steps, num_samples, batch_size, seed, cal_samples, cal_seed
             static = dyn.replace(scale_mode="static")
             for k in bucket_counts:
                 t0 = time.time()
-                data = calibrate(model, static, method=method, scheduler="ddim", steps=steps, samples=cal_samples,
-                                 batch_size=cal_samples, seed=cal_seed, buckets=k, progress=False)
+                data = calibrate(model, static, Trajectories("ddim", steps, cal_samples, cal_samples, cal_seed),
+                                 method=method, buckets=k, progress=False)
                 path = write_calibration(Path(tmp) / f"w{w}a{a}-k{k}.json", data)
                 cal = load_calibration(path, model.content_hash, static)
                 unet = quantize(copy.deepcopy(model.unet), static)

@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError, QuantConfig
-from .errors import ModiffExportError
+from .errors import Fields, ModiffExportError
 from .fsutil import atomic_write_text, read_json, sha256_file
+from .models.info import DEFAULT_SCHEDULER_CONFIG, ModelInfo  # noqa: F401  (part of the manifest's API)
+from .quant.scales import ScaleTable
 
 SCHEMA = "modiff-export/manifest"
 SCHEMA_VERSION = 2
@@ -41,62 +43,13 @@ ROLES = ("prime", "step")
 DTYPES = ("float32", "float16", "int64", "int32")
 CACHE_DTYPES = ("float32", "float16")
 TARGETS = ("trt", "ort")
-DEFAULT_SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
 
 
 class ManifestError(ModiffExportError):
     pass
 
 
-class _Fields:
-    """Typed access to one JSON object; every problem is one line naming the file and the field."""
-
-    def __init__(self, d, where: str, source: str):
-        if not isinstance(d, dict):
-            raise ManifestError(f"{source}: {where or 'manifest'} must be a JSON object, got {type(d).__name__}")
-        self.d, self.where, self.source = d, where, source
-
-    def fail(self, key: str, what: str):
-        raise ManifestError(f"{self.source}: {self.where + '.' if self.where else ''}{key} {what}")
-
-    def get(self, key: str, types, optional: bool = False):
-        if key not in self.d:
-            if optional:
-                return None
-            self.fail(key, "is missing")
-        v = self.d[key]
-        if v is None and optional:
-            return None
-        if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-            self.fail(key, f"must be {_type_names(types)}, got {v!r}")
-        if not isinstance(v, types):
-            self.fail(key, f"must be {_type_names(types)}, got {type(v).__name__} {str(v)[:40]!r}")
-        return v
-
-    def choice(self, key: str, allowed, optional: bool = False) -> str | None:
-        v = self.get(key, str, optional)
-        if v is None and optional:
-            return None
-        if v not in allowed:
-            self.fail(key, f"is {v!r}, expected one of {list(allowed)}")
-        return v
-
-    def sub(self, key: str, optional: bool = False) -> "_Fields | None":
-        v = self.get(key, dict, optional)
-        return None if v is None else _Fields(v, f"{self.where}.{key}" if self.where else key, self.source)
-
-    def items(self, key: str, optional: bool = False) -> list["_Fields"]:
-        v = self.get(key, list, optional) or []
-        return [_Fields(x, f"{self.where + '.' if self.where else ''}{key}[{i}]", self.source) for i, x in enumerate(v)]
-
-
-def _type_names(types) -> str:
-    types = types if isinstance(types, tuple) else (types,)
-    return " or ".join({int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object",
-                        bool: "true/false", type(None): "null"}.get(t, t.__name__) for t in types)
-
-
-def _shape(f: _Fields) -> tuple:
+def _shape(f: Fields) -> tuple:
     shape = f.get("shape", list)
     for d in shape:
         if d != BATCH and (isinstance(d, bool) or not isinstance(d, int) or d < 0):
@@ -116,7 +69,7 @@ class TensorSpec:
         return tuple(batch if d == BATCH else int(d) for d in self.shape)
 
     @classmethod
-    def parse(cls, f: _Fields) -> "TensorSpec":
+    def parse(cls, f: Fields) -> "TensorSpec":
         return cls(f.get("name", str), _shape(f), f.choice("dtype", DTYPES))
 
     def to_dict(self) -> dict:
@@ -149,59 +102,13 @@ class CacheSpec:
         return self.as_input().concrete(batch)
 
     @classmethod
-    def parse(cls, f: _Fields) -> "CacheSpec":
+    def parse(cls, f: Fields) -> "CacheSpec":
         return cls(f.get("layer", str), f.choice("kind", ("a_hat", "o_hat")), f.get("input", str),
                    f.get("output", str), _shape(f), f.choice("dtype", CACHE_DTYPES))
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "kind": self.kind, "input": self.input, "output": self.output,
                 "shape": list(self.shape), "dtype": self.dtype}
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Identity and shapes of the exported UNet: what sampling needs to drive a runner without weights."""
-
-    name: str
-    class_name: str
-    content_hash: str
-    in_channels: int
-    out_channels: int
-    sample_size: tuple[int, int]  # (H, W)
-    cross_attention_dim: int | None = None
-    encoder_seq_len: int | None = None
-    scheduler_config: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULER_CONFIG))
-
-    @property
-    def conditional(self) -> bool:
-        return self.cross_attention_dim is not None
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return (self.in_channels, *self.sample_size)
-
-    @classmethod
-    def parse(cls, f: _Fields) -> "ModelInfo":
-        size = f.get("sample_size", list)
-        if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
-            f.fail("sample_size", f"must be [H, W] with positive integers, got {size!r}")
-        chans = {k: f.get(k, int) for k in ("in_channels", "out_channels")}
-        for k, v in chans.items():
-            if v < 1:
-                f.fail(k, f"must be >= 1, got {v}")
-        sched = f.get("scheduler_config", dict, optional=True) or dict(DEFAULT_SCHEDULER_CONFIG)
-        T = sched.get("num_train_timesteps", 1000)
-        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-            f.fail("scheduler_config.num_train_timesteps", f"must be a positive integer, got {T!r}")
-        return cls(f.get("name", str), f.get("class", str), f.get("content_hash", str), chans["in_channels"],
-                   chans["out_channels"], tuple(size), f.get("cross_attention_dim", int, optional=True),
-                   f.get("encoder_seq_len", int, optional=True), sched)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "class": self.class_name, "content_hash": self.content_hash,
-                "in_channels": self.in_channels, "out_channels": self.out_channels,
-                "sample_size": list(self.sample_size), "cross_attention_dim": self.cross_attention_dim,
-                "encoder_seq_len": self.encoder_seq_len, "scheduler_config": self.scheduler_config}
 
 
 @dataclass(frozen=True)
@@ -220,7 +127,7 @@ class LayerInfo:
     weight_rounding: str | None = None  # "gptq": codes from a calibration file; None: nearest rounding
 
     @classmethod
-    def parse(cls, f: _Fields) -> "LayerInfo":
+    def parse(cls, f: Fields) -> "LayerInfo":
         shape = f.get("weight_shape", list)
         if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
             f.fail("weight_shape", f"must be a list of positive integers, got {str(shape)[:60]!r}")
@@ -240,50 +147,6 @@ class LayerInfo:
             if d[key] is None:
                 del d[key]
         return d
-
-
-@dataclass(frozen=True)
-class ScaleTable:
-    """Static delta scales: one per quantized layer (graph order) and timestep bucket."""
-
-    source: str
-    n_buckets: int
-    num_train_timesteps: int
-    layers: tuple[str, ...]
-    table: dict  # {layer: (scale per bucket, ...)}
-
-    def bucket(self, timestep: float) -> int:
-        """Uniform buckets over [0, T): the same rule as quantization.timestep_bucket."""
-        from .quant.quantization import timestep_bucket
-
-        return timestep_bucket(float(timestep), self.n_buckets, self.num_train_timesteps)
-
-    def row(self, timestep: float) -> np.ndarray:
-        """delta_scales [L] float32 for the bucket of `timestep`."""
-        b = self.bucket(timestep)
-        return np.array([self.table[name][b] for name in self.layers], dtype=np.float32)
-
-    @classmethod
-    def parse(cls, f: _Fields) -> "ScaleTable":
-        n = f.get("n_buckets", int)
-        T = f.get("num_train_timesteps", int, optional=True) or 1000
-        if n < 1 or T < 1:
-            f.fail("n_buckets", f"and num_train_timesteps must be >= 1, got {n} and {T}")
-        table = f.get("table", dict)
-        layers = tuple(f.get("layers", list, optional=True) or sorted(table))
-        if not all(isinstance(name, str) for name in layers):
-            f.fail("layers", f"must be a list of layer names (strings), got {str(list(layers))[:60]}")
-        for name in layers:
-            v = table.get(name)
-            if not isinstance(v, list) or len(v) != n or not all(
-                    isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in v):
-                f.fail(f"table[{name!r}]", f"must be {n} positive finite scale(s), got {str(v)[:60]}")
-        return cls(f.get("source", str, optional=True) or "", n, T, layers,
-                   {k: tuple(float(s) for s in v) for k, v in table.items()})
-
-    def to_dict(self) -> dict:
-        return {"source": self.source, "n_buckets": self.n_buckets, "num_train_timesteps": self.num_train_timesteps,
-                "layers": list(self.layers), "table": {k: list(v) for k, v in self.table.items()}}
 
 
 # -- the manifest ----------------------------------------------------------------------------------
@@ -390,7 +253,7 @@ class Manifest:
     # -- (de)serialization -----------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d, source: str = "manifest") -> "Manifest":
-        f = _Fields(d, "", source)
+        f = Fields(d, "", source, ManifestError)
         if d.get("schema") != SCHEMA:
             f.fail("schema", f"is {d.get('schema')!r}, expected {SCHEMA!r}")
         if d.get("schema_version") != SCHEMA_VERSION:

@@ -6,10 +6,12 @@ tells the quantizer which scheduler runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import io
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from .backends.base import MAX_BATCH
 from .errors import ModiffExportError
 from .fsutil import atomic_write_bytes
 
@@ -46,8 +49,46 @@ class SamplingError(ModiffExportError, ValueError):
 
 MAX_SEED = 2**63 - 1 - 2**21  # headroom for seed + batch index + ENCODER_SEED_OFFSET in a torch Generator
 MAX_SAMPLES = 100_000
-MAX_BATCH = 4096
 ENCODER_SEED_OFFSET = 1_000_003  # encoder states of batch i never share a random stream with its noise
+
+
+@dataclass(frozen=True, eq=False)
+class Trajectories:
+    """Which trajectories to run: what sampling, calibration, evaluation and serving hand each other.
+
+    Batch i (images i*batch_size ...) starts from the noise of seed + i, so two configs sampled with the
+    same Trajectories start from identical noise. `prompts` (conditional UNets): (cond [P, S, D], uncond
+    [S, D]) states from a text encoder (models/prompts.py), cycled over the images; None: random states.
+    """
+
+    scheduler: str = "ddim"
+    steps: int = 25
+    samples: int = 16
+    batch_size: int = 16
+    seed: int = 0
+    guidance_scale: float = 1.0
+    prompts: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.scheduler not in SCHEDULERS:
+            raise SamplingError(f"unknown scheduler {self.scheduler!r}; expected one of {sorted(SCHEDULERS)}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise SamplingError(f"{self.steps!r} sampling steps: expected an integer >= 1")
+        for name, v, lo, hi in (("num_samples", self.samples, 1, MAX_SAMPLES),
+                                ("batch_size", self.batch_size, 1, MAX_BATCH), ("seed", self.seed, 0, MAX_SEED)):
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise SamplingError(f"{name}={v!r} is outside {lo}..{hi}")
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
+            raise SamplingError(f"guidance scale {g!r} is not a finite number")
+
+    def replace(self, **changes) -> "Trajectories":
+        return dataclasses.replace(self, **changes)
+
+    def batches(self) -> list[tuple[int, int]]:
+        """(first image, images) of every batch."""
+        return [(start, min(self.batch_size, self.samples - start)) for start in range(0, self.samples,
+                                                                                         self.batch_size)]
 
 
 def make_scheduler(name: str, scheduler_config: dict):
@@ -63,13 +104,47 @@ def make_scheduler(name: str, scheduler_config: dict):
 
 
 @torch.no_grad()
+def denoise(runner, scheduler, noise: torch.Tensor, num_steps: int, encoder_hidden_states: torch.Tensor | None = None,
+            guidance_scale: float = 1.0, generator=None, progress: bool = False) -> torch.Tensor:
+    """The denoising loop, the one every sampler of this package runs: noise [B, C, H, W] -> images
+    [B, C, H, W] clamped to [-1, 1], starting from reset caches.
+
+    encoder_hidden_states [B, S, D] (conditional UNets), or [2B, S, D] with guidance_scale != 1
+    (cond first, uncond second): both halves go through the runner in one call. `generator` (a
+    torch.Generator or one per sample) drives stochastic schedulers. serving/triton_models/sampler.py
+    holds a marked copy for Triton's Python backend (tests/test_sampling.py keeps them equal).
+    """
+    cfg = guidance_scale != 1.0 and encoder_hidden_states is not None
+    step_kwargs = {}
+    params = inspect.signature(scheduler.step).parameters
+    if "generator" in params and generator is not None:
+        step_kwargs["generator"] = generator
+    if "eta" in params:
+        step_kwargs["eta"] = 0.0
+    scheduler.set_timesteps(num_steps)
+    x = noise.float() * scheduler.init_noise_sigma
+    runner.reset()
+    from tqdm import tqdm
+
+    for t in tqdm(scheduler.timesteps, desc=f"sample {type(scheduler).__name__}", disable=not progress, leave=False):
+        inp = scheduler.scale_model_input(x, t)        # [B, C, H, W]
+        if cfg:
+            eps_c, eps_u = runner(torch.cat([inp, inp]), t, encoder_hidden_states).chunk(2)  # [2B] -> 2 x [B]
+            eps = eps_u + guidance_scale * (eps_c - eps_u)
+        else:
+            eps = runner(inp, t, encoder_hidden_states)
+        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+    return x.clamp(-1, 1)
+
+
+@torch.no_grad()
 def generate(runner, scheduler, num_steps: int, batch_size: int, seed: int, sample_shape: tuple[int, int, int],
              encoder_hidden_states: torch.Tensor | None = None, uncond_hidden_states: torch.Tensor | None = None,
              guidance_scale: float = 1.0, progress: bool = True, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Run one batch through the scheduler's trajectory; returns images [B, C, H, W] clamped to [-1, 1].
+    """One batch from the noise of `seed`: images [B, C, H, W] clamped to [-1, 1] (denoise).
 
-    Conditional UNets: encoder_hidden_states [B, S, D]. With guidance_scale != 1 the batch is doubled
-    (cond first, uncond second: [2B, ...]) and both halves go through the runner in one call.
+    Conditional UNets: encoder_hidden_states [B, S, D]; with guidance_scale != 1 also
+    uncond_hidden_states [B, S, D]. The seed's generator also drives stochastic schedulers.
     """
     if num_steps < 1 or batch_size < 1:
         raise SamplingError(f"num_steps and batch_size must be >= 1, got {num_steps} and {batch_size}")
@@ -79,36 +154,15 @@ def generate(runner, scheduler, num_steps: int, batch_size: int, seed: int, samp
         noise = torch.randn(shape, generator=gen)  # [B, C, H, W]
     elif tuple(noise.shape) != shape:
         raise SamplingError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-    cfg = guidance_scale != 1.0 and encoder_hidden_states is not None
     ehs = encoder_hidden_states
     if ehs is not None and ehs.shape[0] != batch_size:
         raise SamplingError(f"encoder_hidden_states must be [B={batch_size}, S, D], got {tuple(ehs.shape)}")
-    if cfg:
+    if guidance_scale != 1.0 and ehs is not None:
         if uncond_hidden_states is None or uncond_hidden_states.shape != ehs.shape:
             raise SamplingError(f"guidance_scale={guidance_scale} needs uncond_hidden_states of shape "
                                 f"{tuple(ehs.shape)}")
         ehs = torch.cat([ehs, uncond_hidden_states])  # [2B, S, D]
-    step_kwargs = {}
-    params = inspect.signature(scheduler.step).parameters
-    if "generator" in params:
-        step_kwargs["generator"] = gen
-    if "eta" in params:
-        step_kwargs["eta"] = 0.0
-
-    scheduler.set_timesteps(num_steps)
-    x = noise.float() * scheduler.init_noise_sigma
-    runner.reset()
-    from tqdm import tqdm
-
-    for t in tqdm(scheduler.timesteps, desc=f"sample {type(scheduler).__name__}", disable=not progress, leave=False):
-        inp = scheduler.scale_model_input(x, t)        # [B, C, H, W]
-        if cfg:
-            eps_c, eps_u = runner(torch.cat([inp, inp]), t, ehs).chunk(2)  # [2B, ...] -> 2 x [B, ...]
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
-        else:
-            eps = runner(inp, t, ehs)
-        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
-    return x.clamp(-1, 1)
+    return denoise(runner, scheduler, noise, num_steps, ehs, guidance_scale, gen, progress)
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, min_cell: int = 64,
@@ -144,36 +198,34 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
     return Path(path)
 
 
-def run_batches(runner, model, scheduler_name: str, num_steps: int, num_samples: int, batch_size: int, seed: int,
-                guidance_scale: float = 1.0, progress: bool = True, desc: str = "sample") -> torch.Tensor:
-    """num_samples images [N, C, H, W] from `runner`, batch i from noise seed + i (the one batch loop of
+def run_batches(runner, model, traj: Trajectories, progress: bool = True, desc: str = "sample") -> torch.Tensor:
+    """traj.samples images [N, C, H, W] from `runner`, batch i from noise traj.seed + i (the one batch loop of
     sampling, evaluation and calibration). Conditional models get random encoder states [B, S, D] from
-    seed + i + ENCODER_SEED_OFFSET and zeros as uncond, or the states of `--prompts` (see conditioning)."""
-    check_sampling_budget(model, num_samples, batch_size, seed, guidance_scale)
-    check_scheduler(scheduler_name, model, num_steps)
+    seed + i + ENCODER_SEED_OFFSET and zeros as uncond, or traj.prompts' states (see conditioning)."""
+    check_sampling_budget(model, traj)
+    check_scheduler(traj.scheduler, model, traj.steps)
     from tqdm import tqdm
 
-    out, starts = [], list(range(0, num_samples, batch_size))
-    for i, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) == 1)):
-        b = min(batch_size, num_samples - start)
+    out, batches = [], traj.batches()
+    for i, (start, b) in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress or len(batches) == 1)):
         ehs = unc = None
-        if model.conditional:  # random states, or the --prompts states
-            ehs, unc = conditioning(model, seed, i, start, b)  # [B, S, D] each
-        scheduler = make_scheduler(scheduler_name, model.scheduler_config)
-        out.append(generate(runner, scheduler, num_steps, b, int(seed) + i, model.sample_shape, ehs, unc,
-                            guidance_scale, progress and len(starts) == 1))
+        if model.conditional:  # random states, or the prompts' states
+            ehs, unc = conditioning(model, traj, i, start, b)  # [B, S, D] each
+        scheduler = make_scheduler(traj.scheduler, model.scheduler_config)
+        out.append(generate(runner, scheduler, traj.steps, b, traj.seed + i, model.sample_shape, ehs, unc,
+                            traj.guidance_scale, progress and len(batches) == 1))
     return torch.cat(out)  # [N, C, H, W]
 
 
-def conditioning(model, seed: int, batch_index: int, start: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+def conditioning(model, traj: Trajectories, batch_index: int, start: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(encoder states [b, S, D], uncond states [b, S, D]) of batch `batch_index` (images start..start+b):
-    the `--prompts` states cycled over the images (serving/prompts.py), or random states from seed +
-    batch_index + ENCODER_SEED_OFFSET with zeros as uncond (no text encoder)."""
-    if model.prompt_states is not None:
-        cond, neg = model.prompt_states
+    traj.prompts' states cycled over the images, or random states from seed + batch_index +
+    ENCODER_SEED_OFFSET with zeros as uncond (no text encoder)."""
+    if traj.prompts is not None:
+        cond, neg = traj.prompts
         rows = torch.arange(start, start + b) % cond.shape[0]
         return cond[rows], neg.expand(b, *neg.shape).clone()
-    g = torch.Generator().manual_seed(int(seed) + batch_index + ENCODER_SEED_OFFSET)
+    g = torch.Generator().manual_seed(int(traj.seed) + batch_index + ENCODER_SEED_OFFSET)
     ehs = torch.randn((b, model.encoder_seq_len, model.cross_attention_dim), generator=g)  # [B, S, D]
     return ehs, torch.zeros_like(ehs)
 
@@ -202,37 +254,33 @@ def check_scheduler(name: str, model, num_steps: int) -> None:
                             f"({first})") from None
 
 
-def check_sampling_budget(model, num_samples: int, batch_size: int, seed: int, guidance_scale: float = 1.0) -> None:
-    """Refuse, before any work, requests that cannot finish: bad counts, seeds out of range, guidance on
-    an unconditional model, or images that would not fit in memory (the result [N, C, H, W] float32 must
-    fit in half the free RAM)."""
+def check_sampling_budget(model, traj: Trajectories) -> None:
+    """Refuse, before any work, trajectories the model cannot run or that cannot finish: guidance on an
+    unconditional model, prompts of the wrong shape, or images that would not fit in memory (the result
+    [N, C, H, W] float32 must fit in half the free RAM). Counts and ranges: Trajectories itself."""
     import psutil
 
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-            or not math.isfinite(guidance_scale):
-        raise SamplingError(f"guidance scale {guidance_scale!r} is not a finite number")
-    if guidance_scale != 1.0 and not model.conditional:
-        raise SamplingError(f"guidance scale {guidance_scale} needs a conditional UNet; {model.name} is "
+    if traj.guidance_scale != 1.0 and not model.conditional:
+        raise SamplingError(f"guidance scale {traj.guidance_scale} needs a conditional UNet; {model.name} is "
                             f"unconditional (use 1.0)")
-    for name, v, lo, hi in (("num_samples", num_samples, 1, MAX_SAMPLES), ("batch_size", batch_size, 1, MAX_BATCH),
-                            ("seed", seed, 0, MAX_SEED)):
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise SamplingError(f"{name}={v!r} is outside {lo}..{hi}")
-    need = num_samples * math.prod(model.sample_shape) * 4 * 3  # result + one batch of latents and noise, generous
+    if traj.prompts is not None:
+        want = (model.encoder_seq_len, model.cross_attention_dim)
+        if not model.conditional or tuple(traj.prompts[0].shape[1:]) != want:
+            raise SamplingError(f"prompt states {list(traj.prompts[0].shape[1:])} do not fit {model.name} "
+                                f"(encoder states {list(want) if model.conditional else 'none: unconditional'})")
+    need = traj.samples * math.prod(model.sample_shape) * 4 * 3  # result + one batch of latents and noise, generous
     free = psutil.virtual_memory().available
     if need > free // 2:
-        raise SamplingError(f"{num_samples} samples of {list(model.sample_shape)} need ~{need / 2**30:.1f} GiB, more "
+        raise SamplingError(f"{traj.samples} samples of {list(model.sample_shape)} need ~{need / 2**30:.1f} GiB, more "
                             f"than half the free memory ({free / 2**30:.1f} GiB); ask for fewer samples")
 
 
-def sample_model(model, config, scheduler_name: str = "ddim", num_steps: int = 25, num_samples: int = 16,
-                 batch_size: int = 16, seed: int = 0, guidance_scale: float = 1.0, backend: str = "torch",
-                 progress: bool = True, runner=None) -> torch.Tensor:
-    """num_samples images [N, C, H, W] from a LoadedModel under a QuantConfig (see run_batches).
+def sample_model(model, config, traj: Trajectories, backend: str = "torch", progress: bool = True,
+                 runner=None) -> torch.Tensor:
+    """traj.samples images [N, C, H, W] from a LoadedModel under a QuantConfig (see run_batches).
 
     The UNet is copied before quantize(), so `model` stays full precision (pass `runner` to sample
     with an exported-graph runner instead; `model` then only supplies shapes and the scheduler).
-    Batch i uses seed + i, so two configs with the same seed start from identical noise.
     """
     import copy
 
@@ -240,7 +288,6 @@ def sample_model(model, config, scheduler_name: str = "ddim", num_steps: int = 2
     from .quant.quantization import quantize
 
     if runner is None:  # torch: quantize a copy; other runners come ready from their folder
-        check_sampling_budget(model, num_samples, batch_size, seed, guidance_scale)
+        check_sampling_budget(model, traj)
         runner = make_runner(backend, quantize(copy.deepcopy(model.unet), config))
-    return run_batches(runner, model, scheduler_name, num_steps, num_samples, batch_size, seed, guidance_scale,
-                       progress, desc=f"sample {config.tag}")
+    return run_batches(runner, model, traj, progress, desc=f"sample {config.tag}")

@@ -1,4 +1,4 @@
-"""Helpers of the reliability tests (issue 13): run the real CLI in-process or as a subprocess, snapshot
+"""Helpers of the reliability tests: run the real CLI in-process or as a subprocess, snapshot
 a folder tree byte for byte, assert the one-`error:`-line contract, make a folder read-only even as root."""
 from __future__ import annotations
 

@@ -330,7 +330,7 @@ CASES = [
       "not writable", write("ro/keep.txt", "mine"), readonly="ro"),
     C("calibrate-onto-file", CALIBRATE + ["--out", "cal.json"], "already exists"),
     C("calibrate-file-appears", CALIBRATE + ["--out", "c.json"], "appeared",
-      during=appear_after("modiff_export.quant.calibration", "calibrate", "c.json"), appears=("c.json",)),
+      during=appear_after("modiff_export.calibration.recipe", "calibrate", "c.json"), appears=("c.json",)),
     C("sample-file-appears", SAMPLE_ORT, "appeared", during=appear_after("modiff_export.sampling", "sample_model",
                                                                          "s.png"), appears=("s.png",)),
     C("calibrate-dangling-link", CALIBRATE + ["--out", "dl"], "dangling", symlink("dl", "nowhere")),

@@ -10,12 +10,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from modiff_export.calibration.file import SCHEMA, CalibrationError, load_calibration, write_calibration
+from modiff_export.calibration.observe import observe
+from modiff_export.calibration.recipe import INT8_IO_TIME_LAYERS
 from modiff_export.config import QuantConfig
 from modiff_export.models import LoadedModel, content_hash
-from modiff_export.quant.calibration import _fill_buckets, observe, weight_clip_ratios
-from modiff_export.quant.calibration_file import SCHEMA, CalibrationError, load_calibration, write_calibration
 from modiff_export.quant.quantization import fake_quantize, modiff_layers, qmax_for, quantize
-from modiff_export.quant.recipe import INT8_IO_TIME_LAYERS
+from modiff_export.quant.search import fill_buckets as _fill_buckets
+from modiff_export.quant.search import weight_clip_ratios
+from modiff_export.sampling import Trajectories
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import build_tiny_unet  # noqa: E402
@@ -33,7 +36,7 @@ def tiny_model(seed: int = 0) -> LoadedModel:
 
 
 def run_obs(config: QuantConfig, buckets: int = 3, seed: int = 1, model=None):
-    return observe(model or tiny_model(), config, steps=STEPS, samples=SAMPLES, batch_size=SAMPLES, seed=seed,
+    return observe(model or tiny_model(), config, Trajectories("ddim", STEPS, SAMPLES, SAMPLES, seed),
                    buckets=buckets, progress=False)
 
 
@@ -85,8 +88,9 @@ def test_calibrate_command_writes_schema_and_provenance(cli_file, model_folder):
     assert not list(cli_file.parent.glob("*.tmp"))  # atomic write: nothing left behind
     # and it loads for the config it was made for
     cal = load_calibration(cli_file, p["model_hash"], RECIPE_A4)
-    es = cal.export_scales()
-    assert es == {"n_buckets": 3, "num_train_timesteps": 1000, "table": d["scales"], "source": str(cli_file)}
+    t = cal.scale_table
+    assert (t.n_buckets, t.num_train_timesteps, t.source) == (3, 1000, str(cli_file))
+    assert {k: list(v) for k, v in t.table.items()} == d["scales"] and list(t.layers) == list(d["scales"])
 
 
 def test_calibrate_refuses_to_overwrite(cli_file, model_folder):
@@ -124,7 +128,7 @@ def test_mse_scale_minimizes_error_on_the_stats():
     g = torch.Generator().manual_seed(0)
     v = torch.randn(20000, generator=g).abs()
     v[:5] = 40.0
-    from modiff_export.quant.calibration import mse_scale
+    from modiff_export.quant.search import mse_scale
 
     s = mse_scale(v, float(v.max()), 3)
     err = lambda sc: float((fake_quantize(v, torch.tensor(sc), 3) - v).pow(2).mean())  # noqa: E731
@@ -194,7 +198,7 @@ def test_load_refuses_another_config(good_file, by_method, change):
 
 
 def test_dynamic_config_uses_the_weights_only(good_file, by_method):
-    """A dynamic-scale config may use a calibration file (issue 11: `export --calibration F` without
+    """A dynamic-scale config may use a calibration file (`export --calibration F` without
     --scale-mode static): its weight clips apply, its static delta scales do not."""
     h = by_method["mse"]["provenance"]["model_hash"]
     dyn = STATIC_A4.replace(scale_mode="dynamic")

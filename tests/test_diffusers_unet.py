@@ -123,7 +123,7 @@ def test_serve_prompts_match_the_pipeline(tmp_path):
     StableDiffusionPipeline gives for that prompt and seed (same runner, guidance with the empty prompt)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from modiff_export.serving.prompts import PromptEncoder, PromptError
+    from modiff_export.models.prompts import PromptEncoder, PromptError
     from modiff_export.serving.triton_server import (
         ModiffModel,
         ServeConfig,

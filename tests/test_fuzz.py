@@ -18,13 +18,14 @@ from conftest import build_tiny_unet, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from modiff_export.calibration.file import load_calibration, write_calibration
+from modiff_export.calibration.observe import calibrate
 from modiff_export.config import QuantConfig
 from modiff_export.errors import ModiffExportError
 from modiff_export.export.trace import export_model
 from modiff_export.manifest import Manifest
-from modiff_export.quant.calibration import calibrate
-from modiff_export.quant.calibration_file import load_calibration, write_calibration
 from modiff_export.quant.quantization import quantize
+from modiff_export.sampling import Trajectories
 
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None, database=None,
                 derandomize=not os.environ.get("FUZZ_RANDOM"), suppress_health_check=[HealthCheck.too_slow])
@@ -87,12 +88,12 @@ def mutated(valid: dict, data) -> dict:
 def artifacts(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("fuzz")
     model = tiny_model(build_tiny_unet(0))
-    cal = calibrate(model.copy(), STATIC, method="absmax", steps=3, samples=1, batch_size=1, buckets=2,
+    cal = calibrate(model.copy(), STATIC, Trajectories("ddim", 3, 1, 1, seed=1000), method="absmax", buckets=2,
                     progress=False)
     write_calibration(root / "cal.json", cal)
     loaded = load_calibration(root / "cal.json", model.content_hash, STATIC)
-    manifest = export_model(model.copy(), STATIC, root / "g", scales=loaded.export_scales(),
-                            weight_clips=loaded.weight_clips, progress=False)
+    manifest = export_model(model.copy(), STATIC, root / "g", scales=loaded.scale_table, weights=loaded.weights,
+                            progress=False)
     assert manifest.scales is not None and manifest.step_extra_inputs  # scale table + delta_scales input
     return {"root": root, "manifest": manifest.to_dict(), "cal": cal, "hash": model.content_hash,
             "unet": quantize(build_tiny_unet(0), STATIC)}
@@ -142,7 +143,7 @@ def test_manifest_from_mutated_dict(artifacts, data):
 # -- calibration files -----------------------------------------------------------------------------------------
 def _load_and_apply(path: Path, model_hash: str, unet) -> None:
     cal = load_calibration(path, model_hash, STATIC)
-    cal.export_scales()
+    assert cal.scale_table.n_buckets >= 1
     cal.apply(copy.deepcopy(unet))
 
 

@@ -1,5 +1,5 @@
-"""Issue 11: the second validation model's training presets, train-demo's overwrite guard, the delta
-clip factor and GPTQ rounding (modiff_export/improvements.py)."""
+"""The second validation model's training presets, train-demo's overwrite guard, the delta clip factor
+(benchmarks/delta_clip.py) and GPTQ rounding (quant/gptq.py, calibration/hessians.py)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from modiff_export.config import QuantConfig
 from modiff_export.models import ASSETS, EMBEDDED, load_model
 from modiff_export.models.train import ARCHITECTURES, UNET_CONFIG
-from modiff_export.quant.improvements import apply_gptq, calibrate_delta_clip, gptq_quantize
+from modiff_export.quant.gptq import apply_gptq, gptq_quantize
 from modiff_export.quant.quantization import (
     modiff_layers,
     quantize,
@@ -26,6 +26,8 @@ from conftest import build_tiny_unet
 from test_calibration import tiny_model
 
 from cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_default_architecture_is_the_shipped_one():
@@ -67,8 +69,14 @@ def test_delta_clip_scales_the_dynamic_scale():
 
 
 def test_calibrated_clip_ratios_clip_at_3_bits():
-    ratios = calibrate_delta_clip(tiny_model(), QuantConfig(mode="modiff", weight_bits=8, act_bits=3), steps=4,
-                                  samples=2)
+    """benchmarks/delta_clip.py (benchmark-only ablation, loaded from its file: benchmarks are no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("delta_clip", ROOT / "benchmarks" / "delta_clip.py")
+    delta_clip = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(delta_clip)
+    config = QuantConfig(mode="modiff", weight_bits=8, act_bits=3)
+    ratios = delta_clip.calibrate_delta_clip(tiny_model(), config, steps=4, samples=2)
     assert ratios and all(0.2 <= r <= 1.0 for r in ratios.values())
     assert sorted(ratios.values())[len(ratios) // 2] < 1.0  # absmax is not MSE-optimal at 3 bits
 
@@ -100,7 +108,8 @@ def test_gptq_blocked_is_the_textbook_loop():
 
 
 def test_hessian_groups_fit_the_budget():
-    from modiff_export.quant.improvements import HessianBudgetError, _hessian_groups, hessian_bytes
+    from modiff_export.calibration.hessians import HessianBudgetError, _hessian_groups
+    from modiff_export.quant.gptq import hessian_bytes
 
     unet = build_tiny_unet(0)
     names = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
@@ -133,8 +142,8 @@ def test_int8_io_time_recipe_keeps_ort_parity(tmp_path):
     from modiff_export import quantize as quantize_
     from modiff_export.backends.ort_runner import OrtRunner
     from modiff_export.backends.torch_runner import TorchRunner
+    from modiff_export.calibration.recipe import INT8_IO_TIME_LAYERS
     from modiff_export.export.trace import export_model
-    from modiff_export.quant.improvements import INT8_IO_TIME_LAYERS
 
     unet, info, ehs = _case("uncond")
     cfg = QuantConfig(weight_bits=8, act_bits=3, int8_layers=INT8_IO_TIME_LAYERS)
@@ -159,7 +168,7 @@ def test_gathered_columns_are_im2col_rows(conv, shape):
     rows of im2col (F.unfold), in the same (sample, position) order, and the same random subset."""
     import torch.nn.functional as F
 
-    from modiff_export.quant.improvements import _columns
+    from modiff_export.quant.gptq import input_rows as _columns
 
     m = torch.nn.Conv2d(4, 8, **conv)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ from conftest import build_tiny_cond_unet
 
 from modiff_export import QuantConfig
 from modiff_export.models import load_model
-from modiff_export.sampling import conditioning, generate, make_scheduler, sample_model
+from modiff_export.sampling import Trajectories, conditioning, generate, make_scheduler, sample_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,21 +36,23 @@ def test_random_conditioning_unchanged():
     """Without prompts: the random states sample_model always used (seed + batch + 1_000_003), zeros as uncond."""
     m = load_model("digits")
     m.conditional, m.encoder_seq_len, m.cross_attention_dim = True, 5, 3
-    ehs, unc = conditioning(m, 7, 2, 0, 4)
+    ehs, unc = conditioning(m, Trajectories(seed=7), 2, 0, 4)
     assert torch.equal(ehs, torch.randn((4, 5, 3), generator=torch.Generator().manual_seed(7 + 2 + 1_000_003)))
     assert torch.equal(unc, torch.zeros(4, 5, 3))
 
 
 def test_sample_model_uses_the_prompts(pipeline):
-    from modiff_export.serving.prompts import PromptEncoder, attach_prompts
+    from modiff_export.models.prompts import PromptEncoder, encode_prompts
 
-    m = attach_prompts(load_model(str(pipeline / "pipe")), str(pipeline / "pipe"), str(pipeline / "prompts.txt"))
+    m = load_model(str(pipeline / "pipe"))
+    traj = Trajectories("ddim", 3, 3, 3, seed=0, guidance_scale=5.0,
+                        prompts=encode_prompts(m, str(pipeline / "pipe"), str(pipeline / "prompts.txt")))
     enc = PromptEncoder(pipeline / "pipe")
     cond = enc.encode(["a red cat", "blue sky"])
-    ehs, unc = conditioning(m, 0, 1, 3, 3)  # images 3, 4, 5 -> prompts 1, 0, 1 (cycled)
+    ehs, unc = conditioning(m, traj, 1, 3, 3)  # images 3, 4, 5 -> prompts 1, 0, 1 (cycled)
     assert torch.equal(ehs, cond[[1, 0, 1]]) and torch.equal(unc, enc.negative.expand(3, -1, -1))
     cfg = QuantConfig(act_bits=8)
-    x = sample_model(m, cfg, "ddim", 3, 3, 3, seed=0, guidance_scale=5.0, progress=False)
+    x = sample_model(m, cfg, traj, progress=False)
     import copy
 
     from modiff_export.backends import make_runner

@@ -20,8 +20,14 @@ from modiff_export.quant.quantization import (
     quantize_codes,
     reset_caches,
     set_static_scales,
-    timestep_bucket,
 )
+from modiff_export.quant.scales import ScaleTable, timestep_bucket
+
+
+def _table(scales: dict) -> ScaleTable:
+    """A ScaleTable of {layer: [scale per bucket]} (the calibrated kind, over 1000 training timesteps)."""
+    n = len(next(iter(scales.values())))
+    return ScaleTable("test", n, 1000, tuple(scales), {k: tuple(v) for k, v in scales.items()})
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -480,7 +486,7 @@ def test_static_scales_are_used(tiny_unet):
         with pytest.raises(MoDiffError, match="no calibrated scales"):
             unet(xs[1], ts[1])
     reset_caches(unet)
-    set_static_scales(unet, {n: [1e6] for n in names})  # huge scale: every delta code is 0
+    set_static_scales(unet, _table({n: [1e6] for n in names}))  # huge scale: every delta code is 0
     outs = run_unet(unet, xs, ts)
     assert torch.equal(outs[0], first)
     assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
@@ -503,7 +509,7 @@ def test_static_scale_value_reaches_the_math():
 def test_static_scales_per_timestep_bucket(tiny_unet):
     unet = quantize(tiny_unet, QuantConfig(act_bits=8, scale_mode="static"))
     # bucket 0 (t < 500): huge scale, frozen output; bucket 1 (t >= 500): a usable scale
-    set_static_scales(unet, {l.name: [1e6, 0.05] for l in modiff_layers(unet)})
+    set_static_scales(unet, _table({l.name: [1e6, 0.05] for l in modiff_layers(unet)}))
     assert timestep_bucket(100, 2) == 0 and timestep_bucket(900, 2) == 1 and timestep_bucket(999, 2) == 1
     xs, _ = unet_inputs(3)
     with torch.no_grad():
@@ -520,10 +526,10 @@ def test_set_static_scales_missing_layer_raises(tiny_unet):
     unet = quantize(tiny_unet, QuantConfig(scale_mode="static", skip_layers=("conv_in",)))
     names = [l.name for l in modiff_layers(unet) if not l.skipped]
     table = {n: [0.01] for n in names}
-    set_static_scales(unet, table)  # complete (skipped layers need no entry)
+    set_static_scales(unet, _table(table))  # complete (skipped layers need no entry)
     del table[names[3]]
     with pytest.raises(MoDiffError) as ei:
-        set_static_scales(unet, table)
+        set_static_scales(unet, _table(table))
     assert names[3] in str(ei.value)
 
 
@@ -531,7 +537,7 @@ def test_set_static_scales_missing_layer_raises(tiny_unet):
 def test_set_static_scales_rejects_bad_values(bad):
     net = quantize(nn.Sequential(nn.Linear(4, 4)), QuantConfig(scale_mode="static"))
     with pytest.raises(MoDiffError, match="layer 0"):
-        set_static_scales(net, {"0": [0.1, bad]})
+        set_static_scales(net, _table({"0": [0.1, bad]}))
 
 
 def test_zero_static_scale_is_floored():
@@ -540,7 +546,7 @@ def test_zero_static_scale_is_floored():
     net = nn.Sequential()
     net.add_module("c", layer.inner)
     net = quantize(net, QuantConfig(scale_mode="static"))
-    set_static_scales(net, {"c": [0.0]})
+    set_static_scales(net, _table({"c": [0.0]}))
     x = torch.randn(2, 6, 7, 7)
     with torch.no_grad():
         o0 = net(x).clone()

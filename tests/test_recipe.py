@@ -23,11 +23,11 @@ from cli import cli  # noqa: E402
 from modiff_export import QuantConfig, quantize
 from modiff_export.backends.ort_runner import OrtRunner
 from modiff_export.backends.torch_runner import TorchRunner
+from modiff_export.calibration.file import load_calibration, weights_path
+from modiff_export.calibration.recipe import INT8_IO_TIME_LAYERS, apply_recipe, gptq_layers, recipe_int8_layers
 from modiff_export.manifest import Manifest
 from modiff_export.models import LoadedModel
-from modiff_export.quant.calibration_file import load_calibration, weights_path
 from modiff_export.quant.quantization import modiff_layers
-from modiff_export.quant.recipe import INT8_IO_TIME_LAYERS, apply_recipe, gptq_layers, recipe_int8_layers
 
 
 def test_recipe_adds_only_the_layers_a_model_has():
@@ -89,10 +89,13 @@ def test_default_cli_path_bakes_gptq_weights_and_keeps_parity(tmp_path, kind):
     assert changed >= len(d["weights"]["layers"]) // 2, f"GPTQ changed only {changed} layers"
 
     # `sample/evaluate --backend torch --calibration F` quantize with the same recipe and GPTQ weights
-    from modiff_export.commands.sample import resolve_runner
+    from modiff_export.commands.sample import resolve
 
-    _, torch_cfg, runner = resolve_runner(str(tmp_path / "model"), "torch", None, None,
-                                          {"weight_bits": 4, "act_bits": 4}, str(tmp_path / "cal.json"))
+    options = {"model": str(tmp_path / "model"), "backend": "torch", "graphs": None, "engines": None,
+               "weight_bits": 4, "act_bits": 4, "scheduler": "ddim", "steps": 2, "batch_size": 1, "seed": 0,
+               "guidance_scale": 1.0, "prompts": None}
+    resolved, _ = resolve(options, str(tmp_path / "cal.json"))
+    torch_cfg, runner = resolved.config, resolved.runner
     assert torch_cfg == cfg
     assert sorted(l.name for l in modiff_layers(runner.unet) if l.weight_rounding == "gptq") == d["weights"]["layers"]
 
@@ -110,3 +113,25 @@ def test_default_cli_path_bakes_gptq_weights_and_keeps_parity(tmp_path, kind):
             assert (a - b).abs().max() <= 1e-4 * a.abs().max()
         else:
             assert rms(a - b) <= 1.5 * rms(a - fp), f"step {i}"
+
+    # `serve --backend torch --graphs g` (resolve.py): the PyTorch reference *of the folder* reads the weights
+    # back from its graphs, so it computes exactly what the calibration-file reference computes; the
+    # folder's config alone (nearest rounding) would not
+    from modiff_export.backends import RunnerError
+    from modiff_export.resolve import RunnerOptions, resolve_runner
+
+    of_folder = resolve_runner(RunnerOptions("torch", str(tmp_path / "model"), str(tmp_path / "g"))).runner
+    got = {l.name: l.quantized_weight() for l in modiff_layers(of_folder.unet)}
+    want = {l.name: l.quantized_weight() for l in modiff_layers(ref_unet)}
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    plain = {l.name: l.quantized_weight() for l in modiff_layers(quantize(copy.deepcopy(unet), cfg))}
+    assert sum(not torch.equal(plain[k], want[k]) for k in want) >= len(want) // 2
+    ref.reset()
+    for x, t in inputs[:3]:
+        assert torch.equal(of_folder(x, t, ehs), ref(x, t, ehs))
+    # an ONNX Runtime variant folds the int8 codes to floats: refused rather than served with other weights
+    from modiff_export.export.ort_variant import write_variant
+
+    write_variant(tmp_path / "g", tmp_path / "g-ort")
+    with pytest.raises(RunnerError, match="cannot be reproduced on torch"):
+        resolve_runner(RunnerOptions("torch", str(tmp_path / "model"), str(tmp_path / "g-ort")))

@@ -107,3 +107,64 @@ def test_save_grid_upscales_and_writes_atomically(tmp_path):
     im = Image.open(path)
     assert im.mode == "L" and im.size[0] >= 3 * 64 and im.size[1] >= 2 * 64  # 3 x 2 grid of >= 64 px cells
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png"]
+
+
+def _load_triton_copy(name: str):
+    """A serving/triton_models module, imported with a stand-in for Triton's `triton_python_backend_utils`
+    (only its sequence flags are used here)."""
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    stub = types.ModuleType("triton_python_backend_utils")
+    stub.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, stub.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 1, 2
+    sys.modules.setdefault("triton_python_backend_utils", stub)
+    path = Path(__file__).resolve().parent.parent / "modiff_export" / "serving" / "triton_models" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"triton_copy_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_triton_constants_are_the_packages():
+    """The Python-backend models cannot import the package: their copies of the schedulers, overrides,
+    seed offset and minimum batch must stay those of sampling.py and serving/sampler.py."""
+    from modiff_export import sampling
+    from modiff_export.serving import sampler
+
+    copy = _load_triton_copy("sampler")
+    assert {k: v.__name__ for k, v in copy.SCHEDULERS.items()} == {k: v.__name__ for k, v in SCHEDULERS.items()}
+    assert copy.OVERRIDES == sampling._OVERRIDES
+    assert copy.EHS_SEED_OFFSET == sampling.ENCODER_SEED_OFFSET
+    assert _load_triton_copy("unet_python").MIN_BATCH == sampler.MIN_BATCH
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpmpp"])
+def test_triton_sampler_copy_matches_denoise(scheduler):
+    """The Triton Python-backend sampler's trajectory (a copy of sampling.denoise: one BLS call per step,
+    START/END flags per sequence) gives the image sampling.generate gives for the same seed, exactly;
+    the BLS call is replaced by a PyTorch runner per correlation id."""
+    import asyncio
+    import itertools
+
+    copy_module = _load_triton_copy("sampler")
+    unet = quantize(tiny_unet(), QuantConfig(mode="modiff", act_bits=4))
+    model = object.__new__(copy_module.TritonPythonModel)
+    model.scheduler_config, model.sample_shape, model.ehs_shape = dict(SCHED_CONFIG), (1, 8, 8), None
+    model.ids = itertools.count(7)
+    runners, flags_seen = {}, []
+
+    async def fake_unet(cid, sample, t, ehs, flags):
+        if flags & 1:  # START: a fresh sequence
+            runners[cid] = TorchRunner(unet)
+            runners[cid].reset()
+        flags_seen.append(flags)
+        return runners[cid](sample, t, ehs)
+
+    model._unet = fake_unet
+    got = asyncio.run(model._trajectory({"seed": 5, "steps": 6, "scheduler": scheduler, "guidance_scale": 1.0,
+                                         "ehs": None}))
+    ref = generate(TorchRunner(unet), make_scheduler(scheduler, SCHED_CONFIG), 6, 1, 5, (1, 8, 8), progress=False)
+    assert flags_seen[0] == 1 and flags_seen[-1] == 2 and len(flags_seen) == 6
+    assert torch.equal(torch.from_numpy(got), ref[0])

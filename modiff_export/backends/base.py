@@ -23,6 +23,7 @@ Tensors in and out are torch tensors on the CPU:
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch
 
 from ..errors import ModiffExportError
 from ..manifest import Manifest
+from ..quant.quantization import starts_trajectory
 
 MAX_BATCH = 4096  # far above any real batch; a larger one is a typo that would exhaust memory
 
@@ -120,7 +122,7 @@ class Runner(ABC):
             raise RunnerError(f"{self.backend} runner: batch {sample.shape[0]} does not match the cached batch "
                               f"{self.batch_size}; call reset() before a new batch")
         t = float(timestep[0])
-        if t > self.last_timestep:
+        if starts_trajectory(self.last_timestep, t):
             raise RunnerError(f"{self.backend} runner: timestep {t:g} does not continue the trajectory (last "
                               f"{self.last_timestep:g}); call reset() before a new trajectory")
         out = self._finite(self.step_impl(sample, timestep, ehs, self.delta_scales(t)), "step")
@@ -140,7 +142,7 @@ class Runner(ABC):
         the last one (every sampler's timesteps are non-increasing within one trajectory)."""
         b = getattr(sample, "shape", (None,))[0]
         t = torch.as_tensor(timestep, dtype=torch.float32).flatten()
-        return b != self.batch_size or (t.numel() > 0 and float(t[0]) > self.last_timestep)
+        return starts_trajectory(self.last_timestep, float(t[0]) if t.numel() else -math.inf, self.batch_size, b)
 
     def _finite(self, out: torch.Tensor, phase: str) -> torch.Tensor:
         """A NaN/Inf output (finite inputs: damaged weights, float16 overflow) is an error, never a

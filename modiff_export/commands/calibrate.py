@@ -51,10 +51,12 @@ def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, metho
     config, sampler, seed) to a JSON file for `export --calibration`. With the recommended recipe,
     every quantized weight is first rounded with GPTQ on full-precision trajectories of the same
     sampler and seed; their codes go into <out>.weights.safetensors beside the JSON."""
+    from ..calibration.file import weights_path, write_calibration
+    from ..calibration.recipe import calibrate_recipe, gptq_layers
     from ..fsutil import check_writable
     from ..models import load_model
-    from ..quant.calibration_file import weights_path, write_calibration
-    from ..quant.recipe import calibrate_recipe, gptq_layers
+    from ..models.prompts import encode_prompts
+    from ..sampling import Trajectories
 
     loaded = load_model(model)
     recipe = QUANT.recipe(quant)
@@ -62,15 +64,11 @@ def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, metho
     out = check_writable(out or f"calibration/{loaded.name}-{config.tag}-{method}.json", overwrite, kind="file")
     if gptq_layers(config, loaded.unet, recipe):
         check_writable(weights_path(out), overwrite, kind="file")
-    if prompts:
-        from ..serving.prompts import attach_prompts
-
-        attach_prompts(loaded, model, prompts)
+    traj = Trajectories(scheduler, steps, samples, batch_size, seed, guidance_scale,
+                        encode_prompts(loaded, model, prompts) if prompts else None)
     t0 = time.perf_counter()
-    data, rounded = calibrate_recipe(loaded, config, recipe, scheduler=scheduler, steps=steps, samples=samples,
-                                     batch_size=batch_size, seed=seed, guidance_scale=guidance_scale,
-                                     progress=not quiet, buckets=buckets, method=method, percentile=percentile,
-                                     subsample=subsample, in_place=True)
+    data, rounded = calibrate_recipe(loaded, config, recipe, traj, progress=not quiet, buckets=buckets, method=method,
+                                     percentile=percentile, subsample=subsample, in_place=True)
     write_calibration(out, data, overwrite, weights=rounded)
     extra = f", GPTQ weights of {len(rounded)} layers in {weights_path(out).name}" if rounded else ""
     click.echo(f"wrote {out}: {len(data['scales'])} layers x {buckets} bucket(s), method {method}, "

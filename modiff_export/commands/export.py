@@ -41,7 +41,7 @@ def export(model, calibration, cache_dtype, target, opset, out, overwrite, quiet
     check_writable(out, overwrite)  # before the (long) export
     from_cal = {}
     if calibration is not None:  # weights (clips, GPTQ) always; delta scales with --scale-mode static
-        from ..quant.calibration_file import load_calibration
+        from ..calibration.file import load_calibration
 
         from_cal = load_calibration(calibration, loaded.content_hash, config).export_kwargs(config)
     t0 = time.perf_counter()

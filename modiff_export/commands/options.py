@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import click
 
+from ..backends import BACKENDS
+from ..backends.base import MAX_BATCH
+from ..calibration.recipe import DEFAULT_RECIPE, RECIPES, apply_recipe
 from ..config import GRANULARITIES, MODES, SCALE_MODES, QuantConfig
-from ..quant.recipe import DEFAULT_RECIPE, RECIPES, apply_recipe
 from ..sampling import MAX_SEED, SCHEDULERS
 
-MAX_BATCH = 4096  # images per batch; far above what fits in memory for any real model
-MAX_SAMPLES = 100_000
 BACKEND_HELP = ("torch: PyTorch reference (quantizes --model); ort: ONNX Runtime on --graphs; openvino: OpenVINO "
                 "CPU on --graphs; trt: TensorRT on --engines")
 
@@ -100,11 +100,27 @@ QUANT = _QuantGroup([
                "INT4); needs --weight-bits <= 4 (and --opset 21 to export).")),
 ])
 
-SAMPLING = _Group([
+class _SamplingGroup(_Group):
+    def trajectories(self, values: dict, model, model_spec: str | None, samples: int | None = None):
+        """Pop the trajectory options and build sampling.Trajectories for `model` (a LoadedModel; its text
+        encoder folder `model_spec` encodes --prompts). `samples` images (default: one batch)."""
+        from ..sampling import Trajectories
+
+        v = self.pop(values)
+        prompts = None
+        if v.get("prompts"):
+            from ..models.prompts import encode_prompts
+
+            prompts = encode_prompts(model, model_spec, v["prompts"])
+        return Trajectories(v["scheduler"], v["steps"], samples or v["batch_size"], v["batch_size"], v["seed"],
+                            v["guidance_scale"], prompts)
+
+
+SAMPLING = _SamplingGroup([
     ("model", "--model", dict(default=None, help="'digits' (embedded, the default) or a local diffusers UNet/pipeline "
                                                  "folder. With a graph/engine folder the model comes from its "
                                                  "manifest; --model then checks it is the same model.")),
-    ("backend", "--backend", dict(type=click.Choice(["torch", "ort", "openvino", "trt"]), default="torch",
+    ("backend", "--backend", dict(type=click.Choice(BACKENDS), default="torch",
                                   show_default=True,
                                   help=BACKEND_HELP)),
     ("graphs", "--graphs", dict(type=click.Path(file_okay=False), default=None,

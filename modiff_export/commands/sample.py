@@ -49,65 +49,40 @@ def train_demo(steps, epochs, seed, arch, out, overwrite, what):
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
               help="PNG grid to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-def sample(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, prompts, calibration,
-           out, overwrite, **quant):
+def sample(calibration, out, overwrite, **options):
     """Generate one batch and save it as a PNG grid. --backend torch quantizes --model with the
     quantization options; ort/trt run exported graphs/engines, whose config is in their manifest."""
     from ..fsutil import check_writable
     from ..sampling import sample_model, save_grid
 
     check_writable(out, overwrite, kind="file")
-    m, cfg, runner = resolve_runner(model, backend, graphs, engines, quant, calibration)
-    if prompts:
-        from ..serving.prompts import attach_prompts
-
-        attach_prompts(m, model, prompts)
-    images = sample_model(m, cfg, scheduler, steps, batch_size, batch_size, seed, guidance_scale, backend,
-                          runner=runner)
+    resolved, traj = resolve(options, calibration)
+    images = sample_model(resolved.model, resolved.config, traj, runner=resolved.runner)
     path = save_grid(images, out, overwrite=overwrite)
-    click.echo(f"{m.name} {cfg.tag} [{backend}] {scheduler}x{steps}: wrote {path}")
+    m, cfg = resolved.model, resolved.config
+    click.echo(f"{m.name} {cfg.tag} [{resolved.runner.backend}] {traj.scheduler}x{traj.steps}: wrote {path}")
 
 
-def resolve_runner(model, backend, graphs, engines, quant: dict, calibration: str | None = None):
-    """(model, config, runner or None) for a backend: torch quantizes --model with the quantization
-    options `quant` (and their --recipe); graph/engine runners read everything from their folder's
-    manifest (whose graph files are digest-checked), and --model must be the same model."""
-    from ..backends import FOLDER_OPTION, RunnerError, make_runner
-    from ..models import LoadedModel, load_model
+def resolve(options: dict, calibration: str | None, samples: int | None = None):
+    """(Resolved, Trajectories) for sample/evaluate: the runner the SAMPLING and QUANT options name
+    (modiff_export/resolve.py) and the trajectories to run (`samples` images, default one batch)."""
+    from ..backends import RunnerError
+    from ..resolve import RunnerOptions, resolve_runner
 
+    model, backend, graphs, engines = (options.pop(k) for k in ("model", "backend", "graphs", "engines"))
+    if backend == "torch" and (graphs or engines):
+        raise RunnerError("--graphs/--engines are for the graph/engine backends; --backend torch samples --model")
+    opts = RunnerOptions(backend, model, engines if backend == "trt" else graphs, calibration)
+    config = loaded = None
     if backend == "torch":
-        if graphs or engines:
-            raise RunnerError("--graphs/--engines are for the graph/engine backends; --backend torch samples --model")
+        from ..models import load_model
+
         loaded = load_model(model or "digits")
-        config = QUANT.config(quant, model=loaded)
-        if calibration is None:
-            if config.scale_mode == "static":
-                raise RunnerError("--scale-mode static needs --calibration (the file with the static scales)")
-            return loaded, config, None
-        import copy
-
-        from ..quant.calibration_file import load_calibration
-        from ..quant.quantization import quantize
-
-        cal = load_calibration(calibration, loaded.content_hash, config)
-        unet = quantize(copy.deepcopy(loaded.unet), config)
-        cal.apply(unet)
-        return loaded, config, make_runner("torch", unet)
-    if calibration is not None:
-        raise RunnerError(f"--calibration is for --backend torch; the {backend} backend runs a folder that already "
-                          f"carries its calibration")
-    folder = engines if backend == "trt" else graphs
-    if folder is None:
-        raise RunnerError(f"--backend {backend} needs {FOLDER_OPTION[backend]}")
-    runner = make_runner(backend, folder=folder)
-    meta = LoadedModel.from_info(runner.manifest.model)
-    if model is not None:
-        want = load_model(model).content_hash
-        if want != meta.content_hash:
-            raise RunnerError(f"{folder} was exported from model {meta.name} ({meta.content_hash[:19]}...), "
-                              f"not {model} ({want[:19]}...)")
-    QUANT.config(quant)  # validated even though the folder's manifest decides
-    return meta, runner.manifest.quant_config, runner
+        config = QUANT.config(options, model=loaded)
+    else:
+        QUANT.config(options)  # validated even though the folder's manifest decides
+    resolved = resolve_runner(opts, config, loaded)
+    return resolved, SAMPLING.trajectories(options, resolved.model, model, samples)
 
 
 @click.command("evaluate")
@@ -118,8 +93,7 @@ def resolve_runner(model, backend, graphs, engines, quant: dict, calibration: st
                    "uses, as `export --calibration` does (its static scales with --scale-mode static).")
 @click.option("--num-samples", type=click.IntRange(2, 100_000), default=128, show_default=True,
               help="Samples per config.")
-def evaluate(model, backend, graphs, engines, scheduler, steps, batch_size, seed, guidance_scale, prompts,
-             calibration, num_samples, **quant):
+def evaluate(calibration, num_samples, **options):
     """FD-digits, classifier confidence and PSNR-to-FP (same noise) for one config vs full precision.
     The FP reference always runs on PyTorch; the quantized config runs on --backend (with ort/trt its
     config comes from the folder). FD-digits and confidence exist only for the `digits` model."""
@@ -127,28 +101,27 @@ def evaluate(model, backend, graphs, engines, scheduler, steps, batch_size, seed
     from ..models import load_model
     from ..sampling import SamplingError, sample_model
 
-    meta, qcfg, runner = resolve_runner(model, backend, graphs, engines, quant, calibration)
+    model, backend = options["model"], options["backend"]
+    resolved, traj = resolve(options, calibration, num_samples)
+    meta, qcfg = resolved.model, resolved.config
     m = meta if meta.unet is not None else load_model(model or "digits")
     if m.content_hash != meta.content_hash:
         raise SamplingError(f"the folder was exported from another model than {model or 'digits'}; pass its --model")
-    if prompts:
-        from ..serving.prompts import attach_prompts
-
-        attach_prompts(m, model, prompts)
     ev = DigitsEvaluator() if m.name in ("digits", "digits_b") else None
     rows, ref = [], None
     runs = [(QuantConfig(mode="fp"), "torch", None)]
     if not (qcfg.mode == "fp" and backend == "torch"):
-        runs.append((qcfg, backend, runner))
+        runs.append((qcfg, backend, resolved.runner))
     for cfg, be, r in runs:
         t0 = time.time()
-        x = sample_model(m, cfg, scheduler, steps, num_samples, batch_size, seed, guidance_scale, be, runner=r)
+        x = sample_model(m, cfg, traj, be, runner=r)
         ref = x if ref is None else ref
         fd = f"{ev.frechet_distance(x):.2f}" if ev else "n/a"
         conf = f"{ev.confidence(x):.3f}" if ev else "n/a"
         p = psnr(x, ref)
         rows.append((f"{cfg.tag} [{be}]", fd, conf, "inf" if math.isinf(p) else f"{p:.2f}", f"{time.time() - t0:.1f}"))
-    click.echo(f"{m.name} {scheduler}x{steps}, {num_samples} samples, seed {seed}, granularity {qcfg.granularity}")
+    click.echo(f"{m.name} {traj.scheduler}x{traj.steps}, {num_samples} samples, seed {traj.seed}, "
+               f"granularity {qcfg.granularity}")
     head = ("config", "FD-digits", "confidence", "PSNR-to-FP dB", "seconds")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:

@@ -11,47 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from ..errors import ModiffExportError
-from ..models.loading import ASSETS  # noqa: E402
-
-CLASSIFIER_FILE = "classifier.safetensors"
+from ..models.classifier import load_classifier
+from ..models.loading import ASSETS
 
 
 class MetricsError(ModiffExportError):
     pass
-
-
-class DigitsClassifier(nn.Module):
-    """[B, 1, 16, 16] in [-1, 1] -> logits [B, 10]; features() is the 64-d penultimate layer."""
-
-    def __init__(self, feat_dim: int = 64):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),                                        # [B, 32, 8, 8]
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # [B, 64, 4, 4]
-            nn.Flatten(), nn.Linear(64 * 16, feat_dim), nn.ReLU(),  # [B, feat_dim]
-        )
-        self.head = nn.Linear(feat_dim, 10)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
-def load_classifier(folder: str | Path = ASSETS) -> DigitsClassifier:
-    from safetensors.torch import load_file
-
-    path = Path(folder) / CLASSIFIER_FILE
-    if not path.is_file():
-        raise MetricsError(f"{path}: missing; run `python cli.py train-demo` to train the digits classifier")
-    model = DigitsClassifier()
-    model.load_state_dict(load_file(str(path)))
-    return model.eval()
 
 
 def _check_images(x: torch.Tensor, name: str = "samples") -> torch.Tensor:

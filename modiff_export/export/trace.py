@@ -26,6 +26,7 @@ from ..fsutil import atomic_folder, check_writable
 from ..manifest import BATCH, CacheSpec, LayerInfo, Manifest, ScaleTable, TensorSpec
 from ..models.loading import LoadedModel
 from ..quant.quantization import (
+    WeightChoices,
     apply_weight_choices,
     list_caches,
     modiff_layers,
@@ -105,18 +106,16 @@ def _spec(name: str, shape, dtype: str) -> dict:
 
 
 def export_model(model: LoadedModel, config: QuantConfig, out: str | Path, *,
-                 scales: dict | None = None, weight_clips: dict[str, list[float]] | None = None,
-                 rounded_weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 scales: ScaleTable | None = None, weights: WeightChoices | None = None,
                  cache_dtype: str = "float32", opset: int = DEFAULT_OPSET, target: str = "trt",
                  overwrite: bool = False, progress: bool = True) -> Manifest:
     """Quantize `model.unet` (in place: pass `model.copy()` to keep it) with `config` and write graphs
     + manifest.json into `out` (docs/design.md section 3).
 
-    weight_clips: {layer: [clip ratio per output channel]} from calibration.
-    rounded_weights: {layer: (codes, scale)} from calibration (GPTQ, quant/recipe.py): these layers'
-            int8 weight initializers are exactly those codes and scales.
-    scales: for scale_mode="static", {"n_buckets", "num_train_timesteps", "table": {layer: [s]},
-            "source": path}; one bucket becomes constants, several become a `delta_scales` input.
+    weights: from calibration (Calibration.weights): per-channel clip ratios and GPTQ-rounded weights,
+            whose codes and scales become exactly these layers' int8 weight initializers.
+    scales: for scale_mode="static", the calibrated ScaleTable (Calibration.scale_table); one bucket
+            becomes constants, several become a `delta_scales` input.
     target: "trt" (explicit Q/DQ, as TensorRT wants) or "ort" (rewritten for ONNX Runtime CPU by
             ort_variant.py before the folder appears).
     Returns the manifest. The folder appears only when everything succeeded; an existing `out` is
@@ -136,13 +135,13 @@ def export_model(model: LoadedModel, config: QuantConfig, out: str | Path, *,
         raise ExportError("scale_mode='static' needs a calibration file (--calibration)")
     unet = quantize(unet, config).eval()
     try:  # calibrated per-channel weight clipping (MSE search) and GPTQ-rounded weights
-        apply_weight_choices(unet, weight_clips, rounded_weights)
+        apply_weight_choices(unet, weights or WeightChoices())
     except ModiffExportError as e:
         raise ExportError(f"calibration {e}; the calibration file does not fit this model and config") from None
     n_buckets = 1
     if scales is not None and config.mode != "fp":
-        set_static_scales(unet, scales["table"], scales.get("num_train_timesteps", 1000))
-        n_buckets = int(scales["n_buckets"])
+        set_static_scales(unet, scales)
+        n_buckets = scales.n_buckets
     if config.mode == "ptq" and n_buckets > 1:
         raise ExportError("ptq with several timestep buckets is not supported: calibrate with --buckets 1")
 
@@ -191,9 +190,7 @@ def export_model(model: LoadedModel, config: QuantConfig, out: str | Path, *,
         caches=tuple(CacheSpec(**{**c, "shape": tuple(c["shape"])}) for c in caches),
         step_extra_inputs=tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in step_extra),
         layers=tuple(LayerInfo(**_layer_entry(layer)) for layer in modiff_layers(unet)),
-        scales=None if scales is None else ScaleTable(
-            str(scales.get("source", "")), int(scales["n_buckets"]), int(scales.get("num_train_timesteps", 1000)),
-            tuple(layer.name for layer in quantized), {k: tuple(v) for k, v in scales["table"].items()}))
+        scales=None if scales is None else scales.for_layers(tuple(layer.name for layer in quantized)))
     with atomic_folder(out, overwrite) as tmp:
         bar = tqdm(roles, desc=f"export {config.tag}", disable=not progress, unit="graph")
         for role in bar:
@@ -227,7 +224,7 @@ def _trace(unet, role, args, inputs, step_extra, caches, scales, cache_dtype, op
     with torch.no_grad(), _export_state(unet):
         if role == "step":
             if step_extra:
-                table = scales["table"]
+                table = scales.table
                 call_args.append(torch.tensor([table[l.name][0] for l in module.quantized]))
                 in_names += [s["name"] for s in step_extra]
             module.phase = "prime"

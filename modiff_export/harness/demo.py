@@ -79,14 +79,16 @@ class Demo:
     def calibrate(self) -> None:
         """Static scales for MoDiff W8A4 (seed 1000, not the evaluation noise) -> row modiff-w8a4-static; the
         recommended recipe's calibration (GPTQ weights) for W4A4 -> row modiff-w4a4-recommended."""
-        from ..quant.calibration import calibrate
-        from ..quant.calibration_file import load_calibration, write_calibration
-        from ..quant.recipe import apply_recipe, calibrate_recipe
+        from ..calibration.file import load_calibration, write_calibration
+        from ..calibration.observe import calibrate
+        from ..calibration.recipe import apply_recipe, calibrate_recipe
+        from ..sampling import Trajectories
 
         cfg = QuantConfig(mode="modiff", weight_bits=8, act_bits=4, scale_mode="static")
         t0, n = time.time(), self.s.calibration_samples
+        cal_traj = Trajectories("ddim", self.s.steps, n, n, seed=1000)  # not the evaluation noise
         path = write_calibration(self.work / "calibration.json",
-                                 calibrate(self.model, cfg, steps=self.s.steps, samples=n, progress=False))
+                                 calibrate(self.model, cfg, cal_traj.replace(batch_size=16), progress=False))
         cal = load_calibration(path, self.model.content_hash, cfg)
         self.configs.append((cfg.tag + "-static", cfg, cal))
         self.note(f"calibration: `calibrate` (MSE scales, 1 bucket, weight clipping) for MoDiff W8A4 static on {n} "
@@ -94,7 +96,7 @@ class Demo:
                   f"modiff-w8a4-static")
         t0 = time.time()
         rec = apply_recipe(QuantConfig(mode="modiff", weight_bits=4, act_bits=4), self.model.unet)
-        data, rounded = calibrate_recipe(self.model, rec, steps=self.s.steps, samples=n, batch_size=n, progress=False)
+        data, rounded = calibrate_recipe(self.model, rec, traj=cal_traj, progress=False)
         path = write_calibration(self.work / "calibration-w4a4.json", data, weights=rounded)
         self.configs.append((rec.tag + "-recommended", rec, load_calibration(path, self.model.content_hash, rec)))
         self.note(f"recommended recipe (`calibrate`/`export` defaults, docs/quality.md): MoDiff W4A4 with conv_in, "

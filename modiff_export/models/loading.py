@@ -1,7 +1,7 @@
 """Loading diffusion UNets: the embedded `digits` model or a local diffusers folder (no downloads).
 
     spec = "digits"             -> modiff_export/assets/digits (trained by `cli.py train-demo`)
-    spec = "digits_b"           -> modiff_export/assets/digits_b (second validation model, issue 11)
+    spec = "digits_b"           -> modiff_export/assets/digits_b (second validation model, docs/quality.md)
     spec = <UNet folder>        -> config.json + diffusion_pytorch_model.safetensors [+ scheduler_config.json]
     spec = <pipeline folder>    -> unet/ (as above) + scheduler/scheduler_config.json
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModiffExportError
-from ..manifest import DEFAULT_SCHEDULER_CONFIG, ModelInfo
+from .info import DEFAULT_SCHEDULER_CONFIG, ModelInfo
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "digits"  # the shipped digits model (the only definition)
 EMBEDDED = {"digits": ASSETS, "digits_b": ASSETS.parent / "digits_b"}  # names --model accepts besides folders
@@ -46,8 +46,6 @@ class LoadedModel:
     cross_attention_dim: int | None
     encoder_seq_len: int | None
     out_channels: int | None = None
-    # (cond [P, S, D], uncond [S, D]) from `--prompts FILE` (serving/prompts.py); None: random states
-    prompt_states: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_unet(cls, unet: torch.nn.Module, name: str, scheduler_config: dict | None = None) -> "LoadedModel":

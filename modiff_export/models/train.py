@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..evaluation.metrics import ASSETS, CLASSIFIER_FILE, DigitsClassifier
 from ..fsutil import atomic_write_text
+from .classifier import CLASSIFIER_FILE, DigitsClassifier
 from .data import digits_split, random_shift
+from .loading import ASSETS
 
 UNET_CONFIG = dict(
     sample_size=16, in_channels=1, out_channels=1, layers_per_block=1,
@@ -24,7 +25,7 @@ UNET_CONFIG = dict(
     up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
 )
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
-# digits_b: the second validation model (issue 11), trained differently so no decision is tuned to one model:
+# digits_b: the second validation model (docs/quality.md), trained differently so no decision is tuned to one model:
 # no attention anywhere, two resnets per level, linear betas; train-demo --arch digits_b --seed 1 --steps 1500.
 UNET_CONFIG_B = {
     "sample_size": 16, "in_channels": 1, "out_channels": 1, "layers_per_block": 2,

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..config import QuantConfig
 from ..errors import ModiffExportError
+from .scales import ScaleTable, timestep_bucket
 
 SCALE_FLOOR = 1e-8
 
@@ -290,10 +291,10 @@ def quantize(unet: nn.Module, config: QuantConfig) -> nn.Module:
     if not targets:
         raise MoDiffError(f"{type(unet).__name__} has no Conv2d or Linear layer to quantize")
     names = [n for n, _ in targets]
-    for field in ("skip_layers", "int8_layers"):
-        unmatched = [p for p in getattr(config, field) if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    for option in ("skip_layers", "int8_layers"):
+        unmatched = [p for p in getattr(config, option) if not any(fnmatch.fnmatchcase(n, p) for n in names)]
         if unmatched:
-            raise MoDiffError(f"{field} pattern(s) {unmatched} match no Conv2d/Linear layer of {type(unet).__name__} "
+            raise MoDiffError(f"{option} pattern(s) {unmatched} match no Conv2d/Linear layer of {type(unet).__name__} "
                               f"(names look like {names[0]!r}, {names[-1]!r})")
     if config.mode != "fp" and all(config.skips(n) for n in names):
         raise MoDiffError(f"skip_layers {list(config.skip_layers)} leave no layer quantized; use mode 'fp' for an "
@@ -306,6 +307,14 @@ def quantize(unet: nn.Module, config: QuantConfig) -> nn.Module:
     unet.modiff_last_timestep = None
     unet.register_forward_pre_hook(_before_call, with_kwargs=True)
     return unet
+
+
+def starts_trajectory(last_timestep: float | None, timestep: float, last_shape=None, shape=None) -> bool:
+    """The new-trajectory rule (docs/design.md section 1) the quantized model, every runner and the
+    diffusers drop-in share: caches are valid within one trajectory, every sampler's timesteps are
+    non-increasing within one, so a call with a timestep above the previous call's (or with other input
+    shapes, e.g. another batch) starts a new one; so does the first call."""
+    return last_timestep is None or float(timestep) > last_timestep or last_shape != shape
 
 
 def modiff_layers(unet: nn.Module) -> Iterator[MoDiffLayer]:
@@ -344,52 +353,56 @@ def list_caches(unet: nn.Module) -> list[CacheEntry]:
     return out
 
 
-# -- timestep buckets for static scales ---------------------------------------------------------
-def timestep_bucket(t: float, n_buckets: int, num_train_timesteps: int = 1000) -> int:
-    """Bucket b of n uniform buckets over [0, num_train_timesteps)."""
-    return max(0, min(n_buckets - 1, int(float(t) * n_buckets / num_train_timesteps)))
+@dataclass(frozen=True, eq=False)
+class WeightChoices:
+    """How calibration chose a model's weights, handed to export and to the PyTorch reference as one object:
+    per-channel clip ratios {layer: [ratio per output channel]} (None: the absmax grid; when given, every
+    quantized layer needs one) and pre-rounded weights {layer: (codes [Cout, ...], scale [Cout])} (GPTQ)."""
+
+    clips: Mapping[str, Sequence[float]] | None = None
+    rounded: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def apply_weight_choices(unet: nn.Module, clips: dict | None, rounded: dict | None) -> None:
-    """Calibrated per-channel weight clips ({layer: ratios [Cout]}; every quantized layer needs one) and
-    pre-rounded weights ({layer: (codes, scale)}, GPTQ) on a quantized UNet, clips first. The one place
-    export, the PyTorch reference (calibration file) and calibration itself set weights; a clip or
-    rounded weight that does not fit the model is a MoDiffError naming the layer."""
+def apply_weight_choices(unet: nn.Module, choices: WeightChoices) -> None:
+    """`choices` on a quantized UNet, clips first: the one place export, the PyTorch reference (calibration
+    file) and calibration itself set weights. A clip or rounded weight that does not fit the model is a
+    MoDiffError naming the layer."""
     layers = {layer.name: layer for layer in modiff_layers(unet)}
-    for name in rounded or {}:
+    for name in choices.rounded:
         if name not in layers:
             raise MoDiffError(f"rounded weights for layer {name}, which this model does not have")
     for layer in layers.values():
         if layer.skipped:
             continue
-        if clips is not None:
-            clip, n_out = clips.get(layer.name), layer.inner.weight.shape[0]
+        if choices.clips is not None:
+            clip, n_out = choices.clips.get(layer.name), layer.inner.weight.shape[0]
             if clip is None or len(clip) != n_out:
                 got = "no entry" if clip is None else f"{len(clip)} ratios"
                 raise MoDiffError(f"weight clips for layer {layer.name}: {got}, expected {n_out} (one per output "
                                   f"channel)")
             layer.set_weight_clip(torch.as_tensor(clip, dtype=torch.float32))
-        if rounded and layer.name in rounded:
-            layer.set_rounded_weight(*rounded[layer.name])
+        if layer.name in choices.rounded:
+            layer.set_rounded_weight(*choices.rounded[layer.name])
 
 
-def set_static_scales(unet: nn.Module, table: dict[str, list[float]], num_train_timesteps: int = 1000) -> None:
-    """Load per-layer, per-bucket activation scales ({layer name: [scale per bucket]})."""
+def set_static_scales(unet: nn.Module, table: ScaleTable) -> None:
+    """Load per-layer, per-bucket activation scales (the calibrated ScaleTable) into a quantized UNet."""
     layers = {l.name: l for l in modiff_layers(unet) if not l.skipped}
-    unknown = sorted(set(table) - {l.name for l in modiff_layers(unet)})
+    unknown = sorted(set(table.table) - {l.name for l in modiff_layers(unet)})
     if unknown:  # a table for another model (or an edited one): refuse rather than ignore
         raise MoDiffError(f"scale table names layers this model does not have: {unknown[:5]}"
                           f"{'...' if len(unknown) > 5 else ''}")
-    missing = sorted(set(layers) - set(table))
+    missing = sorted(set(layers) - set(table.table))
     if missing:
         raise MoDiffError(f"scale table has no entry for layers {missing[:5]}{'...' if len(missing) > 5 else ''}")
     for name, layer in layers.items():
-        scales = torch.tensor(table[name], dtype=torch.float32)
+        scales = torch.tensor(table.table[name], dtype=torch.float32)
         if not torch.isfinite(scales).all() or (scales < 0).any():
-            raise MoDiffError(f"scale table entry for layer {name} has a negative or non-finite scale: {table[name]}")
+            raise MoDiffError(f"scale table entry for layer {name} has a negative or non-finite scale: "
+                              f"{list(table.table[name])}")
         # docs/design.md section 1: s has a floor of 1e-8 (0 -> 0/0 = NaN)
         layer.static_scales = scales.clamp_min(SCALE_FLOOR)
-    unet.modiff_num_train_timesteps = num_train_timesteps
+    unet.modiff_num_train_timesteps = table.num_train_timesteps
 
 
 def _before_call(unet: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -412,7 +425,7 @@ def _before_call(unet: nn.Module, args: tuple, kwargs: dict) -> None:
         if not math.isfinite(t):
             raise MoDiffError(f"timestep {t} is not finite")
         last = getattr(unet, "modiff_last_timestep", None)
-        if last is not None and t > last and not any(layer.phase for layer in modiff_layers(unet)):
+        if last is not None and starts_trajectory(last, t) and not any(layer.phase for layer in modiff_layers(unet)):
             reset_caches(unet)
         unet.modiff_last_timestep = t
     T = getattr(unet, "modiff_num_train_timesteps", 1000)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.configuration_utils import FrozenDict
 
+from ..quant.quantization import starts_trajectory
+
 
 @dataclass
 class UNetOutput:
@@ -87,7 +89,8 @@ class ModiffUNet(torch.nn.Module):
         t = torch.as_tensor(timestep, dtype=torch.float32).flatten()
         key = (float(t.max()), tuple(sample.shape),
                None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape))
-        if self._last is None or key[0] > self._last[0] or key[1:] != self._last[1:]:
+        last_t, last_shapes = (None, None) if self._last is None else (self._last[0], self._last[1:])
+        if starts_trajectory(last_t, key[0], last_shapes, key[1:]):
             self.new_trajectory()
         self._last = key
         ehs = None if encoder_hidden_states is None else encoder_hidden_states.detach().float().cpu()

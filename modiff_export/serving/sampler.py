@@ -9,15 +9,13 @@ splits a batch into groups that can, and every group starts from `runner.reset()
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ModiffExportError
-from ..sampling import SCHEDULERS, make_scheduler
+from ..sampling import ENCODER_SEED_OFFSET, SCHEDULERS, denoise, make_scheduler
 
-EHS_SEED_OFFSET = 1_000_003
 # ONNX Runtime's CPU GEMM (MLAS) takes another code path for M = 1 rows than for M >= 2: measured on
 # the digits prime graph, a batch of 1 differs from the same sample inside any batch of 2..16 by up to
 # 3e-6 (at any position: 0.0 difference between all M >= 2), and MoDiff's rounding turns such ulps into
@@ -74,7 +72,7 @@ def check_item(it: Item, max_steps: int, conditional: bool, ehs_shape: tuple[int
 
 def default_encoder_states(seed: int, ehs_shape: tuple[int, int]) -> torch.Tensor:
     """[S, D] random encoder states, the ones `sample_model` uses for a batch of 1 with this seed."""
-    g = torch.Generator().manual_seed(int(seed) + EHS_SEED_OFFSET)
+    g = torch.Generator().manual_seed(int(seed) + ENCODER_SEED_OFFSET)
     return torch.randn((1, *ehs_shape), generator=g)[0]
 
 
@@ -83,9 +81,9 @@ def generate_group(runner, scheduler_config: dict, items: list[Item], sample_sha
                    ehs_shape: tuple[int, int] | None = None, min_batch: int = MIN_BATCH) -> torch.Tensor:
     """One trajectory for items that share steps/scheduler/guidance -> images [B, C, H, W] in [-1, 1].
 
-    Mirrors sampling.generate step for step; the only difference is one generator per item
-    (diffusers' randn_tensor draws sample i from generator i, shape [1, ...]). A group smaller than
-    `min_batch` is padded with copies of its first item (own generators, results dropped)."""
+    sampling.denoise with one generator per item (diffusers' randn_tensor draws sample i from generator
+    i, shape [1, ...]), so each item's image is the one it gets alone. A group smaller than `min_batch`
+    is padded with copies of its first item (own generators, results dropped)."""
     n = len(items)
     items = list(items) + [items[0]] * max(0, min_batch - n)
     it0 = items[0]
@@ -98,29 +96,13 @@ def generate_group(runner, scheduler_config: dict, items: list[Item], sample_sha
     if ehs_shape is not None:
         ehs = torch.stack([it.encoder_hidden_states if it.encoder_hidden_states is not None
                            else default_encoder_states(it.seed, ehs_shape) for it in items]).float()  # [B, S, D]
-    cfg = it0.guidance_scale != 1.0 and ehs is not None
-    if cfg:
-        unc = torch.stack([it.negative if it.negative is not None else torch.zeros(ehs_shape) for it in items]).float()
-        ehs = torch.cat([ehs, unc])  # [2B, S, D]: cond first, uncond second
-    params = inspect.signature(scheduler.step).parameters
-    step_kwargs = {}
-    if "generator" in params:
-        step_kwargs["generator"] = gens if len(gens) > 1 else gens[0]
-    if "eta" in params:
-        step_kwargs["eta"] = 0.0
-    scheduler.set_timesteps(it0.steps)
-    x = noise * scheduler.init_noise_sigma
-    runner.reset()  # fresh caches for every trajectory: nothing carries over from another group or batch
-    for t in scheduler.timesteps:
-        inp = scheduler.scale_model_input(x, t)  # [B, C, H, W]
-        if cfg:
-            eps_c, eps_u = runner(torch.cat([inp, inp]), t, ehs).chunk(2)
-            eps = eps_u + it0.guidance_scale * (eps_c - eps_u)
-        else:
-            eps = runner(inp, t, ehs)
-        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
-    runner.reset()
-    return x[:n].clamp(-1, 1)
+        if it0.guidance_scale != 1.0:
+            unc = torch.stack([it.negative if it.negative is not None else torch.zeros(ehs_shape)
+                               for it in items]).float()
+            ehs = torch.cat([ehs, unc])  # [2B, S, D]: cond first, uncond second
+    x = denoise(runner, scheduler, noise, it0.steps, ehs, it0.guidance_scale, gens if len(gens) > 1 else gens[0])
+    runner.reset()  # nothing carries over to another group or batch
+    return x[:n]
 
 
 def generate_items(runner, scheduler_config: dict, items: list[Item], sample_shape, ehs_shape=None,

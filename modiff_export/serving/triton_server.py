@@ -136,26 +136,16 @@ class ModiffModel:
 
 
 def load_runner(cfg: ServeConfig):
-    """(runner, model meta) for the configured backend; any problem raises a ModiffExportError."""
-    from ..backends import FOLDER_OPTION, RunnerError, make_runner
-    from ..models import LoadedModel, load_model
+    """(runner, model meta) for the configured backend (modiff_export/resolve.py: torch with --graphs is the
+    PyTorch reference of that folder, weights included); any problem raises a ModiffExportError."""
+    from ..config import QuantConfig
+    from ..resolve import RunnerOptions, resolve_runner
 
-    if cfg.backend == "torch":
-        import copy
-
-        from ..config import QuantConfig
-        from ..manifest import Manifest
-        from ..quant.quantization import quantize
-
-        meta = load_model(cfg.model or "digits")
-        qc = Manifest.load(cfg.folder).quant_config if cfg.folder else QuantConfig()
-        return make_runner("torch", quantize(copy.deepcopy(meta.unet), qc)), meta
-    if cfg.folder is None:
-        raise RunnerError(f"--backend {cfg.backend} needs {FOLDER_OPTION[cfg.backend]}")
-    kwargs = {"threads": cfg.threads} if cfg.backend == "ort" else {}
-    runner = make_runner(cfg.backend, folder=cfg.folder, **kwargs)
-    runner.activate()
-    return runner, LoadedModel.from_info(runner.manifest.model)
+    kwargs = (("threads", cfg.threads),) if cfg.backend == "ort" else ()
+    opts = RunnerOptions(cfg.backend, cfg.model, cfg.folder, runner_kwargs=kwargs)
+    resolved = resolve_runner(opts, QuantConfig() if cfg.backend == "torch" and cfg.folder is None else None)
+    resolved.runner.activate()
+    return resolved.runner, resolved.model
 
 
 # -- the Triton side ---------------------------------------------------------------------------------
@@ -211,7 +201,7 @@ def serve(cfg: ServeConfig, on_ready=None) -> None:
     check_ports(cfg.http_port, cfg.grpc_port, cfg.metrics_port)
     encoder = None
     if cfg.pipeline:
-        from .prompts import PromptEncoder
+        from ..models.prompts import PromptEncoder
 
         encoder = PromptEncoder(cfg.pipeline)  # shared by the instances: inference only, no state
     models = []

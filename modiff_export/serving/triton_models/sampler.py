@@ -31,7 +31,7 @@ SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "pndm": PNDMSchedule
               "dpmpp": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
               "euler_a": EulerAncestralDiscreteScheduler, "unipc": UniPCMultistepScheduler}
 OVERRIDES = {"pndm": {"skip_prk_steps": True}, "dpmpp": {"algorithm_type": "dpmsolver++", "solver_order": 2}}
-EHS_SEED_OFFSET = 1_000_003  # same default encoder states as modiff-export's sample_model / serve
+EHS_SEED_OFFSET = 1_000_003  # COPY of sampling.ENCODER_SEED_OFFSET (tests/test_sampling.py checks it)
 
 
 class BadRequest(ValueError):
@@ -90,6 +90,8 @@ class TritonPythonModel:
         return torch.from_numpy(pb_utils.get_output_tensor_by_name(resp, "noise_pred").as_numpy().copy())
 
     async def _trajectory(self, it):
+        # COPY of modiff_export.sampling.denoise (this file runs where the package is absent), one request
+        # per image; tests/test_sampling.py::test_triton_sampler_copy_matches_denoise keeps them equal.
         sched = SCHEDULERS[it["scheduler"]].from_config({**self.scheduler_config, **OVERRIDES.get(it["scheduler"], {})})
         gen = torch.Generator().manual_seed(it["seed"])
         x = torch.randn((1, *self.sample_shape), generator=gen)

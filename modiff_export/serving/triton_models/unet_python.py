@@ -12,7 +12,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-MIN_BATCH = 2  # ORT's CPU GEMM takes another path for one row: batch >= 2 keeps results batch-invariant
+MIN_BATCH = 2  # COPY of serving.sampler.MIN_BATCH: batch >= 2 keeps ORT results batch-invariant
 
 
 class TritonPythonModel:

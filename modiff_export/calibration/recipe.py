@@ -1,5 +1,5 @@
 """The recommended recipe: what `calibrate`, `export` and `sample --backend torch` do by default
-(issue 11; measured in docs/quality.md, docs/design.md section 2).
+(measured in docs/quality.md; docs/design.md section 2).
 
     config = apply_recipe(config, model.unet, "recommended")    # + the W8A8 layers this model has
     gptq_layers(config, unet)                                  # which layers calibration rounds with GPTQ
@@ -7,11 +7,11 @@
 "recommended" = MoDiff as published, plus
   - `conv_in`, `conv_out` and the time-embedding Linears kept at W8A8 (INT8_IO_TIME_LAYERS; patterns
     a model does not have are left out, so any diffusers UNet works), whenever the config has
-    sub-8-bit weights or activations: +0.3-1.1% BOPs on the measured models;
-  - with a calibration file: every quantized weight rounded with GPTQ on calibration trajectories
-    (improvements.gptq_quantize), stored beside the calibration file and baked in by `export`. At W4
-    this removes most of the 4-bit weight error; surprisingly it matters at W8 too: on digits_b the
-    8-bit weights' rounding, not the deltas, limits W8A8 to 33-36 dB PSNR-to-FP (49-52 dB with GPTQ).
+    sub-8-bit weights or activations;
+  - with a calibration file: every quantized weight, 8-bit ones included, rounded with GPTQ on
+    calibration trajectories (calibration/hessians.py), stored beside the calibration file and baked
+    in by `export`.
+What each part buys, measured on two models: docs/quality.md.
 "paper" = MoDiff exactly as published (uniform bits, nearest rounding).
 """
 from __future__ import annotations
@@ -21,16 +21,19 @@ import fnmatch
 from torch import nn
 
 from ..config import QuantConfig
+from ..quant.quantization import MoDiffLayer
+from ..sampling import Trajectories
+from .hessians import gptq_round
+from .observe import CALIBRATION_TRAJECTORIES, calibrate
 
 RECIPES = ("recommended", "paper")
 DEFAULT_RECIPE = "recommended"
-# kept at W8A8 by the recommended recipe; docs/quality.md (issue 11) measures it on two models
+# kept at W8A8 by the recommended recipe; docs/quality.md measures it on two models
 INT8_IO_TIME_LAYERS = ("conv_in", "conv_out", "time_embedding.*", "*.time_emb_proj")
 
 
 def linear_layer_names(unet: nn.Module) -> list[str]:
     """Names of the Conv2d/Linear modules quantize() wraps, before or after quantization."""
-    from .quantization import MoDiffLayer
 
     if any(isinstance(m, MoDiffLayer) for m in unet.modules()):
         return [m.name for m in unet.modules() if isinstance(m, MoDiffLayer)]
@@ -64,17 +67,13 @@ def gptq_layers(config: QuantConfig, unet: nn.Module, recipe: str = DEFAULT_RECI
     return [name for name in linear_layer_names(unet) if not config.skips(name)]
 
 
-def calibrate_recipe(model, config: QuantConfig, recipe: str = DEFAULT_RECIPE, *, scheduler: str = "ddim",
-                     steps: int = 25, samples: int = 64, batch_size: int = 16, seed: int = 1000,
-                     guidance_scale: float = 1.0, progress: bool = True, **calibrate_kwargs) -> tuple[dict, dict]:
+def calibrate_recipe(model, config: QuantConfig, recipe: str = DEFAULT_RECIPE,
+                     traj: Trajectories = CALIBRATION_TRAJECTORIES, progress: bool = True,
+                     **calibrate_kwargs) -> tuple[dict, dict]:
     """What `cli.py calibrate` computes for `model` (a LoadedModel) under `config` (recipe already applied)
     and `recipe`: (calibration file content, {layer: (codes, scale)} GPTQ weights; {} for "paper").
-    GPTQ runs first on full-precision trajectories, then the deltas are observed with those weights.
-    calibrate_kwargs go to calibration.calibrate (buckets, method, percentile, subsample, in_place)."""
-    from .calibration import calibrate
-    from .improvements import gptq_round
-
-    traj = dict(scheduler=scheduler, steps=steps, samples=samples, batch_size=batch_size, seed=seed,
-                guidance_scale=guidance_scale, progress=progress)
-    rounded = gptq_round(model, config, gptq_layers(config, model.unet, recipe), **traj)
-    return calibrate(model, config, rounded_weights=rounded, **traj, **calibrate_kwargs), rounded
+    GPTQ runs first on full-precision trajectories `traj`, then the deltas are observed on the same
+    trajectories with those weights. calibrate_kwargs go to observe.calibrate (buckets, method,
+    percentile, subsample, in_place)."""
+    rounded = gptq_round(model, config, gptq_layers(config, model.unet, recipe), traj, progress=progress)
+    return calibrate(model, config, traj, rounded_weights=rounded, progress=progress, **calibrate_kwargs), rounded

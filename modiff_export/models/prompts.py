@@ -64,9 +64,9 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def attach_prompts(model, folder: str | None, file: str):
-    """Give a LoadedModel the states of the prompts in `file`, encoded by pipeline `folder`'s text encoder;
-    sample_model/calibrate then cycle them over the images (uncond: the empty prompt)."""
+def encode_prompts(model, folder: str | None, file: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond [P, S, D], uncond [S, D]): the prompts in `file` encoded by pipeline `folder`'s text encoder,
+    the empty prompt as uncond; for sampling.Trajectories(prompts=...), which cycles them over the images."""
     if folder is None or folder == "digits":
         raise PromptError("--prompts needs --model <diffusers pipeline folder> (its tokenizer/ and text_encoder/)")
     if not model.conditional:
@@ -77,5 +77,4 @@ def attach_prompts(model, folder: str | None, file: str):
     if tuple(cond.shape[1:]) != tuple(want):
         raise PromptError(f"{folder}: the text encoder gives [{', '.join(map(str, cond.shape[1:]))}] states, "
                           f"the UNet takes {list(want)}")
-    model.prompt_states = (cond, enc.negative)
-    return model
+    return cond, enc.negative

@@ -1,5 +1,5 @@
 """The calibration file: schema, atomic writing, loading with every check, and applying it
-(docs/design.md section 2). quant/calibration.py computes what goes in.
+(docs/design.md section 2). calibration/observe.py computes what goes in.
 
     write_calibration(path, data, weights=...)   -> JSON (+ weights file) by temp file + rename
     load_calibration(path, model_hash, config)   -> Calibration (refuses other models / configs)
@@ -34,7 +34,8 @@ import torch
 from ..config import ConfigError, QuantConfig
 from ..errors import ModiffExportError
 from ..fsutil import atomic_write_bytes, atomic_write_text, read_json, sha256_file
-from .quantization import apply_weight_choices, set_static_scales
+from ..quant.quantization import WeightChoices, apply_weight_choices, set_static_scales
+from ..quant.scales import ScaleTable
 
 SCHEMA = "modiff-export/calibration"
 SCHEMA_VERSION = 2
@@ -199,16 +200,21 @@ class Calibration:
             out[name] = (codes, scale)
         return out
 
-    def export_scales(self) -> dict:
-        """What export.export_model(scales=...) takes."""
-        return {"n_buckets": self.n_buckets, "num_train_timesteps": self.num_train_timesteps,
-                "table": {k: list(v) for k, v in self.scales.items()}, "source": str(self.path)}
+    @property
+    def scale_table(self) -> ScaleTable:
+        """The static delta scales, per layer (calibration order = the model's layer order) and bucket."""
+        return ScaleTable(str(self.path), self.n_buckets, self.num_train_timesteps, tuple(self.scales),
+                          {k: tuple(float(x) for x in v) for k, v in self.scales.items()})
+
+    @property
+    def weights(self) -> WeightChoices:
+        """The weight clips and rounded (GPTQ) weights, what export bakes in and apply() sets."""
+        return WeightChoices(self.weight_clips, self.rounded_weights)
 
     def export_kwargs(self, config: QuantConfig) -> dict:
         """What export.export_model takes from this file for `config`: the weights (clips, GPTQ codes)
         always, the static delta scales only for a static config."""
-        return {"weight_clips": self.weight_clips, "rounded_weights": self.rounded_weights,
-                "scales": self.export_scales() if config.scale_mode == "static" else None}
+        return {"weights": self.weights, "scales": self.scale_table if config.scale_mode == "static" else None}
 
     def check_config(self, config: QuantConfig) -> None:
         """Refuse a config this file was not calibrated for (one line naming the file and the field)."""
@@ -228,9 +234,9 @@ class Calibration:
             raise CalibrationError(f"{self.path}: apply() needs a UNet quantized with quantization.quantize()")
         self.check_config(config)
         if config.scale_mode == "static":
-            set_static_scales(unet, self.scales, self.num_train_timesteps)
+            set_static_scales(unet, self.scale_table)
         try:
-            apply_weight_choices(unet, self.weight_clips, self.rounded_weights)
+            apply_weight_choices(unet, self.weights)
         except ModiffExportError as e:
             raise CalibrationError(f"{self.path}: {e}") from None
 

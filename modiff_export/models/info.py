@@ -1,0 +1,55 @@
+"""What a model is, without its weights: identity and shapes (docs/design.md section 3). The manifest
+stores it; sampling drives a runner with it when only an exported folder is at hand."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import Fields
+
+DEFAULT_SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity and shapes of the exported UNet: what sampling needs to drive a runner without weights."""
+
+    name: str
+    class_name: str
+    content_hash: str
+    in_channels: int
+    out_channels: int
+    sample_size: tuple[int, int]  # (H, W)
+    cross_attention_dim: int | None = None
+    encoder_seq_len: int | None = None
+    scheduler_config: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULER_CONFIG))
+
+    @property
+    def conditional(self) -> bool:
+        return self.cross_attention_dim is not None
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, *self.sample_size)
+
+    @classmethod
+    def parse(cls, f: Fields) -> "ModelInfo":
+        size = f.get("sample_size", list)
+        if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+            f.fail("sample_size", f"must be [H, W] with positive integers, got {size!r}")
+        chans = {k: f.get(k, int) for k in ("in_channels", "out_channels")}
+        for k, v in chans.items():
+            if v < 1:
+                f.fail(k, f"must be >= 1, got {v}")
+        sched = f.get("scheduler_config", dict, optional=True) or dict(DEFAULT_SCHEDULER_CONFIG)
+        T = sched.get("num_train_timesteps", 1000)
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            f.fail("scheduler_config.num_train_timesteps", f"must be a positive integer, got {T!r}")
+        return cls(f.get("name", str), f.get("class", str), f.get("content_hash", str), chans["in_channels"],
+                   chans["out_channels"], tuple(size), f.get("cross_attention_dim", int, optional=True),
+                   f.get("encoder_seq_len", int, optional=True), sched)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "class": self.class_name, "content_hash": self.content_hash,
+                "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "sample_size": list(self.sample_size), "cross_attention_dim": self.cross_attention_dim,
+                "encoder_seq_len": self.encoder_seq_len, "scheduler_config": self.scheduler_config}

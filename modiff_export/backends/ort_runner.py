@@ -50,8 +50,8 @@ class OrtRunner(Runner):
         if self.threads:
             opts.intra_op_num_threads = self.threads
         # ORT fuses DequantizeLinear(int8 weight) -> MatMul into MatMulNBits, whose default
-        # accuracy level 4 quantizes the *activations* to int8 on the fly: not what the graph says
-        # (measured: 3e-3 max error on a full-precision prime step). Level 0 keeps them float.
+        # accuracy level 4 quantizes the *activations* to int8 on the fly: not what the graph says.
+        # Level 0 keeps them float.
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.matmul_accuracy_level))
         for role in self.manifest.roles:
             name = self.manifest.graphs[role]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import ModiffExportError
 from .fsutil import atomic_folder, check_writable, sha256_file
-from .manifest import BATCH, Manifest, TensorSpec
+from .manifest import BATCH, GraphTensor, Manifest, TensorSpec
 
 PRECISIONS = ("int8", "int4", "fp16")
 INSTALL_HINT = 'TensorRT is not installed; on a machine with an NVIDIA GPU run: pip install -e ".[tensorrt]"'
@@ -198,32 +198,14 @@ def count_block_quantized_weights(onnx_path: str | Path) -> int:
                and any(a.name == "block_size" and a.i > 0 for a in n.attribute))
 
 
-def check_engine_io(engine_io: dict, manifest: Manifest, role: str) -> None:
+def check_engine_io(engine_io: dict, manifest: Manifest, role: str, source: str | Path | None = None) -> None:
     """engine_io: {name: {"mode": "input"|"output", "dtype": "float32", "shape": [-1, 4, 8, 8]}}
-    (-1 where the dimension is dynamic). Raises EngineError naming the first mismatches."""
-    expected = {s.name: ("input", s) for s in manifest.graph_inputs(role)}
-    expected.update({s.name: ("output", s) for s in manifest.graph_outputs(role)})
-    problems = []
-    missing = [n for n in expected if n not in engine_io]
-    extra = [n for n in engine_io if n not in expected]
-    if missing:
-        problems.append(f"missing tensors {missing[:3]}{'...' if len(missing) > 3 else ''}")
-    if extra:
-        problems.append(f"unexpected tensors {extra[:3]}{'...' if len(extra) > 3 else ''}")
-    for name, (mode, spec) in expected.items():
-        got = engine_io.get(name)
-        if got is None:
-            continue
-        want_shape = [-1 if d == BATCH else int(d) for d in spec.shape]
-        if got.get("mode") != mode:
-            problems.append(f"{name!r} is an engine {got.get('mode')}, the manifest says {mode}")
-        if got.get("dtype") != spec.dtype:
-            problems.append(f"{name!r} has dtype {got.get('dtype')}, the manifest says {spec.dtype}")
-        if [int(d) for d in got.get("shape", [])] != want_shape:
-            problems.append(f"{name!r} has shape {list(got.get('shape', []))}, the manifest says {want_shape}")
-    if problems:
-        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise EngineError(f"{role} engine does not match the manifest: {'; '.join(problems[:3])}{more}")
+    (-1 where the dimension is dynamic), as `engine_io` reads it from an engine. Raises EngineError
+    (Manifest.check_graph_io's one line) naming the first mismatches."""
+    tensors = {mode: [GraphTensor(name, t.get("dtype"), tuple(t.get("shape", ()))) for name, t in engine_io.items()
+                      if t.get("mode") == mode] for mode in ("input", "output")}
+    manifest.check_graph_io(role, tensors["input"], tensors["output"], str(source or f"{role} engine"),
+                            what="engine", error=EngineError, fix="rebuild the engines with `cli.py build-engine`")
 
 
 # -- TensorRT (lazy) ---------------------------------------------------------------------------------
@@ -252,7 +234,10 @@ def engine_io(engine, trt) -> dict:
 
 def build_engines(graph_folder: str | Path, options: EngineBuildOptions, out_folder: str | Path,
                   progress: bool = True) -> Path:
-    """Build one TensorRT engine per graph of `graph_folder` into `out_folder` (atomically)."""
+    """Build one TensorRT engine per graph of `graph_folder` into `out_folder` (atomically):
+    <role>.plan, each checked against the manifest (check_engine_io), then build.json, manifest.json
+    and build.log. Everything before the TensorRT import is checked first (options, profiles,
+    settings, a writable output)."""
     graph_folder, out = Path(graph_folder), Path(out_folder)
     manifest = Manifest.load(graph_folder)
     profiles = plan_profiles(manifest, options)
@@ -279,42 +264,53 @@ def build_engines(graph_folder: str | Path, options: EngineBuildOptions, out_fol
             if progress:
                 print(f"building {role} engine ({options.precision}, batch {options.min_batch}..{options.max_batch})",
                       flush=True)
-            profile = pg.Profile()
-            for name, lo, opt, hi in profiles[role]:
-                profile.add(name, min=lo, opt=opt, max=hi)
-            cfg = {"profiles": [profile]}
-            if settings["fp16"]:
-                cfg["fp16"] = True
-            if cache.is_file():
-                cfg["load_timing_cache"] = str(cache)
-            if options.workspace_bytes:
-                cfg["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: options.workspace_bytes}
-            network = pg.NetworkFromOnnxPath(str(graph_folder / manifest.graphs[role]),
-                                             strongly_typed=settings["strongly_typed"])
-            try:
-                plan = pg.EngineBytesFromNetwork(network, config=pg.CreateConfig(**cfg), save_timing_cache=str(cache))()
-            except Exception as e:  # Polygraphy reports parser/builder failures as PolygraphyException
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise EngineError(f"TensorRT could not build the {role} engine from "
-                                  f"{graph_folder / manifest.graphs[role]}: {first}") from e
-            (tmp / f"{role}.plan").write_bytes(bytes(plan))
-            io = engine_io(pg.EngineFromBytes(bytes(plan))(), trt)
-            check_engine_io(io, manifest, role)
-            log.append(f"{role}: {len(bytes(plan)) / 2**20:.1f} MiB in {time.time() - start:.1f} s; "
+            plan = _build_plan(trt, pg, graph_folder / manifest.graphs[role], role, profiles[role], settings,
+                               options, cache)
+            (tmp / f"{role}.plan").write_bytes(plan)
+            io = engine_io(pg.EngineFromBytes(plan)(), trt)
+            check_engine_io(io, manifest, role, out / f"{role}.plan")
+            log.append(f"{role}: {len(plan) / 2**20:.1f} MiB in {time.time() - start:.1f} s; "
                        f"profile {[(n, lo, opt, hi) for n, lo, opt, hi in profiles[role]]}; io {io}")
-        info = BuildInfo(tensorrt=trt.__version__, options=asdict(options), settings=settings,
-                         profiles={r: [[n, list(a), list(b), list(c)] for n, a, b, c in v] for r,
-                                   v in profiles.items()},
-                         plans={r: f"{r}.plan" for r in profiles},
-                         digests={r: sha256_file(tmp / f"{r}.plan") for r in profiles})
-        info.write(tmp)
-        manifest.write(tmp)
-        (tmp / "build.log").write_text("\n".join(log) + "\n")
+        _write_build_record(tmp, trt.__version__, options, settings, profiles, manifest, log)
         if options.timing_cache and cache.is_file():
             Path(options.timing_cache).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(cache, f"{options.timing_cache}.tmp")
             Path(f"{options.timing_cache}.tmp").replace(options.timing_cache)
     return out
+
+
+def _build_plan(trt, pg, graph: Path, role: str, profile: list[tuple], settings: dict, options: EngineBuildOptions,
+                cache: Path) -> bytes:
+    """One serialized engine from one ONNX graph through Polygraphy: an optimization profile of
+    (input, min, opt, max shape), the builder settings, the shared timing cache (read and updated)."""
+    pg_profile = pg.Profile()
+    for name, lo, opt, hi in profile:
+        pg_profile.add(name, min=lo, opt=opt, max=hi)
+    cfg = {"profiles": [pg_profile]}
+    if settings["fp16"]:
+        cfg["fp16"] = True
+    if cache.is_file():
+        cfg["load_timing_cache"] = str(cache)
+    if options.workspace_bytes:
+        cfg["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: options.workspace_bytes}
+    network = pg.NetworkFromOnnxPath(str(graph), strongly_typed=settings["strongly_typed"])
+    try:
+        return bytes(pg.EngineBytesFromNetwork(network, config=pg.CreateConfig(**cfg), save_timing_cache=str(cache))())
+    except Exception as e:  # Polygraphy reports parser/builder failures as PolygraphyException
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EngineError(f"TensorRT could not build the {role} engine from {graph}: {first}") from e
+
+
+def _write_build_record(tmp: Path, version: str, options: EngineBuildOptions, settings: dict, profiles: dict,
+                        manifest: Manifest, log: list[str]) -> None:
+    """build.json (options, settings, profiles, each plan's digest), manifest.json and build.log."""
+    info = BuildInfo(tensorrt=version, options=asdict(options), settings=settings,
+                     profiles={r: [[n, list(a), list(b), list(c)] for n, a, b, c in v] for r, v in profiles.items()},
+                     plans={r: f"{r}.plan" for r in profiles},
+                     digests={r: sha256_file(tmp / f"{r}.plan") for r in profiles})
+    info.write(tmp)
+    manifest.write(tmp)
+    (tmp / "build.log").write_text("\n".join(log) + "\n")
 
 
 __all__ = ["BuildInfo", "EngineBuildOptions", "EngineError", "TensorRTUnavailable", "plan_profiles",

@@ -26,6 +26,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -55,6 +56,32 @@ def _shape(f: Fields) -> tuple:
         if d != BATCH and (isinstance(d, bool) or not isinstance(d, int) or d < 0):
             f.fail("shape", f"has dimension {d!r}; expected non-negative integers or {BATCH!r}")
     return tuple(shape)
+
+
+class GraphTensor(NamedTuple):
+    """One input or output of a graph or engine as its backend reports it.
+
+    shape: per dimension an int (fixed; TensorRT's -1: dynamic), a symbolic name (ONNX, ONNX Runtime:
+    "batch"), or None where the backend does not know it (OpenVINO's inferred output shapes);
+    shape None: not even the rank is known."""
+
+    name: str
+    dtype: str  # numpy-style: "float32", "float16", "int64", ...
+    shape: tuple | None
+
+
+def _dim_matches(got, want) -> bool:
+    """A reported dimension against the manifest's: unknown (None) fits anything; the batch axis must be
+    dynamic (the name "batch", or a negative int); a fixed one must be that int."""
+    if got is None:
+        return True
+    if want == BATCH:
+        return got == BATCH or (isinstance(got, int) and not isinstance(got, bool) and got < 0)
+    return isinstance(got, int) and not isinstance(got, bool) and got == want
+
+
+def _shape_matches(got, want: tuple) -> bool:
+    return got is None or (len(got) == len(want) and all(_dim_matches(g, w) for g, w in zip(got, want)))
 
 
 # -- the typed pieces ------------------------------------------------------------------------------
@@ -196,6 +223,38 @@ class Manifest:
 
     def graph_outputs(self, role: str) -> list[TensorSpec]:
         return list(self.outputs) + [c.as_output() for c in self.caches]
+
+    def graph_io_problems(self, role: str, inputs, outputs, what: str = "graph") -> list[str]:
+        """Every difference between the I/O a backend reports for the `role` graph (`inputs`,
+        `outputs`: iterables of GraphTensor or (name, dtype, shape)) and this manifest: names, dtypes
+        and shapes (the symbolic batch axis included). One phrase per tensor; `what` names the
+        artifact ("graph", "engine")."""
+        problems = []
+        for kind, want, got in (("input", self.graph_inputs(role), inputs),
+                                ("output", self.graph_outputs(role), outputs)):
+            got = {t[0]: GraphTensor(*t) for t in got}
+            names = {s.name for s in want}
+            problems += [f"{what} {kind} {name!r} is not in manifest.json" for name in sorted(set(got) - names)]
+            for spec in want:
+                t = got.get(spec.name)
+                if t is None:
+                    problems.append(f"manifest.json {kind} {spec.name!r} is missing from the {what}")
+                elif t.dtype != spec.dtype or not _shape_matches(t.shape, spec.shape):
+                    shape = "unknown" if t.shape is None else list(t.shape)
+                    problems.append(f"{kind} {spec.name!r} has dtype {t.dtype} and shape {shape}, "
+                                    f"manifest.json says {spec.dtype} {list(spec.shape)}")
+        return problems
+
+    def check_graph_io(self, role: str, inputs, outputs, source: str, what: str = "graph",
+                       error: type[Exception] = ManifestError, fix: str = "re-export the folder") -> None:
+        """graph_io_problems as one line: `error("<source>: <role> <what> I/O does not match
+        manifest.json: <first 3 problems> (+N more); <fix>")`. Every backend checks a graph or
+        engine with this before allocating buffers from the manifest's shapes."""
+        problems = self.graph_io_problems(role, inputs, outputs, what)
+        if problems:
+            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise error(f"{source}: {role} {what} I/O does not match manifest.json: "
+                        f"{'; '.join(problems[:3])}{more}; {fix}")
 
     def spec(self, name: str) -> TensorSpec:
         for s in self.graph_inputs("step") + self.graph_outputs("step"):

@@ -400,7 +400,7 @@ CASES = [
     C("scheduler-json-list", SAMPLE + ["--model", "mt"], "scheduler config", model_with_scheduler("[1000]")),
     # 7. manifests, field by field, with types (and against the graphs beside them)
     C("manifest-cache-shape", SAMPLE_ORT, "manifest.json says", mutate("g88/manifest.json", cache_shape)),
-    C("manifest-cache-shape-check", ["check", "g88"], "manifest says", mutate("g88/manifest.json", cache_shape)),
+    C("manifest-cache-shape-check", ["check", "g88"], "manifest.json says", mutate("g88/manifest.json", cache_shape)),
     C("manifest-cache-dtype", SAMPLE_ORT, "float16", mutate("g88/manifest.json", cache_dtype)),
     C("manifest-sample-size", SAMPLE_ORT, "manifest.json says", mutate("g88/manifest.json", sample_size)),
     C("manifest-cache-dtype-mismatch", SAMPLE_ORT, "cache_dtype",

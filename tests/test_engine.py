@@ -188,8 +188,8 @@ def test_check_engine_io_accepts_a_matching_engine():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"cache_out.conv_in.o_hat": None}, "missing tensors"),
-    ({"extra": {"mode": "output", "dtype": "float32", "shape": [-1]}}, "unexpected tensors"),
+    ({"cache_out.conv_in.o_hat": None}, "'cache_out.conv_in.o_hat' is missing from the engine"),
+    ({"extra": {"mode": "output", "dtype": "float32", "shape": [-1]}}, "engine output 'extra' is not in manifest"),
     ({"sample": {"mode": "input", "dtype": "float16", "shape": [-1, 1, 16, 16]}}, "dtype float16"),
     ({"sample": {"mode": "input", "dtype": "float32", "shape": [2, 1, 16, 16]}}, "shape"),
     ({"noise_pred": {"mode": "input", "dtype": "float32", "shape": [-1, 1, 16, 16]}}, "engine input"),
@@ -198,6 +198,29 @@ def test_check_engine_io_rejects_mismatches(change, message):
     m = make_manifest()
     with pytest.raises(EngineError, match=message):
         check_engine_io(fake_io(m, "step", **change), m, "step")
+
+
+def test_manifest_graph_io_check_reads_every_backend_dim_form():
+    """One check for every backend: symbolic "batch" (ONNX, ORT), -1 (TensorRT) and None (unknown: OpenVINO)
+    fit the batch axis; a fixed dimension, a dtype or a name that differs is one phrase each."""
+    m = make_manifest()
+    assert m.graph_io_problems("prime", [(s.name, s.dtype, None) for s in m.graph_inputs("prime")],
+                               [(s.name, s.dtype, (None,) * len(s.shape)) for s in m.graph_outputs("prime")]) == []
+    assert m.graph_io_problems("prime", [("sample", "float32", ("N", 1, 16, 16))] + [
+        (s.name, s.dtype, s.shape) for s in m.graph_inputs("prime")[1:]], [
+        (s.name, s.dtype, s.shape) for s in m.graph_outputs("prime")])[0].startswith("input 'sample' has")
+    for dyn in ("batch", -1):
+        ins = [(s.name, s.dtype, tuple(dyn if d == "batch" else d for d in s.shape)) for s in m.graph_inputs("step")]
+        outs = [(s.name, s.dtype, tuple(dyn if d == "batch" else d for d in s.shape)) for s in m.graph_outputs("step")]
+        assert m.graph_io_problems("step", ins, outs) == []
+    ins[0] = ("sample", "float16", (-1, 1, 16, 15))
+    problems = m.graph_io_problems("step", ins, outs[1:] + [("extra", "float32", (-1,))])
+    assert problems == ["input 'sample' has dtype float16 and shape [-1, 1, 16, 15], manifest.json says float32 "
+                        "['batch', 1, 16, 16]", "graph output 'extra' is not in manifest.json",
+                        "manifest.json output 'noise_pred' is missing from the graph"]
+    with pytest.raises(ManifestError, match=r"^g/step.onnx: step graph I/O does not match manifest.json: input "
+                                            r"'sample' .*; re-export the folder$"):
+        m.check_graph_io("step", ins, outs, "g/step.onnx")
 
 
 # -- CLI without TensorRT ---------------------------------------------------------------------------

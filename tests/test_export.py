@@ -99,7 +99,7 @@ def test_check_catches_io_mismatch_and_unsupported_op(w8a4, tmp_path):
     onnx.save(model, str(bad / "prime.onnx"))
     problems = check_folder(bad).problems
     assert any("HardSwish" in p for p in problems)
-    assert any(m["caches"][0]["output"] in p and "manifest says" in p for p in problems)
+    assert any(m["caches"][0]["output"] in p and "manifest.json says" in p for p in problems)
 
 
 def test_bad_inputs_give_clear_errors(w8a4, tmp_path):

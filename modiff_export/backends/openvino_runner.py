@@ -16,7 +16,7 @@ Precision (`precision=`, the step graph's; `prime_precision=` defaults to the sa
 Caches (`cache_mode=`; default stateful for f32/bf16, 1.32-1.37x faster than ping-pong on the CIFAR-size W8A4
 step graph (docs/speed.md); ping-pong for mixed, see __init__) never pass through Python per step:
   pingpong  two sets of preallocated host tensors bound with set_tensor; a step reads set A and
-            writes set B, then they swap (same scheme as OrtRunner).
+            writes set B, then they swap (backends/buffers.PingPongBuffers, as OrtRunner).
   stateful  the step graph's cache inputs/outputs become OpenVINO variables (MakeStateful:
             ReadValue/Assign); prime writes the first values into the states once per trajectory.
 """
@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..manifest import CacheSpec, Manifest
+from ..manifest import CacheSpec, GraphTensor, Manifest
 from .base import Runner, RunnerError
+from .buffers import PingPongBuffers
 
 PRECISIONS = ("f32", "bf16", "mixed")
 CACHE_MODES = ("pingpong", "stateful")
@@ -120,8 +121,8 @@ class OpenVinoRunner(Runner):
         self.threads, self.cache_mode = threads, cache_mode
         self.precision = {"step": precision, "prime": prime_precision or precision}
         self.compiled, self.requests = {}, {}
-        self._sets: list[dict] = []
-        self._allocated_batch = None
+        # two sets for ping-pong, one for stateful (prime's outputs, copied into the states once)
+        self.buffers = PingPongBuffers(self.manifest.caches, self._allocate, 2 if cache_mode == "pingpong" else 1)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def config(self, role: str) -> dict:
@@ -163,27 +164,33 @@ class OpenVinoRunner(Runner):
             self.requests[role] = self.compiled[role].create_infer_request()
 
     def deactivate_impl(self) -> None:
-        self.compiled, self.requests, self._sets, self._allocated_batch = {}, {}, [], None
+        self.compiled, self.requests = {}, {}
+        self.buffers.clear()
 
     def _check_io(self, role: str, model) -> None:
-        want_in = [s.name for s in self.manifest.graph_inputs(role)]
-        want_out = [s.name for s in self.manifest.graph_outputs(role)]
-        got_in = [n for p in model.inputs for n in p.get_names()]
-        got_out = [n for p in model.outputs for n in p.get_names()]
-        missing = sorted(set(want_in) - set(got_in)) + sorted(set(want_out) - set(got_out))
-        if missing or len(model.inputs) != len(want_in) or len(model.outputs) != len(want_out):
-            raise RunnerError(f"{self.folder / self.manifest.graphs[role]}: graph I/O does not match manifest.json "
-                              f"(missing {missing[:3]}); re-export the folder")
+        """Names, dtypes and shapes of the ov.Model against the manifest. A dynamic dimension is None
+        (unknown): OpenVINO's inferred output shapes need not keep what the ONNX graph declares."""
+        want = {s.name for s in self.manifest.graph_inputs(role) + self.manifest.graph_outputs(role)}
+
+        def io(ports):
+            out = []
+            for p in ports:  # a port may carry several names: the manifest's one, if it is among them
+                name = next((n for n in sorted(p.get_names()) if n in want), p.get_any_name())
+                ps = p.get_partial_shape()
+                shape = None if ps.rank.is_dynamic else tuple(d.get_length() if d.is_static else None for d in ps)
+                out.append(GraphTensor(name, str(np.dtype(p.get_element_type().to_dtype())), shape))
+            return out
+
+        self.manifest.check_graph_io(role, io(model.inputs), io(model.outputs),
+                                     str(self.folder / self.manifest.graphs[role]), error=RunnerError)
 
     # -- helpers -----------------------------------------------------------------------------
-    def _allocate(self, batch: int) -> None:
-        """Cache buffers for this batch size (two sets for ping-pong, one for stateful priming)."""
+    @staticmethod
+    def _allocate(cache: CacheSpec, batch: int):
+        """One host cache tensor [B, ...] (PingPongBuffers calls this once per batch)."""
         import openvino as ov
 
-        n = 2 if self.cache_mode == "pingpong" else 1
-        self._sets = [{c.key: ov.Tensor(np.zeros(c.concrete(batch), _NP[c.dtype]), shared_memory=True)
-                       for c in self.manifest.caches} for _ in range(n)]
-        self._allocated_batch = batch
+        return ov.Tensor(np.zeros(cache.concrete(batch), _NP[cache.dtype]), shared_memory=True)
 
     def _set_inputs(self, req, sample, timestep, ehs) -> None:
         import openvino as ov
@@ -203,16 +210,15 @@ class OpenVinoRunner(Runner):
         req = self.requests["prime"]
         self._set_inputs(req, sample, timestep, ehs)
         if self.uses_cache:
-            if self._allocated_batch != sample.shape[0]:
-                self._allocate(sample.shape[0])
+            self.buffers.ensure(sample.shape[0])
             for c in self.manifest.caches:
-                req.set_tensor(c.output, self._sets[0][c.key])
+                req.set_tensor(c.output, self.buffers.current[c.key])
         out = self._run(req)
         if self.uses_cache and self.cache_mode == "stateful":
             step = self.requests["step"]
             states = {s.name: s for s in step.query_state()}
             for c in self.manifest.caches:
-                states[self._state_name(c)].state = self._sets[0][c.key]  # one copy per trajectory
+                states[self._state_name(c)].state = self.buffers.current[c.key]  # one copy per trajectory
         return out
 
     @staticmethod
@@ -228,12 +234,11 @@ class OpenVinoRunner(Runner):
             req.set_tensor("delta_scales", ov.Tensor(delta_scales))
         if self.cache_mode == "stateful":
             return self._run(req)
-        src, dst = self._sets
-        for c in self.manifest.caches:
-            req.set_tensor(c.input, src[c.key])
-            req.set_tensor(c.output, dst[c.key])
+        for c, src, dst in self.buffers.step_pairs():
+            req.set_tensor(c.input, src)
+            req.set_tensor(c.output, dst)
         out = self._run(req)
-        self._sets.reverse()  # ping-pong: this step's outputs are the next step's inputs
+        self.buffers.swap()  # ping-pong: this step's outputs are the next step's inputs
         return out
 
     def reset_impl(self) -> None:
@@ -241,10 +246,10 @@ class OpenVinoRunner(Runner):
             self.requests["step"].reset_state()
 
     def caches(self) -> dict[str, torch.Tensor]:
-        if not self._sets or self.batch_size is None:
+        if not self.buffers or self.batch_size is None:
             return {}
         if self.cache_mode == "stateful" and self.calls > 1:
             states = {s.name: s for s in self.requests["step"].query_state()}
             return {c.key: torch.from_numpy(states[self._state_name(c)].state.data.astype(np.float32))
                     for c in self.manifest.caches}
-        return {k: torch.from_numpy(v.data.astype(np.float32)) for k, v in self._sets[0].items()}
+        return {k: torch.from_numpy(v.data.astype(np.float32)) for k, v in self.buffers.current.items()}

@@ -1,8 +1,8 @@
 """ONNX Runtime backend: prime.onnx / step.onnx behind the runner contract.
 
 The caches never pass through Python per step: they are two sets of OrtValues allocated once per
-batch (on the CUDA device when onnxruntime-gpu is installed), bound with IOBinding. A step reads
-set A and writes set B, then the two swap (ping-pong), so no cache tensor is copied.
+batch (on the CUDA device when onnxruntime-gpu is installed; backends/buffers.PingPongBuffers), bound
+with IOBinding. A step reads set A and writes set B, then the two swap, so no cache tensor is copied.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..manifest import Manifest
+from ..manifest import CacheSpec, GraphTensor, Manifest
 from .base import Runner, RunnerError
+from .buffers import PingPongBuffers
 
 _NP = {"float32": np.float32, "float16": np.float16}
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
@@ -38,8 +39,7 @@ class OrtRunner(Runner):
         self.matmul_accuracy_level = matmul_accuracy_level
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.sessions: dict = {}
-        self._sets: list[dict] = []
-        self._allocated_batch: int | None = None
+        self.buffers = PingPongBuffers(self.manifest.caches, self._allocate)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def activate_impl(self) -> None:
@@ -50,8 +50,8 @@ class OrtRunner(Runner):
         if self.threads:
             opts.intra_op_num_threads = self.threads
         # ORT fuses DequantizeLinear(int8 weight) -> MatMul into MatMulNBits, whose default
-        # accuracy level 4 quantizes the *activations* to int8 on the fly: not what the graph says
-        # (measured: 3e-3 max error on a full-precision prime step). Level 0 keeps them float.
+        # accuracy level 4 quantizes the *activations* to int8 on the fly: not what the graph says.
+        # Level 0 keeps them float.
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self.matmul_accuracy_level))
         for role in self.manifest.roles:
             name = self.manifest.graphs[role]
@@ -64,27 +64,16 @@ class OrtRunner(Runner):
         self.bindings = {role: s.io_binding() for role, s in self.sessions.items()}
 
     def deactivate_impl(self) -> None:
-        self.sessions, self.bindings, self._sets, self._allocated_batch = {}, {}, [], None
+        self.sessions, self.bindings = {}, {}
+        self.buffers.clear()
 
     def _check_io(self, role: str, session) -> None:
-        want_in = [s.name for s in self.manifest.graph_inputs(role)]
-        want_out = [s.name for s in self.manifest.graph_outputs(role)]
-        got_in = [i.name for i in session.get_inputs()]
-        got_out = [o.name for o in session.get_outputs()]
-        if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
-            missing = sorted(set(want_in + want_out) - set(got_in + got_out))
-            extra = sorted(set(got_in + got_out) - set(want_in + want_out))
-            raise RunnerError(f"{self.folder / self.manifest.graphs[role]}: graph I/O does not match manifest.json "
-                              f"(missing {missing[:3]}, unexpected {extra[:3]}); re-export the folder")
-        specs = {s.name: s for s in self.manifest.graph_inputs(role) + self.manifest.graph_outputs(role)}
-        for kind, args in (("input", session.get_inputs()), ("output", session.get_outputs())):
-            for a in args:  # shapes and dtypes too: the manifest's are what buffers are allocated from
-                spec = specs[a.name]
-                dtype = _ORT_TYPES.get(a.type, a.type)
-                if dtype != spec.dtype or list(a.shape) != list(spec.shape):
-                    raise RunnerError(f"{self.folder / self.manifest.graphs[role]}: {kind} {a.name!r} is {dtype}"
-                                      f"{list(a.shape)}, manifest.json says {spec.dtype}{list(spec.shape)}; "
-                                      f"re-export the folder")
+        """Names, dtypes and shapes against the manifest: buffers are allocated from the manifest's."""
+        def io(args):
+            return [GraphTensor(a.name, _ORT_TYPES.get(a.type, a.type), tuple(a.shape)) for a in args]
+
+        self.manifest.check_graph_io(role, io(session.get_inputs()), io(session.get_outputs()),
+                                     str(self.folder / self.manifest.graphs[role]), error=RunnerError)
 
     # -- helpers -----------------------------------------------------------------------------
     def _ortvalue(self, array: np.ndarray):
@@ -92,14 +81,11 @@ class OrtRunner(Runner):
 
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
 
-    def _allocate(self, batch: int) -> None:
-        """Two sets of cache buffers for this batch size, allocated once per trajectory."""
+    def _allocate(self, cache: CacheSpec, batch: int):
+        """One cache buffer [B, ...] on the session's device (PingPongBuffers calls this once per batch)."""
         import onnxruntime as ort
 
-        self._sets = []
-        for _ in range(2):
-            self._sets.append({c.key: ort.OrtValue.ortvalue_from_shape_and_type(
-                c.concrete(batch), _NP[c.dtype], self.device, 0) for c in self.manifest.caches})
+        return ort.OrtValue.ortvalue_from_shape_and_type(cache.concrete(batch), _NP[cache.dtype], self.device, 0)
 
     def _bind_inputs(self, io, sample, timestep, ehs) -> None:
         io.bind_ortvalue_input("sample", self._ortvalue(sample.numpy()))
@@ -125,11 +111,9 @@ class OrtRunner(Runner):
         io.clear_binding_outputs()
         self._bind_inputs(io, sample, timestep, ehs)
         if self.uses_cache:
-            if self._allocated_batch != sample.shape[0]:
-                self._allocate(sample.shape[0])
-                self._allocated_batch = sample.shape[0]
+            self.buffers.ensure(sample.shape[0])
             for c in self.manifest.caches:
-                io.bind_ortvalue_output(c.output, self._sets[0][c.key])
+                io.bind_ortvalue_output(c.output, self.buffers.current[c.key])
         return self._run("prime", io)
 
     def step_impl(self, sample, timestep, ehs, delta_scales) -> torch.Tensor:
@@ -139,18 +123,17 @@ class OrtRunner(Runner):
         self._bind_inputs(io, sample, timestep, ehs)
         if delta_scales is not None:
             io.bind_ortvalue_input("delta_scales", self._ortvalue(delta_scales))
-        src, dst = self._sets
-        for c in self.manifest.caches:
-            io.bind_ortvalue_input(c.input, src[c.key])
-            io.bind_ortvalue_output(c.output, dst[c.key])
+        for c, src, dst in self.buffers.step_pairs():
+            io.bind_ortvalue_input(c.input, src)
+            io.bind_ortvalue_output(c.output, dst)
         out = self._run("step", io)
-        self._sets.reverse()  # ping-pong: this step's outputs are the next step's inputs
+        self.buffers.swap()  # ping-pong: this step's outputs are the next step's inputs
         return out
 
     def reset_impl(self) -> None:
         pass  # buffers are overwritten by the next prime; nothing to free between trajectories
 
     def caches(self) -> dict[str, torch.Tensor]:
-        if not self._sets or self.batch_size is None:
+        if not self.buffers or self.batch_size is None:
             return {}
-        return {k: torch.from_numpy(v.numpy().astype(np.float32)) for k, v in self._sets[0].items()}
+        return {k: torch.from_numpy(v.numpy().astype(np.float32)) for k, v in self.buffers.current.items()}

@@ -83,7 +83,7 @@ class TrtRunner(Runner):
             if engine is None:
                 raise EngineError(f"{plan}: TensorRT could not deserialize it (built by another TensorRT version "
                                   f"or GPU?); rebuild with `cli.py build-engine`")
-            check_engine_io(engine_io(engine, trt), self.manifest, role)
+            check_engine_io(engine_io(engine, trt), self.manifest, role, plan)
             self._engines[role] = engine
             self._ctx[role] = engine.create_execution_context()
         self._stream = torch.cuda.Stream(device=self.device)

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from ..manifest import Manifest, ManifestError
+from ..manifest import GraphTensor, Manifest, ManifestError
 from .passes import constants, producers
 
 # Ops with "Y" in onnx-tensorrt's docs/operators.md support matrix (TensorRT 8.4 table), plus
@@ -85,32 +85,21 @@ def check_graph(model: onnx.ModelProto, role: str, activations_quantized: bool) 
     return problems, counts
 
 
-def _io(values) -> dict[str, tuple[str, list]]:
-    out = {}
+def onnx_io(values) -> list[GraphTensor]:
+    """The I/O of an ONNX graph (model.graph.input or .output) as GraphTensors: dim_param names stay
+    symbolic ("batch"), fixed dimensions are ints."""
+    out = []
     for v in values:
         t = v.type.tensor_type
-        dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
-        out[v.name] = (_DTYPES.get(t.elem_type, str(t.elem_type)), dims)
+        dims = tuple(d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim)
+        out.append(GraphTensor(v.name, _DTYPES.get(t.elem_type, str(t.elem_type)), dims))
     return out
 
 
 def check_io(model: onnx.ModelProto, manifest: Manifest, role: str) -> list[str]:
-    """Rule 4: the graph's I/O is exactly what the manifest says."""
-    problems = []
-    for kind, want, got in (("input", manifest.graph_inputs(role), _io(model.graph.input)),
-                            ("output", manifest.graph_outputs(role), _io(model.graph.output))):
-        names = {s.name for s in want}
-        for name in sorted(set(got) - names):
-            problems.append(f"{role}: graph {kind} {name!r} is not in manifest.json")
-        for spec in want:
-            if spec.name not in got:
-                problems.append(f"{role}: manifest {kind} {spec.name!r} is missing from the graph")
-                continue
-            dtype, dims = got[spec.name]
-            if dtype != spec.dtype or dims != list(spec.shape):
-                problems.append(f"{role}: {kind} {spec.name!r} is {dtype}{dims}, "
-                                f"manifest says {spec.dtype}{list(spec.shape)}")
-    return problems
+    """Rule 4: the graph's I/O is exactly what the manifest says (Manifest.graph_io_problems)."""
+    problems = manifest.graph_io_problems(role, onnx_io(model.graph.input), onnx_io(model.graph.output))
+    return [f"{role}: {p}" for p in problems]
 
 
 def check_folder(folder: str | Path) -> CheckReport:

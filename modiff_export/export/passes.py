@@ -46,17 +46,8 @@ def quantize_weight_constants(model: onnx.ModelProto, layers) -> int:
     Conv/Gemm, [Cin, Cout] when a Linear became MatMul); it is found by value, so layer and node
     names never need to agree.
     """
-    lookup = {}  # (shape, digest of the float bytes) -> layer; digests keep memory at one weight at a time
-    for entry in layers:
-        name, wq, scale = entry[:3]
-        block = entry[3] if len(entry) > 3 else None
-        lookup[(wq.shape, _digest(wq))] = (name, scale, block, False)
-        if wq.ndim == 2:
-            lookup[(wq.shape[::-1], _digest(wq.T))] = (name, scale, block, True)
-    tensors = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            tensors[node.output[0]] = node.attribute[0].t
+    lookup = _weight_lookup(layers)
+    tensors = _constant_protos(model)
     graph, done, new_nodes = model.graph, 0, []
     for node in graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in tensors:
@@ -68,32 +59,11 @@ def quantize_weight_constants(model: onnx.ModelProto, layers) -> int:
         if hit is None:
             continue
         name, scale, block, transposed = hit
-        wq = w.T if transposed else w  # the reference layout: [Cout, Cin, ...]
         prefix = f"{name}.weight"
-        if block is None:
-            shape = [-1] + [1] * (wq.ndim - 1)
-            codes = np.rint(wq / scale.reshape(shape)).astype(np.int8)  # exact: Wq = codes * scale
-            if transposed:
-                codes = np.ascontiguousarray(codes.T)
-            wname, attrs = f"{prefix}.int8", {"axis": 1 if transposed else 0}
-            zero = np.zeros(scale.shape, np.int8)
-        else:
-            fits = wq.ndim == 2 and scale.ndim == 2 and scale.shape[0] == wq.shape[0]
-            if not fits or scale.shape[1] * block != wq.shape[1]:
-                raise ValueError(f"{name}: block scale {scale.shape} does not fit weight {wq.shape} "
-                                 f"with block size {block}")
-            full = np.repeat(scale, block, axis=1)
-            codes = np.rint(wq / full)
-            if codes.min() < -8 or codes.max() > 7:
-                raise ValueError(f"{name}: weight codes outside the int4 range [-8, 7]")
-            codes = codes.astype(np.int8)
-            if transposed:  # MatMul weight [Cin, Cout]: blocks run along axis 0
-                codes, scale = np.ascontiguousarray(codes.T), np.ascontiguousarray(scale.T)
-            wname, attrs = f"{prefix}.int4", {"axis": 0 if transposed else 1, "block_size": int(block)}
-            codes = codes.astype(ml_dtypes.int4)
-            zero = np.zeros(scale.shape, ml_dtypes.int4)
         out = f"{prefix}.dequantized"
-        if not any(n.output[0] == out for n in new_nodes):
+        if not any(n.output[0] == out for n in new_nodes):  # a weight read by several nodes is stored once
+            wq = w.T if transposed else w  # the reference layout: [Cout, Cin, ...]
+            codes, scale, zero, wname, attrs = _integer_weight(name, wq, scale, block, transposed)
             graph.initializer.extend([
                 numpy_helper.from_array(codes, wname),
                 numpy_helper.from_array(scale.astype(np.float32), f"{prefix}.scale"),
@@ -106,6 +76,55 @@ def quantize_weight_constants(model: onnx.ModelProto, layers) -> int:
     for n in reversed(new_nodes):
         graph.node.insert(0, n)
     return done
+
+
+def _weight_lookup(layers) -> dict:
+    """(shape, digest of the float bytes) -> (layer, scale, block_size, transposed) for every layer's Wq and,
+    for 2-D weights, its transpose (a Linear traced as MatMul stores [Cin, Cout]). Digests keep memory at
+    one weight at a time."""
+    lookup = {}
+    for entry in layers:
+        name, wq, scale = entry[:3]
+        block = entry[3] if len(entry) > 3 else None
+        lookup[(wq.shape, _digest(wq))] = (name, scale, block, False)
+        if wq.ndim == 2:
+            lookup[(wq.shape[::-1], _digest(wq.T))] = (name, scale, block, True)
+    return lookup
+
+
+def _constant_protos(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Every constant tensor by name, as stored (initializers and Constant-node values)."""
+    tensors = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tensors[node.output[0]] = node.attribute[0].t
+    return tensors
+
+
+def _integer_weight(name: str, wq: np.ndarray, scale: np.ndarray, block: int | None, transposed: bool):
+    """(codes, scale, zero point, initializer name, DequantizeLinear attributes) of one weight Wq in the
+    reference layout [Cout, Cin, ...]: int8 codes per output channel (scale [Cout]), or int4 codes per block
+    of `block` inputs (scale [Cout, Cin // block]); both laid out as the traced node reads the weight
+    (transposed: [Cin, Cout])."""
+    prefix = f"{name}.weight"
+    if block is None:
+        shape = [-1] + [1] * (wq.ndim - 1)
+        codes = np.rint(wq / scale.reshape(shape)).astype(np.int8)  # exact: Wq = codes * scale
+        if transposed:
+            codes = np.ascontiguousarray(codes.T)
+        return codes, scale, np.zeros(scale.shape, np.int8), f"{prefix}.int8", {"axis": 1 if transposed else 0}
+    fits = wq.ndim == 2 and scale.ndim == 2 and scale.shape[0] == wq.shape[0]
+    if not fits or scale.shape[1] * block != wq.shape[1]:
+        raise ValueError(f"{name}: block scale {scale.shape} does not fit weight {wq.shape} "
+                         f"with block size {block}")
+    codes = np.rint(wq / np.repeat(scale, block, axis=1))
+    if codes.min() < -8 or codes.max() > 7:
+        raise ValueError(f"{name}: weight codes outside the int4 range [-8, 7]")
+    codes = codes.astype(np.int8)
+    if transposed:  # MatMul weight [Cin, Cout]: blocks run along axis 0
+        codes, scale = np.ascontiguousarray(codes.T), np.ascontiguousarray(scale.T)
+    attrs = {"axis": 0 if transposed else 1, "block_size": int(block)}
+    return codes.astype(ml_dtypes.int4), scale, np.zeros(scale.shape, ml_dtypes.int4), f"{prefix}.int4", attrs
 
 
 def remove_unused(model: onnx.ModelProto) -> None:

@@ -3,10 +3,14 @@
     prime.onnx: sample, timestep[, encoder_hidden_states]            -> noise_pred, caches...
     step.onnx:  sample, timestep[, encoder_hidden_states][, delta_scales], caches... -> same
 
-Both are traced from the PyTorch reference (quantization.py) with `export_qdq` on, so the graph
-computes exactly what the reference computes; graph_passes.py then turns the weight Q/DQ pairs
-into int8 initializers with per-channel DequantizeLinear. fp and ptq configs have no caches and
-export the prime graph only.
+Both are traced from the PyTorch reference (quant/quantization.py) with `export_qdq` on, so the graph
+computes exactly what the reference computes; export/passes.py then stores each quantized weight as
+int8 (or int4) codes read by a per-channel (or block) DequantizeLinear. fp and ptq configs have no
+caches and export the prime graph only.
+
+export_model builds the typed Manifest first (inputs, outputs, one CacheSpec per cache from one real
+prime call, LayerInfo, ScaleTable); each graph is then traced with the names, batch axes and shapes
+the Manifest lists, so the graphs and manifest.json cannot disagree.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from ..quant.quantization import (
     reset_caches,
     set_static_scales,
 )
-from . import passes as graph_passes
+from . import passes
 
 DEFAULT_OPSET = 17
 BLOCK_QUANT_OPSET = 21  # DequantizeLinear block_size and the INT4 type
@@ -101,10 +105,6 @@ def _export_state(unet):
         reset_caches(unet)
 
 
-def _spec(name: str, shape, dtype: str) -> dict:
-    return {"name": name, "shape": list(shape), "dtype": dtype}
-
-
 def export_model(model: LoadedModel, config: QuantConfig, out: str | Path, *,
                  scales: ScaleTable | None = None, weights: WeightChoices | None = None,
                  cache_dtype: str = "float32", opset: int = DEFAULT_OPSET, target: str = "trt",
@@ -120,10 +120,38 @@ def export_model(model: LoadedModel, config: QuantConfig, out: str | Path, *,
             ort_variant.py before the folder appears).
     Returns the manifest. The folder appears only when everything succeeded; an existing `out` is
     replaced only with `overwrite` (atomically: see fsutil.atomic_folder).
+
+    Steps: check the request; quantize the UNet; one prime call on example inputs gives the cache
+    shapes; the Manifest is built from those; each graph is traced from the Manifest's I/O.
     """
     out = check_writable(out, overwrite)
-    unet, info = model.unet, model
-    if unet is None:
+    _check_request(model, config, scales, cache_dtype, opset)
+    unet, n_buckets = _quantized_unet(model, config, scales, weights or WeightChoices())
+    inputs = _input_specs(model)
+    args = _example_args(inputs)
+    caches = _cache_specs(unet, args, model.conditional, cache_dtype)
+    if target not in ("trt", "ort"):
+        raise ExportError(f"target {target!r} not in ['trt', 'ort']")
+    manifest = _manifest(model, unet, config, inputs, caches, scales, n_buckets, cache_dtype, opset)
+    with atomic_folder(out, overwrite) as tmp:
+        bar = tqdm(manifest.roles, desc=f"export {config.tag}", disable=not progress, unit="graph")
+        for role in bar:
+            bar.set_postfix_str(role)
+            _trace(unet, manifest, role, args, tmp / manifest.graphs[role])
+        if target == "ort":
+            from .ort_variant import apply_to_folder
+
+            manifest = apply_to_folder(tmp, manifest)
+        manifest = manifest.with_digests(tmp)
+        manifest.write(tmp)
+    return manifest
+
+
+# -- the steps of export_model ------------------------------------------------------------------------
+def _check_request(model: LoadedModel, config: QuantConfig, scales: ScaleTable | None, cache_dtype: str,
+                   opset: int) -> None:
+    """Refuse, before any work, what cannot be exported."""
+    if model.unet is None:
         raise ExportError(f"model {model.name!r} has no weights loaded; export needs the UNet itself")
     if cache_dtype not in ("float32", "float16"):
         raise ExportError(f"cache dtype {cache_dtype!r} not in ['float32', 'float16']")
@@ -133,9 +161,15 @@ def export_model(model: LoadedModel, config: QuantConfig, out: str | Path, *,
                           f"pass --opset 21")
     if config.scale_mode == "static" and scales is None:
         raise ExportError("scale_mode='static' needs a calibration file (--calibration)")
-    unet = quantize(unet, config).eval()
+
+
+def _quantized_unet(model: LoadedModel, config: QuantConfig, scales: ScaleTable | None, weights: WeightChoices
+                    ) -> tuple[nn.Module, int]:
+    """model.unet quantized in place, with the calibration's weights and static scales; and the
+    number of timestep buckets of those scales (1 without)."""
+    unet = quantize(model.unet, config).eval()
     try:  # calibrated per-channel weight clipping (MSE search) and GPTQ-rounded weights
-        apply_weight_choices(unet, weights or WeightChoices())
+        apply_weight_choices(unet, weights)
     except ModiffExportError as e:
         raise ExportError(f"calibration {e}; the calibration file does not fit this model and config") from None
     n_buckets = 1
@@ -144,66 +178,54 @@ def export_model(model: LoadedModel, config: QuantConfig, out: str | Path, *,
         n_buckets = scales.n_buckets
     if config.mode == "ptq" and n_buckets > 1:
         raise ExportError("ptq with several timestep buckets is not supported: calibrate with --buckets 1")
+    return unet, n_buckets
 
-    # example inputs (any batch works at run time: the batch axis is symbolic)
-    C, H, W = info.sample_shape
-    B = 1  # the smallest trace: activations and caches of one sample (SD-sized models: ~1.8 GB)
+
+def _input_specs(model: LoadedModel) -> tuple[TensorSpec, ...]:
+    """sample [batch, C, H, W], timestep [batch][, encoder_hidden_states [batch, S, D]]."""
+    C, H, W = model.sample_shape
+    specs = [TensorSpec("sample", (BATCH, C, H, W), "float32"), TensorSpec("timestep", (BATCH,), "float32")]
+    if model.conditional:
+        S, D = model.encoder_seq_len or 77, model.cross_attention_dim
+        specs.append(TensorSpec("encoder_hidden_states", (BATCH, S, D), "float32"))
+    return tuple(specs)
+
+
+def _example_args(inputs: tuple[TensorSpec, ...]) -> list[torch.Tensor]:
+    """One example tensor per input at batch 1 (the smallest trace: activations and caches of one sample,
+    ~1.8 GB for SD-sized models; any batch works at run time, the batch axis is symbolic); seed 0."""
     torch.manual_seed(0)
-    sample = torch.randn(B, C, H, W)
-    timestep = torch.full((B,), 500.0)
-    inputs = [_spec("sample", (BATCH, C, H, W), "float32"), _spec("timestep", (BATCH,), "float32")]
-    args = [sample, timestep]
-    if info.conditional:
-        S, D = info.encoder_seq_len or 77, info.cross_attention_dim
-        inputs.append(_spec("encoder_hidden_states", (BATCH, S, D), "float32"))
-        args.append(torch.randn(B, S, D))
+    return [torch.full(s.concrete(1), 500.0) if s.name == "timestep" else torch.randn(s.concrete(1)) for s in inputs]
 
-    # one real prime call gives every cache's shape
+
+def _cache_specs(unet: nn.Module, args: list[torch.Tensor], conditional: bool, cache_dtype: str
+                 ) -> tuple[CacheSpec, ...]:
+    """One real prime call gives every cache's shape: (a_hat, o_hat) [batch, ...] per cached layer."""
     with torch.no_grad(), _export_state(unet):
         reset_caches(unet)
-        prime = _GraphModule(unet, "prime", info.conditional, False, getattr(torch, cache_dtype))
-        prime(*args)
+        _GraphModule(unet, "prime", conditional, False, getattr(torch, cache_dtype))(*args)
         entries = list_caches(unet)
-    quantized = [l for l in modiff_layers(unet) if not l.skipped]
-    caches = []
-    for e in entries:
-        cin, cout = _cache_names(e.layer, e.kind)
-        caches.append({"layer": e.layer, "kind": e.kind, "input": cin, "output": cout,
-                       "shape": [BATCH, *e.shape[1:]], "dtype": cache_dtype})
-    if target not in ("trt", "ort"):
-        raise ExportError(f"target {target!r} not in ['trt', 'ort']")
+    return tuple(CacheSpec(e.layer, e.kind, *_cache_names(e.layer, e.kind), (BATCH, *e.shape[1:]), cache_dtype)
+                 for e in entries)
+
+
+def _manifest(model: LoadedModel, unet: nn.Module, config: QuantConfig, inputs: tuple[TensorSpec, ...],
+              caches: tuple[CacheSpec, ...], scales: ScaleTable | None, n_buckets: int, cache_dtype: str,
+              opset: int) -> Manifest:
+    """The typed contract of the graphs about to be traced (file digests are added after writing)."""
+    C, H, W = model.sample_shape
+    quantized = [layer.name for layer in modiff_layers(unet) if not layer.skipped]
     out_ch = int(getattr(unet.config, "out_channels", C))
-    outputs = [_spec("noise_pred", (BATCH, out_ch, H, W), "float32")]
-    step_extra = []
-    if n_buckets > 1 and config.mode == "modiff":
-        step_extra.append(_spec("delta_scales", (len(quantized),), "float32"))
-    has_step = bool(caches)
-    io_shapes = {s["name"]: s["shape"] for s in inputs + outputs + step_extra}
-    io_shapes.update({c[k]: c["shape"] for c in caches for k in ("input", "output")})
-
-    roles = ["prime", "step"] if has_step else ["prime"]
-    manifest = Manifest(
-        model=info.info, quant_config=config, opset=opset, cache_dtype=cache_dtype,
-        graphs={"prime": "prime.onnx", "step": "step.onnx" if has_step else None},
-        inputs=tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in inputs),
-        outputs=tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in outputs),
-        caches=tuple(CacheSpec(**{**c, "shape": tuple(c["shape"])}) for c in caches),
-        step_extra_inputs=tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in step_extra),
-        layers=tuple(LayerInfo(**_layer_entry(layer)) for layer in modiff_layers(unet)),
-        scales=None if scales is None else scales.for_layers(tuple(layer.name for layer in quantized)))
-    with atomic_folder(out, overwrite) as tmp:
-        bar = tqdm(roles, desc=f"export {config.tag}", disable=not progress, unit="graph")
-        for role in bar:
-            bar.set_postfix_str(role)
-            _trace(unet, role, args, inputs, step_extra, caches, scales, cache_dtype, opset, tmp / f"{role}.onnx",
-                   io_shapes, info.conditional)
-        if target == "ort":
-            from .ort_variant import apply_to_folder
-
-            manifest = apply_to_folder(tmp, manifest)
-        manifest = manifest.with_digests(tmp)
-        manifest.write(tmp)
-    return manifest
+    step_extra = ()
+    if n_buckets > 1 and config.mode == "modiff":  # delta_scales [L]: one scale per quantized layer per step
+        step_extra = (TensorSpec("delta_scales", (len(quantized),), "float32"),)
+    table = None if scales is None else scales.for_layers(tuple(quantized))
+    return Manifest(
+        model=model.info, quant_config=config, opset=opset, cache_dtype=cache_dtype,
+        graphs={"prime": "prime.onnx", "step": "step.onnx" if caches else None},
+        inputs=inputs, outputs=(TensorSpec("noise_pred", (BATCH, out_ch, H, W), "float32"),),
+        caches=caches, step_extra_inputs=step_extra,
+        layers=tuple(LayerInfo(**_layer_entry(layer)) for layer in modiff_layers(unet)), scales=table)
 
 
 def _layer_entry(l) -> dict:
@@ -215,47 +237,56 @@ def _layer_entry(l) -> dict:
             "weight_note": l.weight_note or None, "weight_rounding": l.weight_rounding}
 
 
-def _trace(unet, role, args, inputs, step_extra, caches, scales, cache_dtype, opset, path: Path,
-           io_shapes: dict[str, list], conditional: bool) -> None:
-    module = _GraphModule(unet, role, conditional, bool(step_extra), getattr(torch, cache_dtype))
-    in_names = [s["name"] for s in inputs]
-    out_names = ["noise_pred"] + [c["output"] for c in caches]
+def _trace(unet: nn.Module, manifest: Manifest, role: str, args: list[torch.Tensor], path: Path) -> None:
+    """Trace the `role` graph with the names, batch axes and shapes of `manifest`, turn its weights into
+    int8/int4 initializers (passes.py) and write it to `path` (checked by onnx.checker)."""
+    module = _GraphModule(unet, role, manifest.conditional, bool(manifest.step_extra_inputs),
+                          getattr(torch, manifest.cache_dtype))
+    in_specs, out_specs = manifest.graph_inputs(role), manifest.graph_outputs(role)
     call_args = list(args)
     with torch.no_grad(), _export_state(unet):
         if role == "step":
-            if step_extra:
-                table = scales.table
-                call_args.append(torch.tensor([table[l.name][0] for l in module.quantized]))
-                in_names += [s["name"] for s in step_extra]
+            if manifest.step_extra_inputs:  # delta_scales [L]: bucket 0's row as the example
+                table = manifest.scales.table
+                call_args.append(torch.tensor([table[name][0] for name in manifest.scales.layers]))
             module.phase = "prime"
             first = module(*args)  # real caches as example step inputs
             module.phase = "step"
             call_args += list(first[1:])
-            in_names += [c["input"] for c in caches]
-        dynamic = {n: {0: BATCH} for n in in_names + out_names if n != "delta_scales"}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            raw_dir = path.parent / f".raw-{role}"  # torch may write external-data files here
-            raw_dir.mkdir()
-            raw = raw_dir / "model.onnx"
-            try:
-                torch.onnx.export(module, tuple(call_args), str(raw), dynamo=False, opset_version=opset,
-                                  input_names=in_names, output_names=out_names, dynamic_axes=dynamic,
-                                  do_constant_folding=True)
-            except Exception as e:  # e.g. an operator this opset lacks (attention needs opset >= 14)
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                raise ExportError(f"torch.onnx.export cannot trace the {role} graph at opset {opset}: "
-                                  f"{first}") from None
-    model = onnx.load(str(raw))
-    shutil.rmtree(raw_dir)
-    graph_passes.quantize_weight_constants(model, (
+        model = _torch_export(module, call_args, in_specs, out_specs, manifest.opset, role, path.parent)
+    passes.quantize_weight_constants(model, (
         (l.name, l.inner.weight.detach().numpy(), l.w_scale.numpy(), l.block_size)  # baked: weight == Wq
         for l in modiff_layers(unet) if not l.skipped))
-    graph_passes.remove_unused(model)
-    graph_passes.set_io_shapes(model, io_shapes)
+    passes.remove_unused(model)
+    passes.set_io_shapes(model, {s.name: list(s.shape) for s in in_specs + out_specs})
     _save(model, path)
     del model
     onnx.checker.check_model(str(path), full_check=True)  # full_check runs strict shape inference too
+
+
+def _torch_export(module: nn.Module, call_args: list, in_specs: list[TensorSpec], out_specs: list[TensorSpec],
+                  opset: int, role: str, folder: Path) -> onnx.ModelProto:
+    """The traced graph, loaded: torch.onnx.export writes into a scratch folder under `folder` (it may
+    write external-data files there), removed after loading. Axis 0 is the symbolic batch of every
+    tensor that has one."""
+    names = [s.name for s in in_specs + out_specs]
+    dynamic = {s.name: {0: BATCH} for s in in_specs + out_specs if s.shape[:1] == (BATCH,)}
+    raw_dir = folder / f".raw-{role}"
+    raw_dir.mkdir()
+    raw = raw_dir / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, tuple(call_args), str(raw), dynamo=False, opset_version=opset,
+                              input_names=names[:len(in_specs)], output_names=names[len(in_specs):],
+                              dynamic_axes=dynamic, do_constant_folding=True)
+        except Exception as e:  # e.g. an operator this opset lacks (attention needs opset >= 14)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ExportError(f"torch.onnx.export cannot trace the {role} graph at opset {opset}: "
+                              f"{first}") from None
+    model = onnx.load(str(raw))
+    shutil.rmtree(raw_dir)
+    return model
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:

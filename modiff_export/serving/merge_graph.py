@@ -63,42 +63,22 @@ def _value_info(name: str, elem: int, shape) -> onnx.ValueInfoProto:
 
 
 def merged_unet_model(folder: str | Path) -> onnx.ModelProto:
+    """The one graph of an exported folder's prime + step graphs, chosen per sample by `start` (module
+    docstring). Raises MergeError for folders a Triton sequence model cannot serve."""
     folder = Path(folder)
     m = Manifest.load(folder)
-    if not m.caches:
-        raise MergeError(f"{folder}: no caches (fp/ptq export): serve prime.onnx as a stateless model instead")
-    if m.step_extra_inputs:
-        raise MergeError(f"{folder}: static scales with several timestep buckets feed a delta_scales input per call; "
-                         "a Triton sequence model cannot (re-export with --scale-mode dynamic or one bucket)")
-    if m.quant_config.keyframe_interval:
-        raise MergeError(f"{folder}: keyframe_interval re-primes mid-trajectory; Triton's START flag only "
-                         f"primes at the start")
+    _check_mergeable(folder, m)
     prime = onnx.load(str(folder / m.graphs["prime"]))
     step = onnx.load(str(folder / m.graphs["step"]))
     shared = [s.name for s in m.inputs]
     cache_in = [c.input for c in m.caches]
     outs = [s.name for s in m.graph_outputs("step")]
-
-    # initializers: one copy per distinct tensor (prime and step share their weights)
-    by_hash, inits, names = {}, [], {"prime": {}, "step": {}}
-    for role, g in (("prime", prime.graph), ("step", step.graph)):
-        for t in g.initializer:
-            anon = onnx.TensorProto()
-            anon.CopyFrom(t)
-            anon.name = ""
-            key = hashlib.sha256(anon.SerializeToString()).hexdigest()
-            if key not in by_hash:
-                new = onnx.TensorProto()
-                new.CopyFrom(t)
-                new.name = f"w{len(inits)}/{t.name}"
-                by_hash[key] = new.name
-                inits.append(new)
-            names[role][t.name] = by_hash[key]
-
-    elem = {vi.name: vi.type.tensor_type.elem_type for vi in list(step.graph.output) + list(step.graph.input)}
     specs = {s.name: s for s in m.graph_outputs("step")}
+    inits, names = _shared_initializers(prime.graph, step.graph)
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in list(step.graph.output) + list(step.graph.input)}
 
     def branch(name: str, with_prime: bool) -> onnx.GraphProto:
+        """The If branch: step only (else), or prime and step selected per sample by Where (then)."""
         nodes, step_map = _rename_graph(step.graph, f"{name}/step/", set(shared + cache_in), names["step"])
         results = {o: step_map[o] for o in outs}
         if with_prime:
@@ -112,15 +92,7 @@ def merged_unet_model(folder: str | Path) -> onnx.ModelProto:
         outputs = [_value_info(results[o], elem[o], specs[o].shape) for o in outs]
         return helper.make_graph(nodes, name, [], outputs)
 
-    ranks = sorted({len(specs[o].shape) for o in outs})
-    head = [helper.make_node("Cast", [START], ["start_bool"], to=TensorProto.BOOL, name="start_bool"),
-            helper.make_node("ReduceMax", [START], ["start_any_i"], keepdims=0, name="start_any_i"),
-            helper.make_node("Cast", ["start_any_i"], ["start_any"], to=TensorProto.BOOL, name="start_any")]
-    for r in ranks:  # [B, 1] -> [B, 1, ..., 1] (rank r) to broadcast against each output
-        shape_name = f"mask_shape_{r}"
-        inits.append(numpy_helper.from_array(np.array([-1] + [1] * (r - 1), dtype=np.int64), shape_name))
-        head.append(helper.make_node("Reshape", ["start_bool", shape_name], [f"start_mask_{r}"],
-                                     name=f"start_mask_{r}"))
+    head = _start_masks(sorted({len(specs[o].shape) for o in outs}), inits)
     if_node = helper.make_node("If", ["start_any"], outs, name="prime_or_step",
                                then_branch=branch("then", True), else_branch=branch("else", False))
     g_inputs = [vi for vi in step.graph.input if vi.name in shared]
@@ -132,3 +104,49 @@ def merged_unet_model(folder: str | Path) -> onnx.ModelProto:
                               producer_name="modiff-export package-triton")
     model.ir_version = step.ir_version
     return model
+
+
+def _check_mergeable(folder: Path, m: Manifest) -> None:
+    if not m.caches:
+        raise MergeError(f"{folder}: no caches (fp/ptq export): serve prime.onnx as a stateless model instead")
+    if m.step_extra_inputs:
+        raise MergeError(f"{folder}: static scales with several timestep buckets feed a delta_scales input per call; "
+                         "a Triton sequence model cannot (re-export with --scale-mode dynamic or one bucket)")
+    if m.quant_config.keyframe_interval:
+        raise MergeError(f"{folder}: keyframe_interval re-primes mid-trajectory; Triton's START flag only "
+                         f"primes at the start")
+
+
+def _shared_initializers(prime: onnx.GraphProto, step: onnx.GraphProto) -> tuple[list, dict]:
+    """One copy per distinct tensor (prime and step share their weights): (initializers named
+    "w<i>/<first name>", {"prime"|"step": {old name: new name}})."""
+    by_hash, inits, names = {}, [], {"prime": {}, "step": {}}
+    for role, g in (("prime", prime), ("step", step)):
+        for t in g.initializer:
+            anon = onnx.TensorProto()
+            anon.CopyFrom(t)
+            anon.name = ""
+            key = hashlib.sha256(anon.SerializeToString()).hexdigest()
+            if key not in by_hash:
+                new = onnx.TensorProto()
+                new.CopyFrom(t)
+                new.name = f"w{len(inits)}/{t.name}"
+                by_hash[key] = new.name
+                inits.append(new)
+            names[role][t.name] = by_hash[key]
+    return inits, names
+
+
+def _start_masks(ranks: list[int], inits: list) -> list[onnx.NodeProto]:
+    """start [B, 1] int32 -> start_any (bool scalar: the If condition) and start_mask_<r> [B, 1, ..., 1]
+    (bool, rank r) for each output rank, to broadcast in Where; the reshape targets are appended to
+    `inits`."""
+    head = [helper.make_node("Cast", [START], ["start_bool"], to=TensorProto.BOOL, name="start_bool"),
+            helper.make_node("ReduceMax", [START], ["start_any_i"], keepdims=0, name="start_any_i"),
+            helper.make_node("Cast", ["start_any_i"], ["start_any"], to=TensorProto.BOOL, name="start_any")]
+    for r in ranks:
+        shape_name = f"mask_shape_{r}"
+        inits.append(numpy_helper.from_array(np.array([-1] + [1] * (r - 1), dtype=np.int64), shape_name))
+        head.append(helper.make_node("Reshape", ["start_bool", shape_name], [f"start_mask_{r}"],
+                                     name=f"start_mask_{r}"))
+    return head

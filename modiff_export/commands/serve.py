@@ -101,19 +101,30 @@ def serve(graphs, engines, backend, model, port, grpc_port, metrics_port, max_ba
 @click.option("--kind", type=click.Choice(["KIND_AUTO", "KIND_GPU", "KIND_CPU"]), default="KIND_AUTO",
               show_default=True,
               help="instance_group kind of modiff_unet.")
+@QUEUE_SIZE
+@QUEUE_TIMEOUT
+@click.option("--max-inflight", type=click.IntRange(1, 100_000), default=64, show_default=True,
+              help="Trajectories the sampler runs at once; more are rejected at once (UNAVAILABLE).")
+@click.option("--sequence-idle-s", type=click.FloatRange(0.001, 86_400), default=60.0, show_default=True,
+              help="A UNet sequence idle this long (a trajectory abandoned mid-way) is ended and its caches freed.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def package_triton(src, out, unet_backend, graphs, max_batch, max_steps, scheduler, instances, kind, overwrite):
+def package_triton(src, out, unet_backend, graphs, max_batch, max_steps, scheduler, instances, kind, max_queue_size,
+                   queue_timeout_ms, max_inflight, sequence_idle_s, overwrite):
     """Write a Triton model repository for SRC (graphs/<name>, or engines/<name> with --graphs): `modiff`
     (Python backend sampler: seed, steps -> image) calling `modiff_unet` (the UNet as one graph whose
     prime/step branch is chosen by the sequence START flag, every MoDiff cache as Triton implicit state).
     Deploy with `tritonserver --model-repository OUT`; see docs/serving.md."""
     from pathlib import Path
 
+    from ..serving.limits import ServingLimits
     from ..serving.model_repository import PackageOptions, write_model_repository
 
     is_engine = (Path(src) / "build.json").is_file()
     opt = PackageOptions(unet_backend=unet_backend or ("tensorrt" if is_engine else "onnxruntime"), max_batch=max_batch,
-                         max_steps=max_steps, default_scheduler=scheduler, unet_instances=instances, kind=kind)
+                         max_steps=max_steps, default_scheduler=scheduler, unet_instances=instances, kind=kind,
+                         limits=ServingLimits(max_queue_size=max_queue_size, queue_timeout_us=queue_timeout_ms * 1000,
+                                              max_inflight=max_inflight,
+                                              sequence_idle_us=max(1, round(sequence_idle_s * 1e6))))
     path = write_model_repository(src, out, opt, graphs=graphs, overwrite=overwrite)
     plan = "; build the plan: see modiff_unet/BUILD_PLAN.md" if opt.unet_backend == "tensorrt" else ""
     click.echo(f"wrote {path}/: modiff (python, sampler) -> modiff_unet ({opt.unet_backend}, sequence batching, "

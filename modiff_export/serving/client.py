@@ -67,7 +67,8 @@ class Client:
         return x
 
     def infer(self, seed: int, steps: int, scheduler: str | None = None, **extra) -> np.ndarray:
-        """The image [C, H, W] for one request. `extra`: name -> (numpy value, Triton dtype), e.g.
+        """The image [C, H, W] for one request. `extra`: name -> (numpy value of one request, without the
+        batch axis, Triton dtype), e.g.
         guidance_scale=(np.float32([7.5]), "FP32")."""
         inputs = [self._input("seed", np.array([seed], np.int64), "INT64"),
                   self._input("steps", np.array([steps], np.int32), "INT32")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,7 +171,7 @@ def test_sigterm_drains_in_flight_requests(graphs, tmp_path):
 def test_sigkill_mid_load_gives_errors_not_hangs_and_a_restart_is_exact(graphs, tmp_path):
     from modiff_export.serving.client import InferError
 
-    srv = _Server(graphs, tmp_path, "--max-steps", "200", name="killed")
+    srv = _Server(graphs, tmp_path, "--max-steps", "200", "--exit-timeout-s", "2", name="killed")
     res = {}
     t = threading.Thread(target=lambda: res.update(_timed(srv.port, [(60 + k, 200) for k in range(4)],
                                                           timeout_s=20)), daemon=True)
@@ -233,3 +234,78 @@ def test_repository_unet_frees_abandoned_sequences(graphs, tmp_path):
             assert held() == (0.0, 0.0), held()
         finally:
             client.close()
+
+
+# -- the same contracts without a server (fast) --------------------------------------------------------
+def _model(graphs, runner=None):
+    from modiff_export.manifest import Manifest
+    from modiff_export.serving.triton_server import ModiffModel, ServeConfig
+
+    meta = LoadedModel.from_info(Manifest.load(graphs).model)
+    return ModiffModel(runner or OrtRunner(graphs, threads=1), meta, ServeConfig(folder=str(graphs), max_steps=10))
+
+
+def _req(seed, steps, sched=None):
+    r = {"seed": np.array([[seed]], np.int64), "steps": np.array([[steps]], np.int32)}
+    if sched is not None:
+        r["scheduler"] = np.array([[sched.encode()]], np.object_)
+    return r
+
+
+def _error(resp) -> dict:
+    import json
+
+    from modiff_export.serving.pytriton_errors import ERROR_OUTPUT
+
+    assert set(resp) == {ERROR_OUTPUT} and resp[ERROR_OUTPUT].shape == (1, 1), resp
+    return json.loads(bytes(resp[ERROR_OUTPUT].reshape(-1)[0]).decode())
+
+
+def test_infer_answers_each_request_on_its_own(graphs):
+    out = _model(graphs).infer([_req(1, 3), _req(2, 0), _req(3, 4, "nope"), _req(4, 4)])
+    assert _error(out[1]) == {"code": "INVALID_ARG", "message": "steps=0 out of range [1, 10]"}
+    assert _error(out[2])["code"] == "INVALID_ARG" and "unknown scheduler 'nope'" in _error(out[2])["message"]
+    for k, (seed, steps) in ((0, (1, 3)), (3, (4, 4))):
+        np.testing.assert_array_equal(out[k]["image"][0], _solo(graphs, Item(seed, steps)))
+
+
+def test_a_runner_failure_is_one_line_per_request(graphs):
+    class Broken:
+        def reset(self):
+            pass
+
+        def __call__(self, *a, **k):
+            raise RuntimeError("device lost\nsecond line")
+
+    out = _model(graphs, Broken()).infer([_req(1, 3), _req(2, 0)])
+    assert _error(out[0]) == {"code": "INTERNAL", "message": "inference failed: RuntimeError: device lost"}
+    assert _error(out[1])["code"] == "INVALID_ARG"
+
+
+def test_proxy_patch_is_guarded_and_idempotent():
+    from modiff_export.serving.pytriton_errors import ProxyPatchError, patch_proxy_source
+
+    pytriton = pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed")
+    from pytriton.models.model import Model
+
+    from modiff_export.serving.pytriton_errors import per_request_errors
+
+    original = Model.get_proxy_model_files
+    with per_request_errors():
+        assert Model.get_proxy_model_files is not original
+    assert Model.get_proxy_model_files is original  # restored: other PyTriton users are untouched
+    src = (Path(pytriton.__file__).parent / "proxy" / "model.py").read_text()
+    once = patch_proxy_source(src)
+    assert once != src and patch_proxy_source(once) == once
+    compile(once, "model.py", "exec")  # still valid Python
+    with pytest.raises(ProxyPatchError, match="_wrap_response"):
+        patch_proxy_source(src.replace("def _wrap_response(", "def _other_name("))
+
+
+@pytest.mark.parametrize("field,value", [("max_queue_size", -1), ("queue_timeout_us", -1), ("sequence_idle_us", 0),
+                                         ("max_inflight", 0), ("max_queue_size", True), ("max_queue_size", 2.5)])
+def test_limits_are_validated(field, value):
+    from modiff_export.serving.limits import LimitsError, ServingLimits
+
+    with pytest.raises(LimitsError, match=field):
+        ServingLimits(**{field: value})

@@ -9,107 +9,18 @@ sent afterwards to the same server, one at a time (exact equality: batching must
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def start_server(graphs: str, port: int, backend: str = "ort", max_batch: int = 8, log: str | None = None,
-                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "cli.py"), "serve", "--graphs", graphs, "--backend", backend, "--port", str(port),
-           "--max-batch", str(max_batch), *extra]
-    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/modiff/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"server not ready after {timeout:.0f} s")
-
-
-def stop_server(proc: subprocess.Popen, sig=signal.SIGINT, timeout: float = 60.0) -> int:
-    proc.send_signal(sig)
-    return proc.wait(timeout=timeout)
-
-
-def batch_stats(metrics_port: int, expect: int = 1, timeout: float = 15.0) -> tuple[float, float]:
-    """(requests, executions) of model modiff from Triton's metrics; requests / executions = mean batch.
-    Triton publishes its counters with a delay (seen: 0 / 0 right after 6 answered requests, on a loaded
-    machine), so poll until at least `expect` requests are counted or `timeout` seconds pass."""
-    def value(text, name):
-        m = re.search(rf'^{name}{{model="modiff",version="1"}} ([0-9.e+]+)$', text, re.MULTILINE)
-        return float(m.group(1)) if m else float("nan")
-
-    deadline = time.time() + timeout
-    while True:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        n_req, n_exec = value(text, "nv_inference_count"), value(text, "nv_inference_exec_count")
-        if n_req >= expect or time.time() > deadline:
-            return n_req, n_exec
-        time.sleep(0.5)
-
-
-class Client:
-    """One tritonclient (http or grpc) asking for one image at a time."""
-
-    def __init__(self, protocol: str, port: int):
-        self.protocol = protocol
-        if protocol == "http":
-            import tritonclient.http as tc
-
-            self.tc, self.client = tc, tc.InferenceServerClient(f"127.0.0.1:{port}", connection_timeout=300,
-                                                                network_timeout=300)
-        else:
-            import tritonclient.grpc as tc
-
-            self.tc, self.client = tc, tc.InferenceServerClient(f"127.0.0.1:{port + 1}")
-
-    def infer(self, seed: int, steps: int) -> np.ndarray:
-        a = self.tc.InferInput("seed", [1, 1], "INT64")
-        a.set_data_from_numpy(np.array([[seed]], np.int64))
-        b = self.tc.InferInput("steps", [1, 1], "INT32")
-        b.set_data_from_numpy(np.array([[steps]], np.int32))
-        return self.client.infer("modiff", [a, b]).as_numpy("image")[0]  # [C, H, W]
-
-
-def infer_concurrently(port: int, reqs: list[tuple[int, int]]) -> tuple[dict[int, np.ndarray], list[str]]:
-    """Send every (seed, steps) request at once, one thread each, alternating HTTP and gRPC; returns
-    ({request index: image}, [error messages])."""
-    got, errors = {}, []
-
-    def worker(k):
-        try:
-            got[k] = Client("http" if k % 2 == 0 else "grpc", port).infer(*reqs[k])
-        except Exception as e:  # noqa: BLE001 - collected: the caller asserts there are none
-            errors.append(str(e))
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(reqs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return got, errors
+from modiff_export.serving.client import Client, InferError, batch_stats, wait_ready
+from modiff_export.serving.process import start_serve as start_server
+from modiff_export.serving.process import stop_server
 
 
 @dataclass
@@ -127,7 +38,7 @@ def run_load(port: int, clients: int, duration: float, steps_choices=(10, 20), m
     t_end = time.time() + duration
 
     def worker(k):
-        cl = Client("http" if k % 2 == 0 else "grpc", port)
+        cl = Client("http", port) if k % 2 == 0 else Client("grpc", port + 1)
         rng = np.random.default_rng(k)
         i = 0
         while time.time() < t_end and (max_requests is None or i < max_requests):
@@ -138,9 +49,9 @@ def run_load(port: int, clients: int, duration: float, steps_choices=(10, 20), m
                 with lock:
                     res.latencies.append(time.perf_counter() - t0)
                     res.images[(k, i)] = (seed, steps, img)
-            except Exception as e:  # noqa: BLE001 (every failure is counted and reported)
+            except InferError as e:  # every failure is counted and reported
                 with lock:
-                    res.errors.append(f"{cl.protocol}: {str(e).splitlines()[-1][:200]}")
+                    res.errors.append(f"{cl.protocol}: {e}")
             i += 1
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]

@@ -33,6 +33,8 @@ CALIBRATE = ["calibrate", "--model", "m0", "--steps", "3", "--samples", "1", "--
              "--quiet"]
 W4A4 = ["--weight-bits", "4", "--act-bits", "4"]
 EXPORT_GPTQ = EXPORT + W4A4 + ["--calibration", "cal4.json", "--out", "gw"]
+SERVE = ["serve", "--graphs", "g88", "--port", "1"]  # never reached: the option is refused first
+PACKAGE = ["package-triton", "g88", "--out", "mr", "--unet-backend", "python"]
 
 
 # -- the shared inputs ---------------------------------------------------------------------------------
@@ -448,6 +450,15 @@ CASES = [
       "is a file"),
     C("graphs-folder-missing", SAMPLE + ["--backend", "ort", "--graphs", "nothere"], "not a folder"),
     C("graph-not-onnx", SAMPLE_ORT, "cannot load", lambda ws: _replace_graph_with_junk(ws)),
+    # 9. serving limits (issue 20): refused before any server starts or any repository is written
+    C("serve-queue-size-negative", SERVE + ["--max-queue-size", "-1"], "--max-queue-size"),
+    C("serve-queue-timeout-negative", SERVE + ["--queue-timeout-ms", "-5"], "--queue-timeout-ms"),
+    C("serve-exit-timeout-negative", SERVE + ["--exit-timeout-s", "-1"], "--exit-timeout-s"),
+    C("serve-queue-size-not-a-number", SERVE + ["--max-queue-size", "many"], "--max-queue-size"),
+    C("package-queue-size-negative", PACKAGE + ["--max-queue-size", "-1"], "--max-queue-size"),
+    C("package-queue-timeout-negative", PACKAGE + ["--queue-timeout-ms", "-1"], "--queue-timeout-ms"),
+    C("package-max-inflight-0", PACKAGE + ["--max-inflight", "0"], "--max-inflight"),
+    C("package-sequence-idle-0", PACKAGE + ["--sequence-idle-s", "0"], "--sequence-idle-s"),
 ]
 
 

@@ -2,17 +2,15 @@
 START-selected graph computes prime or step per sample; the repository runs on the bundled tritonserver."""
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import build_tiny_unet
+from serving_util import repository_server
 
 from modiff_export import QuantConfig
 from modiff_export.export.trace import export_model
@@ -74,6 +72,12 @@ def test_configs_match_manifest(graphs, tmp_path, backend):
     assert [i.name for i in sampler.input] == ["seed", "steps", "scheduler"] and sampler.input[2].optional
     assert [(o.name, list(o.dims)) for o in sampler.output] == [("image", [1, 16, 16])]
     assert sampler.parameters["unet_model"].string_value == "modiff_unet"
+    qp = sampler.dynamic_batching.default_queue_policy  # overload: bounded queue, rejected at once
+    assert qp.max_queue_size == 32 and qp.timeout_action == qp.REJECT
+    assert sampler.parameters["max_inflight"].string_value == "64"
+    assert sb.max_sequence_idle_microseconds == 60_000_000  # abandoned sequences end
+    if backend == "python":
+        assert unet.parameters["sequence_idle_us"].string_value == "60000000"
     model_file = out / "modiff_unet" / ("model.onnx" if backend == "tensorrt" else "1/model.onnx")
     assert model_file.is_file() and (out / "modiff" / "1" / "model.py").is_file()
 
@@ -121,84 +125,31 @@ def test_refuses_overwrite_and_stateless_graphs(graphs, tmp_path):
     assert p.returncode == 1 and p.stderr.strip().startswith("error:") and "--overwrite" in p.stderr
 
 
-def _ports() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65000 and all(_free(port + k) for k in (1, 2)):
-            return port
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _start(repo, models, tmp_path):
-    pytest.importorskip("pytriton", reason="nvidia-pytriton (bundled tritonserver) is not installed")
-    import tritonclient.http as th
-
-    from modiff_export.serving.model_repository import local_tritonserver
-
-    port = _ports()
-    proc, scratch = local_tritonserver(repo, port, port + 1, port + 2, models, tmp_path / "ts.log")
-    client, t0 = th.InferenceServerClient(f"127.0.0.1:{port}"), time.time()
-    while time.time() - t0 < 120:
-        if proc.poll() is not None:
-            pytest.fail(f"tritonserver exited: {(tmp_path / 'ts.log').read_text()[-2000:]}")
-        try:
-            if all(client.is_model_ready(m) for m in models):
-                return proc, port, scratch
-        except Exception:  # noqa: BLE001, S110 (not up yet)
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    pytest.fail("tritonserver not ready after 120 s")
-
-
 def test_repository_runs_on_bundled_tritonserver(graphs, tmp_path):
     """The python-UNet variant runs whole trajectories through Triton: BLS sampler -> sequence-batched
     UNet with one correlation id per image; concurrent images equal the solo computation exactly."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from serve_load import Client, infer_concurrently
-
     from modiff_export.backends.ort_runner import OrtRunner
+    from modiff_export.serving.client import Client, InferError, infer_concurrently
     from modiff_export.serving.sampler import Item, generate_items
 
     repo = write_model_repository(graphs, tmp_path / "mr", PackageOptions(unet_backend="python", max_batch=4,
                                                                           max_steps=10))
-    proc, port, scratch = _start(repo, ["modiff", "modiff_unet"], tmp_path)
-    try:
+    with repository_server(repo, ["modiff", "modiff_unet"], tmp_path) as (_, port):
         reqs = [(7 + k, 4 if k % 2 else 5) for k in range(4)]
         got, errors = infer_concurrently(port, reqs)
         assert not errors, errors
         r = OrtRunner(graphs, threads=1)
         for k, (seed, steps) in enumerate(reqs):
             np.testing.assert_array_equal(got[k], generate_items(r, SCHED, [Item(seed, steps)], SHAPE)[0].numpy())
-        with pytest.raises(Exception, match="out of range"):
+        with pytest.raises(InferError, match="out of range") as e:
             Client("http", port).infer(1, 11)
-    finally:
-        proc.terminate()
-        proc.wait(60)
-        shutil.rmtree(scratch, ignore_errors=True)
+        assert e.value.kind == "bad_request" and e.value.status == "400"
 
 
 def test_sampler_of_onnxruntime_repository_loads_here(graphs, tmp_path):
     """The bundled tritonserver has no onnxruntime backend: the sampler loads, and a request says why it fails."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from serve_load import Client
+    from modiff_export.serving.client import Client, InferError
 
     repo = write_model_repository(graphs, tmp_path / "mr")
-    proc, port, scratch = _start(repo, ["modiff"], tmp_path)
-    try:
-        with pytest.raises(Exception, match="modiff_unet"):
-            Client("http", port).infer(1, 3)
-    finally:
-        proc.terminate()
-        proc.wait(60)
-        shutil.rmtree(scratch, ignore_errors=True)
+    with repository_server(repo, ["modiff"], tmp_path) as (_, port), pytest.raises(InferError, match="modiff_unet"):
+        Client("http", port).infer(1, 3)

@@ -6,13 +6,13 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_unet
+from serving_util import free_ports, needs_triton
 
 from modiff_export import QuantConfig
 from modiff_export.backends.ort_runner import OrtRunner
@@ -63,30 +63,15 @@ def test_bad_requests():
             check_item(it, 100, False, None)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _needs_triton():
-    pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed")
-    pytest.importorskip("tritonclient.http", reason="tritonclient is not installed")
-    if not str(sysconfig.get_config_var("LDLIBRARY") or "").endswith(".so"):
-        pytest.skip("this Python has no shared libpython: Triton's Python backend stub cannot start")
-
-
 def test_server_isolation_under_concurrency(graphs, tmp_path):
     """6 concurrent clients (HTTP + gRPC), two step counts, a long queue delay so Triton batches them;
     every image must equal the same request computed alone in this process, bit for bit."""
-    _needs_triton()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from serve_load import Client, batch_stats, infer_concurrently, start_server, stop_server, wait_ready
+    needs_triton()
+    from modiff_export.serving.client import Client, InferError, batch_stats, infer_concurrently, wait_ready
+    from modiff_export.serving.process import start_serve, stop_server
 
-    port = _free_port()
-    while any(_port_busy(p) for p in (port + 1, port + 2)):
-        port = _free_port()
-    proc = start_server(str(graphs), port, max_batch=8, log=str(tmp_path / "server.log"),
+    port = free_ports()
+    proc = start_serve(str(graphs), port, max_batch=8, log=str(tmp_path / "server.log"),
                         extra=("--queue-delay-us", "300000", "--max-steps", "10"))
     try:
         wait_ready(port, proc)
@@ -99,24 +84,15 @@ def test_server_isolation_under_concurrency(graphs, tmp_path):
         for k, (seed, steps) in enumerate(reqs):
             solo = generate_items(r, SCHED, [Item(seed, steps, "ddim")], SHAPE)[0].numpy()
             assert np.array_equal(got[k], solo), k
-        with pytest.raises(Exception, match="out of range"):  # a bad request gets a clear error
+        with pytest.raises(InferError, match="out of range"):  # a bad request gets a clear error
             Client("http", port).infer(1, 11)
     finally:
         rc = stop_server(proc, signal.SIGTERM) if proc.poll() is None else proc.returncode
     assert rc == 0 and "server stopped" in (tmp_path / "server.log").read_text()
 
 
-def _port_busy(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
 def test_port_in_use_is_one_error_line(graphs):
-    _needs_triton()
+    needs_triton()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()

@@ -6,6 +6,12 @@ import click
 from ..sampling import SCHEDULERS
 
 SERVE_BACKENDS = ["ort", "openvino", "trt", "torch"]
+QUEUE_SIZE = click.option("--max-queue-size", type=click.IntRange(0, 1_000_000), default=32, show_default=True,
+                          help="Requests waiting for a batch (dynamic batcher queue); more are rejected at once "
+                               "(HTTP 503 / gRPC UNAVAILABLE, 'Exceeds maximum queue size'). 0: unbounded.")
+QUEUE_TIMEOUT = click.option("--queue-timeout-ms", type=click.IntRange(0, 86_400_000), default=0, show_default=True,
+                             help="Reject a request that waited this long in the queue (0: no timeout; a request "
+                                  "may ask for a shorter one with parameter `timeout`, microseconds).")
 
 
 @click.command("serve")
@@ -30,14 +36,17 @@ SERVE_BACKENDS = ["ort", "openvino", "trt", "torch"]
               help="Scheduler when a request names none.")
 @click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Model instances (one runner each).")
+@QUEUE_SIZE
+@QUEUE_TIMEOUT
+@click.option("--exit-timeout-s", type=click.IntRange(0, 3600), default=10, show_default=True,
+              help="On SIGTERM/Ctrl-C: how long Triton drains in-flight requests before it exits.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
               help="Intra-op threads per ORT runner.")
 @click.option("--pipeline", type=click.Path(exists=True, file_okay=False), default=None,
               help="Diffusers pipeline folder (tokenizer/, text_encoder/): adds a `prompt` BYTES [1] request input "
                    "encoded by its text encoder (guidance uncond: the empty prompt).")
 def serve(graphs, engines, backend, model, port, grpc_port, metrics_port, max_batch, queue_delay_us, max_steps,
-          scheduler,
-          instances, threads, pipeline):
+          scheduler, instances, max_queue_size, queue_timeout_ms, exit_timeout_s, threads, pipeline):
     """Serve model `modiff` with a real Triton Inference Server (PyTriton), on loopback only.
 
     \b
@@ -48,6 +57,7 @@ def serve(graphs, engines, backend, model, port, grpc_port, metrics_port, max_ba
     Health: GET /v2/health/live, /v2/health/ready, /v2/models/modiff/ready; metrics: GET :METRICS_PORT/metrics.
     Batched requests give exactly the images they give alone. Ctrl-C (or SIGTERM) stops the server.
     See docs/serving.md."""
+    from ..serving.limits import ServingLimits
     from ..serving.triton_server import ServeConfig
     from ..serving.triton_server import serve as run_server
 
@@ -56,7 +66,9 @@ def serve(graphs, engines, backend, model, port, grpc_port, metrics_port, max_ba
         folder = None
     cfg = ServeConfig(backend=backend, folder=folder, model=model, http_port=port, grpc_port=grpc_port or port + 1,
                       metrics_port=metrics_port or port + 2, max_batch=max_batch, queue_delay_us=queue_delay_us,
-                      max_steps=max_steps, scheduler=scheduler, instances=instances, threads=threads, pipeline=pipeline)
+                      max_steps=max_steps, scheduler=scheduler, instances=instances, threads=threads, pipeline=pipeline,
+                      limits=ServingLimits(max_queue_size=max_queue_size, queue_timeout_us=queue_timeout_ms * 1000),
+                      exit_timeout_s=exit_timeout_s)
 
     def ready(models):
         m = models[0].meta
@@ -89,19 +101,30 @@ def serve(graphs, engines, backend, model, port, grpc_port, metrics_port, max_ba
 @click.option("--kind", type=click.Choice(["KIND_AUTO", "KIND_GPU", "KIND_CPU"]), default="KIND_AUTO",
               show_default=True,
               help="instance_group kind of modiff_unet.")
+@QUEUE_SIZE
+@QUEUE_TIMEOUT
+@click.option("--max-inflight", type=click.IntRange(1, 100_000), default=64, show_default=True,
+              help="Trajectories the sampler runs at once; more are rejected at once (UNAVAILABLE).")
+@click.option("--sequence-idle-s", type=click.FloatRange(0.001, 86_400), default=60.0, show_default=True,
+              help="A UNet sequence idle this long (a trajectory abandoned mid-way) is ended and its caches freed.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def package_triton(src, out, unet_backend, graphs, max_batch, max_steps, scheduler, instances, kind, overwrite):
+def package_triton(src, out, unet_backend, graphs, max_batch, max_steps, scheduler, instances, kind, max_queue_size,
+                   queue_timeout_ms, max_inflight, sequence_idle_s, overwrite):
     """Write a Triton model repository for SRC (graphs/<name>, or engines/<name> with --graphs): `modiff`
     (Python backend sampler: seed, steps -> image) calling `modiff_unet` (the UNet as one graph whose
     prime/step branch is chosen by the sequence START flag, every MoDiff cache as Triton implicit state).
     Deploy with `tritonserver --model-repository OUT`; see docs/serving.md."""
     from pathlib import Path
 
+    from ..serving.limits import ServingLimits
     from ..serving.model_repository import PackageOptions, write_model_repository
 
     is_engine = (Path(src) / "build.json").is_file()
     opt = PackageOptions(unet_backend=unet_backend or ("tensorrt" if is_engine else "onnxruntime"), max_batch=max_batch,
-                         max_steps=max_steps, default_scheduler=scheduler, unet_instances=instances, kind=kind)
+                         max_steps=max_steps, default_scheduler=scheduler, unet_instances=instances, kind=kind,
+                         limits=ServingLimits(max_queue_size=max_queue_size, queue_timeout_us=queue_timeout_ms * 1000,
+                                              max_inflight=max_inflight,
+                                              sequence_idle_us=max(1, round(sequence_idle_s * 1e6))))
     path = write_model_repository(src, out, opt, graphs=graphs, overwrite=overwrite)
     plan = "; build the plan: see modiff_unet/BUILD_PLAN.md" if opt.unet_backend == "tensorrt" else ""
     click.echo(f"wrote {path}/: modiff (python, sampler) -> modiff_unet ({opt.unet_backend}, sequence batching, "

@@ -27,6 +27,7 @@ import onnx
 from ..errors import ModiffExportError
 from ..fsutil import atomic_folder, check_writable
 from ..manifest import Manifest, TensorSpec
+from .limits import ServingLimits
 
 SAMPLER, UNET = "modiff", "modiff_unet"
 TEMPLATES = Path(__file__).parent / "triton_models"
@@ -47,7 +48,7 @@ class PackageOptions:
     unet_instances: int = 1
     sampler_instances: int = 1
     kind: str = "KIND_AUTO"             # instance_group kind of the UNet (KIND_GPU on GPU servers)
-    idle_us: int = 60_000_000           # sequence slot freed after this much idle time
+    limits: ServingLimits = ServingLimits()  # sampler queue bound/timeout, in-flight cap, sequence idle timeout
 
 
 def _pb():
@@ -82,7 +83,7 @@ def unet_config(m: Manifest, opt: PackageOptions):
     for s in m.outputs:
         c.output.add(name=s.name, data_type=TYPES[s.dtype], dims=_dims(s.shape))
     sb = c.sequence_batching
-    sb.max_sequence_idle_microseconds = opt.idle_us
+    sb.max_sequence_idle_microseconds = opt.limits.sequence_idle_us  # an abandoned sequence ends after this
     sb.oldest.max_candidate_sequences = 4 * opt.max_batch
     sb.oldest.preferred_batch_size.append(opt.max_batch)
     sb.oldest.max_queue_delay_microseconds = 2000
@@ -93,6 +94,8 @@ def unet_config(m: Manifest, opt: PackageOptions):
         sb.control_input.add(name="END", control=[K(kind=K.CONTROL_SEQUENCE_END, int32_false_true=[0, 1])])
         sb.control_input.add(name="CORRID", control=[K(kind=K.CONTROL_SEQUENCE_CORRID, data_type=mc.TYPE_UINT64)])
         c.parameters["intra_op_threads"].string_value = "1"
+        # the Python backend is not told when Triton ends an idle sequence: the model drops its caches itself
+        c.parameters["sequence_idle_us"].string_value = str(opt.limits.sequence_idle_us)
     else:
         for cache in m.caches:
             dt, dims = TYPES[cache.dtype], _dims(cache.shape)
@@ -116,10 +119,12 @@ def sampler_config(m: Manifest, opt: PackageOptions):
                     dims=[int(mm.encoder_seq_len), int(mm.cross_attention_dim)], optional=True)
     c.output.add(name="image", data_type=mc.TYPE_FP32, dims=list(mm.sample_shape))
     c.dynamic_batching.max_queue_delay_microseconds = 5000
+    opt.limits.fill_queue_policy(c.dynamic_batching.default_queue_policy)
     c.instance_group.add(count=opt.sampler_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     params = {"unet_model": UNET, "sample_shape": json.dumps(list(mm.sample_shape)),
               "ehs_shape": json.dumps([mm.encoder_seq_len, mm.cross_attention_dim]) if mm.conditional else "",
-              "max_steps": str(opt.max_steps), "default_scheduler": opt.default_scheduler}
+              "max_steps": str(opt.max_steps), "default_scheduler": opt.default_scheduler,
+              "max_inflight": str(opt.limits.max_inflight)}
     for k, v in params.items():
         c.parameters[k].string_value = v
     return c

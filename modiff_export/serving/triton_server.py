@@ -11,6 +11,11 @@ Model `modiff`:
            guidance_scale  FP32  [1]       optional, conditional UNets only (default 1.0)
            encoder_hidden_states FP32 [S, D]  optional, conditional UNets only (default: random from the seed)
   output   image           FP32  [C, H, W] in [-1, 1]
+
+Every request is answered on its own: a bad one gets its own error (INVALID_ARG: HTTP 400 / gRPC
+INVALID_ARGUMENT, one line), the others of its batch their images (pytriton_errors.py). The dynamic
+batcher's queue is bounded (limits.py): beyond it Triton rejects at once (UNAVAILABLE, HTTP 503).
+SIGTERM/SIGINT: Triton stops taking requests and drains those in flight for up to `exit_timeout_s`.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ import numpy as np
 import torch
 
 from ..errors import ModiffExportError
+from .limits import ServingLimits
+from .pytriton_errors import ERROR_OUTPUT, INTERNAL, INVALID_ARG, error_response, per_request_errors
 from .sampler import Item, RequestError, check_item, generate_items
 
 MODEL_NAME = "modiff"
@@ -52,12 +59,19 @@ class ServeConfig:
     instances: int = 1                # model instances (one runner each)
     threads: int = 1                  # intra-op threads per runner (ort)
     pipeline: str | None = None       # diffusers pipeline folder: its text encoder serves the `prompt` input
+    limits: ServingLimits = ServingLimits()  # queue bound and queue timeout of the dynamic batcher
+    exit_timeout_s: int = 10          # SIGTERM/SIGINT: how long Triton drains in-flight requests
+
+    def __post_init__(self) -> None:
+        if isinstance(self.exit_timeout_s, bool) or not isinstance(self.exit_timeout_s, int) or self.exit_timeout_s < 0:
+            raise ServeError(f"ServeConfig.exit_timeout_s={self.exit_timeout_s!r} must be an integer >= 0")
 
 
 # -- runner + request handling (no PyTriton here: tests call it directly) ------------------------------
 class ModiffModel:
     """One model instance: a runner and the metadata to serve it. `infer` takes PyTriton requests
-    (dicts of numpy arrays, each with a leading request-batch axis) and returns one dict per request."""
+    (dicts of numpy arrays, each with a leading request-batch axis) and returns one dict per request:
+    {"image": [n, C, H, W]}, or error_response(...) for a request that cannot be served."""
 
     def __init__(self, runner, meta, cfg: ServeConfig, prompts=None):
         self.runner, self.meta, self.cfg, self.prompts = runner, meta, cfg, prompts
@@ -110,28 +124,36 @@ class ModiffModel:
         return items
 
     def infer(self, requests) -> list[dict]:
-        items, counts, problems = [], [], []
-        for k, req in enumerate(requests):
+        """One response per request. A bad request (RequestError) gets its own INVALID_ARG error and adds
+        nothing to the computation; the others get exactly the images they get alone. If the runner
+        fails, each request of the batch gets an INTERNAL error with the one-line reason."""
+        parsed: list = []  # per request: its items, or its error response
+        for req in requests:
             try:
-                got = self.parse(req)
+                parsed.append(self.parse(req))
             except RequestError as e:
-                problems.append(f"request {k}: {e}")
-                continue
-            items += got
-            counts.append(len(got))
-        if problems:
-            # PyTriton answers a batch with responses or with one error; a bad request therefore fails
-            # the batch it was queued with (no image is ever computed from a bad request).
-            raise RequestError("; ".join(problems)) from None
-        with self.lock:
-            per_call = self.cfg.max_batch // (2 if any(it.guidance_scale != 1.0 for it in items) else 1)
-            images = generate_items(self.runner, self.meta.scheduler_config, items, self.meta.sample_shape,
-                                    self.ehs_shape, max_group=max(1, per_call)).numpy()  # [N, C, H, W]
-            self.batches.append(len(items))
+                parsed.append(error_response(INVALID_ARG, str(e)))
+        items = [it for p in parsed if isinstance(p, list) for it in p]
+        images = None
+        if items:
+            try:
+                with self.lock:
+                    per_call = self.cfg.max_batch // (2 if any(it.guidance_scale != 1.0 for it in items) else 1)
+                    images = generate_items(self.runner, self.meta.scheduler_config, items, self.meta.sample_shape,
+                                            self.ehs_shape, max_group=max(1, per_call)).numpy()  # [N, C, H, W]
+                    self.batches.append(len(items))
+            except Exception as e:  # noqa: BLE001 (any runner failure: every request gets it, the server goes on)
+                first = (str(e).strip().splitlines() or [""])[0]
+                why = f"{type(e).__name__}: {first}" if first else type(e).__name__
+                return [p if isinstance(p, dict) else error_response(INTERNAL, f"inference failed: {why}")
+                        for p in parsed]
         out, s = [], 0
-        for n in counts:
-            out.append({"image": images[s:s + n]})
-            s += n
+        for p in parsed:
+            if isinstance(p, dict):
+                out.append(p)
+            else:
+                out.append({"image": images[s:s + len(p)]})
+                s += len(p)
         return out
 
 
@@ -182,7 +204,9 @@ def triton_inputs_outputs(meta, prompts: bool = False):
                           shape=(meta.encoder_seq_len, meta.cross_attention_dim), optional=True)]
     if prompts:
         inputs.append(Tensor(name="prompt", dtype=bytes, shape=(1,), optional=True))
-    return inputs, [Tensor(name="image", dtype=np.float32, shape=(c, h, w))]
+    # ERROR_OUTPUT is never sent: a response holding it becomes that request's error (pytriton_errors.py)
+    return inputs, [Tensor(name="image", dtype=np.float32, shape=(c, h, w)),
+                    Tensor(name=ERROR_OUTPUT, dtype=bytes, shape=(1,))]
 
 
 def _interrupt(*_) -> None:
@@ -211,17 +235,19 @@ def serve(cfg: ServeConfig, on_ready=None) -> None:
     inputs, outputs = triton_inputs_outputs(models[0].meta, prompts=encoder is not None)
     tcfg = TritonConfig(http_address=LOOPBACK, http_port=cfg.http_port, grpc_address=LOOPBACK, grpc_port=cfg.grpc_port,
                         metrics_address=LOOPBACK, metrics_port=cfg.metrics_port, allow_gpu_metrics=False,
-                        exit_timeout_secs=10)
+                        exit_timeout_secs=cfg.exit_timeout_s)
     # SIGTERM (docker stop, systemd, kill) stops the server the way Ctrl-C does
     previous = signal.signal(signal.SIGTERM, _interrupt)
     triton = Triton(config=tcfg)
     try:
         try:
-            triton.bind(model_name=MODEL_NAME, infer_func=[m.infer for m in models], inputs=inputs, outputs=outputs,
-                        config=ModelConfig(max_batch_size=cfg.max_batch,
-                                           batcher=DynamicBatcher(max_queue_delay_microseconds=cfg.queue_delay_us)),
-                        strict=True)
-            triton.run()
+            batcher = DynamicBatcher(max_queue_delay_microseconds=cfg.queue_delay_us,
+                                     default_queue_policy=cfg.limits.pytriton_queue_policy())
+            with per_request_errors():
+                triton.bind(model_name=MODEL_NAME, infer_func=[m.infer for m in models], inputs=inputs,
+                            outputs=outputs, config=ModelConfig(max_batch_size=cfg.max_batch, batcher=batcher),
+                            strict=True)
+                triton.run()  # loads the model: PyTriton sends the (patched) proxy files now
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 (PyTriton/tritonserver start failures: one line, details in the log above)

@@ -6,6 +6,12 @@ UNets: optional `guidance_scale` FP32 [1], `encoder_hidden_states` FP32 [S, D]) 
 correlation id (START on the first call, END on the last), so Triton keeps that image's MoDiff caches
 as implicit state and batches the steps of concurrent trajectories together. All requests of a batch
 run concurrently (asyncio). Needs numpy, torch and diffusers in the Python backend's environment.
+
+Every request is answered on its own: a bad one gets INVALID_ARG (HTTP 400), a failed trajectory
+INTERNAL, both one line; beyond `max_inflight` trajectories at once a request gets UNAVAILABLE (HTTP 503,
+"busy") at once. `execute` is async, so Triton's queue in front of this model empties at once and cannot
+bound the load by itself. A trajectory that fails mid-way leaves its UNet sequence without END: the UNet
+frees it after the sequence idle timeout.
 """
 import asyncio
 import inspect
@@ -47,6 +53,8 @@ class TritonPythonModel:
         self.ehs_shape = tuple(json.loads(p["ehs_shape"])) if p.get("ehs_shape") else None
         self.max_steps = int(p["max_steps"])
         self.default_scheduler = p["default_scheduler"]
+        self.max_inflight = int(p.get("max_inflight", "64"))
+        self.inflight = 0  # trajectories running (execute runs on one event loop: no lock needed)
         here = os.path.join(args["model_repository"], args["model_version"])
         with open(os.path.join(here, "scheduler_config.json")) as f:
             self.scheduler_config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
@@ -120,15 +128,32 @@ class TritonPythonModel:
             x = sched.step(eps, t, x, **kw).prev_sample
         return x.clamp(-1, 1)[0].numpy()
 
+    @staticmethod
+    def _error(message, code):
+        line = " ".join(str(message).split())[:500]
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(line, code))
+
     async def _one(self, request):
         try:
             item = self._parse(request)
             image = await self._trajectory(item)
         except BadRequest as e:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
+            return self._error(e, pb_utils.TritonError.INVALID_ARG)
         except Exception as e:  # noqa: BLE001 (the UNet model failed: this request fails, the others go on)
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(e).__name__}: {e}"))
+            return self._error(f"{type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL)
+        finally:
+            self.inflight -= 1
         return pb_utils.InferenceResponse([pb_utils.Tensor("image", image[None].astype(np.float32))])
 
     async def execute(self, requests):
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+        out, run = [None] * len(requests), []
+        for k in range(len(requests)):
+            if self.inflight >= self.max_inflight:
+                out[k] = self._error(f"server busy: {self.inflight} trajectories in flight (max_inflight "
+                                     f"{self.max_inflight}); retry later", pb_utils.TritonError.UNAVAILABLE)
+            else:
+                self.inflight += 1
+                run.append(k)
+        for k, resp in zip(run, await asyncio.gather(*(self._one(requests[k]) for k in run))):
+            out[k] = resp
+        return out

@@ -5,9 +5,17 @@ which keeps the MoDiff caches itself per correlation id (the Python backend has 
 For servers without the onnxruntime backend (e.g. the tritonserver bundled with nvidia-pytriton), and
 for tests. Sequence controls: START, END (int32) and CORRID (uint64), strategy `oldest`: the steps of
 concurrent sequences arrive together and run as one batch.
+
+Held caches are freed when a sequence ENDs, when its START comes again (superseded: the new trajectory
+starts from zeros) and when it has been idle for `sequence_idle_us` (the config's
+max_sequence_idle_microseconds: Triton ends the sequence then but does not tell a Python-backend model,
+so a sweeper thread drops it). Gauges on Triton's /metrics: modiff_unet_cache_bytes (bytes of caches
+held) and modiff_unet_sequences (sequences held).
 """
 import json
 import os
+import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -31,6 +39,42 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(os.path.join(here, "model.onnx"), opts, providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.state = {}  # correlation id -> {cache input name: array [1, ...]}
+        self.seen = {}  # correlation id -> time.monotonic() of its last request
+        self.lock = threading.Lock()
+        params = json.loads(args["model_config"]).get("parameters", {})
+        self.idle_s = int(params.get("sequence_idle_us", {}).get("string_value", "60000000")) / 1e6
+        self._gauges(args)
+        self.stop = threading.Event()
+        self.sweeper = threading.Thread(target=self._sweep_loop, daemon=True)
+        self.sweeper.start()
+
+    def _gauges(self, args):
+        labels = {"model": args["model_name"], "version": args["model_version"]}
+        self.families = [pb_utils.MetricFamily(name=n, description=d, kind=pb_utils.MetricFamily.GAUGE) for n, d in
+                         (("modiff_unet_cache_bytes", "Bytes of MoDiff caches held for open sequences"),
+                          ("modiff_unet_sequences", "Open sequences whose caches are held"))]
+        self.g_bytes, self.g_seqs = (f.Metric(labels=labels) for f in self.families)
+
+    def _publish(self):  # under self.lock
+        self.g_bytes.set(float(sum(a.nbytes for st in self.state.values() for a in st.values())))
+        self.g_seqs.set(float(len(self.state)))
+
+    def _sweep(self, now):
+        with self.lock:
+            for cid in [c for c, t in self.seen.items() if now - t > self.idle_s]:
+                self.state.pop(cid, None)
+                self.seen.pop(cid, None)
+            self._publish()
+
+    def _sweep_loop(self):
+        while not self.stop.wait(min(1.0, max(0.05, self.idle_s / 4))):
+            self._sweep(time.monotonic())
+
+    def finalize(self):
+        self.stop.set()
+        self.sweeper.join(timeout=5)
+        del self.g_bytes, self.g_seqs  # metrics before their families (the Python backend insists)
+        del self.families
 
     def execute(self, requests):
         get = pb_utils.get_input_tensor_by_name
@@ -43,18 +87,34 @@ class TritonPythonModel:
         feed = {n: np.concatenate([row[3][n] for row in rows]) for n in self.inputs}
         feed["timestep"] = feed["timestep"].reshape(-1).astype(np.float32)
         feed["start"] = np.array([[row[1]] for row in rows], np.int32)
+        with self.lock:
+            for cid, start, _, _ in rows:
+                if start:  # a new trajectory on this id supersedes whatever it held
+                    self.state.pop(cid, None)
+            held = {row[0]: self.state.get(row[0]) for row in rows}
+        lost = {cid for cid, start, _, _ in rows if not start and held[cid] is None}  # freed by the idle timeout
         for cin, _, dims, dtype in self.caches:
-            feed[cin] = np.concatenate([np.zeros([1] + dims, dtype) if row[1] or row[0] not in self.state
-                                        else self.state[row[0]][cin] for row in rows])
+            feed[cin] = np.concatenate([np.zeros([1] + dims, dtype) if held[row[0]] is None
+                                        else held[row[0]][cin] for row in rows])
         n = len(rows)
         if n < MIN_BATCH:  # pad with a copy of row 0 (dropped)
             feed = {k: np.concatenate([v] + [v[:1]] * (MIN_BATCH - n)) for k, v in feed.items()}
         out = dict(zip(self.outputs, self.session.run(None, feed)))
-        responses = []
-        for i, (cid, _, end, _) in enumerate(rows):
-            if end:
-                self.state.pop(cid, None)
-            else:
-                self.state[cid] = {cin: out[cout][i:i + 1].copy() for cin, cout, _, _ in self.caches}
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("noise_pred", out["noise_pred"][i:i + 1])]))
+        responses, now = [], time.monotonic()
+        with self.lock:
+            for i, (cid, _, end, _) in enumerate(rows):
+                if cid in lost:
+                    responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                        f"sequence {cid} has no caches (never started, or idle longer than {self.idle_s:g} s): "
+                        "send START again", pb_utils.TritonError.INVALID_ARG)))
+                    continue
+                if end:
+                    self.state.pop(cid, None)
+                    self.seen.pop(cid, None)
+                else:
+                    self.state[cid] = {cin: out[cout][i:i + 1].copy() for cin, cout, _, _ in self.caches}
+                    self.seen[cid] = now
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("noise_pred",
+                                                                             out["noise_pred"][i:i + 1])]))
+            self._publish()
         return responses

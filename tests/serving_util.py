@@ -1,0 +1,70 @@
+"""Helpers of the serving tests (test_serving*.py, test_model_repository.py): free loopback ports, the
+skip when PyTriton / tritonclient / a shared libpython are missing, the bundled tritonserver on a
+repository. Client code lives in the package (modiff_export/serving/client.py, process.py)."""
+from __future__ import annotations
+
+import shutil
+import socket
+import sysconfig
+import time
+from contextlib import contextmanager
+
+import pytest
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports() -> int:
+    """A loopback port p with p+1 (gRPC) and p+2 (metrics) free too."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65000 and all(_free(port + k) for k in (1, 2)):
+            return port
+
+
+def wait_port_free(port: int, timeout: float = 60.0) -> None:
+    t0 = time.time()
+    while not all(_free(port + k) for k in range(3)):
+        if time.time() - t0 > timeout:
+            pytest.fail(f"ports {port}..{port + 2} still taken {timeout:.0f} s after the server died")
+        time.sleep(0.5)
+
+
+def needs_triton() -> None:
+    pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed")
+    pytest.importorskip("tritonclient.http", reason="tritonclient is not installed")
+    if not str(sysconfig.get_config_var("LDLIBRARY") or "").endswith(".so"):
+        pytest.skip("this Python has no shared libpython: Triton's Python backend stub cannot start")
+
+
+@contextmanager
+def repository_server(repo, models: list[str], tmp_path):
+    """The bundled tritonserver on `repo` with `models` ready: yields (process, HTTP port); SIGTERM after."""
+    needs_triton()
+    from modiff_export.serving.client import wait_ready
+    from modiff_export.serving.model_repository import local_tritonserver
+
+    port = free_ports()
+    log = tmp_path / "ts.log"
+    proc, scratch = local_tritonserver(repo, port, port + 1, port + 2, models, log)
+    try:
+        try:
+            for m in models:
+                wait_ready(port, proc, timeout=120, model=m)
+        except (RuntimeError, TimeoutError) as e:
+            pytest.fail(f"tritonserver not ready ({e}): {log.read_text()[-2000:]}")
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(60)
+        shutil.rmtree(scratch, ignore_errors=True)

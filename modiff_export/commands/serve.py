@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
+from ..backends import BACKENDS
 from ..sampling import SCHEDULERS
 
-SERVE_BACKENDS = ["ort", "openvino", "trt", "torch"]
 QUEUE_SIZE = click.option("--max-queue-size", type=click.IntRange(0, 1_000_000), default=32, show_default=True,
                           help="Requests waiting for a batch (dynamic batcher queue); more are rejected at once "
                                "(HTTP 503 / gRPC UNAVAILABLE, 'Exceeds maximum queue size'). 0: unbounded.")
@@ -18,7 +18,7 @@ QUEUE_TIMEOUT = click.option("--queue-timeout-ms", type=click.IntRange(0, 86_400
 @click.option("--graphs", type=click.Path(file_okay=False), default=None,
               help="Graph folder from `cli.py export` (--backend ort/openvino; with torch: its quant config).")
 @click.option("--engines", type=click.Path(file_okay=False), default=None, help="Engine folder (--backend trt).")
-@click.option("--backend", type=click.Choice(SERVE_BACKENDS), default="ort", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
               help="Runner behind the server.")
 @click.option("--model", default=None, help="--backend torch: 'digits' or a diffusers UNet folder [default: digits].")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,

@@ -70,8 +70,9 @@ def test_same_outputs_across_backends(backend, folders):
     """Every backend computes what the PyTorch reference computes. Prime: float rounding only (1e-4 of the
     output's range); OpenVINO's prime runs at the plugin's default precision (bf16 on CPUs with BF16: 8
     significant bits, 2^-9 relative per op), so there rms(backend - torch) <= 2% of rms(torch).
-    Steps: a 1-ulp difference upstream can flip a rounding of the small delta, so the yardstick is the quantization error itself, as in tests/test_ort_parity.py: rms(backend - torch) <=
-    1.5 x rms(torch - FP) (two equally valid roundings differ by up to ~sqrt(2) x the rounding error)."""
+    Steps: a 1-ulp difference upstream can flip a rounding of the small delta, so the yardstick is the
+    quantization error itself, as in tests/test_ort_parity.py: rms(backend - torch) <= 1.5 x rms(torch - FP)
+    (two equally valid roundings differ by up to ~sqrt(2) x the rounding error)."""
     ref, runner = make("torch", folders), make(backend, folders)
     fp = make_runner("torch", quantize(build_tiny_unet(), QuantConfig(mode="fp")))
     for i, (x, t) in enumerate(trajectory(4)):

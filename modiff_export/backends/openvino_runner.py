@@ -41,9 +41,8 @@ _NP = {"float32": np.float32, "float16": np.float16}
 # ops that end a delta path going forward (the quantized layer's own compute)
 _STOP = {"Convolution", "MatMul", "GroupConvolution", "Result"}
 DISABLE_F16 = "disable_fp16_compression_0"  # rt_info key of ov::DisableFP16Compression
-# the step graph's rewrite for OpenVINO (export/ov_variant.py; "update" changes codes, so it is not a default);
-# each lever's measured effect: docs/speed.md
-DEFAULT_LEVERS = ("minmax", "recip", "share")
+# the step graph's rewrite for OpenVINO (export/ov_variant.py); each lever's measured effect: docs/speed.md
+DEFAULT_LEVERS = ("minmax", "recip", "update", "share")
 
 
 def mark_delta_path(model, manifest: Manifest) -> int:
@@ -138,6 +137,7 @@ class OpenVinoRunner(Runner):
         self.compiled, self.requests = {}, {}
         self._sets: list[dict] = []
         self._allocated_batch = None
+        self._direct = False  # this trajectory's prime wrote the step request's variables directly
 
     # -- lifecycle ---------------------------------------------------------------------------
     def config(self, role: str) -> dict:
@@ -199,7 +199,7 @@ class OpenVinoRunner(Runner):
             self.requests[role] = self.compiled[role].create_infer_request()
 
     def deactivate_impl(self) -> None:
-        self.compiled, self.requests, self._sets, self._allocated_batch = {}, {}, [], None
+        self.compiled, self.requests, self._sets, self._allocated_batch, self._direct = {}, {}, [], None, False
 
     def _check_io(self, role: str, model) -> None:
         want_in = [s.name for s in self.manifest.graph_inputs(role)]
@@ -238,6 +238,10 @@ class OpenVinoRunner(Runner):
     def prime_impl(self, sample, timestep, ehs) -> torch.Tensor:
         req = self.requests["prime"]
         self._set_inputs(req, sample, timestep, ehs)
+        self._direct = False
+        if self.uses_cache and self.cache_mode == "stateful" and self._bind_states(req, sample.shape[0]):
+            self._direct = True  # the prime writes the step request's variables themselves: no copy
+            return self._run(req)
         if self.uses_cache:
             if self._allocated_batch != sample.shape[0]:
                 self._allocate(sample.shape[0])
@@ -250,6 +254,22 @@ class OpenVinoRunner(Runner):
             for c in self.manifest.caches:
                 states[self._state_name(c)].state = self._sets[0][c.key]  # one copy per trajectory
         return out
+
+    def _bind_states(self, req, batch: int) -> bool:
+        """Bind the step request's variable buffers (the tensors VariableState.state returns are the
+        plugin's own memory) as the prime's cache outputs, after reset_state(); False when their shape or
+        dtype does not fit this batch (first trajectory, a new batch size): then the prime writes host
+        tensors that are copied into the variables once."""
+        step = self.requests["step"]
+        step.reset_state()
+        states = {s.name: s for s in step.query_state()}
+        bufs = [states[self._state_name(c)].state for c in self.manifest.caches]
+        if not all(tuple(b.shape) == c.concrete(batch) and b.data.dtype == _NP[c.dtype]
+                   for b, c in zip(bufs, self.manifest.caches)):
+            return False
+        for c, b in zip(self.manifest.caches, bufs):
+            req.set_tensor(c.output, b)
+        return True
 
     @staticmethod
     def _state_name(c: CacheSpec) -> str:
@@ -277,9 +297,9 @@ class OpenVinoRunner(Runner):
             self.requests["step"].reset_state()
 
     def caches(self) -> dict[str, torch.Tensor]:
-        if not self._sets or self.batch_size is None:
+        if (not self._sets and not self._direct) or self.batch_size is None:
             return {}
-        if self.cache_mode == "stateful" and self.calls > 1:
+        if self.cache_mode == "stateful" and (self.calls > 1 or self._direct):
             states = {s.name: s for s in self.requests["step"].query_state()}
             return {c.key: torch.from_numpy(states[self._state_name(c)].state.data.astype(np.float32))
                     for c in self.manifest.caches}

@@ -12,11 +12,11 @@ codes into a float tensor, then adds). `rewrite` changes, per layer (each lever 
 
     minmax   absmax = Max(ReduceMax(d), -ReduceMin(d)): two reductions of d, no Abs tensor (exact)
     recip    u = d * (1 / s) instead of d / s (differs by at most 1 ulp: codes change only at ties)
-    update   a_hat' = a_hat + Round(Clip(d * (1 / s))) * s from floats, one fused pass, instead of
-             from the dequantized int8 tensor. NOT code-preserving on OpenVINO: the CPU plugin's int8
-             quantization of the conv input does not round exactly like Round, so the conv's codes and
-             the a_hat update's codes disagree (measured 1.2x the quantization error on a tiny UNet); kept
-             as an option for measurement only, not in the runner's defaults
+    update   a_hat' = a_hat + (Round(Clip(d * (1 / s)) + 128) - 128) * s from floats, one fused pass,
+             instead of first dequantizing the int8 codes into a float tensor. The +128 shift rounds as
+             the CPU plugin's int8 quantization of the conv input does (u8 with zero point 128, rounded
+             after the shift), so the update applies exactly the codes the convolution saw (a plain
+             Round disagrees with it near ties: measured 1.2x the quantization error on a tiny UNet)
     share    layers reading the same tensor with the same quantizer constants (to_q/to_k/to_v, the
              resnets' time-embedding projections) compute d, s and the codes once: their a_hat caches
              are equal by construction (same prime value, same updates), so the others' cache outputs
@@ -156,7 +156,12 @@ def rewrite(model: onnx.ModelProto, levers=LEVERS) -> int:
                 u2.append(helper.make_node("Clip", [last, *cu.input[1:]], [f"{p}.u2c"], name=f"{p}/Clip2"))
                 last = f"{p}.u2c"
             a_in = L["sub"].input[1]
-            u2 += [helper.make_node("Round", [last], [f"{p}.codes"], name=f"{p}/Round"),
+            # round as the CPU plugin's int8 quantization does: round(u + 128) - 128 (u8 with zero point 128)
+            off = f"{p}.off128"
+            graph.initializer.append(numpy_helper.from_array(np.array(128.0, np.float32), off))
+            u2 += [helper.make_node("Add", [last, off], [f"{p}.u8"], name=f"{p}/Shift"),
+                   helper.make_node("Round", [f"{p}.u8"], [f"{p}.r8"], name=f"{p}/Round"),
+                   helper.make_node("Sub", [f"{p}.r8", off], [f"{p}.codes"], name=f"{p}/Unshift"),
                    helper.make_node("Mul", [f"{p}.codes", s], [f"{p}.qs"], name=f"{p}/MulS"),
                    helper.make_node("Add", [a_in, f"{p}.qs"], [L["add_a"].output[0]], name=f"{p}/UpdateA")]
             new_nodes.setdefault(id(L["add_a"]), []).extend(u2)

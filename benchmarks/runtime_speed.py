@@ -1,14 +1,211 @@
-"""CPU speed of FP32 / peer / PTQ / MoDiff graphs on ONNX Runtime and OpenVINO at three model sizes (digits,
-the CIFAR-10 DDPM architecture, Stable Diffusion 1.5's UNet at a small latent). The measuring code lives in
-modiff_export/harness/speed.py (the demo's speed section uses it too); `--help` lists the options.
+"""OpenVINO CPU speed: FP f32 / FP default precision / NNCF int8 / PTQ W8A8 / MoDiff, interleaved rounds.
 
-    python benchmarks/runtime_speed.py --models digits,cifar,sd15 --threads 1,2 --rounds 5 --doc docs/speed.md
+    python benchmarks/runtime_speed.py [--models cifar,digits,sd15] [--threads 1] [--rounds 7] [--batch 4]
+        [--profile] [--memory] [--levers none,minmax,update,share,...] [--sd-latent 16] [--doc FILE]
+
+Models (random weights except digits; nothing downloaded): `cifar` (the CIFAR-10 DDPM UNet architecture,
+35.7M params, 32x32), `digits` (the shipped 16x16 model), `sd15` (Stable Diffusion 1.5's UNet at a
+--sd-latent latent, classifier-free guidance: UNet batch 2 x --batch; no NNCF row, its calibration data
+would need text encodings). Rows and how each runs: modiff_export/harness/speed.py. `--profile` prints
+OpenVINO's per-node counters (PERF_COUNT) summed by node type for every row; `--memory` the peak RSS of a
+process that loads one runner and runs a trajectory's first calls; `--levers` adds MoDiff step rows with
+other step-graph forms (export/ov_variant.py; `none` = the exported graph as it is).
+The CPU flags and the 1-minute load average are printed before and after; above 1.0 the figures are noise.
 """
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
 import sys
+import time
+from collections import defaultdict
 from pathlib import Path
 
+import click
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from modiff_export.harness.speed import main  # noqa: E402
+from modiff_export.harness import speed  # noqa: E402
+from modiff_export.harness.latency import cpu_line, loadavg  # noqa: E402
+
+
+def load_note() -> str:
+    load = loadavg()
+    warn = float(load) > 1.0 if load.replace(".", "", 1).isdigit() else False
+    return f"1-min load average {load}" + (" (WARNING: above 1.0, absolute figures are noise)" if warn else "")
+
+
+def versions() -> str:
+    import nncf
+    import openvino
+    import torch
+
+    return f"openvino {openvino.__version__.split('-')[0]}, nncf {nncf.__version__}, torch {torch.__version__}"
+
+
+def model_spec(name: str, work: Path, sd_latent: int) -> str:
+    from modiff_export.harness.arch_models import write_model
+
+    if name in ("digits", "digits_b"):
+        return name
+    if name == "cifar":
+        return str(write_model("cifar", work / "models" / "cifar"))
+    return str(write_model("sd15", work / "models" / f"sd15-{sd_latent}", latent=sd_latent))
+
+
+def lever_rows(spec: str, bits: str) -> list[speed.Variant]:
+    """Extra MoDiff step rows, one per lever set ("none" = the exported graph; "a+b" = levers a and b)."""
+    out, b = [], bits.upper()
+    for s in spec.split(","):
+        levers = () if s == "none" else tuple(s.split("+"))
+        out.append(speed.Variant(f"MoDiff {b} step, levers {s}", f"modiff-{bits}", "step",
+                                 runner=(("levers", levers),), prime_of=f"MoDiff {b} prime (runner)"))
+    return out
+
+
+def profile(vs, graphs, threads, batch, calls: int = 3) -> list[str]:
+    """Per-node-type counters (min over `calls` per node, summed by node and exec type), one column per row."""
+    cols, keys = {}, defaultdict(float)
+    for v in vs:
+        t = speed.Timed(v, graphs[v.graphs], threads, batch, {}, extra={"PERF_COUNT": True})
+        best: dict[str, tuple] = {}
+        for _ in range(calls):
+            t.call()
+            for p in t.request().profiling_info:
+                if p.status.name != "EXECUTED":
+                    continue
+                ms = p.real_time.total_seconds() * 1e3
+                if p.node_name not in best or ms < best[p.node_name][1]:
+                    best[p.node_name] = ((p.node_type, p.exec_type), ms)
+        agg = defaultdict(lambda: [0, 0.0])
+        for k, ms in best.values():
+            agg[k][0] += 1
+            agg[k][1] += ms
+            keys[k] += ms
+        cols[v.label] = agg
+        del t
+    top = sorted(keys, key=lambda k: -keys[k])[:18]
+    head = ["node type (exec type)"] + [f"{lab}: nodes / ms" for lab in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k in top:
+        lines.append(f"| {k[0]} ({k[1]}) | " + " | ".join(
+            f"{a[k][0]} / {a[k][1]:.1f}" if k in a else "-" for a in cols.values()) + " |")
+    rest = [sum(ms for kk, (_, ms) in a.items() if kk not in top) for a in cols.values()]
+    lines.append("| other | " + " | ".join(f"{r:.1f}" for r in rest) + " |")
+    lines.append("| **total** | " + " | ".join(f"**{sum(ms for _, ms in a.values()):.1f}**" for a in cols.values())
+                 + " |")
+    return lines
+
+
+CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+import torch
+from pathlib import Path
+from modiff_export.harness import speed
+d = json.loads({variant!r})
+d["runner"] = tuple((k, tuple(x) if isinstance(x, list) else x) for k, x in d["runner"])
+v = speed.Variant(**d)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = speed.Timed(v, Path({folder!r}), {threads}, {batch}, {{}})
+for _ in range(3):
+    t.call()
+print(json.dumps({{"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "added_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}}))
+"""
+
+
+def peak_rss(v: speed.Variant, folder: Path, threads: int, batch: int) -> dict:
+    """Peak RSS of a fresh process that loads one row's runner / compiled model and runs it (MB)."""
+    d = {k: (list(x) if isinstance(x, tuple) else x) for k, x in v.__dict__.items()}
+    code = CHILD.format(root=str(Path(__file__).resolve().parent.parent), variant=json.dumps(d), folder=str(folder),
+                        threads=threads, batch=batch)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def memory_block(vs, graphs, threads, batch) -> list[str]:
+    from modiff_export.manifest import Manifest
+
+    lines = ["| row | peak RSS of the process (MB) | added by loading + running (MB) | 2 x cache bytes of the "
+             "batch (MB) |", "|---|---|---|---|"]
+    for v in vs:
+        if v.role == "step":
+            continue
+        m = peak_rss(v, graphs[v.graphs], threads, batch)
+        cache = 2 * batch * Manifest.load(graphs[v.graphs]).cache_bytes_per_sample / 2**20
+        lines.append(f"| {v.label} | {m['peak_mb']:.0f} | {m['added_mb']:.0f} | {cache:.0f} |")
+    return lines
+
+
+@click.command()
+@click.option("--models", default="cifar", show_default=True, help="Comma list of cifar, digits, sd15.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="Intra-op threads.")
+@click.option("--rounds", default=7, show_default=True, type=click.IntRange(1), help="Interleaved rounds (medians).")
+@click.option("--batch", default=4, show_default=True, type=click.IntRange(1),
+              help="Images per call (sd15: UNet batch 2x this, CFG).")
+@click.option("--bits", default="w8a4", show_default=True, type=click.Choice(["w8a4", "w8a8"]), help="MoDiff rows.")
+@click.option("--profile", "do_profile", is_flag=True, help="Print the per-node-type counters of every row.")
+@click.option("--memory", is_flag=True, help="Peak RSS of each runner in its own process.")
+@click.option("--levers", default=None, help="Extra MoDiff step rows: comma list of lever sets (none, a+b, ...).")
+@click.option("--sd-latent", default=16, show_default=True, type=click.IntRange(8), help="sd15 latent height = width.")
+@click.option("--work", default="/tmp/runtime_speed", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for models and exported graphs (kept and reused).")
+@click.option("--doc", default=None, type=click.Path(dir_okay=False), help="Also write the output to this file.")
+def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_latent, work, doc):
+    """Interleaved OpenVINO CPU speed table: FP f32 / FP default / NNCF int8 / PTQ W8A8 / MoDiff."""
+    work = Path(work)
+    out = [f"Command: `python benchmarks/runtime_speed.py {' '.join(sys.argv[1:])}`", "",
+           f"CPU: {cpu_line()}; {versions()}.", f"Before: {load_note()}.", ""]
+    print("\n".join(out), flush=True)
+    for name in models.split(","):
+        spec = model_spec(name, work, sd_latent)
+        cond = name == "sd15"
+        root = work / "graphs" / (name if not cond else f"sd15-{sd_latent}")
+        graphs = speed.export_graphs(spec, root, ("fp", "ptq-w8a8", f"modiff-{bits}"))
+        vs = speed.main_variants(bits)
+        if cond:
+            vs = [v for v in vs if v.graphs != "nncf"]
+        else:
+            graphs["nncf"] = speed.export_nncf(spec, graphs["fp"], batch)
+        if levers:
+            vs += lever_rows(levers, bits)
+        b = 2 * batch if cond else batch
+        note = f"batch {b}" + (f" = CFG 2 x {batch}, latent {sd_latent}x{sd_latent}" if cond else "") + \
+               f", {threads} thread(s)"
+        t0, before = time.time(), load_note()
+        rows = speed.time_rows(vs, graphs, threads, rounds, b)
+        block = [f"### {name}, {note}", "", f"Median of {rounds} interleaved rounds; {time.time() - t0:.0f} s; before: "
+                 f"{before}; after: {load_note()}.", "", *speed.table(rows, note), "",
+                 "Spread (min-max ms over the rounds): " + "; ".join(
+                     f"{r['label']} {r['spread'][0]:.1f}-{r['spread'][1]:.1f}" for r in rows) + ".", "",
+                 speed.verdict(rows), ""]
+        if name != "sd15":
+            from modiff_export.harness.nncf_peer import nncf_settings_text
+
+            block += [f"NNCF settings: {nncf_settings_text()}; calibrated on 2 FP trajectories (DDIM 10 steps, batch "
+                      f"{batch}) of the same model.", ""]
+        print("\n".join(block), flush=True)
+        print("RAW " + json.dumps(rows), flush=True)
+        out += block
+        if do_profile:
+            prof = [f"#### {name}: OpenVINO per-node counters (PERF_COUNT, ms of one call, min over 3 calls per node)",
+                    "", *profile(vs, graphs, threads, b), "", f"After profiling: {load_note()}.", ""]
+            print("\n".join(prof), flush=True)
+            out += prof
+        if memory:
+            mem = [f"#### {name}: peak RSS, one process per row", "", *memory_block(vs, graphs, threads, b), ""]
+            print("\n".join(mem), flush=True)
+            out += mem
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    out.append(f"Peak RSS of the benchmark process: {peak:.1f} GB; after: {load_note()}.")
+    print(out[-1])
+    if doc:
+        from modiff_export.fsutil import atomic_write_text
+
+        atomic_write_text(doc, "\n".join(out) + "\n")
+        print(f"wrote {doc}")
+
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ quantization config and the scale table from one `Manifest` object; nothing else
       graphs:       {"prime": "prime.onnx", "step": "step.onnx" | null}   (fp/ptq: no caches, no step)
       files:        {file name: "sha256:<hex>"}   every graph (and external-data) file, verified on load
       target:       "trt" (explicit Q/DQ, as exported) | "ort" (rewritten by export/ort_variant.py)
+                    | "openvino" (an OpenVINO IR graph, prime.xml + .bin: harness/nncf_peer.py)
       variant:      null | {"method", "rewritten_layers"}   what a target rewrite did
       inputs:       [TensorSpec]   sample [B,C,H,W], timestep [B][, encoder_hidden_states [B,S,D]]
       outputs:      [TensorSpec]   noise_pred [B,C_out,H,W]
@@ -43,7 +44,7 @@ MANIFEST_NAME = "manifest.json"
 ROLES = ("prime", "step")
 DTYPES = ("float32", "float16", "int64", "int32")
 CACHE_DTYPES = ("float32", "float16")
-TARGETS = ("trt", "ort")
+TARGETS = ("trt", "ort", "openvino")
 
 
 class ManifestError(ModiffExportError):
@@ -374,6 +375,8 @@ class Manifest:
             names.append(self.graphs[r])
             if (folder / f"{self.graphs[r]}.data").is_file():
                 names.append(f"{self.graphs[r]}.data")
+            if self.graphs[r].endswith(".xml"):  # OpenVINO IR: the weights file beside it
+                names.append(self.graphs[r][:-4] + ".bin")
         return names
 
     def with_digests(self, folder: str | os.PathLike) -> "Manifest":

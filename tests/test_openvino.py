@@ -49,7 +49,9 @@ def test_per_step_parity_vs_ort(tmp_path, kind, act_bits):
     cfg = QuantConfig(act_bits=act_bits)
     export_model(info.copy(), cfg, tmp_path / "g", progress=False)
     ort = OrtRunner(tmp_path / "g", threads=1)
-    ovs = {mode: _ov(tmp_path / "g", cache_mode=mode) for mode in ("stateful", "pingpong")}
+    # f32 prime: this test checks the graphs (and the step graph's OpenVINO form) against ORT at float32
+    # precision; the default bf16 prime is test_default_prime_precision's
+    ovs = {mode: _ov(tmp_path / "g", cache_mode=mode, prime_precision="f32") for mode in ("stateful", "pingpong")}
     inputs, fp_preds = _fp_trajectory(unet, info, ehs, "ddim")
     for i, ((x, t), fp) in enumerate(zip(inputs, fp_preds)):
         a = ort(x, t, ehs)
@@ -72,6 +74,53 @@ def test_per_step_parity_vs_ort(tmp_path, kind, act_bits):
         cb = r.caches()
         assert {k: v.shape for k, v in ca.items()} == {k: v.shape for k, v in cb.items()}
         assert all(torch.isfinite(v).all() for v in cb.values()), mode
+
+
+@pytest.mark.parametrize("kind", ["uncond", "cond"])
+@pytest.mark.parametrize("act_bits", [8, 4, 3])
+def test_fast_step_form_matches_exported_graph(tmp_path, kind, act_bits):
+    """The step graph's OpenVINO form (export/ov_variant.py levers, the runner's default) against the exported
+    graph run as it is (levers=()), fed the same inputs along an FP trajectory: the default levers keep every
+    code (max(ReduceMax(d), -ReduceMin(d)) is absmax exactly, d * (1/s) is within 1 ulp of d / s, shared layers
+    have equal caches by construction), so the outputs may differ only where a value sits on a rounding tie.
+    Bound: rms(fast - exported) <= 0.25 x rms(exported - fp), far below the 1.5x of two valid
+    roundings (test_per_step_parity_vs_ort); measured 0 (bit-identical)."""
+    from modiff_export.backends.openvino_runner import DEFAULT_LEVERS
+    from modiff_export.export import ov_variant
+
+    unet, info, ehs = _case(kind)
+    export_model(info.copy(), QuantConfig(act_bits=act_bits), tmp_path / "g", progress=False)
+    import onnx
+
+    proto = onnx.load(str(tmp_path / "g" / "step.onnx"))
+    assert ov_variant.rewrite(proto, DEFAULT_LEVERS) > 0  # the pattern is found in a real export
+    fast, plain = _ov(tmp_path / "g", prime_precision="f32"), _ov(tmp_path / "g", prime_precision="f32", levers=())
+    inputs, fp_preds = _fp_trajectory(unet, info, ehs, "ddim")
+    for i, ((x, t), fp) in enumerate(zip(inputs, fp_preds)):
+        a, b = plain(x, t, ehs), fast(x, t, ehs)
+        if i:
+            ratio = rms(a - b) / max(rms(a - fp), 1e-12)
+            assert ratio <= 0.25, f"step {i}: rms(fast - exported form) = {ratio:.3f} x quantization error"
+    ca, cb = plain.caches(), fast.caches()
+    assert ca.keys() == cb.keys()
+    for k in ca:  # shared a_hat caches hold the first layer's values: equal by construction
+        assert rms(ca[k] - cb[k]) <= 0.25 * max(rms(ca[k]), 1e-12), k
+
+
+def test_default_prime_precision(tmp_path):
+    """The runner's default prime runs at OpenVINO's default precision (bf16 on CPUs with BF16): prime outputs
+    and caches stay within bf16 rounding of the float32 ones. bf16 keeps 8 significant bits (relative
+    rounding 2^-9 = 0.2% per op); over the tiny UNet's ~20 layers the errors add up to well under 2%."""
+    unet, info, ehs = _case("uncond")
+    export_model(info.copy(), QuantConfig(act_bits=4), tmp_path / "g", progress=False)
+    dflt, f32 = _ov(tmp_path / "g"), _ov(tmp_path / "g", prime_precision="f32")
+    assert dflt.precision["prime"] == "default" and dflt.precision["step"] == "f32"
+    x = torch.randn(2, *info.sample_shape, generator=torch.Generator().manual_seed(0))
+    a, b = f32.prime(x, 900.0), dflt.prime(x, 900.0)
+    assert rms(a - b) <= 2e-2 * rms(a)
+    ca, cb = f32.caches(), dflt.caches()
+    for k in ca:
+        assert rms(ca[k] - cb[k]) <= 2e-2 * max(rms(ca[k]), 1e-12), k
 
 
 @pytest.mark.parametrize("act_bits,min_psnr", [(8, 40.0), (4, 30.0)])
@@ -100,7 +149,7 @@ def test_caches_reset_between_trajectories(tmp_path, mode):
 
     unet, info, _ = _case("uncond")
     export_model(info.copy(), QuantConfig(act_bits=4), tmp_path / "g", progress=False)
-    r = _ov(tmp_path / "g", cache_mode=mode)
+    r = _ov(tmp_path / "g", cache_mode=mode)  # runner defaults: bf16-capable prime, rewritten step graph
 
     def run(seed, batch):
         return generate(r, make_scheduler("ddim", {"num_train_timesteps": 1000}), 5, batch, seed, info.sample_shape,

@@ -68,14 +68,18 @@ def test_prime_step_reset_and_cache_keys(backend, folders):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_same_outputs_across_backends(backend, folders):
     """Every backend computes what the PyTorch reference computes. Prime: float rounding only (1e-4 of the
-    output's range). Steps: a 1-ulp difference upstream can flip a rounding of the small delta, so the
-    yardstick is the quantization error itself, as in tests/test_ort_parity.py: rms(backend - torch) <=
-    1.5 x rms(torch - FP) (two equally valid roundings differ by up to ~sqrt(2) x the rounding error)."""
+    output's range); OpenVINO's prime runs at the plugin's default precision (bf16 on CPUs with BF16: 8
+    significant bits, 2^-9 relative per op), so there rms(backend - torch) <= 2% of rms(torch).
+    Steps: a 1-ulp difference upstream can flip a rounding of the small delta, so the yardstick is the
+    quantization error itself, as in tests/test_ort_parity.py: rms(backend - torch) <= 1.5 x rms(torch - FP)
+    (two equally valid roundings differ by up to ~sqrt(2) x the rounding error)."""
     ref, runner = make("torch", folders), make(backend, folders)
     fp = make_runner("torch", quantize(build_tiny_unet(), QuantConfig(mode="fp")))
     for i, (x, t) in enumerate(trajectory(4)):
         a, b, f = ref(x, t), runner(x, t), fp(x, t)
-        if i == 0:
+        if i == 0 and backend == "openvino" and runner.precision["prime"] != "f32":
+            assert _rms(a - b) <= 2e-2 * _rms(a), "prime (default precision)"
+        elif i == 0:
             assert (a - b).abs().max() <= 1e-4 * a.abs().max(), "prime"
         else:
             assert _rms(a - b) <= 1.5 * _rms(a - f) + 1e-6, f"call {i}"

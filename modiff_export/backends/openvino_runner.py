@@ -1,22 +1,26 @@
 """OpenVINO CPU backend: prime.onnx / step.onnx (as written by `cli.py export`) behind the runner contract.
 
-Precision (`precision=`, the step graph's; `prime_precision=` defaults to the same):
-  f32    INFERENCE_PRECISION_HINT f32: every float op in float32. Quantized Conv/MatMul still run as
-         int8 kernels (OpenVINO turns QuantizeLinear -> DequantizeLinear -> Conv into an int8 conv).
-  bf16   the hint OpenVINO picks by default on CPUs with BF16: float ops may run in bfloat16.
-  mixed  bf16 hint, but in the step graph every node of MoDiff's delta path (x - a_hat, absmax scale,
-         Div, Clip, Q/DQ, rescale, o_hat/a_hat updates) is marked `disable_fp16_compression`, the rt_info
-         the CPU plugin's precision enforcement honours, so they stay float32 - with ping-pong caches only:
-         with stateful caches the plugin runs the ops around the variables in bf16, marks or not. (With
-         ping-pong caches OpenVINO 2026.4 on an AMX CPU already keeps them f32 under a plain bf16 hint; the
-         marks make it explicit.) Measured on the CIFAR-size model it is slower than f32 + stateful. The prime
-         graph has no delta path: mixed there is the plain bf16 hint (its convs run bf16, the caches it
-         writes carry bf16-level rounding; whole-trajectory cost measured in docs/speed.md).
+Precision (`precision=`, the step graph's and that of graphs without caches; `prime_precision=` the
+MoDiff prime graph's, default "default"):
+  f32      INFERENCE_PRECISION_HINT f32: every float op in float32. Quantized Conv/MatMul still run as
+           int8 kernels (OpenVINO turns QuantizeLinear -> DequantizeLinear -> Conv into an int8 conv).
+  bf16     the bf16 hint: float ops may run in bfloat16.
+  default  no hint: the plugin's default (bf16 on CPUs with AVX512_BF16 or AMX, else f32). The prime graph has
+           no quantizer (full-precision activations), so by default it runs like the FP model does; the
+           caches it writes carry bf16-level rounding, which the first steps' deltas absorb.
+  mixed    bf16 hint, but in the step graph every node of MoDiff's delta path (x - a_hat, absmax scale,
+           Div, Clip, Q/DQ, rescale, o_hat/a_hat updates) is marked `disable_fp16_compression`, the rt_info
+           the CPU plugin's precision enforcement honours, so they stay float32 - with ping-pong caches only:
+           with stateful caches the plugin runs the ops around the variables in bf16, marks or not.
+
+Step graph form (`levers=`, default DEFAULT_LEVERS): the step graph is rewritten at load time by
+export/ov_variant.py into fewer element-wise passes with the same I/O and the same codes (up to float
+ties); `levers=()` runs the exported graph as it is.
 
 Caches (`cache_mode=`; default stateful for f32/bf16, 1.32-1.37x faster than ping-pong on the CIFAR-size W8A4
 step graph (docs/speed.md); ping-pong for mixed, see __init__) never pass through Python per step:
   pingpong  two sets of preallocated host tensors bound with set_tensor; a step reads set A and
-            writes set B, then they swap (backends/buffers.PingPongBuffers, as OrtRunner).
+            writes set B, then they swap (same scheme as OrtRunner).
   stateful  the step graph's cache inputs/outputs become OpenVINO variables (MakeStateful:
             ReadValue/Assign); prime writes the first values into the states once per trajectory.
 """
@@ -27,16 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..export import ov_variant
 from ..manifest import CacheSpec, GraphTensor, Manifest
 from .base import Runner, RunnerError
-from .buffers import PingPongBuffers
 
-PRECISIONS = ("f32", "bf16", "mixed")
+PRECISIONS = ("f32", "bf16", "mixed", "default")
 CACHE_MODES = ("pingpong", "stateful")
 _NP = {"float32": np.float32, "float16": np.float16}
 # ops that end a delta path going forward (the quantized layer's own compute)
 _STOP = {"Convolution", "MatMul", "GroupConvolution", "Result"}
 DISABLE_F16 = "disable_fp16_compression_0"  # rt_info key of ov::DisableFP16Compression
+# the step graph's rewrite for OpenVINO (export/ov_variant.py); each lever's measured effect: docs/speed.md
+DEFAULT_LEVERS = ("minmax", "recip", "update", "share")
 
 
 def mark_delta_path(model, manifest: Manifest) -> int:
@@ -103,7 +109,8 @@ class OpenVinoRunner(Runner):
     backend = "openvino"
 
     def __init__(self, graph_folder: str | Path, threads: int | None = None, precision: str = "f32",
-                 prime_precision: str | None = None, cache_mode: str | None = None):
+                 prime_precision: str | None = None, cache_mode: str | None = None,
+                 levers: tuple[str, ...] | None = None, properties: dict | None = None):
         if precision not in PRECISIONS or (prime_precision or precision) not in PRECISIONS:
             raise RunnerError(f"openvino runner: precision must be one of {list(PRECISIONS)}")
         # OpenVINO 2026.4's CPU plugin keeps variables (stateful caches) at the inference precision and runs
@@ -119,21 +126,30 @@ class OpenVinoRunner(Runner):
         self.folder = Path(graph_folder)
         super().__init__(**Runner.contract_of(Manifest.load(self.folder)))
         self.threads, self.cache_mode = threads, cache_mode
-        self.precision = {"step": precision, "prime": prime_precision or precision}
+        # MoDiff's prime has no quantizer (full-precision activations, int8 weights): it runs at OpenVINO's default
+        # precision (bf16 on CPUs with BF16) unless told otherwise; graphs without caches (fp, ptq) run `precision`
+        prime_default = "default" if self.uses_cache else precision
+        self.precision = {"step": precision, "prime": prime_precision or prime_default}
+        self.levers = DEFAULT_LEVERS if levers is None else tuple(levers)
+        if set(self.levers) - set(ov_variant.LEVERS):
+            raise RunnerError(f"openvino runner: levers must be a subset of {list(ov_variant.LEVERS)}")
+        self.properties = dict(properties or {})  # extra compile properties (e.g. PERF_COUNT for profiling)
         self.compiled, self.requests = {}, {}
-        # two sets for ping-pong, one for stateful (prime's outputs, copied into the states once)
-        self.buffers = PingPongBuffers(self.manifest.caches, self._allocate, 2 if cache_mode == "pingpong" else 1)
+        self._sets: list[dict] = []
+        self._allocated_batch = None
+        self._direct = False  # this trajectory's prime wrote the step request's variables directly
 
     # -- lifecycle ---------------------------------------------------------------------------
     def config(self, role: str) -> dict:
-        hint = "f32" if self.precision[role] == "f32" else "bf16"
         # DYNAMIC_QUANTIZATION_GROUP_SIZE 0: the CPU plugin would otherwise quantize the *activations* of
         # MatMuls with int8 weights to int8 on the fly (measured: 0.3% error on a full-precision prime
         # Linear of the CIFAR-size UNet): not what the graph says.
-        cfg = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+        cfg = {"PERFORMANCE_HINT": "LATENCY", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+        if self.precision[role] != "default":  # "default": no hint, the plugin's choice (bf16 if the CPU has it)
+            cfg["INFERENCE_PRECISION_HINT"] = "f32" if self.precision[role] == "f32" else "bf16"
         if self.threads:
             cfg["INFERENCE_NUM_THREADS"] = self.threads
-        return cfg
+        return {**cfg, **self.properties}
 
     def read(self, role: str):
         """The ov.Model of one graph, with this runner's precision marks and cache mode applied."""
@@ -141,7 +157,7 @@ class OpenVinoRunner(Runner):
 
         path = self.folder / self.manifest.graphs[role]
         try:
-            model = ov.Core().read_model(str(path))
+            model = self._read_step(path) if role == "step" and self.levers else ov.Core().read_model(str(path))
         except Exception as e:  # noqa: BLE001 - OpenVINO raises assorted types for damaged files; reported
             raise RunnerError(f"{path}: OpenVINO cannot read this graph ({_reason(e)})") from None
         self._check_io(role, model)
@@ -155,6 +171,25 @@ class OpenVinoRunner(Runner):
             manager.run_passes(model)
         return model
 
+    def _read_step(self, path: Path):
+        """The step graph with export/ov_variant.py's levers applied (same I/O, same codes)."""
+        import tempfile
+
+        import onnx
+        import openvino as ov
+
+        proto = onnx.load(str(path), load_external_data=False)
+        if not ov_variant.rewrite(proto, self.levers):
+            return ov.Core().read_model(str(path))
+        data = path.with_name(path.name + ".data")
+        # read from a file, not from bytes: from bytes OpenVINO drops graph inputs nobody reads (a layer's a_hat
+        # input under "share"), and the I/O would no longer match the manifest
+        with tempfile.TemporaryDirectory() as tmp:
+            if data.is_file():  # external data: the rewritten graph beside a link to it
+                (Path(tmp) / data.name).symlink_to(data.resolve())
+            onnx.save_model(proto, str(Path(tmp) / path.name))
+            return ov.Core().read_model(str(Path(tmp) / path.name))  # opens (maps) the data file now
+
     def activate_impl(self) -> None:
         import openvino as ov
 
@@ -164,8 +199,7 @@ class OpenVinoRunner(Runner):
             self.requests[role] = self.compiled[role].create_infer_request()
 
     def deactivate_impl(self) -> None:
-        self.compiled, self.requests = {}, {}
-        self.buffers.clear()
+        self.compiled, self.requests, self._sets, self._allocated_batch, self._direct = {}, {}, [], None, False
 
     def _check_io(self, role: str, model) -> None:
         """Names, dtypes and shapes of the ov.Model against the manifest. A dynamic dimension is None
@@ -186,11 +220,16 @@ class OpenVinoRunner(Runner):
 
     # -- helpers -----------------------------------------------------------------------------
     @staticmethod
-    def _allocate(cache: CacheSpec, batch: int):
-        """One host cache tensor [B, ...] (PingPongBuffers calls this once per batch)."""
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _allocate(self, batch: int) -> None:
+        """Cache buffers for this batch size (two sets for ping-pong, one for stateful priming)."""
         import openvino as ov
 
-        return ov.Tensor(np.zeros(cache.concrete(batch), _NP[cache.dtype]), shared_memory=True)
+        n = 2 if self.cache_mode == "pingpong" else 1
+        self._sets = [{c.key: ov.Tensor(np.zeros(c.concrete(batch), _NP[c.dtype]), shared_memory=True)
+                       for c in self.manifest.caches} for _ in range(n)]
+        self._allocated_batch = batch
 
     def _set_inputs(self, req, sample, timestep, ehs) -> None:
         import openvino as ov
@@ -209,17 +248,38 @@ class OpenVinoRunner(Runner):
     def prime_impl(self, sample, timestep, ehs) -> torch.Tensor:
         req = self.requests["prime"]
         self._set_inputs(req, sample, timestep, ehs)
+        self._direct = False
+        if self.uses_cache and self.cache_mode == "stateful" and self._bind_states(req, sample.shape[0]):
+            self._direct = True  # the prime writes the step request's variables themselves: no copy
+            return self._run(req)
         if self.uses_cache:
-            self.buffers.ensure(sample.shape[0])
+            if self._allocated_batch != sample.shape[0]:
+                self._allocate(sample.shape[0])
             for c in self.manifest.caches:
-                req.set_tensor(c.output, self.buffers.current[c.key])
+                req.set_tensor(c.output, self._sets[0][c.key])
         out = self._run(req)
         if self.uses_cache and self.cache_mode == "stateful":
             step = self.requests["step"]
             states = {s.name: s for s in step.query_state()}
             for c in self.manifest.caches:
-                states[self._state_name(c)].state = self.buffers.current[c.key]  # one copy per trajectory
+                states[self._state_name(c)].state = self._sets[0][c.key]  # one copy per trajectory
         return out
+
+    def _bind_states(self, req, batch: int) -> bool:
+        """Bind the step request's variable buffers (the tensors VariableState.state returns are the
+        plugin's own memory) as the prime's cache outputs, after reset_state(); False when their shape or
+        dtype does not fit this batch (first trajectory, a new batch size): then the prime writes host
+        tensors that are copied into the variables once."""
+        step = self.requests["step"]
+        step.reset_state()
+        states = {s.name: s for s in step.query_state()}
+        bufs = [states[self._state_name(c)].state for c in self.manifest.caches]
+        if not all(tuple(b.shape) == c.concrete(batch) and b.data.dtype == _NP[c.dtype]
+                   for b, c in zip(bufs, self.manifest.caches)):
+            return False
+        for c, b in zip(self.manifest.caches, bufs):
+            req.set_tensor(c.output, b)
+        return True
 
     @staticmethod
     def _state_name(c: CacheSpec) -> str:
@@ -234,11 +294,12 @@ class OpenVinoRunner(Runner):
             req.set_tensor("delta_scales", ov.Tensor(delta_scales))
         if self.cache_mode == "stateful":
             return self._run(req)
-        for c, src, dst in self.buffers.step_pairs():
-            req.set_tensor(c.input, src)
-            req.set_tensor(c.output, dst)
+        src, dst = self._sets
+        for c in self.manifest.caches:
+            req.set_tensor(c.input, src[c.key])
+            req.set_tensor(c.output, dst[c.key])
         out = self._run(req)
-        self.buffers.swap()  # ping-pong: this step's outputs are the next step's inputs
+        self._sets.reverse()  # ping-pong: this step's outputs are the next step's inputs
         return out
 
     def reset_impl(self) -> None:
@@ -246,10 +307,10 @@ class OpenVinoRunner(Runner):
             self.requests["step"].reset_state()
 
     def caches(self) -> dict[str, torch.Tensor]:
-        if not self.buffers or self.batch_size is None:
+        if (not self._sets and not self._direct) or self.batch_size is None:
             return {}
-        if self.cache_mode == "stateful" and self.calls > 1:
+        if self.cache_mode == "stateful" and (self.calls > 1 or self._direct):
             states = {s.name: s for s in self.requests["step"].query_state()}
             return {c.key: torch.from_numpy(states[self._state_name(c)].state.data.astype(np.float32))
                     for c in self.manifest.caches}
-        return {k: torch.from_numpy(v.data.astype(np.float32)) for k, v in self.buffers.current.items()}
+        return {k: torch.from_numpy(v.data.astype(np.float32)) for k, v in self._sets[0].items()}

@@ -22,6 +22,7 @@ from .peer import PEER_DEFAULT_SETTINGS, PEER_SETTINGS, peer_quantize, peer_sett
 from .recorder import Phases, Recorder
 
 BITS = ((8, 8), (8, 4), (8, 3), (4, 4))
+NNCF_ROW = "peer: NNCF int8 (OpenVINO)"
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class Demo:
         torch.manual_seed(self.s.seed)
         for name, phase in (("calibration", self.calibrate), ("export + --target ort variants", self.export),
                             ("engines", self.engines), ("sampling + parity", self.sample),
-                            ("peer (quantize_static + ONNX Runtime sampling)", self.peer), ("metrics", self.quality),
+                            ("peers (ORT quantize_static, NNCF)", self.peer), ("metrics", self.quality),
                             ("cost + latency", self.cost), ("speed, CIFAR-10 architecture", self.speed_section)):
             with self.phases(name):
                 phase()
@@ -178,6 +179,7 @@ class Demo:
                   f"({peer_settings_text(PEER_SETTINGS)}), "
                   f"calibrated on {len(inputs)} UNet calls recorded from FP trajectories ({self.n_par} samples x "
                   f"{s.steps} steps, every timestep); sampled on ONNX Runtime only (quality uses all {s.num_samples}).")
+        self.nncf_peer(inputs)
         if s.peer_default:
             dflt = peer_quantize(self.folders["fp"], self.work / "peer-default", inputs, settings=PEER_DEFAULT_SETTINGS)
             x_d = generate(OrtRunner(dflt, threads=s.threads), self.scheduler(), s.steps, s.num_samples, s.seed, shape,
@@ -189,13 +191,28 @@ class Demo:
                       f"confidence {self.ev.confidence(x_d):.3f} ({s.num_samples} samples, same noise)"
                       + ("; its digits are noise-like." if p_d < 15 else "."))
 
+    def nncf_peer(self, inputs) -> None:
+        """OpenVINO's own int8 path: NNCF post-training quantization of the FP graph, calibrated on the same
+        recorded FP trajectory inputs as the ORT peer, sampled on OpenVINO at its default precision."""
+        from ..backends.openvino_runner import OpenVinoRunner
+        from ..sampling import generate
+        from .nncf_peer import nncf_quantize, nncf_settings_text
+
+        s, shape = self.s, self.model.sample_shape
+        folder = nncf_quantize(self.folders["fp"], self.work / "peer-nncf-int8", inputs)
+        runner = OpenVinoRunner(folder, threads=s.threads, precision="default")
+        self.images[NNCF_ROW] = generate(runner, self.scheduler(), s.steps, s.num_samples, s.seed, shape,
+                                         progress=False, noise=self.noise)
+        self.note(f"OpenVINO peer: nncf.quantize of the FP graph ({nncf_settings_text()}), calibrated on the same "
+                  f"{len(inputs)} recorded FP calls; sampled on OpenVINO at its default precision -> row {NNCF_ROW}.")
+
     def quality(self) -> None:
         from ..evaluation.metrics import psnr
 
         self.quality_rows = [{"config": tag, "fd": self.ev.frechet_distance(self.images[tag]),
                               "confidence": self.ev.confidence(self.images[tag]),
                               "psnr": psnr(self.images[tag], self.images["fp"])}
-                             for tag in ["fp", "peer"] + [t for t, _, _ in self.configs[1:]]]
+                             for tag in ["fp", "peer", NNCF_ROW] + [t for t, _, _ in self.configs[1:]]]
 
     def cost(self) -> None:
         """BOPs (per sample), bytes, latency (interleaved, batch latency_batch). The Q/DQ graphs and the

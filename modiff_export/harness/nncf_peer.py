@@ -1,0 +1,59 @@
+"""The OpenVINO peer: NNCF's post-training int8 quantization of the FP graph, as OpenVINO users run it.
+
+`nncf.quantize` on the OpenVINO model of the exported FP graph, calibrated on UNet inputs recorded from
+full-precision trajectories of the same model (every timestep), with the settings of OpenVINO's own
+diffusion-UNet examples (NNCF_SETTINGS): transformer model type (attention's activation x activation
+MatMuls stay float, SmoothQuant off), the default symmetric "performance" preset, bias correction off
+(it gains little on diffusion UNets and costs time), every recorded call used. The result is written as
+an OpenVINO IR (`prime.xml` + `prime.bin`) with the FP folder's manifest (target "openvino"), so
+`OpenVinoRunner` runs it like any exported folder; run it at precision "default", as OpenVINO does.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+NNCF_SETTINGS = {"model_type": "TRANSFORMER", "preset": "PERFORMANCE", "subset_size": "all recorded calls",
+                 "disable_bias_correction": True}
+
+
+def nncf_settings_text(settings: dict | None = None) -> str:
+    s = settings or NNCF_SETTINGS
+    return ", ".join(f"{k}={v}" for k, v in s.items())
+
+
+def nncf_quantize(fp_folder: Path, out: Path, inputs: list, settings: dict | None = None) -> Path:
+    """NNCF int8 of `fp_folder`'s prime.onnx, calibrated on `inputs` ([(sample [B,C,H,W], timestep)] from
+    FP trajectories; unconditional models), written to `out` (prime.xml/.bin + manifest.json)."""
+    import nncf
+    import numpy as np
+    import openvino as ov
+
+    from ..fsutil import atomic_folder
+    from ..manifest import Manifest
+
+    s = settings or NNCF_SETTINGS
+    fp_folder, out = Path(fp_folder), Path(out)
+    model = ov.Core().read_model(str(fp_folder / "prime.onnx"))
+    items = [{"sample": x.numpy(), "timestep": np.full((x.shape[0],), float(t), np.float32)} for x, t in inputs]
+    level = logging.getLogger("nncf").level
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # progress bars
+            q = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items),
+                              model_type=getattr(nncf.ModelType, s["model_type"]),
+                              preset=getattr(nncf.QuantizationPreset, s["preset"]),
+                              advanced_parameters=nncf.AdvancedQuantizationParameters(
+                                  disable_bias_correction=s["disable_bias_correction"]))
+    finally:
+        logging.getLogger("nncf").setLevel(level)
+    manifest = Manifest.load(fp_folder).replace(
+        graphs={"prime": "prime.xml", "step": None}, target="openvino",
+        variant={"method": f"nncf.quantize (nncf {nncf.__version__})", "settings": nncf_settings_text(s),
+                 "calibration_calls": len(items)})
+    with atomic_folder(out, overwrite=True) as tmp:
+        ov.save_model(q, str(tmp / "prime.xml"), compress_to_fp16=False)
+        manifest.with_digests(tmp).write(tmp)
+    return out

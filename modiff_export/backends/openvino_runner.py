@@ -219,9 +219,6 @@ class OpenVinoRunner(Runner):
                                      str(self.folder / self.manifest.graphs[role]), error=RunnerError)
 
     # -- helpers -----------------------------------------------------------------------------
-    @staticmethod
-
-    # -- helpers -----------------------------------------------------------------------------
     def _allocate(self, batch: int) -> None:
         """Cache buffers for this batch size (two sets for ping-pong, one for stateful priming)."""
         import openvino as ov

@@ -13,7 +13,10 @@ import pytest
 
 
 def _free(port: int) -> bool:
+    """Nothing listens on `port` (SO_REUSEADDR, as Triton binds: connections in TIME_WAIT from a killed
+    server do not count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -174,7 +174,7 @@ def test_sigkill_mid_load_gives_errors_not_hangs_and_a_restart_is_exact(graphs, 
     srv = _Server(graphs, tmp_path, "--max-steps", "200", "--exit-timeout-s", "2", name="killed")
     res = {}
     t = threading.Thread(target=lambda: res.update(_timed(srv.port, [(60 + k, 200) for k in range(4)],
-                                                          timeout_s=20)), daemon=True)
+                                                          timeout_s=15)), daemon=True)
     t.start()
     time.sleep(1.5)
     srv.proc.kill()
@@ -183,7 +183,7 @@ def test_sigkill_mid_load_gives_errors_not_hangs_and_a_restart_is_exact(graphs, 
     assert not t.is_alive() and len(res) == 4
     for k, (err, secs, _) in res.items():
         assert isinstance(err, InferError) and err.kind in ("unreachable", "error", "busy"), (k, err)
-        assert secs < 20 + 10, (k, secs)  # the client deadline, not a hang
+        assert secs < 15 + 10, (k, secs)  # the client deadline at most, not a hang
     wait_port_free(srv.port)
     reqs = [(70, 5), (71, 6)]
     with _Server(graphs, tmp_path, "--max-steps", "10", port=srv.port, name="restarted") as again:

@@ -98,7 +98,7 @@ def profile(vs, graphs, threads, batch, calls: int = 3) -> list[str]:
 
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {root!r})
 import torch
 from pathlib import Path
@@ -106,12 +106,14 @@ from modiff_export.harness import speed
 d = json.loads({variant!r})
 d["runner"] = tuple((k, tuple(x) if isinstance(x, list) else x) for k, x in d["runner"])
 v = speed.Variant(**d)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():  # VmHWM: peak RSS of this process image (ru_maxrss would include the parent's, kept across exec)
+    line = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+base = hwm()
 t = speed.Timed(v, Path({folder!r}), {threads}, {batch}, {{}})
 for _ in range(3):
     t.call()
-print(json.dumps({{"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                   "added_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}}))
+print(json.dumps({{"peak_mb": hwm(), "added_mb": hwm() - base}}))
 """
 
 

@@ -171,9 +171,11 @@ def test_sigterm_drains_in_flight_requests(graphs, tmp_path):
 def test_sigkill_mid_load_gives_errors_not_hangs_and_a_restart_is_exact(graphs, tmp_path):
     from modiff_export.serving.client import InferError
 
-    srv = _Server(graphs, tmp_path, "--max-steps", "200", "--exit-timeout-s", "2", name="killed")
+    # 1000-step requests: still running when the kill comes (200 steps of the digits model can finish
+    # within the 1.5 s on a quiet machine, and an answered request says nothing about the kill)
+    srv = _Server(graphs, tmp_path, "--max-steps", "1000", "--exit-timeout-s", "2", name="killed")
     res = {}
-    t = threading.Thread(target=lambda: res.update(_timed(srv.port, [(60 + k, 200) for k in range(4)],
+    t = threading.Thread(target=lambda: res.update(_timed(srv.port, [(60 + k, 1000) for k in range(4)],
                                                           timeout_s=15)), daemon=True)
     t.start()
     time.sleep(1.5)

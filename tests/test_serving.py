@@ -105,8 +105,9 @@ def test_port_in_use_is_one_error_line(graphs):
 
 def test_openvino_backend_serves_like_ort(graphs):
     """`serve --backend openvino` loads the same graph folder behind the same runner contract; its prime call
-    equals ONNX Runtime's up to float rounding (1e-4 of the output range; steps are covered by
-    tests/test_openvino.py)."""
+    equals ONNX Runtime's up to the precision it runs at: OpenVINO's prime runs at the plugin's default
+    precision (bf16 on CPUs with BF16: 8 significant bits), so rms(ov - ort) <= 2% of rms(ort), the bound
+    of tests/test_runner_contract.py (steps are covered by tests/test_openvino.py)."""
     from modiff_export.serving.triton_server import ServeConfig, load_runner
 
     ov, meta = load_runner(ServeConfig(backend="openvino", folder=str(graphs)))
@@ -114,7 +115,8 @@ def test_openvino_backend_serves_like_ort(graphs):
     assert ov.backend == "openvino" and ov.is_active
     x = torch.randn(2, *meta.sample_shape, generator=torch.Generator().manual_seed(3))  # [B, C, H, W]
     a, b = ort(x, 900.0), ov(x, 900.0)
-    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+    rms = lambda t: t.pow(2).mean().sqrt()  # noqa: E731
+    assert rms(a - b) <= 2e-2 * rms(a)
 
 
 def test_missing_libpython_is_a_clear_error(monkeypatch):

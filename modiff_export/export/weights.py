@@ -51,7 +51,7 @@ def baked_weights(folder: str | Path, manifest: Manifest) -> dict[str, BakedWeig
         shape = tuple(layer.weight_shape)
         codes_name, folded = f"{layer.name}.weight.int8", f"{layer.name}.weight.dequantized.folded"
         if codes_name in inits:
-            codes = numpy_helper.to_array(inits[codes_name])
+            codes = numpy_helper.to_array(inits[codes_name]).copy()
             scale = numpy_helper.to_array(inits[f"{layer.name}.weight.scale"]).astype(np.float32).reshape(-1)
             if axes.get(codes_name, 0) != 0:  # a Linear traced as MatMul: [Cin, Cout]
                 codes = codes.T

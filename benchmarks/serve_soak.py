@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -27,28 +26,9 @@ import click
 import numpy as np
 
 from modiff_export.serving.client import Client, InferError, wait_ready
-from modiff_export.serving.process import rss_bytes, start_serve, stop_server
+from modiff_export.serving.process import free_ports, rss_bytes, start_serve, stop_server
 
 MAX_CLIENTS, MAX_MINUTES = 16, 180
-
-
-def free_port() -> int:
-    """A port p with p+1 and p+2 also free on loopback (HTTP, gRPC, metrics)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65000 and all(_free(port + k) for k in (1, 2)):
-            return port
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def start_target(target: str, graphs: str, port: int, max_batch: int, work: Path, extra: tuple[str, ...]):
@@ -173,7 +153,7 @@ def main(target, graphs, port, clients, minutes, max_requests, window_s, steps, 
          json_out):
     import os
 
-    port = port or free_port()
+    port = port or free_ports()
     work = Path(tempfile.mkdtemp(prefix=f"soak-{target}-"))
     click.echo(f"soak {target}: {graphs}, {clients} clients, {minutes:g} min (max {max_requests} requests), "
                f"windows of {window_s:g} s, port {port}, log {work}/server.log; load average {os.getloadavg()[0]:.2f}")

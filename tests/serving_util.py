@@ -4,39 +4,18 @@ repository. Client code lives in the package (modiff_export/serving/client.py, p
 from __future__ import annotations
 
 import shutil
-import socket
 import sysconfig
 import time
 from contextlib import contextmanager
 
 import pytest
 
-
-def _free(port: int) -> bool:
-    """Nothing listens on `port` (SO_REUSEADDR, as Triton binds: connections in TIME_WAIT from a killed
-    server do not count)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports() -> int:
-    """A loopback port p with p+1 (gRPC) and p+2 (metrics) free too."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65000 and all(_free(port + k) for k in (1, 2)):
-            return port
+from modiff_export.serving.process import free_ports, port_free  # noqa: F401  (tests import free_ports from here)
 
 
 def wait_port_free(port: int, timeout: float = 60.0) -> None:
     t0 = time.time()
-    while not all(_free(port + k) for k in range(3)):
+    while not all(port_free(port + k) for k in range(3)):
         if time.time() - t0 > timeout:
             pytest.fail(f"ports {port}..{port + 2} still taken {timeout:.0f} s after the server died")
         time.sleep(0.5)

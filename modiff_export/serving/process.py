@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,25 @@ def rss_bytes(pid: int, children: bool = True) -> int:
 
 
 __all__ = ["start_serve", "stop_server", "rss_bytes", "wait_ready"]
+
+
+def port_free(port: int) -> bool:
+    """Nothing listens on loopback `port` (SO_REUSEADDR, as Triton binds: connections in TIME_WAIT from a
+    killed server do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports() -> int:
+    """A loopback port p with p+1 (gRPC) and p+2 (metrics) free too: the ports `serve` listens on."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65000 and all(port_free(port + k) for k in (1, 2)):
+            return port

@@ -138,6 +138,7 @@ class OpenVinoRunner(Runner):
         self._sets: list[dict] = []
         self._allocated_batch = None
         self._direct = False  # this trajectory's prime wrote the step request's variables directly
+        self._copy_bufs: dict = {}  # stateful: host tensors of the variables whose buffer is not handed out
 
     # -- lifecycle ---------------------------------------------------------------------------
     def config(self, role: str) -> dict:
@@ -200,6 +201,7 @@ class OpenVinoRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self.compiled, self.requests, self._sets, self._allocated_batch, self._direct = {}, {}, [], None, False
+        self._copy_bufs = {}
 
     def _check_io(self, role: str, model) -> None:
         """Names, dtypes and shapes of the ov.Model against the manifest. A dynamic dimension is None
@@ -246,9 +248,13 @@ class OpenVinoRunner(Runner):
         req = self.requests["prime"]
         self._set_inputs(req, sample, timestep, ehs)
         self._direct = False
-        if self.uses_cache and self.cache_mode == "stateful" and self._bind_states(req, sample.shape[0]):
-            self._direct = True  # the prime writes the step request's variables themselves: no copy
-            return self._run(req)
+        copies = self._bind_states(req, sample.shape[0]) if self.uses_cache and self.cache_mode == "stateful" else None
+        if copies is not None:
+            self._direct = True  # the prime writes the step request's variables themselves
+            out = self._run(req)
+            for st, host in copies:  # variables whose buffer the plugin does not hand out: one copy each
+                st.state = host
+            return out
         if self.uses_cache:
             if self._allocated_batch != sample.shape[0]:
                 self._allocate(sample.shape[0])
@@ -262,21 +268,38 @@ class OpenVinoRunner(Runner):
                 states[self._state_name(c)].state = self._sets[0][c.key]  # one copy per trajectory
         return out
 
-    def _bind_states(self, req, batch: int) -> bool:
-        """Bind the step request's variable buffers (the tensors VariableState.state returns are the
-        plugin's own memory) as the prime's cache outputs, after reset_state(); False when their shape or
-        dtype does not fit this batch (first trajectory, a new batch size): then the prime writes host
-        tensors that are copied into the variables once."""
-        step = self.requests["step"]
-        step.reset_state()
-        states = {s.name: s for s in step.query_state()}
-        bufs = [states[self._state_name(c)].state for c in self.manifest.caches]
-        if not all(tuple(b.shape) == c.concrete(batch) and b.data.dtype == _NP[c.dtype]
-                   for b, c in zip(bufs, self.manifest.caches)):
-            return False
-        for c, b in zip(self.manifest.caches, bufs):
+    def _bind_states(self, req, batch: int) -> list | None:
+        """Bind the step request's variable buffers as the prime's cache outputs, so the prime writes the
+        variables themselves. VariableState.state hands out the plugin's own buffer for most variables, but
+        a copy for some (seen for variables the step graph keeps in a blocked layout: two reads give two
+        addresses); those get a host tensor, copied into the variable after the prime, and are returned as
+        (state, host tensor). A variable that does not fit this batch (first trajectory: OpenVINO starts
+        them empty, [0, ...]; a new batch size) first gets a zero tensor of the right shape, once per batch
+        size. None when a variable still does not fit: then every cache takes the copy path."""
+        import openvino as ov
+
+        states = {s.name: s for s in self.requests["step"].query_state()}
+        fits = lambda b, c: tuple(b.shape) == c.concrete(batch) and b.data.dtype == _NP[c.dtype]  # noqa: E731
+        binds, copies = [], []
+        for c in self.manifest.caches:
+            st = states[self._state_name(c)]
+            b = st.state
+            if not fits(b, c):
+                st.state = ov.Tensor(np.zeros(c.concrete(batch), _NP[c.dtype]))
+                b = st.state
+                if not fits(b, c):
+                    return None
+            if st.state.data.ctypes.data == b.data.ctypes.data:  # b (still alive) is the plugin's buffer
+                binds.append((c, b))
+            else:
+                host = self._copy_bufs.get(c.key)
+                if host is None or tuple(host.shape) != c.concrete(batch):
+                    host = self._copy_bufs[c.key] = ov.Tensor(np.zeros(c.concrete(batch), _NP[c.dtype]))
+                binds.append((c, host))
+                copies.append((st, host))
+        for c, b in binds:
             req.set_tensor(c.output, b)
-        return True
+        return copies
 
     @staticmethod
     def _state_name(c: CacheSpec) -> str:
@@ -300,8 +323,9 @@ class OpenVinoRunner(Runner):
         return out
 
     def reset_impl(self) -> None:
-        if self.cache_mode == "stateful" and "step" in self.requests:
-            self.requests["step"].reset_state()
+        # stateful: the variables keep their buffers (reset_state() would empty them to [0, ...] and cost a
+        # new allocation per trajectory); the next call is a prime, which rewrites every one of them
+        self._direct = False
 
     def caches(self) -> dict[str, torch.Tensor]:
         if (not self._sets and not self._direct) or self.batch_size is None:

@@ -94,7 +94,12 @@ def test_fast_step_form_matches_exported_graph(tmp_path, kind, act_bits):
 
     proto = onnx.load(str(tmp_path / "g" / "step.onnx"))
     assert ov_variant.rewrite(proto, DEFAULT_LEVERS) > 0  # the pattern is found in a real export
-    fast, plain = _ov(tmp_path / "g", prime_precision="f32"), _ov(tmp_path / "g", prime_precision="f32", levers=())
+    # dynamic batch shapes: compiled for a static batch, the exported form's a_hat update (QuantizeLinear's
+    # round-half-even codes) no longer always matches the codes the plugin's fused int8 convolution rounds
+    # (0.45x the quantization error at A8, the mismatch the `update` lever removes), so the two forms are
+    # compared where the exported form is self-consistent; the fast form at static shapes is held to ORT by
+    # test_per_step_parity_vs_ort
+    fast, plain = (_ov(tmp_path / "g", prime_precision="f32", static_shapes=False, levers=lv) for lv in (None, ()))
     inputs, fp_preds = _fp_trajectory(unet, info, ehs, "ddim")
     for i, ((x, t), fp) in enumerate(zip(inputs, fp_preds)):
         a, b = plain(x, t, ehs), fast(x, t, ehs)
@@ -121,6 +126,13 @@ def test_default_prime_precision(tmp_path):
     ca, cb = f32.caches(), dflt.caches()
     for k in ca:
         assert rms(ca[k] - cb[k]) <= 2e-2 * max(rms(ca[k]), 1e-12), k
+    # at 8-bit activations the prime defaults to f32 (its o_hat rounding would outlast the step's own error)
+    export_model(info.copy(), QuantConfig(act_bits=8), tmp_path / "g8", progress=False)
+    a8 = _ov(tmp_path / "g8")
+    assert a8.precision["prime"] == "f32"
+    c = a8.prime(x, 900.0)
+    ref = _ov(tmp_path / "g8", prime_precision="f32").prime(x, 900.0)
+    assert torch.equal(c, ref)
 
 
 @pytest.mark.parametrize("act_bits,min_psnr", [(8, 40.0), (4, 30.0)])

@@ -6,8 +6,8 @@ MoDiff prime graph's, default "default"):
            int8 kernels (OpenVINO turns QuantizeLinear -> DequantizeLinear -> Conv into an int8 conv).
   bf16     the bf16 hint: float ops may run in bfloat16.
   default  no hint: the plugin's default (bf16 on CPUs with AVX512_BF16 or AMX, else f32). The prime graph has
-           no quantizer (full-precision activations), so by default it runs like the FP model does; the
-           caches it writes carry bf16-level rounding, which the first steps' deltas absorb.
+           no quantizer (full-precision activations), so below 8-bit activations it runs like the FP model does
+           by default; at 8-bit activations the default prime precision is f32 (see __init__).
   mixed    bf16 hint, but in the step graph every node of MoDiff's delta path (x - a_hat, absmax scale,
            Div, Clip, Q/DQ, rescale, o_hat/a_hat updates) is marked `disable_fp16_compression`, the rt_info
            the CPU plugin's precision enforcement honours, so they stay float32 - with ping-pong caches only:
@@ -16,6 +16,13 @@ MoDiff prime graph's, default "default"):
 Step graph form (`levers=`, default DEFAULT_LEVERS): the step graph is rewritten at load time by
 export/ov_variant.py into fewer element-wise passes with the same I/O and the same codes (up to float
 ties); `levers=()` runs the exported graph as it is.
+
+Shapes (`static_shapes=`, default True): graphs are exported with a dynamic batch axis; the runner
+reshapes them to the batch of the call and compiles them for it on the first call of that batch size
+(one compiled set at a time: a new batch size recompiles, which a sampling loop does at most once, for its
+last, smaller batch). OpenVINO's CPU plugin plans memory and picks kernels once for static shapes; the
+measured CIFAR-size W8A4 step costs ~30% less CPU time than with the dynamic batch (docs/speed.md).
+Servers whose batches vary per request pass static_shapes=False.
 
 Caches (`cache_mode=`; default stateful for f32/bf16, 1.32-1.37x faster than ping-pong on the CIFAR-size W8A4
 step graph (docs/speed.md); ping-pong for mixed, see __init__) never pass through Python per step:
@@ -110,7 +117,8 @@ class OpenVinoRunner(Runner):
 
     def __init__(self, graph_folder: str | Path, threads: int | None = None, precision: str = "f32",
                  prime_precision: str | None = None, cache_mode: str | None = None,
-                 levers: tuple[str, ...] | None = None, properties: dict | None = None):
+                 levers: tuple[str, ...] | None = None, properties: dict | None = None,
+                 static_shapes: bool = True):
         if precision not in PRECISIONS or (prime_precision or precision) not in PRECISIONS:
             raise RunnerError(f"openvino runner: precision must be one of {list(PRECISIONS)}")
         # OpenVINO 2026.4's CPU plugin keeps variables (stateful caches) at the inference precision and runs
@@ -126,15 +134,21 @@ class OpenVinoRunner(Runner):
         self.folder = Path(graph_folder)
         super().__init__(**Runner.contract_of(Manifest.load(self.folder)))
         self.threads, self.cache_mode = threads, cache_mode
-        # MoDiff's prime has no quantizer (full-precision activations, int8 weights): it runs at OpenVINO's default
-        # precision (bf16 on CPUs with BF16) unless told otherwise; graphs without caches (fp, ptq) run `precision`
-        prime_default = "default" if self.uses_cache else precision
+        # MoDiff's prime has no quantizer (full-precision activations, int8 weights). Below 8-bit activations it
+        # runs at OpenVINO's default precision (bf16 on CPUs with BF16); at 8 bits in f32: the prime's output caches
+        # o_hat are never re-rounded (every step adds to them), so bf16 rounding there stays in every later output,
+        # which at A8 is above the step's own quantization error (digits DDIM-50 W8A8, OpenVINO vs PyTorch: 35.6 dB
+        # with a bf16 prime, 63.4 dB with an f32 one; docs/speed.md). Graphs without caches (fp, ptq) run `precision`.
+        a8 = self.manifest.quant_config.act_bits >= 8
+        prime_default = ("f32" if a8 else "default") if self.uses_cache else precision
         self.precision = {"step": precision, "prime": prime_precision or prime_default}
         self.levers = DEFAULT_LEVERS if levers is None else tuple(levers)
         if set(self.levers) - set(ov_variant.LEVERS):
             raise RunnerError(f"openvino runner: levers must be a subset of {list(ov_variant.LEVERS)}")
         self.properties = dict(properties or {})  # extra compile properties (e.g. PERF_COUNT for profiling)
+        self.static_shapes = bool(static_shapes)
         self.compiled, self.requests = {}, {}
+        self._compiled_batch: int | None = None  # static_shapes: the batch the graphs are compiled for
         self._sets: list[dict] = []
         self._allocated_batch = None
         self._direct = False  # this trajectory's prime wrote the step request's variables directly
@@ -152,8 +166,9 @@ class OpenVinoRunner(Runner):
             cfg["INFERENCE_NUM_THREADS"] = self.threads
         return {**cfg, **self.properties}
 
-    def read(self, role: str):
-        """The ov.Model of one graph, with this runner's precision marks and cache mode applied."""
+    def read(self, role: str, batch: int | None = None):
+        """The ov.Model of one graph, with this runner's precision marks and cache mode applied; with
+        `batch`, reshaped to that batch (every dynamic dimension of the graphs is the batch axis)."""
         import openvino as ov
 
         path = self.folder / self.manifest.graphs[role]
@@ -162,6 +177,9 @@ class OpenVinoRunner(Runner):
         except Exception as e:  # noqa: BLE001 - OpenVINO raises assorted types for damaged files; reported
             raise RunnerError(f"{path}: OpenVINO cannot read this graph ({_reason(e)})") from None
         self._check_io(role, model)
+        if batch is not None:
+            model.reshape({p.get_any_name(): [batch if d.is_dynamic else d.get_length() for d in p.get_partial_shape()]
+                           for p in model.inputs})
         if self.precision[role] == "mixed" and self.uses_cache and role == "step":
             mark_delta_path(model, self.manifest)  # prime has no delta path: there mixed = the bf16 hint
         if role == "step" and self.cache_mode == "stateful":
@@ -192,16 +210,30 @@ class OpenVinoRunner(Runner):
             return ov.Core().read_model(str(Path(tmp) / path.name))  # opens (maps) the data file now
 
     def activate_impl(self) -> None:
+        if self.static_shapes:  # compiled on the first call, for its batch (_compile_for)
+            for role in self.manifest.roles:  # read now: a damaged graph is an error here, not mid-trajectory
+                self.read(role)
+        else:
+            self._compile(None)
+
+    def _compile(self, batch: int | None) -> None:
         import openvino as ov
 
+        self.compiled, self.requests, self._sets, self._allocated_batch, self._copy_bufs = {}, {}, [], None, {}
         core = ov.Core()
         for role in self.manifest.roles:
-            self.compiled[role] = core.compile_model(self.read(role), "CPU", self.config(role))
+            self.compiled[role] = core.compile_model(self.read(role, batch), "CPU", self.config(role))
             self.requests[role] = self.compiled[role].create_infer_request()
+        self._compiled_batch = batch
+
+    def _compile_for(self, batch: int) -> None:
+        """static_shapes: the graphs compiled for this batch (a prime always starts a new batch size)."""
+        if self.static_shapes and self._compiled_batch != batch:
+            self._compile(batch)
 
     def deactivate_impl(self) -> None:
         self.compiled, self.requests, self._sets, self._allocated_batch, self._direct = {}, {}, [], None, False
-        self._copy_bufs = {}
+        self._copy_bufs, self._compiled_batch = {}, None
 
     def _check_io(self, role: str, model) -> None:
         """Names, dtypes and shapes of the ov.Model against the manifest. A dynamic dimension is None
@@ -245,6 +277,7 @@ class OpenVinoRunner(Runner):
 
     # -- the contract ------------------------------------------------------------------------
     def prime_impl(self, sample, timestep, ehs) -> torch.Tensor:
+        self._compile_for(sample.shape[0])
         req = self.requests["prime"]
         self._set_inputs(req, sample, timestep, ehs)
         self._direct = False

@@ -163,7 +163,9 @@ def load_runner(cfg: ServeConfig):
     from ..config import QuantConfig
     from ..resolve import RunnerOptions, resolve_runner
 
-    kwargs = (("threads", cfg.threads),) if cfg.backend == "ort" else ()
+    # OpenVINO: dynamic batch shapes, since the dynamic batcher groups a varying number of requests per call
+    # (static shapes would recompile the graphs for every new group size)
+    kwargs = {"ort": (("threads", cfg.threads),), "openvino": (("static_shapes", False),)}.get(cfg.backend, ())
     opts = RunnerOptions(cfg.backend, cfg.model, cfg.folder, runner_kwargs=kwargs)
     resolved = resolve_runner(opts, QuantConfig() if cfg.backend == "torch" and cfg.folder is None else None)
     resolved.runner.activate()

@@ -63,11 +63,11 @@ def lever_rows(spec: str, bits: str) -> list[speed.Variant]:
     return out
 
 
-def profile(vs, graphs, threads, batch, calls: int = 3) -> list[str]:
+def profile(vs, graphs, threads, batch, static: bool, calls: int = 3) -> list[str]:
     """Per-node-type counters (min over `calls` per node, summed by node and exec type), one column per row."""
     cols, keys = {}, defaultdict(float)
     for v in vs:
-        t = speed.Timed(v, graphs[v.graphs], threads, batch, {}, extra={"PERF_COUNT": True})
+        t = speed.Timed(v, graphs[v.graphs], threads, batch, {}, extra={"PERF_COUNT": True}, static=static)
         best: dict[str, tuple] = {}
         for _ in range(calls):
             t.call()
@@ -110,23 +110,23 @@ def hwm():  # VmHWM: peak RSS of this process image (ru_maxrss would include the
     line = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM"))
     return int(line.split()[1]) / 1024
 base = hwm()
-t = speed.Timed(v, Path({folder!r}), {threads}, {batch}, {{}})
+t = speed.Timed(v, Path({folder!r}), {threads}, {batch}, {{}}, static={static})
 for _ in range(3):
     t.call()
 print(json.dumps({{"peak_mb": hwm(), "added_mb": hwm() - base}}))
 """
 
 
-def peak_rss(v: speed.Variant, folder: Path, threads: int, batch: int) -> dict:
+def peak_rss(v: speed.Variant, folder: Path, threads: int, batch: int, static: bool) -> dict:
     """Peak RSS of a fresh process that loads one row's runner / compiled model and runs it (MB)."""
     d = {k: (list(x) if isinstance(x, tuple) else x) for k, x in v.__dict__.items()}
     code = CHILD.format(root=str(Path(__file__).resolve().parent.parent), variant=json.dumps(d), folder=str(folder),
-                        threads=threads, batch=batch)
+                        threads=threads, batch=batch, static=static)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def memory_block(vs, graphs, threads, batch) -> list[str]:
+def memory_block(vs, graphs, threads, batch, static) -> list[str]:
     from modiff_export.manifest import Manifest
 
     lines = ["| row | peak RSS of the process (MB) | added by loading + running (MB) | 2 x cache bytes of the "
@@ -134,7 +134,7 @@ def memory_block(vs, graphs, threads, batch) -> list[str]:
     for v in vs:
         if v.role == "step":
             continue
-        m = peak_rss(v, graphs[v.graphs], threads, batch)
+        m = peak_rss(v, graphs[v.graphs], threads, batch, static)
         cache = 2 * batch * Manifest.load(graphs[v.graphs]).cache_bytes_per_sample / 2**20
         lines.append(f"| {v.label} | {m['peak_mb']:.0f} | {m['added_mb']:.0f} | {cache:.0f} |")
     return lines
@@ -153,8 +153,11 @@ def memory_block(vs, graphs, threads, batch) -> list[str]:
 @click.option("--sd-latent", default=16, show_default=True, type=click.IntRange(8), help="sd15 latent height = width.")
 @click.option("--work", default="/tmp/runtime_speed", show_default=True, type=click.Path(file_okay=False),
               help="Folder for models and exported graphs (kept and reused).")
+@click.option("--shapes", default="static", show_default=True, type=click.Choice(["static", "dynamic"]),
+              help="Compile every row for the static batch (OpenVINO's advice when shapes are known; the runner's "
+                   "default) or keep the graphs' dynamic batch axis.")
 @click.option("--doc", default=None, type=click.Path(dir_okay=False), help="Also write the output to this file.")
-def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_latent, work, doc):
+def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_latent, work, shapes, doc):
     """Interleaved OpenVINO CPU speed table: FP f32 / FP default / NNCF int8 / PTQ W8A8 / MoDiff."""
     work = Path(work)
     out = [f"Command: `python benchmarks/runtime_speed.py {' '.join(sys.argv[1:])}`", "",
@@ -176,11 +179,14 @@ def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_la
         note = f"batch {b}" + (f" = CFG 2 x {batch}, latent {sd_latent}x{sd_latent}" if cond else "") + \
                f", {threads} thread(s)"
         t0, before = time.time(), load_note()
-        rows = speed.time_rows(vs, graphs, threads, rounds, b)
+        static = shapes == "static"
+        rows = speed.time_rows(vs, graphs, threads, rounds, b, static)
         block = [f"### {name}, {note}", "", f"Median of {rounds} interleaved rounds; {time.time() - t0:.0f} s; before: "
                  f"{before}; after: {load_note()}.", "", *speed.table(rows, note), "",
                  "Spread (min-max ms over the rounds): " + "; ".join(
                      f"{r['label']} {r['spread'][0]:.1f}-{r['spread'][1]:.1f}" for r in rows) + ".", "",
+                 "Spread of CPU ms: " + "; ".join(
+                     f"{r['label']} {r['cpu_spread'][0]:.1f}-{r['cpu_spread'][1]:.1f}" for r in rows) + ".", "",
                  speed.verdict(rows), ""]
         if name != "sd15":
             from modiff_export.harness.nncf_peer import nncf_settings_text
@@ -192,11 +198,11 @@ def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_la
         out += block
         if do_profile:
             prof = [f"#### {name}: OpenVINO per-node counters (PERF_COUNT, ms of one call, min over 3 calls per node)",
-                    "", *profile(vs, graphs, threads, b), "", f"After profiling: {load_note()}.", ""]
+                    "", *profile(vs, graphs, threads, b, static), "", f"After profiling: {load_note()}.", ""]
             print("\n".join(prof), flush=True)
             out += prof
         if memory:
-            mem = [f"#### {name}: peak RSS, one process per row", "", *memory_block(vs, graphs, threads, b), ""]
+            mem = [f"#### {name}: peak RSS, one process per row", "", *memory_block(vs, graphs, threads, b, static), ""]
             print("\n".join(mem), flush=True)
             out += mem
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

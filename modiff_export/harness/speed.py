@@ -107,8 +107,9 @@ def inputs(manifest, batch: int, seed: int = 0):
     return x, 0.97 * x + 0.05 * torch.randn(x.shape, generator=g), ehs
 
 
-def compile_plain(folder: Path, threads: int, hint: str | None, extra: dict | None = None):
-    """The graph of a folder compiled as an OpenVINO user would (no runner)."""
+def compile_plain(folder: Path, threads: int, hint: str | None, extra: dict | None = None, batch: int | None = None):
+    """The graph of a folder compiled as an OpenVINO user would (no runner); with `batch`, reshaped to that
+    static batch first (`model.reshape`, as OpenVINO recommends when the shapes are known)."""
     import openvino as ov
 
     from ..manifest import Manifest
@@ -116,30 +117,36 @@ def compile_plain(folder: Path, threads: int, hint: str | None, extra: dict | No
     cfg = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", **(extra or {})}
     if hint:
         cfg["INFERENCE_PRECISION_HINT"] = hint
-    return ov.Core().compile_model(str(folder / Manifest.load(folder).graphs["prime"]), "CPU", cfg)
+    core = ov.Core()
+    model = core.read_model(str(folder / Manifest.load(folder).graphs["prime"]))
+    if batch is not None:
+        model.reshape({p.get_any_name(): [batch if d.is_dynamic else d.get_length() for d in p.get_partial_shape()]
+                       for p in model.inputs})
+    return core.compile_model(model, "CPU", cfg)
 
 
 class Timed:
     """One row. `pool` shares a runner between rows of the same graphs and runner options."""
 
-    def __init__(self, v: Variant, folder: Path, threads: int, batch: int, pool: dict, extra: dict | None = None):
+    def __init__(self, v: Variant, folder: Path, threads: int, batch: int, pool: dict, extra: dict | None = None,
+                 static: bool = True):
         from ..backends.openvino_runner import OpenVinoRunner
         from ..manifest import Manifest
 
-        self.v, self.times = v, []
+        self.v, self.times, self.cpu = v, [], []  # wall and process CPU seconds per call
         manifest = Manifest.load(folder)
         self.x, self.x2, self.ehs = inputs(manifest, batch)
         self.cache_bytes = manifest.cache_bytes_per_sample
         before = rss_mb()
         if v.plain:
-            self.req = compile_plain(folder, threads, v.hint, extra).create_infer_request()
+            self.req = compile_plain(folder, threads, v.hint, extra, batch if static else None).create_infer_request()
             self.feed = {"sample": self.x.numpy(), "timestep": torch.full((batch,), 520.0).numpy()}
             if self.ehs is not None:
                 self.feed["encoder_hidden_states"] = self.ehs.numpy()
         else:
             key = (v.graphs, v.runner)
             if key not in pool:
-                kw = dict(v.runner)
+                kw = {"static_shapes": static, **dict(v.runner)}
                 if extra:
                     kw["properties"] = extra
                 pool[key] = OpenVinoRunner(folder, threads=threads, **kw).activate()
@@ -148,82 +155,105 @@ class Timed:
             self.call()
         self.mem_mb = rss_mb() - before
 
-    def call(self) -> float:
+    def call(self) -> tuple[float, float]:
+        """(wall, process CPU) seconds of one call. CPU time counts only what this process ran (one
+        inference thread), so it moves far less than wall time when other jobs share the cores."""
         if self.v.plain:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             self.req.infer(self.feed)
-            return time.perf_counter() - t0
+            return time.perf_counter() - t0, time.process_time() - c0
         r = self.runner
         if self.v.role == "prime":
             r.reset()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             r.prime(self.x, 520.0, self.ehs)
         else:
             if r.batch_size is None:
                 r.prime(self.x, 520.0, self.ehs)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             r.step(self.x2, 480.0, self.ehs)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     def request(self):
         """The infer request of this row (for per-node counters)."""
         return self.req if self.v.plain else self.runner.requests[self.v.role]
 
 
-def time_rows(vs: list[Variant], graphs: dict, threads: int, rounds: int, batch: int) -> list[dict]:
-    """Interleaved medians of every row; returns one dict per row (Variant fields + ms, mem_mb, cache_bytes)."""
+def time_rows(vs: list[Variant], graphs: dict, threads: int, rounds: int, batch: int,
+              static: bool = True) -> list[dict]:
+    """Interleaved medians of every row; returns one dict per row (Variant fields + ms and cpu_ms, their
+    spreads, mem_mb, cache_bytes). static: every row compiled for the static batch (plain rows reshaped,
+    runners with static_shapes), else with the graphs' dynamic batch axis."""
     torch.set_num_threads(threads)
     pool: dict = {}
-    loaded = [Timed(v, graphs[v.graphs], threads, batch, pool) for v in vs]
+    loaded = [Timed(v, graphs[v.graphs], threads, batch, pool, static=static) for v in vs]
     for _ in range(rounds):
         for t in loaded:
-            t.times.append(t.call())
-    return [{**t.v.__dict__, "ms": 1e3 * statistics.median(t.times), "spread": (1e3 * min(t.times),
-             1e3 * max(t.times)), "mem_mb": t.mem_mb, "cache_bytes": t.cache_bytes} for t in loaded]
+            wall, cpu = t.call()
+            t.times.append(wall)
+            t.cpu.append(cpu)
+    ms = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
+    return [{**t.v.__dict__, "ms": ms(t.times), "spread": (1e3 * min(t.times), 1e3 * max(t.times)),
+             "cpu_ms": ms(t.cpu), "cpu_spread": (1e3 * min(t.cpu), 1e3 * max(t.cpu)), "mem_mb": t.mem_mb,
+             "cache_bytes": t.cache_bytes, "static": static} for t in loaded]
 
 
-def trajectory_ms(rows: list[dict], r: dict) -> float:
+def trajectory_ms(rows: list[dict], r: dict, key: str = "ms") -> float:
+    """A 25-call trajectory of row r: prime + 24 steps (step rows) or 25 calls; key "ms" (wall) or "cpu_ms"."""
     if r["prime_of"] is None:
-        return STEPS * r["ms"]
+        return STEPS * r[key]
     prime = next(p for p in rows if p["label"] == r["prime_of"])
-    return prime["ms"] + (STEPS - 1) * r["ms"]
+    return prime[key] + (STEPS - 1) * r[key]
 
 
 def table(rows: list[dict], note: str) -> list[str]:
-    """Markdown: ms per call and 25-call trajectory ratios to the FP-default and NNCF rows."""
+    """Markdown: wall and CPU ms per call, 25-call trajectory ratios to the FP-default and NNCF rows (wall,
+    then CPU time: CPU time counts only this process's own work, so it holds when the machine is shared)."""
     by = {r["label"]: r for r in rows}
-    base = {k: trajectory_ms(rows, by[k]) for k in (FP_DEFAULT, NNCF) if k in by}
-    head = [f"graph ({note})", "how it runs", "ms / call", "x FP default", "trajectory ms", "traj. x FP default",
-            "traj. x NNCF int8", "cache / sample"]
+    base = {(k, key): trajectory_ms(rows, by[k], key)
+            for k in (FP_DEFAULT, NNCF) if k in by for key in ("ms", "cpu_ms")}
+    head = [f"graph ({note})", "how it runs", "ms / call", "CPU ms / call", "trajectory ms", "traj. x FP default",
+            "traj. x NNCF int8", "CPU: traj. x FP default", "CPU: traj. x NNCF int8", "cache / sample"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    shapes = "static batch" if rows and rows[0].get("static", True) else "dynamic batch"
     for r in rows:
         how = (f"OpenVINO API, {r['hint'] or 'default'} precision" if r["plain"] else
                "OpenVinoRunner, defaults" if not r["runner"] else
-               "OpenVinoRunner, " + ", ".join(f"{k}={v}" for k, v in r["runner"]))
-        traj = trajectory_ms(rows, r)
-        ratio = [f"{traj / base[k]:.2f}" if k in base else "-" for k in (FP_DEFAULT, NNCF)]
-        call = r["ms"] / by[FP_DEFAULT]["ms"] if FP_DEFAULT in by else float("nan")
+               "OpenVinoRunner, " + ", ".join(f"{k}={v}" for k, v in r["runner"])) + f", {shapes}"
         cache = f"{r['cache_bytes'] / 2**20:.1f} MiB" if r["cache_bytes"] else "0"
-        lines.append(f"| {r['label']} | {how} | {r['ms']:.1f} | {call:.2f} | "
-                     + (f"{traj:.0f} | " + " | ".join(ratio) if r["role"] == "step" or not r["label"].endswith(
-                         "prime (runner)") else "- | - | -") + f" | {cache} |")
+        cells = [r["label"], how, f"{r['ms']:.1f}", f"{r['cpu_ms']:.1f}"]
+        if r["role"] == "step" or not r["label"].endswith("prime (runner)"):
+            cells.append(f"{trajectory_ms(rows, r):.0f}")
+            cells += [f"{trajectory_ms(rows, r, key) / base[(k, key)]:.2f}" if (k, key) in base else "-"
+                      for key in ("ms", "cpu_ms") for k in (FP_DEFAULT, NNCF)]
+        else:
+            cells += ["-"] * 5
+        lines.append("| " + " | ".join([*cells, cache]) + " |")
     return lines
 
 
 def verdict(rows: list[dict]) -> str:
-    """One plain sentence on what the rows show."""
+    """One plain sentence on what the rows show (wall-time ratios, CPU-time ratios in brackets)."""
     by = {r["label"]: r for r in rows}
     step = next((r for r in rows if r["role"] == "step"), None)
     if step is None or FP_DEFAULT not in by:
         return ""
-    t = trajectory_ms(rows, step)
-    fp, parts = trajectory_ms(rows, by[FP_DEFAULT]), []
-    parts.append(f"a MoDiff trajectory costs {t / fp:.2f}x the FP model at OpenVINO's default precision")
+
+    def both(f) -> str:
+        return f"{f('ms'):.2f}x [CPU {f('cpu_ms'):.2f}x]"
+
+    def traj_vs(label):
+        return lambda k: trajectory_ms(rows, step, k) / trajectory_ms(rows, by[label], k)
+
+    parts = [f"a MoDiff trajectory costs {both(traj_vs(FP_DEFAULT))} the FP model at OpenVINO's default precision"]
     if NNCF in by:
-        parts.append(f"{t / trajectory_ms(rows, by[NNCF]):.2f}x NNCF's int8 model")
+        parts.append(f"{both(traj_vs(NNCF))} NNCF's int8 model")
     ptq = by.get("PTQ W8A8 (runner)")
     if ptq:
-        parts.append(f"its step {step['ms'] / ptq['ms']:.2f}x the PTQ W8A8 graph")
+        parts.append(f"its step {both(lambda k: step[k] / ptq[k])} the PTQ W8A8 graph")
+    prime = by.get(step["prime_of"])
+    if prime:
+        parts.append(f"its prime {both(lambda k: prime[k] / by[FP_DEFAULT][k])} the FP-default call")
     return f"On this CPU ({cpu_line()}): " + ", ".join(parts) + "."
 
 

@@ -269,7 +269,7 @@ class Demo:
                                 f"shared 2-core machine; see benchmarks/ort_speed.py for a longer run"]}
 
     def speed_section(self) -> None:
-        """Where MoDiff pays off: a UNet of the CIFAR-10 DDPM architecture (35.7M parameters, random weights:
+        """Where MoDiff stands in speed: a UNet of the CIFAR-10 DDPM architecture (35.7M parameters, random weights:
         speed only), FP32 / bf16 / PTQ / MoDiff graphs on ONNX Runtime and OpenVINO, interleaved rounds."""
         self.cifar_speed = None
         if not self.s.speed:

@@ -199,7 +199,8 @@ def build_report(folder: str | os.PathLike, results: dict, overwrite: bool = Fal
         if results.get("cifar_speed"):
             md += ["## Speed on OpenVINO CPU: where MoDiff stands", "",
                    "A UNet of the CIFAR-10 DDPM architecture (35.7M parameters, 32x32, channels 128/256/256/256, "
-                   "random weights: speed only), batch 4, one thread, OpenVINO CPU, every row compiled for the static batch, "
+                   "random weights: speed only), batch 4, one thread, OpenVINO CPU, every row compiled for the static "
+                   "batch, "
                    "interleaved rounds (CPU ms = this process's CPU time, steadier than wall time on a shared "
                    "machine): the FP graph "
                    "at f32 and at OpenVINO's default precision and NNCF's int8 model through OpenVINO's own API, PTQ "

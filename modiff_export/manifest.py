@@ -334,7 +334,7 @@ class Manifest:
     @property
     def cache_bytes_per_sample(self) -> int:
         itemsize = {"float32": 4, "float16": 2}
-        return sum(math.prod(c.concrete(1)) * itemsize[c.dtype] for c in self.caches)
+        return sum(math.prod(c.concrete(1)) * itemsize[c.dtype] for c in self.buffers)
 
     @property
     def tag(self) -> str:

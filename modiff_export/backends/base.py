@@ -32,7 +32,7 @@ import torch
 
 from ..errors import ModiffExportError
 from ..manifest import Manifest
-from ..quant.quantization import starts_trajectory
+from ..quant.quantization import call_role, starts_trajectory
 
 MAX_BATCH = 4096  # far above any real batch; a larger one is a typo that would exhaust memory
 
@@ -150,12 +150,9 @@ class Runner(ABC):
 
     def schedule(self) -> str:
         """What the next call of this trajectory runs: "prime", "step" or "shallow" (design sections 1, 1.1)."""
-        k, r = self.keyframe_interval, self.reuse_interval
-        if self.batch_size is None or (k is not None and self.calls % k == 0):
+        if self.batch_size is None:
             return "prime"
-        if r is not None and self.calls % r:
-            return "shallow"
-        return "step" if self.uses_cache else "prime"
+        return call_role(self.calls, self.keyframe_interval, self.reuse_interval, self.uses_cache)
 
     def __call__(self, sample, timestep, encoder_hidden_states=None) -> torch.Tensor:
         if self.batch_size is not None and self.new_trajectory(sample, timestep):

@@ -323,6 +323,18 @@ def starts_trajectory(last_timestep: float | None, timestep: float, last_shape=N
     return last_timestep is None or float(timestep) > last_timestep or last_shape != shape
 
 
+def call_role(i: int, keyframe_interval: int | None, reuse_interval: int | None, cached: bool) -> str:
+    """What call `i` (0-based) of a trajectory runs: "prime", "step" or "shallow" (block reuse). The rule
+    every runner schedules by and the cost accounting counts: call 0 and every keyframe is a prime; with
+    block reuse every call not a multiple of the interval is shallow; the other calls are steps (or primes
+    for models without caches: fp/ptq)."""
+    if i == 0 or (keyframe_interval is not None and i % keyframe_interval == 0):
+        return "prime"
+    if reuse_interval is not None and i % reuse_interval:
+        return "shallow"
+    return "step" if cached else "prime"
+
+
 def modiff_layers(unet: nn.Module) -> Iterator[MoDiffLayer]:
     return (m for m in unet.modules() if isinstance(m, MoDiffLayer))
 

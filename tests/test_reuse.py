@@ -208,3 +208,36 @@ def test_openvino_with_its_rewrite_tracks_the_reference_closely(folder):
         rms[0].append((a - b).pow(2).mean().sqrt().item())
         rms[1].append((a - f).pow(2).mean().sqrt().item())
     assert sum(rms[0][1:]) <= 0.5 * sum(rms[1][1:])
+
+
+def test_engine_builder_plans_the_shallow_engine(folder):
+    """build-engine plans one TensorRT engine per graph role: the shallow graph gets its own profile, covering
+    exactly its network inputs (the outer caches and the feature)."""
+    from modiff_export.engine import EngineBuildOptions, plan_profiles
+
+    m = Manifest.load(folder)
+    p = plan_profiles(m, EngineBuildOptions(min_batch=1, opt_batch=2, max_batch=4))
+    assert set(p) == {"prime", "step", "shallow"}
+    shallow = {name: (lo, opt, hi) for name, lo, opt, hi in p["shallow"]}
+    assert shallow["cache_in.up_blocks.0.feature"] == ((1, 32, 16, 16), (2, 32, 16, 16), (4, 32, 16, 16))
+    model = onnx.load(str(folder / "shallow.onnx"), load_external_data=False)
+    init = {i.name for i in model.graph.initializer}
+    assert list(shallow) == [i.name for i in model.graph.input if i.name not in init]
+
+
+def test_the_server_loop_serves_reuse_folders(folder):
+    """`serve` runs any runner through serving/sampler.py: with block reuse each group's trajectory is scheduled
+    by the runner (prime, shallow, step, ...) and the same requests give the same images, alone or mixed."""
+    from modiff_export.serving.sampler import Item, generate_items
+
+    m = Manifest.load(folder)
+    runner = make_runner("ort", folder=folder)
+    calls = []
+    for role in ("prime", "step", "shallow"):
+        impl = getattr(runner, f"{role}_impl")
+        setattr(runner, f"{role}_impl", lambda *a, _impl=impl, _role=role: calls.append(_role) or _impl(*a))
+    items = [Item(seed=1, steps=4), Item(seed=2, steps=3), Item(seed=3, steps=4)]
+    mixed = generate_items(runner, m.model.scheduler_config, items, m.model.sample_shape)
+    assert calls == ["prime", "shallow", "step", "shallow", "prime", "shallow", "step"]
+    alone = generate_items(runner, m.model.scheduler_config, items[1:2], m.model.sample_shape)
+    assert torch.allclose(alone[0], mixed[1], atol=1e-5)

@@ -241,3 +241,34 @@ def test_the_server_loop_serves_reuse_folders(folder):
     assert calls == ["prime", "shallow", "step", "shallow", "prime", "shallow", "step"]
     alone = generate_items(runner, m.model.scheduler_config, items[1:2], m.model.sample_shape)
     assert torch.allclose(alone[0], mixed[1], atol=1e-5)
+
+
+def test_reuse_cost_row_counts_the_schedule_and_the_feature():
+    """The demo's cost rows of reuse configs: BOPs per role and trajectory, bytes of caches + feature."""
+    unet = build_tiny_unet()
+    macs = cost.count_macs(unet, torch.zeros(1, 1, 16, 16), torch.tensor(500))
+    fp = cost.reuse_cost_row(unet, macs, QuantConfig(mode="fp", reuse_interval=3, reuse_depth=1), 7, (1, 16, 16))
+    assert fp["bops_step"] is None and fp["cache_bytes"] == 4 * 32 * 16 * 16  # the feature only
+    assert fp["bops_traj"] == 3 * fp["bops_prime"] + 4 * fp["bops_shallow"] and fp["bops_shallow"] < fp["bops_prime"]
+    m = cost.reuse_cost_row(unet, macs, W8A4.replace(reuse_interval=3, reuse_depth=1), 7, (1, 16, 16))
+    assert m["bops_traj"] == m["bops_prime"] + 2 * m["bops_step"] + 4 * m["bops_shallow"]
+    assert m["cache_bytes"] > fp["cache_bytes"] and m["config"] == "modiff-w8a4-r3d1"
+
+
+def test_speed_reuse_table_sums_the_schedule():
+    from modiff_export.harness import speed
+
+    def row(label, graphs, role, ms, prime_of=None):
+        return {"label": label, "graphs": graphs, "role": role, "ms": ms, "prime_of": prime_of, "per_call": True,
+                "cache_bytes": 2**20, "plain": False, "runner": (), "hint": None}
+
+    rows = [{**row(speed.FP_DEFAULT, "fp", "prime", 10.0), "per_call": False, "plain": True},
+            row("MoDiff W8A4 reuse D=1 prime (runner)", "m", "prime", 20.0),
+            row("MoDiff W8A4 reuse D=1 step (runner)", "m", "step", 8.0, "MoDiff W8A4 reuse D=1 prime (runner)"),
+            row("MoDiff W8A4 reuse D=1 shallow (runner)", "m", "shallow", 2.0, "MoDiff W8A4 reuse D=1 prime (runner)")]
+    total, _, counts = speed.reuse_trajectory_ms(rows, rows[3], 5)
+    assert counts == {"prime": 1, "step": 4, "shallow": 20} and total == 20 + 4 * 8 + 20 * 2
+    lines = speed.reuse_table(rows, intervals=(5,))
+    assert "| MoDiff W8A4 reuse | 1 | 5 |" in lines[2] and f"| {total / 250:.2f} | - |" in lines[2]
+    assert speed.config_args("modiff-w8a4-d2")[-4:] == ["--reuse-interval", "2", "--reuse-depth", "2"]
+    assert speed.config_args("fp") == ["--mode", "fp", "--weight-bits", "8", "--act-bits", "8"]

@@ -113,6 +113,27 @@ def bops_per_trajectory(macs: list[LayerMacs], config, steps: int, deep: frozens
     return total
 
 
+def reuse_cost_row(unet: nn.Module, macs: list[LayerMacs], config, steps: int, sample_shape) -> dict:
+    """Cost of a block-reuse config without exporting it (the demo's cost table): BOPs per call role and per
+    trajectory, and the bytes per sample a runner keeps between calls (every MoDiff cache and the deep-branch
+    feature, float32) from one prime call of a quantized copy of `unet` (`macs` from the unquantized one)."""
+    import copy
+
+    from ..quant.quantization import list_caches, quantize
+
+    q = quantize(copy.deepcopy(unet), config).eval()
+    with torch.no_grad():
+        q(torch.zeros(1, *sample_shape), torch.tensor([500.0]))
+    deep = frozenset(m.name for m in macs if q.modiff_reuse.is_deep(m.name))
+    modiff = config.mode == "modiff"
+    kept = [e.tensor for e in list_caches(q)] + [q.modiff_reuse.feature]
+    return {"config": config.tag, "bops_prime": bops_per_call(macs, config, "prime"),
+            "bops_step": bops_per_call(macs, config, "step") if modiff else None,
+            "bops_shallow": bops_per_call(macs, config, "shallow", deep),
+            "bops_traj": bops_per_trajectory(macs, config, steps, deep),
+            "cache_bytes": sum(t.numel() * 4 for t in kept)}
+
+
 def weight_bytes(manifest: Manifest) -> int:
     """Bytes of the Conv/Linear weights as stored: int8 containers (1 byte/weight) for quantized
     layers, 4 bytes for full-precision ones (fp config or skipped layers). Biases, norms excluded."""

@@ -2,6 +2,7 @@
 
     python benchmarks/runtime_speed.py [--models cifar,digits,sd15] [--threads 1] [--rounds 7] [--batch 4]
         [--profile] [--memory] [--levers none,minmax,update,share,...] [--sd-latent 16] [--doc FILE]
+        [--reuse-depths 1,2 | --reuse-depths none]
 
 Models (random weights except digits; nothing downloaded): `cifar` (the CIFAR-10 DDPM UNet architecture,
 35.7M params, 32x32), `digits` (the shipped 16x16 model), `sd15` (Stable Diffusion 1.5's UNet at a
@@ -9,7 +10,9 @@ Models (random weights except digits; nothing downloaded): `cifar` (the CIFAR-10
 would need text encodings). Rows and how each runs: modiff_export/harness/speed.py. `--profile` prints
 OpenVINO's per-node counters (PERF_COUNT) summed by node type for every row; `--memory` the peak RSS of a
 process that loads one runner and runs a trajectory's first calls; `--levers` adds MoDiff step rows with
-other step-graph forms (export/ov_variant.py; `none` = the exported graph as it is).
+other step-graph forms (export/ov_variant.py; `none` = the exported graph as it is). `--reuse-depths` adds
+block reuse (docs/design.md section 1.1): MoDiff prime/step/shallow and FP DeepCache full/shallow rows per depth,
+and a table of 25-call trajectories at intervals 2, 3, 5 against FP default and NNCF int8 (harness/speed.py).
 The CPU flags and the 1-minute load average are printed before and after; above 1.0 the figures are noise.
 """
 from __future__ import annotations
@@ -157,7 +160,9 @@ def memory_block(vs, graphs, threads, batch, static) -> list[str]:
               help="Compile every row for the static batch (OpenVINO's advice when shapes are known; the runner's "
                    "default) or keep the graphs' dynamic batch axis.")
 @click.option("--doc", default=None, type=click.Path(dir_okay=False), help="Also write the output to this file.")
-def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_latent, work, shapes, doc):
+@click.option("--reuse-depths", default="1,2", show_default=True,
+              help="Block-reuse rows for these depths (comma list; 'none': no reuse rows).")
+def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_latent, work, shapes, doc, reuse_depths):
     """Interleaved OpenVINO CPU speed table: FP f32 / FP default / NNCF int8 / PTQ W8A8 / MoDiff."""
     work = Path(work)
     out = [f"Command: `python benchmarks/runtime_speed.py {' '.join(sys.argv[1:])}`", "",
@@ -167,8 +172,10 @@ def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_la
         spec = model_spec(name, work, sd_latent)
         cond = name == "sd15"
         root = work / "graphs" / (name if not cond else f"sd15-{sd_latent}")
-        graphs = speed.export_graphs(spec, root, ("fp", "ptq-w8a8", f"modiff-{bits}"))
-        vs = speed.main_variants(bits)
+        depths = () if reuse_depths == "none" else tuple(int(d) for d in reuse_depths.split(","))
+        reuse_keys = tuple(speed.reuse_key(k, d) for d in depths for k in (f"modiff-{bits}", "fp"))
+        graphs = speed.export_graphs(spec, root, ("fp", "ptq-w8a8", f"modiff-{bits}", *reuse_keys))
+        vs = speed.main_variants(bits) + speed.reuse_variants(bits, depths)
         if cond:
             vs = [v for v in vs if v.graphs != "nncf"]
         else:
@@ -188,6 +195,8 @@ def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_la
                  "Spread of CPU ms: " + "; ".join(
                      f"{r['label']} {r['cpu_spread'][0]:.1f}-{r['cpu_spread'][1]:.1f}" for r in rows) + ".", "",
                  speed.verdict(rows), ""]
+        if depths:
+            block += ["Block reuse, trajectories of 25 calls from the rows above:", "", *speed.reuse_table(rows), ""]
         if name != "sd15":
             from modiff_export.harness.nncf_peer import nncf_settings_text
 

@@ -38,6 +38,12 @@ class QuantConfig:
     weight_block_size: block size along the input dimension for Linear weights (INT4 block
           quantization for TensorRT weight-only INT4); None = per output channel. A positive
           even number (16, 32, 64, 128, ...), only with weight_bits <= 4. Convs stay per channel.
+    reuse_interval / reuse_depth: DeepCache-style block reuse (docs/design.md section 1.1): within a
+          trajectory only every N-th call (the first included) computes the whole UNet; on the others the
+          deep branch (everything inside the outer D down/up block pairs) is not computed and its last
+          output is reused. Both None (no reuse) or both integers >= 1; any mode (fp: DeepCache itself).
+    reuse_compensation: False is the ablation where the deep (reused) layers update a_hat = x on their
+          full steps (no error compensation there); True (default) keeps MoDiff's a_hat += Q(x - a_hat).
     """
 
     mode: str = "modiff"
@@ -50,6 +56,9 @@ class QuantConfig:
     skip_layers: tuple[str, ...] = ()
     int8_layers: tuple[str, ...] = ()
     weight_block_size: int | None = None
+    reuse_interval: int | None = None
+    reuse_depth: int | None = None
+    reuse_compensation: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -78,6 +87,33 @@ class QuantConfig:
                 raise ConfigError(f"QuantConfig.weight_block_size={bs!r} needs weight_bits <= 4 (INT4 block "
                                   f"quantization), got weight_bits={self.weight_bits}; use weight_block_size=None")
 
+        self._check_reuse()
+
+    def _check_reuse(self) -> None:
+        for name in ("reuse_interval", "reuse_depth"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"QuantConfig.{name}={v!r} is not allowed; expected None or an integer >= 1")
+        if (self.reuse_interval is None) != (self.reuse_depth is None):
+            raise ConfigError(f"QuantConfig.reuse_interval={self.reuse_interval!r} and reuse_depth="
+                              f"{self.reuse_depth!r}: block reuse needs both (or neither)")
+        if self.reuses and self.keyframe_interval is not None:
+            raise ConfigError("QuantConfig.keyframe_interval cannot be combined with block reuse (reuse_interval); "
+                              "use one of them")
+        if self.reuses and self.scale_mode == "static":
+            raise ConfigError("QuantConfig.scale_mode='static' cannot be combined with block reuse: calibrated scales "
+                              "fit one-step deltas, a reused layer's delta spans several steps; use dynamic scales")
+        if not isinstance(self.reuse_compensation, bool):
+            raise ConfigError(f"QuantConfig.reuse_compensation={self.reuse_compensation!r}; expected True or False")
+        if not self.reuse_compensation and (not self.reuses or self.mode != "modiff"):
+            raise ConfigError("QuantConfig.reuse_compensation=False is an ablation of MoDiff with block reuse; it "
+                              "needs mode 'modiff' and reuse_interval/reuse_depth")
+
+    @property
+    def reuses(self) -> bool:
+        """Block reuse is on (a shallow graph is exported)."""
+        return self.reuse_interval is not None
+
     # -- per-layer decisions -------------------------------------------------------------
     def skips(self, layer_name: str) -> bool:
         return any(fnmatch.fnmatchcase(layer_name, p) for p in self.skip_layers)
@@ -91,10 +127,12 @@ class QuantConfig:
     @property
     def tag(self) -> str:
         """Short name used in folder names and reports, e.g. 'modiff-w8a4'."""
+        reuse = f"-r{self.reuse_interval}d{self.reuse_depth}" if self.reuses else ""
+        reuse += "" if self.reuse_compensation else "-nocomp"
         if self.mode == "fp":
-            return "fp"
+            return f"fp{reuse}"
         block = f"-b{self.weight_block_size}" if self.weight_block_size else ""
-        return f"{self.mode}-w{self.weight_bits}a{self.act_bits}{block}"
+        return f"{self.mode}-w{self.weight_bits}a{self.act_bits}{block}{reuse}"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

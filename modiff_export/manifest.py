@@ -8,7 +8,8 @@ quantization config and the scale table from one `Manifest` object; nothing else
                                 cross_attention_dim / encoder_seq_len (null: unconditional), scheduler_config
       quant_config: QuantConfig.to_dict()
       opset, cache_dtype ("float32" | "float16"), batch_axis ("batch")
-      graphs:       {"prime": "prime.onnx", "step": "step.onnx" | null}   (fp/ptq: no caches, no step)
+      graphs:       {"prime": "prime.onnx", "step": "step.onnx" | null, "shallow": "shallow.onnx" | null}
+                    (fp/ptq: no caches, no step; shallow exactly with block reuse)
       files:        {file name: "sha256:<hex>"}   every graph (and external-data) file, verified on load
       target:       "trt" (explicit Q/DQ, as exported) | "ort" (rewritten by export/ort_variant.py)
                     | "openvino" (an OpenVINO IR graph, prime.xml + .bin: harness/nncf_peer.py)
@@ -19,6 +20,8 @@ quantization config and the scale table from one `Manifest` object; nothing else
       step_extra_inputs: [TensorSpec]   delta_scales [L] (static scales, several timestep buckets)
       layers:       [LayerInfo]    every Conv/Linear: bits, weight shape, skipped, cached
       scales:       null | ScaleTable   static delta scales per layer and timestep bucket
+      reuse:        null | ReuseSpec    block reuse (design section 1.1): interval, depth, the deep-branch
+                                        feature cache (prime/step write it, shallow reads it), deep layers
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ SCHEMA = "modiff-export/manifest"
 SCHEMA_VERSION = 2
 BATCH = "batch"
 MANIFEST_NAME = "manifest.json"
-ROLES = ("prime", "step")
+ROLES = ("prime", "step", "shallow")
 DTYPES = ("float32", "float16", "int64", "int32")
 CACHE_DTYPES = ("float32", "float16")
 TARGETS = ("trt", "ort", "openvino")
@@ -134,6 +137,12 @@ class CacheSpec:
         return cls(f.get("layer", str), f.choice("kind", ("a_hat", "o_hat")), f.get("input", str),
                    f.get("output", str), _shape(f), f.choice("dtype", CACHE_DTYPES))
 
+    @classmethod
+    def parse_feature(cls, f: Fields) -> "CacheSpec":
+        """The reuse feature cache (kind "feature"; layer: the module whose output it is)."""
+        return cls(f.get("layer", str), f.choice("kind", ("feature",)), f.get("input", str), f.get("output", str),
+                   _shape(f), f.choice("dtype", CACHE_DTYPES))
+
     def to_dict(self) -> dict:
         return {"layer": self.layer, "kind": self.kind, "input": self.input, "output": self.output,
                 "shape": list(self.shape), "dtype": self.dtype}
@@ -177,6 +186,34 @@ class LayerInfo:
         return d
 
 
+@dataclass(frozen=True)
+class ReuseSpec:
+    """Block reuse of the exported graphs (docs/design.md section 1.1): on all but every `interval`-th call
+    of a trajectory the runner runs the shallow graph, which computes only the outer `depth` block pairs and
+    reads the deep branch's output from `feature` (written by the last prime/step); `deep_layers` are the
+    layers the shallow graph does not compute (their caches are neither its inputs nor its outputs)."""
+
+    interval: int
+    depth: int
+    feature: CacheSpec
+    deep_layers: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, f: Fields) -> "ReuseSpec":
+        interval, depth = f.get("interval", int), f.get("depth", int)
+        for k, v in (("interval", interval), ("depth", depth)):
+            if v < 1:
+                f.fail(k, f"must be an integer >= 1, got {v}")
+        deep = f.get("deep_layers", list)
+        if not all(isinstance(n, str) for n in deep):
+            f.fail("deep_layers", "must be a list of layer names")
+        return cls(interval, depth, CacheSpec.parse_feature(f.sub("feature")), tuple(deep))
+
+    def to_dict(self) -> dict:
+        return {"interval": self.interval, "depth": self.depth, "feature": self.feature.to_dict(),
+                "deep_layers": list(self.deep_layers)}
+
+
 # -- the manifest ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Manifest:
@@ -194,6 +231,7 @@ class Manifest:
     files: dict = field(default_factory=dict)  # {file: "sha256:..."}
     target: str = "trt"
     variant: dict | None = None
+    reuse: ReuseSpec | None = None
 
     def __post_init__(self):
         self.validate("manifest")
@@ -215,15 +253,39 @@ class Manifest:
     def keyframe_interval(self) -> int | None:
         return self.quant_config.keyframe_interval
 
+    @property
+    def reuse_interval(self) -> int | None:
+        return None if self.reuse is None else self.reuse.interval
+
+    @property
+    def shallow_caches(self) -> tuple[CacheSpec, ...]:
+        """The caches the shallow graph reads and writes: those of the layers outside the deep branch."""
+        deep = set(self.reuse.deep_layers) if self.reuse else set()
+        return tuple(c for c in self.caches if c.layer not in deep)
+
+    @property
+    def buffers(self) -> tuple[CacheSpec, ...]:
+        """Every tensor a runner keeps between calls: the caches, then the reuse feature (if any)."""
+        return self.caches + ((self.reuse.feature,) if self.reuse else ())
+
+    def cache_io(self, role: str) -> tuple[tuple[CacheSpec, ...], tuple[CacheSpec, ...]]:
+        """(the buffers the `role` graph reads, the buffers it writes), in graph order: prime writes every
+        cache and the reuse feature; step reads the caches and writes them and the feature; shallow reads
+        its caches and the feature and writes its caches (runners bind and swap exactly these)."""
+        feature = (self.reuse.feature,) if self.reuse else ()
+        if role == "prime":
+            return (), self.caches + feature
+        if role == "step":
+            return self.caches, self.caches + feature
+        return self.shallow_caches + feature, self.shallow_caches
+
     def graph_inputs(self, role: str) -> list[TensorSpec]:
         """Every input of one graph, in graph order."""
-        specs = list(self.inputs)
-        if role == "step":
-            specs += list(self.step_extra_inputs) + [c.as_input() for c in self.caches]
-        return specs
+        extra = list(self.step_extra_inputs) if role == "step" else []
+        return list(self.inputs) + extra + [c.as_input() for c in self.cache_io(role)[0]]
 
     def graph_outputs(self, role: str) -> list[TensorSpec]:
-        return list(self.outputs) + [c.as_output() for c in self.caches]
+        return list(self.outputs) + [c.as_output() for c in self.cache_io(role)[1]]
 
     def graph_io_problems(self, role: str, inputs, outputs, what: str = "graph") -> list[str]:
         """Every difference between the I/O a backend reports for the `role` graph (`inputs`,
@@ -258,7 +320,7 @@ class Manifest:
                         f"{'; '.join(problems[:3])}{more}; {fix}")
 
     def spec(self, name: str) -> TensorSpec:
-        for s in self.graph_inputs("step") + self.graph_outputs("step"):
+        for s in [s for r in ROLES for s in self.graph_inputs(r) + self.graph_outputs(r)]:
             if s.name == name:
                 return s
         raise KeyError(name)
@@ -272,7 +334,7 @@ class Manifest:
     @property
     def cache_bytes_per_sample(self) -> int:
         itemsize = {"float32": 4, "float16": 2}
-        return sum(math.prod(c.concrete(1)) * itemsize[c.dtype] for c in self.caches)
+        return sum(math.prod(c.concrete(1)) * itemsize[c.dtype] for c in self.buffers)
 
     @property
     def tag(self) -> str:
@@ -289,6 +351,18 @@ class Manifest:
         need(self.cache_dtype in CACHE_DTYPES, f"cache_dtype {self.cache_dtype!r} not in {list(CACHE_DTYPES)}")
         need(self.target in TARGETS, f"target {self.target!r} not in {list(TARGETS)}")
         need(bool(self.caches) == bool(self.graphs.get("step")), "a step graph is listed exactly when there are caches")
+        need(bool(self.reuse) == bool(self.graphs.get("shallow")),
+             "a shallow graph is listed exactly when the manifest has a reuse section")
+        if self.reuse:
+            qc, r = self.quant_config, self.reuse
+            need((qc.reuse_interval, qc.reuse_depth) == (r.interval, r.depth),
+                 f"reuse interval/depth {r.interval}/{r.depth} differ from quant_config's "
+                 f"{qc.reuse_interval}/{qc.reuse_depth}")
+            unknown = sorted(set(r.deep_layers) - {layer.name for layer in self.layers}) if self.layers else []
+            need(not unknown, f"reuse.deep_layers names layers the manifest does not have: {unknown[:3]}")
+            need(r.feature.shape[:1] == (BATCH,) and r.feature.dtype == self.cache_dtype,
+                 f"reuse feature shape {list(r.feature.shape)} / dtype {r.feature.dtype}: expected the batch axis "
+                 f"first and cache_dtype {self.cache_dtype}")
         names = [s.name for s in self.graph_inputs("step") + self.graph_outputs("step")]
         dup = sorted({n for n in names if names.count(n) > 1})
         need(not dup, f"tensor names appear twice: {dup[:3]}")
@@ -326,7 +400,7 @@ class Manifest:
                 graphs.fail(r, f"must be a file name inside the folder, got {name!r}")
         extra_roles = set(graphs.d) - set(ROLES)
         if extra_roles:
-            graphs.fail(sorted(extra_roles)[0], "is not a graph role (prime, step)")
+            graphs.fail(sorted(extra_roles)[0], "is not a graph role (prime, step, shallow)")
         try:
             qc = QuantConfig.from_dict(f.get("quant_config", dict))
         except (ConfigError, TypeError) as e:
@@ -347,7 +421,8 @@ class Manifest:
                        layers=tuple(LayerInfo.parse(x) for x in f.items("layers", optional=True)),
                        scales=None if scales is None else ScaleTable.parse(scales), files=dict(files),
                        target=f.choice("target", TARGETS) if "target" in d else "trt",
-                       variant=f.get("variant", dict, optional=True))
+                       variant=f.get("variant", dict, optional=True),
+                       reuse=None if d.get("reuse") is None else ReuseSpec.parse(f.sub("reuse")))
         except ManifestError as e:  # __post_init__ says "manifest: ..."; name the file instead
             raise ManifestError(str(e).replace("manifest:", f"{source}:", 1)) from None
 
@@ -359,7 +434,8 @@ class Manifest:
                 "outputs": [s.to_dict() for s in self.outputs], "caches": [c.to_dict() for c in self.caches],
                 "step_extra_inputs": [s.to_dict() for s in self.step_extra_inputs],
                 "layers": [x.to_dict() for x in self.layers],
-                "scales": None if self.scales is None else self.scales.to_dict()}
+                "scales": None if self.scales is None else self.scales.to_dict(),
+                "reuse": None if self.reuse is None else self.reuse.to_dict()}
 
     def replace(self, **changes) -> "Manifest":
         from dataclasses import replace

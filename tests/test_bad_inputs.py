@@ -47,6 +47,7 @@ def _save_model(folder: Path, seed: int, scheduler: dict | None = None) -> None:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """m0, m1: two tiny UNets (seeds 0, 1); g88 / g84: m0 exported modiff W8A8 / W8A4; g88m1: m1 W8A8;
+    g84r: m0 W8A4 with block reuse (interval 2, depth 1), e84r its engine folder without the shallow plan;
     cal.json: a W8A4 static calibration of m0 (1 bucket); cal4.json + cal4.weights.safetensors: a W4A4
     one with GPTQ-rounded weights (the recommended recipe)."""
     root = tmp_path_factory.mktemp("bad_inputs_base")
@@ -62,6 +63,10 @@ def base(tmp_path_factory) -> Path:
                            + ["--out", root / "cal4.json"])
     assert code == 0 and (root / "cal4.weights.safetensors").is_file(), err
     fake_engines(root / "g88", root / "e88")
+    code, _, err = run_cli(["export", "--model", root / "m0", "--act-bits", "4", "--reuse-interval", "2",
+                            "--reuse-depth", "1", "--out", root / "g84r", "--quiet"])
+    assert code == 0 and (root / "g84r" / "shallow.onnx").is_file(), err
+    fake_engines(root / "g84r", root / "e84r")  # prime and step plans only: the shallow one is missing
     return root
 
 
@@ -306,6 +311,20 @@ CASES = [
     C("act-bits-9", EXPORT + ["--act-bits", "9"], "--act-bits"),
     C("opset-too-old", EXPORT + ["--opset", "13", "--out", "gx"], "opset 13"),
     C("keyframe-0", EXPORT + ["--keyframe-interval", "0"], "--keyframe-interval"),
+    C("reuse-interval-0", EXPORT + ["--reuse-interval", "0", "--reuse-depth", "1"], "--reuse-interval"),
+    C("reuse-depth-alone", EXPORT + ["--reuse-depth", "1", "--out", "gx"], "needs both"),
+    C("reuse-depth-beyond-blocks", EXPORT + ["--reuse-interval", "2", "--reuse-depth", "3", "--out", "gx"],
+      "outside 1..2"),
+    C("reuse-depth-beyond-blocks-torch", SAMPLE + ["--model", "m0", "--reuse-interval", "2", "--reuse-depth", "3"],
+      "outside 1..2"),
+    C("reuse-with-keyframes", EXPORT + ["--reuse-interval", "2", "--reuse-depth", "1", "--keyframe-interval", "4",
+                                        "--out", "gx"], "cannot be combined"),
+    C("reuse-with-static-scales", EXPORT_STATIC + ["--reuse-interval", "2", "--reuse-depth", "1"],
+      "cannot be combined with block reuse"),
+    C("no-reuse-compensation-without-reuse", EXPORT + ["--no-reuse-compensation", "--out", "gx"], "ablation"),
+    C("reuse-engines-without-shallow-plan", SAMPLE + ["--backend", "trt", "--engines", "e84r"],
+      "shallow engine is missing"),
+    C("package-reuse-folder", ["package-triton", "g84r", "--out", "mr", "--unet-backend", "python"], "block reuse"),
     C("calibrate-one-step", CALIBRATE[:3] + ["--steps", "1"] + CALIBRATE[5:] + ["--out", "c.json"], "second step"),
     C("calibrate-fp", CALIBRATE + ["--mode", "fp", "--out", "c.json"], "--mode"),
     # 4. outputs: nothing the user owns is replaced without --overwrite; problems found before the work

@@ -147,3 +147,80 @@ def test_lifecycle(backend, folders):
     assert not runner.is_active and runner.batch_size is None  # deactivate ends the trajectory
     assert torch.equal(runner(x0, t0), a) and runner.is_active  # reusable, activates again by itself
     runner.deactivate()
+
+
+# -- block reuse (docs/design.md section 1.1): every runner schedules prime / step / shallow by itself ------
+REUSE = QuantConfig(act_bits=4, reuse_interval=3, reuse_depth=1)
+DEEPCACHE = QuantConfig(mode="fp", reuse_interval=2, reuse_depth=2)
+
+
+@pytest.fixture(scope="module")
+def reuse_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("contract_reuse")
+    export_model(tiny_model(build_tiny_unet()), REUSE, root / "modiff", progress=False)
+    export_model(tiny_model(build_tiny_unet()), DEEPCACHE, root / "fp", progress=False)
+    return root
+
+
+def make_reuse(backend: str, reuse_folders, kind: str = "modiff", **kwargs):
+    if backend == "torch":
+        return make_runner("torch", quantize(build_tiny_unet(), REUSE if kind == "modiff" else DEEPCACHE))
+    return make_runner(backend, folder=reuse_folders / kind, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reuse_schedule_and_shallow_caches(backend, reuse_folders):
+    """Calls 0, 3, 6 are full (prime, step, step), the others shallow; a shallow call leaves the deep layers'
+    caches and the feature as the last full call wrote them and advances the outer layers' caches."""
+    runner = make_reuse(backend, reuse_folders)
+    steps = trajectory(7)
+    with pytest.raises(RunnerError, match="shallow\\(\\) before prime"):
+        runner.shallow(*steps[0])
+    roles = []
+    for i, (x, t) in enumerate(steps):
+        roles.append(runner.schedule())
+        before = runner.caches()
+        runner(x, t)
+        after = runner.caches()
+        if roles[-1] == "shallow":
+            assert torch.equal(after["up_blocks.0.feature"], before["up_blocks.0.feature"])
+            assert torch.equal(after["mid_block.resnets.0.conv1.a_hat"], before["mid_block.resnets.0.conv1.a_hat"])
+            assert torch.equal(after["down_blocks.0.downsamplers.0.conv.o_hat"],
+                               before["down_blocks.0.downsamplers.0.conv.o_hat"])
+            assert not torch.equal(after["conv_in.a_hat"], before["conv_in.a_hat"])
+        elif i:
+            assert not torch.equal(after["up_blocks.0.feature"], before["up_blocks.0.feature"])
+    assert roles == ["prime", "shallow", "shallow", "step", "shallow", "shallow", "step"]
+    if runner.manifest is not None:
+        assert list(runner.caches()) == runner.cache_keys and runner.cache_keys[-1] == "up_blocks.0.feature"
+    with pytest.raises(RunnerError, match="does not continue the trajectory"):
+        runner.shallow(*trajectory(1, seed=3)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reuse_same_outputs_across_backends(backend, reuse_folders):
+    """Whole trajectories with reuse against the PyTorch reference, with the yardsticks of
+    test_same_outputs_across_backends; DeepCache (fp) exactly up to float rounding on every call."""
+    ref, runner = make_reuse("torch", reuse_folders), make_reuse(backend, reuse_folders)
+    fp = make_runner("torch", quantize(build_tiny_unet(), QuantConfig(mode="fp")))
+    for i, (x, t) in enumerate(trajectory(8)):
+        a, b, f = ref(x, t), runner(x, t), fp(x, t)
+        if i == 0 and backend == "openvino" and runner.precision["prime"] != "f32":
+            assert _rms(a - b) <= 2e-2 * _rms(a), "prime (default precision)"
+        elif i == 0:
+            assert (a - b).abs().max() <= 1e-4 * a.abs().max(), "prime"
+        else:
+            assert _rms(a - b) <= 1.5 * _rms(a - f) + 1e-6, f"call {i} ({ref.schedule()})"
+    ref, runner = make_reuse("torch", reuse_folders, "fp"), make_reuse(backend, reuse_folders, "fp")
+    for i, (x, t) in enumerate(trajectory(5)):
+        a, b = ref(x, t), runner(x, t)
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max(), f"DeepCache call {i}"
+    assert list(runner.caches()) == ["mid_block.feature"] and runner.schedule() == "shallow"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shallow_needs_a_reuse_model(backend, folders):
+    runner = make(backend, folders)
+    runner(*trajectory(1)[0])
+    with pytest.raises(RunnerError, match="block reuse"):
+        runner.shallow(*trajectory(2)[1])

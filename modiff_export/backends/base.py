@@ -1,10 +1,11 @@
 """The runner contract every backend implements (docs/design.md section 4).
 
 A runner owns the MoDiff caches of one trajectory. `prime` runs the full-precision first step and
-fills them; `step` consumes and replaces them; `reset` empties them. `__call__` picks prime or step
-(keyframes included) and starts a new trajectory by itself when the timestep goes back up or the
-batch changes, so a sampling loop only ever calls `runner(sample, timestep, ehs)` and a second
-trajectory can never silently reuse the first one's caches.
+fills them; `step` consumes and replaces them; `shallow` (block reuse, design section 1.1) computes only
+the outer blocks and reads the deep branch's output from the last full call; `reset` empties them.
+`__call__` picks prime, step or shallow (keyframes and the reuse interval included) and starts a new
+trajectory by itself when the timestep goes back up or the batch changes, so a sampling loop only
+ever calls `runner(sample, timestep, ehs)` and a second trajectory can never silently reuse the first one's caches.
 
 This base class owns everything backends have in common (Polygraphy-style lifecycle):
   - activation: activate()/deactivate() or `with runner:`; prime/step activate on first use;
@@ -31,7 +32,7 @@ import torch
 
 from ..errors import ModiffExportError
 from ..manifest import Manifest
-from ..quant.quantization import starts_trajectory
+from ..quant.quantization import call_role, starts_trajectory
 
 MAX_BATCH = 4096  # far above any real batch; a larger one is a typo that would exhaust memory
 
@@ -43,12 +44,14 @@ class RunnerError(ModiffExportError, RuntimeError):
 class Runner(ABC):
     backend = "base"
 
-    def __init__(self, *, keyframe_interval: int | None = None, uses_cache: bool = True,
+    def __init__(self, *, keyframe_interval: int | None = None, reuse_interval: int | None = None,
+                 uses_cache: bool = True,
                  conditional: bool | None = None, sample_shape: tuple[int, int, int] | None = None,
                  encoder_shape: tuple[int, int] | None = None, manifest: Manifest | None = None):
         """sample_shape (C, H, W) and encoder_shape (S, D) are checked when known; `manifest` supplies
         the delta-scale table and cache keys of exported graphs."""
         self.keyframe_interval = keyframe_interval
+        self.reuse_interval = reuse_interval
         self.uses_cache = uses_cache
         self.conditional = conditional
         self.sample_shape = sample_shape
@@ -63,14 +66,15 @@ class Runner(ABC):
     def contract_of(cls, manifest: Manifest) -> dict:
         """Constructor arguments of a runner over exported graphs/engines, from their manifest."""
         ehs = [s for s in manifest.inputs if s.name == "encoder_hidden_states"]
-        return {"keyframe_interval": manifest.keyframe_interval, "uses_cache": manifest.uses_cache,
+        return {"keyframe_interval": manifest.keyframe_interval, "reuse_interval": manifest.reuse_interval,
+                "uses_cache": manifest.uses_cache,
                 "conditional": manifest.conditional, "sample_shape": manifest.model.sample_shape,
                 "encoder_shape": tuple(ehs[0].shape[1:]) if ehs else None, "manifest": manifest}
 
     @property
     def cache_keys(self) -> list[str]:
-        """'<layer>.<kind>' of every cache, in manifest order (what `caches()` returns)."""
-        return [c.key for c in self.manifest.caches] if self.manifest else []
+        """'<layer>.<kind>' of every cache, in manifest order, then the reuse feature (what `caches()` returns)."""
+        return [c.key for c in self.manifest.buffers] if self.manifest else []
 
     # -- lifecycle ---------------------------------------------------------------------------
     def activate(self) -> "Runner":
@@ -115,9 +119,26 @@ class Runner(ABC):
     def step(self, sample, timestep, encoder_hidden_states=None) -> torch.Tensor:
         if not self.uses_cache:
             return self.prime(sample, timestep, encoder_hidden_states)
+        sample, timestep, ehs = self._continuing("step", sample, timestep, encoder_hidden_states)
+        out = self._finite(self.step_impl(sample, timestep, ehs, self.delta_scales(float(timestep[0]))), "step")
+        self._advance(sample, timestep)
+        return out
+
+    def shallow(self, sample, timestep, encoder_hidden_states=None) -> torch.Tensor:
+        """Block reuse: only the outer blocks, the deep branch's output from the last prime/step."""
+        if not self.reuse_interval:
+            raise RunnerError(f"{self.backend} runner: shallow() needs a model exported with block reuse "
+                              f"(--reuse-interval/--reuse-depth)")
+        sample, timestep, ehs = self._continuing("shallow", sample, timestep, encoder_hidden_states)
+        out = self._finite(self.shallow_impl(sample, timestep, ehs), "shallow")
+        self._advance(sample, timestep)
+        return out
+
+    def _continuing(self, what: str, sample, timestep, ehs):
+        """Checked inputs of a call that continues the cached trajectory (step, shallow)."""
         if self.batch_size is None:
-            raise RunnerError(f"{self.backend} runner: step() before prime(); caches are empty")
-        sample, timestep, ehs = self.check_inputs(sample, timestep, encoder_hidden_states)
+            raise RunnerError(f"{self.backend} runner: {what}() before prime(); caches are empty")
+        sample, timestep, ehs = self.check_inputs(sample, timestep, ehs)
         if sample.shape[0] != self.batch_size:
             raise RunnerError(f"{self.backend} runner: batch {sample.shape[0]} does not match the cached batch "
                               f"{self.batch_size}; call reset() before a new batch")
@@ -125,17 +146,18 @@ class Runner(ABC):
         if starts_trajectory(self.last_timestep, t):
             raise RunnerError(f"{self.backend} runner: timestep {t:g} does not continue the trajectory (last "
                               f"{self.last_timestep:g}); call reset() before a new trajectory")
-        out = self._finite(self.step_impl(sample, timestep, ehs, self.delta_scales(t)), "step")
-        self._advance(sample, timestep)
-        return out
+        return sample, timestep, ehs
+
+    def schedule(self) -> str:
+        """What the next call of this trajectory runs: "prime", "step" or "shallow" (design sections 1, 1.1)."""
+        if self.batch_size is None:
+            return "prime"
+        return call_role(self.calls, self.keyframe_interval, self.reuse_interval, self.uses_cache)
 
     def __call__(self, sample, timestep, encoder_hidden_states=None) -> torch.Tensor:
         if self.batch_size is not None and self.new_trajectory(sample, timestep):
             self.reset()
-        k = self.keyframe_interval
-        if self.batch_size is None or not self.uses_cache or (k is not None and self.calls % k == 0):
-            return self.prime(sample, timestep, encoder_hidden_states)
-        return self.step(sample, timestep, encoder_hidden_states)
+        return getattr(self, self.schedule())(sample, timestep, encoder_hidden_states)
 
     def new_trajectory(self, sample, timestep) -> bool:
         """A call that cannot continue the cached trajectory: another batch size, or a timestep above
@@ -167,6 +189,9 @@ class Runner(ABC):
 
     @abstractmethod
     def step_impl(self, sample, timestep, ehs, delta_scales: np.ndarray | None) -> torch.Tensor: ...
+
+    def shallow_impl(self, sample, timestep, ehs) -> torch.Tensor:
+        raise RunnerError(f"{self.backend} runner: block reuse (the shallow graph) is not supported by this backend")
 
     @abstractmethod
     def reset_impl(self) -> None: ...

@@ -41,6 +41,7 @@ import torch
 from ..export import ov_variant
 from ..manifest import CacheSpec, GraphTensor, Manifest
 from .base import Runner, RunnerError
+from .buffers import PingPongBuffers
 
 PRECISIONS = ("f32", "bf16", "mixed", "default")
 CACHE_MODES = ("pingpong", "stateful")
@@ -124,15 +125,20 @@ class OpenVinoRunner(Runner):
         # OpenVINO 2026.4's CPU plugin keeps variables (stateful caches) at the inference precision and runs
         # the ops around them in bf16 under a bf16 hint, marks or not (checked in the runtime model): the
         # delta path stays float32 only with explicit cache I/O. So mixed means ping-pong caches.
+        self.folder = Path(graph_folder)
+        super().__init__(**Runner.contract_of(Manifest.load(self.folder)))
+        # Block reuse: the step and shallow graphs share the caches, and OpenVINO variables belong to one
+        # compiled model, so reuse folders run with ping-pong caches.
         if cache_mode is None:
-            cache_mode = "pingpong" if precision == "mixed" else "stateful"
+            cache_mode = "pingpong" if precision == "mixed" or self.reuse_interval else "stateful"
         if cache_mode not in CACHE_MODES:
             raise RunnerError(f"openvino runner: cache_mode must be one of {list(CACHE_MODES)}")
         if precision == "mixed" and cache_mode == "stateful":
             raise RunnerError("openvino runner: precision 'mixed' needs cache_mode 'pingpong' (OpenVINO runs the "
                               "ops around stateful variables in bf16 under a bf16 hint)")
-        self.folder = Path(graph_folder)
-        super().__init__(**Runner.contract_of(Manifest.load(self.folder)))
+        if self.reuse_interval and cache_mode == "stateful":
+            raise RunnerError(f"{self.folder}: block reuse needs cache_mode 'pingpong' (the step and shallow graphs "
+                              f"share the caches; OpenVINO variables belong to one compiled model)")
         self.threads, self.cache_mode = threads, cache_mode
         # MoDiff's prime has no quantizer (full-precision activations, int8 weights). Below 8-bit activations it
         # runs at OpenVINO's default precision (bf16 on CPUs with BF16); at 8 bits in f32: the prime's output caches
@@ -141,7 +147,7 @@ class OpenVinoRunner(Runner):
         # with a bf16 prime, 63.4 dB with an f32 one; docs/speed.md). Graphs without caches (fp, ptq) run `precision`.
         a8 = self.manifest.quant_config.act_bits >= 8
         prime_default = ("f32" if a8 else "default") if self.uses_cache else precision
-        self.precision = {"step": precision, "prime": prime_precision or prime_default}
+        self.precision = {"step": precision, "shallow": precision, "prime": prime_precision or prime_default}
         self.levers = DEFAULT_LEVERS if levers is None else tuple(levers)
         if set(self.levers) - set(ov_variant.LEVERS):
             raise RunnerError(f"openvino runner: levers must be a subset of {list(ov_variant.LEVERS)}")
@@ -149,10 +155,9 @@ class OpenVinoRunner(Runner):
         self.static_shapes = bool(static_shapes)
         self.compiled, self.requests = {}, {}
         self._compiled_batch: int | None = None  # static_shapes: the batch the graphs are compiled for
-        self._sets: list[dict] = []
-        self._allocated_batch = None
-        self._direct = False  # this trajectory's prime wrote the step request's variables directly
         self._copy_bufs: dict = {}  # stateful: host tensors of the variables whose buffer is not handed out
+        self.buffers = PingPongBuffers(self.manifest.buffers, self._allocate, 2 if cache_mode == "pingpong" else 1)
+        self._direct = False  # this trajectory's prime wrote the step request's variables directly
 
     # -- lifecycle ---------------------------------------------------------------------------
     def config(self, role: str) -> dict:
@@ -173,14 +178,14 @@ class OpenVinoRunner(Runner):
 
         path = self.folder / self.manifest.graphs[role]
         try:
-            model = self._read_step(path) if role == "step" and self.levers else ov.Core().read_model(str(path))
+            model = self._read_step(path) if role != "prime" and self.levers else ov.Core().read_model(str(path))
         except Exception as e:  # noqa: BLE001 - OpenVINO raises assorted types for damaged files; reported
             raise RunnerError(f"{path}: OpenVINO cannot read this graph ({_reason(e)})") from None
         self._check_io(role, model)
         if batch is not None:
             model.reshape({p.get_any_name(): [batch if d.is_dynamic else d.get_length() for d in p.get_partial_shape()]
                            for p in model.inputs})
-        if self.precision[role] == "mixed" and self.uses_cache and role == "step":
+        if self.precision[role] == "mixed" and self.uses_cache and role != "prime":
             mark_delta_path(model, self.manifest)  # prime has no delta path: there mixed = the bf16 hint
         if role == "step" and self.cache_mode == "stateful":
             from openvino import passes
@@ -191,14 +196,16 @@ class OpenVinoRunner(Runner):
         return model
 
     def _read_step(self, path: Path):
-        """The step graph with export/ov_variant.py's levers applied (same I/O, same codes)."""
+        """A step (or shallow) graph with export/ov_variant.py's levers applied (same I/O, same codes)."""
         import tempfile
 
         import onnx
         import openvino as ov
 
         proto = onnx.load(str(path), load_external_data=False)
-        if not ov_variant.rewrite(proto, self.levers):
+        deep = set(self.manifest.reuse.deep_layers) if self.manifest.reuse else set()
+        groups = {c.input: "deep" if c.layer in deep else "outer" for c in self.manifest.caches}
+        if not ov_variant.rewrite(proto, self.levers, groups):
             return ov.Core().read_model(str(path))
         data = path.with_name(path.name + ".data")
         # read from a file, not from bytes: from bytes OpenVINO drops graph inputs nobody reads (a layer's a_hat
@@ -219,7 +226,7 @@ class OpenVinoRunner(Runner):
     def _compile(self, batch: int | None) -> None:
         import openvino as ov
 
-        self.compiled, self.requests, self._sets, self._allocated_batch, self._copy_bufs = {}, {}, [], None, {}
+        self.compiled, self.requests, self._copy_bufs = {}, {}, {}
         core = ov.Core()
         for role in self.manifest.roles:
             self.compiled[role] = core.compile_model(self.read(role, batch), "CPU", self.config(role))
@@ -232,8 +239,8 @@ class OpenVinoRunner(Runner):
             self._compile(batch)
 
     def deactivate_impl(self) -> None:
-        self.compiled, self.requests, self._sets, self._allocated_batch, self._direct = {}, {}, [], None, False
-        self._copy_bufs, self._compiled_batch = {}, None
+        self.compiled, self.requests, self._direct, self._copy_bufs, self._compiled_batch = {}, {}, False, {}, None
+        self.buffers.clear()
 
     def _check_io(self, role: str, model) -> None:
         """Names, dtypes and shapes of the ov.Model against the manifest. A dynamic dimension is None
@@ -253,14 +260,12 @@ class OpenVinoRunner(Runner):
                                      str(self.folder / self.manifest.graphs[role]), error=RunnerError)
 
     # -- helpers -----------------------------------------------------------------------------
-    def _allocate(self, batch: int) -> None:
-        """Cache buffers for this batch size (two sets for ping-pong, one for stateful priming)."""
+    @staticmethod
+    def _allocate(cache: CacheSpec, batch: int):
+        """One cache buffer [B, ...] (PingPongBuffers: two sets for ping-pong, one for stateful priming)."""
         import openvino as ov
 
-        n = 2 if self.cache_mode == "pingpong" else 1
-        self._sets = [{c.key: ov.Tensor(np.zeros(c.concrete(batch), _NP[c.dtype]), shared_memory=True)
-                       for c in self.manifest.caches} for _ in range(n)]
-        self._allocated_batch = batch
+        return ov.Tensor(np.zeros(cache.concrete(batch), _NP[cache.dtype]), shared_memory=True)
 
     def _set_inputs(self, req, sample, timestep, ehs) -> None:
         import openvino as ov
@@ -288,17 +293,18 @@ class OpenVinoRunner(Runner):
             for st, host in copies:  # variables whose buffer the plugin does not hand out: one copy each
                 st.state = host
             return out
-        if self.uses_cache:
-            if self._allocated_batch != sample.shape[0]:
-                self._allocate(sample.shape[0])
-            for c in self.manifest.caches:
-                req.set_tensor(c.output, self._sets[0][c.key])
+        if self.manifest.buffers:
+            self.buffers.ensure(sample.shape[0])
+            current = self.buffers.current
+            for c in self.manifest.cache_io("prime")[1]:
+                req.set_tensor(c.output, current[c.key])
         out = self._run(req)
         if self.uses_cache and self.cache_mode == "stateful":
             step = self.requests["step"]
             states = {s.name: s for s in step.query_state()}
+            current = self.buffers.current
             for c in self.manifest.caches:
-                states[self._state_name(c)].state = self._sets[0][c.key]  # one copy per trajectory
+                states[self._state_name(c)].state = current[c.key]  # one copy per trajectory
         return out
 
     def _bind_states(self, req, batch: int) -> list | None:
@@ -347,12 +353,23 @@ class OpenVinoRunner(Runner):
             req.set_tensor("delta_scales", ov.Tensor(delta_scales))
         if self.cache_mode == "stateful":
             return self._run(req)
-        src, dst = self._sets
-        for c in self.manifest.caches:
-            req.set_tensor(c.input, src[c.key])
-            req.set_tensor(c.output, dst[c.key])
+        return self._continue("step")
+
+    def shallow_impl(self, sample, timestep, ehs) -> torch.Tensor:
+        self._set_inputs(self.requests["shallow"], sample, timestep, ehs)
+        return self._continue("shallow")
+
+    def _continue(self, role: str) -> torch.Tensor:
+        """Ping-pong: the graph reads the current buffers it takes and writes the spare ones of what it writes,
+        then those swap (the others keep what the last full call wrote)."""
+        req = self.requests[role]
+        (reads, writes), current, spare = self.manifest.cache_io(role), self.buffers.current, self.buffers.spare
+        for c in reads:
+            req.set_tensor(c.input, current[c.key])
+        for c in writes:
+            req.set_tensor(c.output, spare[c.key])
         out = self._run(req)
-        self._sets.reverse()  # ping-pong: this step's outputs are the next step's inputs
+        self.buffers.swap(writes)  # this call's outputs are the next call's inputs
         return out
 
     def reset_impl(self) -> None:
@@ -361,10 +378,10 @@ class OpenVinoRunner(Runner):
         self._direct = False
 
     def caches(self) -> dict[str, torch.Tensor]:
-        if (not self._sets and not self._direct) or self.batch_size is None:
+        if (not self.buffers and not self._direct) or self.batch_size is None:
             return {}
         if self.cache_mode == "stateful" and (self.calls > 1 or self._direct):
             states = {s.name: s for s in self.requests["step"].query_state()}
             return {c.key: torch.from_numpy(states[self._state_name(c)].state.data.astype(np.float32))
                     for c in self.manifest.caches}
-        return {k: torch.from_numpy(v.data.astype(np.float32)) for k, v in self._sets[0].items()}
+        return {k: torch.from_numpy(v.data.astype(np.float32)) for k, v in self.buffers.current.items()}

@@ -39,7 +39,7 @@ class OrtRunner(Runner):
         self.matmul_accuracy_level = matmul_accuracy_level
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.sessions: dict = {}
-        self.buffers = PingPongBuffers(self.manifest.caches, self._allocate)
+        self.buffers = PingPongBuffers(self.manifest.buffers, self._allocate)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def activate_impl(self) -> None:
@@ -110,24 +110,35 @@ class OrtRunner(Runner):
         io.clear_binding_inputs()
         io.clear_binding_outputs()
         self._bind_inputs(io, sample, timestep, ehs)
-        if self.uses_cache:
+        if self.manifest.buffers:
             self.buffers.ensure(sample.shape[0])
-            for c in self.manifest.caches:
-                io.bind_ortvalue_output(c.output, self.buffers.current[c.key])
+            current = self.buffers.current
+            for c in self.manifest.cache_io("prime")[1]:
+                io.bind_ortvalue_output(c.output, current[c.key])
         return self._run("prime", io)
 
     def step_impl(self, sample, timestep, ehs, delta_scales) -> torch.Tensor:
-        io = self.bindings["step"]
+        return self._continue("step", sample, timestep, ehs, delta_scales)
+
+    def shallow_impl(self, sample, timestep, ehs) -> torch.Tensor:
+        return self._continue("shallow", sample, timestep, ehs, None)
+
+    def _continue(self, role: str, sample, timestep, ehs, delta_scales) -> torch.Tensor:
+        """A step or shallow call: reads the current buffers the graph takes, writes the spare ones of what it
+        writes, then swaps those (ping-pong; the others keep what the last full call wrote)."""
+        io = self.bindings[role]
         io.clear_binding_inputs()
         io.clear_binding_outputs()
         self._bind_inputs(io, sample, timestep, ehs)
         if delta_scales is not None:
             io.bind_ortvalue_input("delta_scales", self._ortvalue(delta_scales))
-        for c, src, dst in self.buffers.step_pairs():
-            io.bind_ortvalue_input(c.input, src)
-            io.bind_ortvalue_output(c.output, dst)
-        out = self._run("step", io)
-        self.buffers.swap()  # ping-pong: this step's outputs are the next step's inputs
+        (reads, writes), current, spare = self.manifest.cache_io(role), self.buffers.current, self.buffers.spare
+        for c in reads:
+            io.bind_ortvalue_input(c.input, current[c.key])
+        for c in writes:
+            io.bind_ortvalue_output(c.output, spare[c.key])
+        out = self._run(role, io)
+        self.buffers.swap(writes)  # ping-pong: this call's outputs are the next call's inputs
         return out
 
     def reset_impl(self) -> None:

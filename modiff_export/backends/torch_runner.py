@@ -16,15 +16,20 @@ class TorchRunner(Runner):
         size = getattr(cfg, "sample_size", None)
         hw = (size, size) if isinstance(size, int) else tuple(size) if size else None
         super().__init__(keyframe_interval=config.keyframe_interval if config else None,
+                         reuse_interval=config.reuse_interval if config else None,
                          uses_cache=any(layer.uses_cache for layer in modiff_layers(unet)),
                          conditional=type(unet).__name__ == "UNet2DConditionModel" if cfg is not None else None,
                          sample_shape=(int(cfg.in_channels), *hw) if hw else None)
         self.unet = unet.eval()
 
     def _run(self, phase: str, sample, timestep, ehs) -> torch.Tensor:
+        """phase "prime", "step" or "shallow" (the layers outside the deep branch step, reuse.py)."""
         layers = list(modiff_layers(self.unet))
         for layer in layers:
-            layer.phase = phase
+            layer.phase = "step" if phase == "shallow" else phase
+        reuse = getattr(self.unet, "modiff_reuse", None)
+        if reuse is not None:
+            reuse.phase = "shallow" if phase == "shallow" else "full"
         try:
             with torch.no_grad():
                 kwargs = {"encoder_hidden_states": ehs} if ehs is not None else {}
@@ -34,6 +39,8 @@ class TorchRunner(Runner):
         finally:
             for layer in layers:
                 layer.phase = None
+            if reuse is not None:
+                reuse.phase = None
 
     def prime_impl(self, sample, timestep, ehs):
         return self._run("prime", sample, timestep, ehs)
@@ -41,8 +48,15 @@ class TorchRunner(Runner):
     def step_impl(self, sample, timestep, ehs, delta_scales):  # static scales live in the layers
         return self._run("step", sample, timestep, ehs)
 
+    def shallow_impl(self, sample, timestep, ehs):
+        return self._run("shallow", sample, timestep, ehs)
+
     def reset_impl(self) -> None:
         reset_caches(self.unet)
 
     def caches(self) -> dict[str, torch.Tensor]:
-        return {f"{c.layer}.{c.kind}": c.tensor.float().clone() for c in list_caches(self.unet) if c.tensor is not None}
+        out = {f"{c.layer}.{c.kind}": c.tensor.float().clone() for c in list_caches(self.unet) if c.tensor is not None}
+        reuse = getattr(self.unet, "modiff_reuse", None)
+        if reuse is not None and reuse.feature is not None:
+            out[f"{reuse.source}.feature"] = reuse.feature.float().clone()
+        return out

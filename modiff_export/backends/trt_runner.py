@@ -3,10 +3,12 @@
 Not Polygraphy's TrtRunner: this one owns the MoDiff caches. activate() deserializes the plans,
 creates one execution context per graph and allocates every device buffer ONCE, at the engine's
 max batch (torch CUDA tensors; a smaller batch uses the leading rows, which are contiguous):
-the inputs, noise_pred, and two sets of cache buffers. prime writes the caches into set A; each
-step reads the current set and writes the other one, then the two swap roles, by rebinding
-addresses with set_tensor_address: the caches never leave the device. With cuda_graph=True the
-step graph is captured once per (batch, parity) after one ordinary enqueue and replayed after.
+the inputs, noise_pred, and two buffers per cache (the block-reuse feature included). prime writes
+buffer 0 of each; a step or shallow call reads the current buffer of what its engine reads and writes
+the other buffer of what it writes (Manifest.cache_io), then those swap, by rebinding addresses with
+set_tensor_address: the caches never leave the device. Each cache has its own parity, since the shallow
+engine (block reuse) writes only the outer layers' caches. With cuda_graph=True the step and shallow
+engines are captured once per (role, batch, parities) after one ordinary enqueue and replayed after.
 
 Construct with `TrtRunner.from_folder("engines/<name>")`; it needs TensorRT and a CUDA GPU only
 when activated.
@@ -44,7 +46,7 @@ class TrtRunner(Runner):
         self.cuda_graph = self.build.options.get("cuda_graph", False) if cuda_graph is None else cuda_graph
         self.device = device
         self.cuda_graph_active = False
-        self._cur = 0
+        self._cur: dict[str, int] = {}
 
     @classmethod
     def from_folder(cls, folder: str | Path, **kwargs) -> "TrtRunner":
@@ -95,31 +97,36 @@ class TrtRunner(Runner):
         m = self.manifest
         specs = list(m.inputs) + list(m.step_extra_inputs)
         self._in = {s.name: alloc(s) for s in specs}
-        self._batched = {s.name: s.shape[:1] == (BATCH,) for s in m.graph_inputs("step") + m.graph_outputs("step")}
+        self._batched = {s.name: s.shape[:1] == (BATCH,)
+                         for r in m.roles for s in m.graph_inputs(r) + m.graph_outputs(r)}
         self._out = {s.name: alloc(s) for s in m.outputs}
-        self._sets = [[alloc(c) for c in m.caches] for _ in range(2)]
+        self._bufs = {c.key: [alloc(c), alloc(c)] for c in m.buffers}
         self._graphs = {}
-        self._cur = 0
+        self._cur = {c.key: 0 for c in m.buffers}
 
     def deactivate_impl(self) -> None:
-        for name in ("_graphs", "_ctx", "_engines", "_runtime", "_in", "_out", "_sets", "_stream"):
+        for name in ("_graphs", "_ctx", "_engines", "_runtime", "_in", "_out", "_bufs", "_stream"):
             if hasattr(self, name):
                 delattr(self, name)
 
     def reset_impl(self) -> None:
-        self._cur = 0  # prime overwrites set A; stale data in set B is never read before a step writes it
+        # prime overwrites buffer 0 of every cache; buffer 1 is never read before a step writes it
+        self._cur = {key: 0 for key in self._cur}
 
     # -- execution -------------------------------------------------------------------------------
     def _view(self, name: str, buf: torch.Tensor, b: int) -> torch.Tensor:
         return buf[:b] if self._batched.get(name, True) else buf
 
-    def _bind(self, role: str, b: int, cache_in: int | None, cache_out: int) -> None:
-        ctx, caches = self._ctx[role], self.manifest.caches
+    def _bind(self, role: str, b: int) -> None:
+        """Inputs, noise_pred, the current buffer of every cache the engine reads and the other buffer of
+        every cache it writes (prime: buffer 0)."""
+        ctx = self._ctx[role]
+        reads, writes = self.manifest.cache_io(role)
         bindings = [(s.name, self._in[s.name], True) for s in self.manifest.graph_inputs(role) if s.name in self._in]
-        if cache_in is not None:
-            bindings += [(c.input, t, True) for c, t in zip(caches, self._sets[cache_in])]
+        bindings += [(c.input, self._bufs[c.key][self._cur[c.key]], True) for c in reads]
         bindings += [(name, t, False) for name, t in self._out.items()]
-        bindings += [(c.output, t, False) for c, t in zip(caches, self._sets[cache_out])]
+        bindings += [(c.output, self._bufs[c.key][0 if role == "prime" else 1 - self._cur[c.key]], False)
+                     for c in writes]
         for name, buf, is_input in bindings:
             view = self._view(name, buf, b)
             if is_input and not ctx.set_input_shape(name, tuple(view.shape)):
@@ -127,31 +134,33 @@ class TrtRunner(Runner):
             if not ctx.set_tensor_address(name, view.data_ptr()):
                 raise RunnerError(f"trt runner: could not bind {name!r} of the {role} engine")
 
-    def _execute(self, role: str, feeds: dict, b: int, cache_in: int | None, cache_out: int) -> torch.Tensor:
+    def _execute(self, role: str, feeds: dict, b: int) -> torch.Tensor:
         with torch.cuda.stream(self._stream):
             for name, t in feeds.items():
                 self._view(name, self._in[name], b).copy_(t, non_blocking=False)
-            key = (b, cache_in)
-            graph = self._graphs.get(key) if role == "step" else None
+            key = (role, b, tuple(self._cur.values()))  # the bound addresses follow from these
+            graph = self._graphs.get(key) if role != "prime" else None
             if graph is not None:
                 graph.replay()
             else:
-                self._bind(role, b, cache_in, cache_out)
+                self._bind(role, b)
                 if not self._ctx[role].execute_async_v3(self._stream.cuda_stream):
                     raise RunnerError(f"trt runner: TensorRT failed to execute the {role} engine (see its log)")
-                if role == "step" and self.cuda_graph:
+                if role != "prime" and self.cuda_graph:
                     self._capture(key)
             name = self.manifest.outputs[0].name
             out = self._out[name][:b].float().cpu()
         self._stream.synchronize()
+        written = self.manifest.cache_io(role)[1]
+        self._cur.update({c.key: 0 if role == "prime" else 1 - self._cur[c.key] for c in written})
         return out
 
     def _capture(self, key) -> None:
-        """Record the step enqueue (addresses already bound, one ordinary enqueue done) as a CUDA graph."""
+        """Record a step/shallow enqueue (addresses already bound, one ordinary enqueue done) as a CUDA graph."""
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=self._stream):
-                self._ctx["step"].execute_async_v3(self._stream.cuda_stream)
+                self._ctx[key[0]].execute_async_v3(self._stream.cuda_stream)
             self._graphs[key] = graph
             self.cuda_graph_active = True
         except RuntimeError as e:
@@ -160,18 +169,17 @@ class TrtRunner(Runner):
                           stacklevel=2)
 
     def prime_impl(self, sample, timestep, ehs) -> torch.Tensor:
-        feeds = self.host_inputs("prime", sample, timestep, ehs)
-        self._cur = 0
-        return self._execute("prime", feeds, sample.shape[0], None, 0)
+        return self._execute("prime", self.host_inputs("prime", sample, timestep, ehs), sample.shape[0])
 
     def step_impl(self, sample, timestep, ehs, delta_scales) -> torch.Tensor:
-        feeds = self.host_inputs("step", sample, timestep, ehs, delta_scales)
-        out = self._execute("step", feeds, sample.shape[0], self._cur, 1 - self._cur)
-        self._cur = 1 - self._cur
-        return out
+        return self._execute("step", self.host_inputs("step", sample, timestep, ehs, delta_scales), sample.shape[0])
+
+    def shallow_impl(self, sample, timestep, ehs) -> torch.Tensor:
+        return self._execute("shallow", self.host_inputs("shallow", sample, timestep, ehs), sample.shape[0])
 
     def caches(self) -> dict[str, torch.Tensor]:
-        if self.batch_size is None or not self.is_active or not self.manifest.caches:
+        if self.batch_size is None or not self.is_active or not self.manifest.buffers:
             return {}
         self._stream.synchronize()
-        return {c.key: t[:self.batch_size].float().cpu() for c, t in zip(self.manifest.caches, self._sets[self._cur])}
+        return {c.key: self._bufs[c.key][self._cur[c.key]][:self.batch_size].float().cpu()
+                for c in self.manifest.buffers}

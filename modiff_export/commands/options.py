@@ -51,8 +51,10 @@ class _QuantGroup(_Group):
         with `model` (a LoadedModel) the --recipe adds the W8A8 layers that model has (quant/recipe.py)."""
         v = {**self.pop(values), **fixed}
         recipe = v.pop("recipe", DEFAULT_RECIPE)
-        if "no_error_compensation" in v:
-            v["error_compensation"] = not v.pop("no_error_compensation")
+        for flag, field in (("no_error_compensation", "error_compensation"),
+                            ("no_reuse_compensation", "reuse_compensation")):
+            if flag in v:
+                v[field] = not v.pop(flag)
         for name in ("skip_layers", "int8_layers"):
             if name in v:
                 v[name] = tuple(v[name])
@@ -98,6 +100,17 @@ QUANT = _QuantGroup([
      dict(type=click.IntRange(2), default=None, metavar="N",
           help="INT4 block quantization of Linear weights (N inputs per scale, e.g. 16..128; TensorRT weight-only "
                "INT4); needs --weight-bits <= 4 (and --opset 21 to export).")),
+    ("reuse_interval", "--reuse-interval",
+     dict(type=click.IntRange(1), default=None, metavar="N",
+          help="DeepCache-style block reuse: only every N-th step computes the whole UNet; the others compute the "
+               "outer --reuse-depth block pairs and reuse the deep branch's last output (export adds shallow.onnx).")),
+    ("reuse_depth", "--reuse-depth",
+     dict(type=click.IntRange(1), default=None, metavar="D",
+          help="Block reuse: the number of outer down/up block pairs computed on reused steps (1..the UNet's "
+               "block count).")),
+    ("no_reuse_compensation", "--no-reuse-compensation",
+     dict(is_flag=True, help="Ablation: the reused (deep) layers update a_hat = x on full steps (no error "
+                             "compensation there).")),
 ])
 
 class _SamplingGroup(_Group):

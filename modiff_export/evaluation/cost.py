@@ -11,6 +11,7 @@ quantized by any config here, the same for every row).
 
 MoDiff: the prime call runs every layer at full-precision activations x quantized weights
 (32 x W bits), every step call at W x A bits; a trajectory of n steps is prime + (n - 1) x step.
+Block reuse: a shallow call counts only the layers outside the deep branch.
 """
 from __future__ import annotations
 
@@ -70,14 +71,17 @@ def count_macs(unet: nn.Module, *args, **kwargs) -> list[LayerMacs]:
     return [LayerMacs(n, k, v) for n, (k, v) in totals.items()]
 
 
-def bops_per_call(macs: list[LayerMacs], config, phase: str = "step") -> int:
+def bops_per_call(macs: list[LayerMacs], config, phase: str = "step", deep: frozenset[str] = frozenset()) -> int:
     """BOPs of one UNet call under a QuantConfig.
 
     fp: 32 x 32. ptq: W x A every call. modiff: prime = W x 32 (full-precision activations),
-    step = W x A. Per-layer bits come from config.bits_for / config.skips.
+    step = W x A. Per-layer bits come from config.bits_for / config.skips. phase "shallow" (block
+    reuse) counts only the layers outside `deep` (the deep branch's layers, not computed), as a step.
     """
     total = 0
     for l in macs:
+        if phase == "shallow" and l.name in deep:
+            continue
         if config.mode == "fp" or config.skips(l.name):
             wb, ab = FP_BITS, FP_BITS
         else:
@@ -88,16 +92,46 @@ def bops_per_call(macs: list[LayerMacs], config, phase: str = "step") -> int:
     return total
 
 
-def bops_per_trajectory(macs: list[LayerMacs], config, steps: int) -> int:
-    """fp / ptq: steps x call. MoDiff: prime + (steps - 1) x step; with a keyframe interval K,
-    every K-th call is a prime call (the runner contract's rule: call i is prime when i % K == 0)."""
+def bops_per_trajectory(macs: list[LayerMacs], config, steps: int, deep: frozenset[str] = frozenset()) -> int:
+    """The sum over the calls of a trajectory, each call's role by the runners' rule (quant.call_role):
+    fp / ptq: every call a full one; MoDiff: prime + steps, every K-th call a prime with a keyframe
+    interval K; block reuse: calls not a multiple of the interval are shallow (`deep`: the deep-branch
+    layer names, manifest.reuse.deep_layers)."""
+    from ..quant.quantization import call_role
+
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if config.mode != "modiff":
-        return steps * bops_per_call(macs, config)
-    k = config.keyframe_interval
-    primes = sum(1 for i in range(steps) if i == 0 or (k is not None and i % k == 0))
-    return primes * bops_per_call(macs, config, "prime") + (steps - primes) * bops_per_call(macs, config, "step")
+    if config.reuses and not deep:
+        raise ValueError("block reuse: bops_per_trajectory needs the deep-branch layer names (deep=)")
+    per_role: dict[str, int] = {}
+    total = 0
+    for i in range(steps):
+        role = call_role(i, config.keyframe_interval, config.reuse_interval, config.mode == "modiff")
+        if role not in per_role:
+            per_role[role] = bops_per_call(macs, config, role, deep)
+        total += per_role[role]
+    return total
+
+
+def reuse_cost_row(unet: nn.Module, macs: list[LayerMacs], config, steps: int, sample_shape) -> dict:
+    """Cost of a block-reuse config without exporting it (the demo's cost table): BOPs per call role and per
+    trajectory, and the bytes per sample a runner keeps between calls (every MoDiff cache and the deep-branch
+    feature, float32) from one prime call of a quantized copy of `unet` (`macs` from the unquantized one)."""
+    import copy
+
+    from ..quant.quantization import list_caches, quantize
+
+    q = quantize(copy.deepcopy(unet), config).eval()
+    with torch.no_grad():
+        q(torch.zeros(1, *sample_shape), torch.tensor([500.0]))
+    deep = frozenset(m.name for m in macs if q.modiff_reuse.is_deep(m.name))
+    modiff = config.mode == "modiff"
+    kept = [e.tensor for e in list_caches(q)] + [q.modiff_reuse.feature]
+    return {"config": config.tag, "bops_prime": bops_per_call(macs, config, "prime"),
+            "bops_step": bops_per_call(macs, config, "step") if modiff else None,
+            "bops_shallow": bops_per_call(macs, config, "shallow", deep),
+            "bops_traj": bops_per_trajectory(macs, config, steps, deep),
+            "cache_bytes": sum(t.numel() * 4 for t in kept)}
 
 
 def weight_bytes(manifest: Manifest) -> int:

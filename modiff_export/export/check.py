@@ -119,7 +119,7 @@ def check_folder(folder: str | Path) -> CheckReport:
         except Exception as e:  # onnx raises several types for damaged files
             report.problems.append(f"{role}: {path} is not a valid ONNX model ({str(e).splitlines()[0][:200]})")
             continue
-        quantized_acts = (mode == "ptq") or (mode == "modiff" and role == "step")
+        quantized_acts = (mode == "ptq") or (mode == "modiff" and role in ("step", "shallow"))
         problems, counts = check_graph(model, role, quantized_acts)
         report.problems += problems + check_io(model, manifest, role)
         report.stats[role] = {**counts, "nodes": len(model.graph.node)}

@@ -20,7 +20,7 @@ codes into a float tensor, then adds). `rewrite` changes, per layer (each lever 
     share    layers reading the same tensor with the same quantizer constants (to_q/to_k/to_v, the
              resnets' time-embedding projections) compute d, s and the codes once: their a_hat caches
              are equal by construction (same prime value, same updates), so the others' cache outputs
-             are the first layer's
+             are the first layer's; with block reuse only within the deep or the outer layers
 
 Graph I/O, names and shapes are unchanged (the manifest's contract); only the inside differs.
 """
@@ -83,19 +83,22 @@ def find_layers(model) -> list[dict]:
     return layers
 
 
-def _key(L, consts) -> tuple:
-    """What decides a layer's codes besides its input: the reduction axes and every constant."""
+def _key(L, consts, groups) -> tuple:
+    """What decides a layer's codes besides its input: the reduction axes, every constant, and the group
+    of its a_hat cache (layers whose a_hat caches advance on different calls never share)."""
     def val(name):
         return None if not name else (consts[name].tobytes() if name in consts else name)
 
     nodes = [L["rmax"], L["div_q"], L["clip_s"], L["clip_u"], L["q"], L["dq"]]
     attrs = tuple((a.name, str(helper.get_attribute_value(a))) for a in L["rmax"].attribute)
-    return (L["sub"].input[0], attrs, tuple(val(i) for n in nodes if n is not None for i in n.input[1:]))
+    return (L["sub"].input[0], groups.get(L["sub"].input[1]), attrs,
+            tuple(val(i) for n in nodes if n is not None for i in n.input[1:]))
 
 
-def rewrite(model: onnx.ModelProto, levers=LEVERS) -> int:
+def rewrite(model: onnx.ModelProto, levers=LEVERS, groups: dict[str, str] | None = None) -> int:
     """Apply `levers` (a subset of LEVERS) to every dynamic-scale layer in place; returns how many
-    layers were rewritten."""
+    layers were rewritten. `groups` {a_hat cache input name: group}: "share" only within a group (block
+    reuse: the deep layers' a_hat caches skip the shallow calls, the outer layers' do not)."""
     bad = set(levers) - set(LEVERS)
     if bad:
         raise ValueError(f"unknown levers {sorted(bad)}; expected a subset of {list(LEVERS)}")
@@ -110,7 +113,7 @@ def rewrite(model: onnx.ModelProto, levers=LEVERS) -> int:
     for i, L in enumerate(layers):
         p = f"ov{i}"
         if "share" in levers:
-            k = _key(L, consts)
+            k = _key(L, consts, groups or {})
             if k in first:  # same input, same quantizer: reuse the first layer's codes and a_hat
                 F = first[k]
                 L["op"].input[0] = F["dq"].output[0]

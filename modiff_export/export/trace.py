@@ -1,7 +1,9 @@
 """ONNX export: a prime graph and a step graph with explicit Q/DQ and the caches as graph I/O.
 
-    prime.onnx: sample, timestep[, encoder_hidden_states]            -> noise_pred, caches...
+    prime.onnx: sample, timestep[, encoder_hidden_states]            -> noise_pred, caches...[, feature]
     step.onnx:  sample, timestep[, encoder_hidden_states][, delta_scales], caches... -> same
+    shallow.onnx (block reuse, design section 1.1): sample, timestep[, ehs], outer caches..., feature
+                                                                      -> noise_pred, outer caches...
 
 Both are traced from the PyTorch reference (quant/quantization.py) with `export_qdq` on, so the graph
 computes exactly what the reference computes; export/passes.py then stores each quantized weight as
@@ -27,7 +29,7 @@ from tqdm import tqdm
 from ..config import QuantConfig
 from ..errors import ModiffExportError
 from ..fsutil import atomic_folder, check_writable
-from ..manifest import BATCH, CacheSpec, LayerInfo, Manifest, ScaleTable, TensorSpec
+from ..manifest import BATCH, CacheSpec, LayerInfo, Manifest, ReuseSpec, ScaleTable, TensorSpec
 from ..models.loading import LoadedModel
 from ..quant.quantization import (
     WeightChoices,
@@ -38,6 +40,7 @@ from ..quant.quantization import (
     reset_caches,
     set_static_scales,
 )
+from ..quant.reuse import ReuseError
 from . import passes
 
 DEFAULT_OPSET = 17
@@ -56,8 +59,9 @@ def _cache_names(layer: str, kind: str) -> tuple[str, str]:
 class _GraphModule(nn.Module):
     """Wraps the quantized UNet as a function of explicit tensors (what torch.onnx traces).
 
-    phase "prime": (sample, timestep[, ehs])                              -> (noise, *caches)
-    phase "step":  (sample, timestep[, ehs][, delta_scales], *caches)     -> (noise, *caches)
+    phase "prime":   (sample, timestep[, ehs])                            -> (noise, *caches[, feature])
+    phase "step":    (sample, timestep[, ehs][, delta_scales], *caches)   -> (noise, *caches[, feature])
+    phase "shallow": (sample, timestep[, ehs], *outer caches, feature)    -> (noise, *outer caches)
     """
 
     def __init__(self, unet, phase: str, conditional: bool, scale_input: bool, cache_dtype: torch.dtype):
@@ -66,23 +70,32 @@ class _GraphModule(nn.Module):
         self.scale_input, self.cache_dtype = scale_input, cache_dtype
         self.layers = [l for l in modiff_layers(unet) if l.uses_cache]
         self.quantized = [l for l in modiff_layers(unet) if not l.skipped]
+        self.reuse = getattr(unet, "modiff_reuse", None)
+        self.outer = [l for l in self.layers if self.reuse is None or not self.reuse.is_deep(l.name)]
 
     def forward(self, sample, timestep, *rest):
         rest = list(rest)
         ehs = rest.pop(0) if self.conditional else None
-        if self.phase == "step":
-            if self.scale_input:
-                scales = rest.pop(0)  # [L]: this step's static delta scale per quantized layer
-                for i, layer in enumerate(self.quantized):
-                    layer.scale_override = scales[i]
-            for i, layer in enumerate(self.layers):  # caches come in as graph inputs
+        shallow = self.phase == "shallow"
+        if self.phase == "step" and self.scale_input:
+            scales = rest.pop(0)  # [L]: this step's static delta scale per quantized layer
+            for i, layer in enumerate(self.quantized):
+                layer.scale_override = scales[i]
+        if self.phase != "prime":
+            for i, layer in enumerate(self.outer if shallow else self.layers):  # caches come in as graph inputs
                 layer.a_hat = _as(rest[2 * i], torch.float32)
                 layer.o_hat = _as(rest[2 * i + 1], torch.float32)
         for layer in modiff_layers(self.unet):
-            layer.phase = self.phase
+            layer.phase = "step" if shallow else self.phase
+        if self.reuse is not None:
+            self.reuse.phase = "shallow" if shallow else "full"
+            if shallow:
+                self.reuse.feature = _as(rest[-1], torch.float32)
         kwargs = {"encoder_hidden_states": ehs} if ehs is not None else {}
         noise = self.unet(sample, timestep, **kwargs, return_dict=False)[0]
-        caches = [t for l in self.layers for t in (l.a_hat, l.o_hat)]
+        caches = [t for l in (self.outer if shallow else self.layers) for t in (l.a_hat, l.o_hat)]
+        if self.reuse is not None and not shallow:
+            caches.append(self.reuse.feature)
         return (noise, *[_as(c, self.cache_dtype) for c in caches])
 
 
@@ -102,6 +115,8 @@ def _export_state(unet):
     finally:
         for l in layers:
             l.export_qdq, l.phase, l.scale_override = False, None, None
+        if getattr(unet, "modiff_reuse", None) is not None:
+            unet.modiff_reuse.phase = None
         reset_caches(unet)
 
 
@@ -129,10 +144,10 @@ def export_model(model: LoadedModel, config: QuantConfig, out: str | Path, *,
     unet, n_buckets = _quantized_unet(model, config, scales, weights or WeightChoices())
     inputs = _input_specs(model)
     args = _example_args(inputs)
-    caches = _cache_specs(unet, args, model.conditional, cache_dtype)
+    caches, feature = _cache_specs(unet, args, model.conditional, cache_dtype)
     if target not in ("trt", "ort"):
         raise ExportError(f"target {target!r} not in ['trt', 'ort']")
-    manifest = _manifest(model, unet, config, inputs, caches, scales, n_buckets, cache_dtype, opset)
+    manifest = _manifest(model, unet, config, inputs, caches, scales, n_buckets, cache_dtype, opset, feature)
     with atomic_folder(out, overwrite) as tmp:
         bar = tqdm(manifest.roles, desc=f"export {config.tag}", disable=not progress, unit="graph")
         for role in bar:
@@ -167,7 +182,10 @@ def _quantized_unet(model: LoadedModel, config: QuantConfig, scales: ScaleTable 
                     ) -> tuple[nn.Module, int]:
     """model.unet quantized in place, with the calibration's weights and static scales; and the
     number of timestep buckets of those scales (1 without)."""
-    unet = quantize(model.unet, config).eval()
+    try:
+        unet = quantize(model.unet, config).eval()
+    except ReuseError as e:
+        raise ExportError(f"model {model.name!r}: {e}") from None
     try:  # calibrated per-channel weight clipping (MSE search) and GPTQ-rounded weights
         apply_weight_choices(unet, weights)
     except ModiffExportError as e:
@@ -199,19 +217,23 @@ def _example_args(inputs: tuple[TensorSpec, ...]) -> list[torch.Tensor]:
 
 
 def _cache_specs(unet: nn.Module, args: list[torch.Tensor], conditional: bool, cache_dtype: str
-                 ) -> tuple[CacheSpec, ...]:
-    """One real prime call gives every cache's shape: (a_hat, o_hat) [batch, ...] per cached layer."""
+                 ) -> tuple[tuple[CacheSpec, ...], CacheSpec | None]:
+    """One real prime call gives every cache's shape: (a_hat, o_hat) [batch, ...] per cached layer, and
+    that of the block-reuse feature (None without reuse)."""
     with torch.no_grad(), _export_state(unet):
         reset_caches(unet)
         _GraphModule(unet, "prime", conditional, False, getattr(torch, cache_dtype))(*args)
         entries = list_caches(unet)
+        reuse = getattr(unet, "modiff_reuse", None)
+        feature = None if reuse is None else CacheSpec(reuse.source, "feature", *_cache_names(reuse.source, "feature"),
+                                                       (BATCH, *reuse.feature.shape[1:]), cache_dtype)
     return tuple(CacheSpec(e.layer, e.kind, *_cache_names(e.layer, e.kind), (BATCH, *e.shape[1:]), cache_dtype)
-                 for e in entries)
+                 for e in entries), feature
 
 
 def _manifest(model: LoadedModel, unet: nn.Module, config: QuantConfig, inputs: tuple[TensorSpec, ...],
               caches: tuple[CacheSpec, ...], scales: ScaleTable | None, n_buckets: int, cache_dtype: str,
-              opset: int) -> Manifest:
+              opset: int, feature: CacheSpec | None = None) -> Manifest:
     """The typed contract of the graphs about to be traced (file digests are added after writing)."""
     C, H, W = model.sample_shape
     quantized = [layer.name for layer in modiff_layers(unet) if not layer.skipped]
@@ -220,9 +242,15 @@ def _manifest(model: LoadedModel, unet: nn.Module, config: QuantConfig, inputs: 
     if n_buckets > 1 and config.mode == "modiff":  # delta_scales [L]: one scale per quantized layer per step
         step_extra = (TensorSpec("delta_scales", (len(quantized),), "float32"),)
     table = None if scales is None else scales.for_layers(tuple(quantized))
+    reuse = None
+    if feature is not None:
+        state = unet.modiff_reuse
+        reuse = ReuseSpec(config.reuse_interval, config.reuse_depth, feature,
+                          tuple(layer.name for layer in modiff_layers(unet) if state.is_deep(layer.name)))
     return Manifest(
-        model=model.info, quant_config=config, opset=opset, cache_dtype=cache_dtype,
-        graphs={"prime": "prime.onnx", "step": "step.onnx" if caches else None},
+        model=model.info, quant_config=config, opset=opset, cache_dtype=cache_dtype, reuse=reuse,
+        graphs={"prime": "prime.onnx", "step": "step.onnx" if caches else None,
+                "shallow": "shallow.onnx" if reuse else None},
         inputs=inputs, outputs=(TensorSpec("noise_pred", (BATCH, out_ch, H, W), "float32"),),
         caches=caches, step_extra_inputs=step_extra,
         layers=tuple(LayerInfo(**_layer_entry(layer)) for layer in modiff_layers(unet)), scales=table)
@@ -245,14 +273,14 @@ def _trace(unet: nn.Module, manifest: Manifest, role: str, args: list[torch.Tens
     in_specs, out_specs = manifest.graph_inputs(role), manifest.graph_outputs(role)
     call_args = list(args)
     with torch.no_grad(), _export_state(unet):
-        if role == "step":
-            if manifest.step_extra_inputs:  # delta_scales [L]: bucket 0's row as the example
+        if role != "prime":
+            if role == "step" and manifest.step_extra_inputs:  # delta_scales [L]: bucket 0's row as the example
                 table = manifest.scales.table
                 call_args.append(torch.tensor([table[name][0] for name in manifest.scales.layers]))
             module.phase = "prime"
-            first = module(*args)  # real caches as example step inputs
-            module.phase = "step"
-            call_args += list(first[1:])
+            first = dict(zip([s.name for s in manifest.graph_outputs("prime")], module(*args)))
+            module.phase = role
+            call_args += [first[c.output] for c in manifest.cache_io(role)[0]]  # real caches as example inputs
         model = _torch_export(module, call_args, in_specs, out_specs, manifest.opset, role, path.parent)
     passes.quantize_weight_constants(model, (
         (l.name, l.inner.weight.detach().numpy(), l.w_scale.numpy(), l.block_size)  # baked: weight == Wq

@@ -8,7 +8,7 @@ build_report(folder, results) writes folder/report.md, grid.png and quality.png 
       "grids": {"fp": imgs, "peer": imgs | None, "ptq-w8a8": imgs, "modiff-w8a8": imgs, ...},  # [N,1,H,W] in [-1,1]
       "quality": [{"config", "fd", "confidence", "psnr"}],
       "parity":  [{"config", "psnr", "max_abs_image", "max_abs_eps"}],
-      "cost":    [{"config", "bops_prime", "bops_step", "bops_traj", "weight_bytes", "cache_bytes",
+      "cost":    [{"config", "bops_prime", "bops_step"[, "bops_shallow"], "bops_traj", "weight_bytes", "cache_bytes",
                    "latency": {graph: seconds} , ...}],
       "speed":   {"batch", "cpu", "flags": {flag: bool}, "rows": [(graph, seconds)], "ref": graph},
     }
@@ -146,12 +146,12 @@ def cost_table(results: dict) -> list[str]:
     order = ["prime", "step", "prime (ort)", "step (ort)"]
     graphs = sorted({g for r in rows for g in r.get("latency", {})}, key=lambda g: order.index(g) if g in order else 9)
     fp_lat = fp.get("latency", {}).get("prime")
-    head = ["config", "GBOPs / call (prime, step)", "GBOPs / trajectory", "vs FP32", "weight bytes",
+    head = ["config", "GBOPs / call (prime, step[, shallow])", "GBOPs / trajectory", "vs FP32", "weight bytes",
             "cache bytes / sample"]
     head += [f"ORT ms / call, {g} (x FP32)" for g in graphs]
     out = []
     for r in rows:
-        calls = _si(r["bops_prime"]) if r["bops_step"] is None else f"{_si(r['bops_prime'])}, {_si(r['bops_step'])}"
+        calls = ", ".join(_si(r[k]) for k in ("bops_prime", "bops_step", "bops_shallow") if r.get(k) is not None)
         line = [r["config"], calls, _si(r["bops_traj"]), f"{r['bops_traj'] / fp['bops_traj']:.3f}",
                 _si(r["weight_bytes"]) + "B", _si(r["cache_bytes"]) + "B" if r["cache_bytes"] else "0"]
         for g in graphs:

@@ -5,6 +5,10 @@ Rows (`Variant`) are timed in interleaved rounds (round r calls every row once; 
 same machine load. Baselines (FP, NNCF) run through OpenVINO's own API (`compile_model`, one thread,
 LATENCY hint; `hint` None = the plugin's default precision); PTQ and MoDiff through
 `OpenVinoRunner` with its defaults. A trajectory is prime + 24 steps for MoDiff, 25 calls otherwise.
+Block reuse (`reuse_variants`): one folder per depth D (exported with interval 2; the graphs do not depend on
+the interval), its prime / step / shallow calls timed as rows through the runner, and the trajectory of each
+interval N the sum of its 25 calls by the runners' schedule (`quant.call_role`: prime, then shallow unless
+i % N == 0), beside DeepCache (FP, the same D, OpenVINO's default precision through the runner).
 `demo_speed_table` is the demo's speed section; benchmarks/runtime_speed.py is the command line.
 """
 from __future__ import annotations
@@ -25,6 +29,23 @@ CLI = [sys.executable, "-m", "modiff_export"]  # exports run in a child process:
 STEPS = 25
 CONFIGS = {"fp": ("fp", 8, 8), "ptq-w8a8": ("ptq", 8, 8), "modiff-w8a8": ("modiff", 8, 8),
            "modiff-w8a4": ("modiff", 8, 4)}
+REUSE_INTERVALS = (2, 3, 5)
+REUSE_DEPTHS = (1, 2)
+
+
+def reuse_key(base: str, depth: int) -> str:
+    """The export key of `base` (a CONFIGS key) with block reuse of depth D: '<base>-d<D>'."""
+    return f"{base}-d{depth}"
+
+
+def config_args(key: str) -> list[str]:
+    """`cli.py export` options of an export key (a CONFIGS key, or reuse_key(...) of one)."""
+    base, _, depth = key.partition("-d")
+    mode, w, a = CONFIGS[base]
+    args = ["--mode", mode, "--weight-bits", str(w), "--act-bits", str(a)]
+    return args + (["--reuse-interval", "2", "--reuse-depth", depth] if depth else [])
+
+
 FP_DEFAULT, NNCF = "FP graph, OpenVINO default precision", "NNCF int8 (nncf.quantize of the FP graph)"
 
 
@@ -32,11 +53,12 @@ FP_DEFAULT, NNCF = "FP graph, OpenVINO default precision", "NNCF int8 (nncf.quan
 class Variant:
     label: str
     graphs: str                      # key into the exported folders
-    role: str = "prime"              # "prime" or "step"
+    role: str = "prime"              # "prime", "step" or "shallow"
     plain: bool = False              # OpenVINO's own API (baselines) instead of OpenVinoRunner
     hint: str | None = None          # plain: INFERENCE_PRECISION_HINT (None: the plugin's default)
     runner: tuple = ()               # OpenVinoRunner keyword arguments beyond threads, as (key, value) pairs
     prime_of: str | None = None      # step rows: the label of the prime row of their trajectory
+    per_call: bool = False           # block-reuse rows: their trajectories are reuse_table's, not table's
 
 
 def main_variants(bits: str = "w8a4") -> list[Variant]:
@@ -45,6 +67,23 @@ def main_variants(bits: str = "w8a4") -> list[Variant]:
             Variant(NNCF, "nncf", plain=True), Variant("PTQ W8A8 (runner)", "ptq-w8a8"),
             Variant(f"MoDiff {b} prime (runner)", f"modiff-{bits}"),
             Variant(f"MoDiff {b} step (runner)", f"modiff-{bits}", "step", prime_of=f"MoDiff {b} prime (runner)")]
+
+
+def reuse_variants(bits: str = "w8a4", depths=REUSE_DEPTHS) -> list[Variant]:
+    """Per depth: MoDiff prime / step / shallow rows of the reuse folder, and DeepCache's full / shallow rows
+    (FP, OpenVINO's default precision, through the runner)."""
+    b, out = bits.upper(), []
+    for d in depths:
+        key, fp = reuse_key(f"modiff-{bits}", d), reuse_key("fp", d)
+        prime = f"MoDiff {b} reuse D={d} prime (runner)"
+        out += [Variant(prime, key, per_call=True),
+                Variant(f"MoDiff {b} reuse D={d} step (runner)", key, "step", prime_of=prime, per_call=True),
+                Variant(f"MoDiff {b} reuse D={d} shallow (runner)", key, "shallow", prime_of=prime, per_call=True)]
+        full, default = f"DeepCache FP D={d} full (runner)", (("precision", "default"),)
+        out += [Variant(full, fp, runner=default, per_call=True),
+                Variant(f"DeepCache FP D={d} shallow (runner)", fp, "shallow", runner=default, prime_of=full,
+                        per_call=True)]
+    return out
 
 
 # -- graphs -------------------------------------------------------------------------------------
@@ -62,12 +101,11 @@ def export_graphs(spec: str, root: Path, keys=tuple(CONFIGS), quiet: bool = True
     """Export (once) the `keys` configs of model `spec` into root/<key>, each in a child `cli.py export`."""
     out = {}
     for key in keys:
-        mode, w, a = CONFIGS[key]
         folder = root / key
         if not exported(folder):
             print(f"exporting {key} -> {folder}", file=sys.stderr, flush=True)
-            subprocess.run([*CLI, "export", "--model", spec, "--mode", mode, "--weight-bits", str(w),
-                            "--act-bits", str(a), "--out", str(folder), *(["--quiet"] if quiet else [])], check=True)
+            subprocess.run([*CLI, "export", "--model", spec, *config_args(key), "--out", str(folder),
+                            *(["--quiet"] if quiet else [])], check=True)
         out[key] = folder
     return out
 
@@ -171,7 +209,7 @@ class Timed:
             if r.batch_size is None:
                 r.prime(self.x, 520.0, self.ehs)
             t0, c0 = time.perf_counter(), time.process_time()
-            r.step(self.x2, 480.0, self.ehs)
+            getattr(r, self.v.role)(self.x2, 480.0, self.ehs)  # step or shallow
         return time.perf_counter() - t0, time.process_time() - c0
 
     def request(self):
@@ -206,6 +244,42 @@ def trajectory_ms(rows: list[dict], r: dict, key: str = "ms") -> float:
     return prime[key] + (STEPS - 1) * r[key]
 
 
+def reuse_trajectory_ms(rows: list[dict], shallow: dict, interval: int, key: str = "ms") -> tuple[float, dict, dict]:
+    """ms of a STEPS-call trajectory with block reuse at `interval`, from the per-call rows of the shallow row's
+    folder (prime, step and shallow for MoDiff; full and shallow for FP DeepCache), each call's role by the
+    runners' schedule; and {role: ms per call}, {role: calls}."""
+    from ..quant.quantization import call_role
+
+    by = {r["label"]: r for r in rows}
+    prime = by[shallow["prime_of"]]
+    step = next((r for r in rows if r["graphs"] == shallow["graphs"] and r["role"] == "step"), None)
+    ms = {"prime": prime[key], "step": (step or prime)[key], "shallow": shallow[key]}
+    roles = [call_role(i, None, interval, step is not None) for i in range(STEPS)]
+    counts = {k: roles.count(k) for k in ms if roles.count(k)}
+    return sum(ms[k] * n for k, n in counts.items()), {k: ms[k] for k in counts}, counts
+
+
+def reuse_table(rows: list[dict], intervals=REUSE_INTERVALS) -> list[str]:
+    """Markdown: the trajectory of every (reuse config, depth, interval) against FP default and NNCF int8."""
+    by = {r["label"]: r for r in rows}
+    base = {(k, key): trajectory_ms(rows, by[k], key)
+            for k in (FP_DEFAULT, NNCF) if k in by for key in ("ms", "cpu_ms")}
+    head = ["reuse config (runner)", "depth", "interval", "ms / call", f"calls of {STEPS}", "trajectory ms",
+            "traj. x FP default", "traj. x NNCF int8", "CPU: traj. x FP default", "CPU: traj. x NNCF int8",
+            "cache / sample"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for sh in (r for r in rows if r["role"] == "shallow"):
+        name, depth = sh["label"].replace(" shallow (runner)", "").rsplit(" D=", 1)
+        for n in intervals:
+            total, ms, counts = reuse_trajectory_ms(rows, sh, n)
+            ratio = [f"{reuse_trajectory_ms(rows, sh, n, key)[0] / base[(k, key)]:.2f}" if (k, key) in base else "-"
+                     for key in ("ms", "cpu_ms") for k in (FP_DEFAULT, NNCF)]
+            lines.append(f"| {name} | {depth} | {n} | " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()) + " | "
+                         + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" | {total:.0f} | "
+                         + " | ".join(ratio) + f" | {sh['cache_bytes'] / 2**20:.1f} MiB |")
+    return lines
+
+
 def table(rows: list[dict], note: str) -> list[str]:
     """Markdown: wall and CPU ms per call, 25-call trajectory ratios to the FP-default and NNCF rows (wall,
     then CPU time: CPU time counts only this process's own work, so it holds when the machine is shared)."""
@@ -222,7 +296,7 @@ def table(rows: list[dict], note: str) -> list[str]:
                "OpenVinoRunner, " + ", ".join(f"{k}={v}" for k, v in r["runner"])) + f", {shapes}"
         cache = f"{r['cache_bytes'] / 2**20:.1f} MiB" if r["cache_bytes"] else "0"
         cells = [r["label"], how, f"{r['ms']:.1f}", f"{r['cpu_ms']:.1f}"]
-        if r["role"] == "step" or not r["label"].endswith("prime (runner)"):
+        if not r["per_call"] and (r["role"] == "step" or not r["label"].endswith("prime (runner)")):
             cells.append(f"{trajectory_ms(rows, r):.0f}")
             cells += [f"{trajectory_ms(rows, r, key) / base[(k, key)]:.2f}" if (k, key) in base else "-"
                       for key in ("ms", "cpu_ms") for k in (FP_DEFAULT, NNCF)]
@@ -235,7 +309,7 @@ def table(rows: list[dict], note: str) -> list[str]:
 def verdict(rows: list[dict]) -> str:
     """One plain sentence on what the rows show (wall-time ratios, CPU-time ratios in brackets)."""
     by = {r["label"]: r for r in rows}
-    step = next((r for r in rows if r["role"] == "step"), None)
+    step = next((r for r in rows if r["role"] == "step" and not r["per_call"]), None)
     if step is None or FP_DEFAULT not in by:
         return ""
 
@@ -266,11 +340,13 @@ def demo_speed_table(work: Path | str = "/tmp/runtime_speed", threads: int = 1, 
 
     work = Path(work)
     spec = str(write_model("cifar", work / "models" / "cifar"))
+    reuse = [reuse_key(k, d) for d in REUSE_DEPTHS for k in ("modiff-w8a4", "fp")]
     with contextlib.redirect_stdout(sys.stderr):
-        graphs = export_graphs(spec, work / "graphs" / "cifar", ("fp", "ptq-w8a8", "modiff-w8a4"))
+        graphs = export_graphs(spec, work / "graphs" / "cifar", ("fp", "ptq-w8a8", "modiff-w8a4", *reuse))
         graphs["nncf"] = export_nncf(spec, graphs["fp"], batch)
         before = loadavg()
-        rows = time_rows(main_variants(), graphs, threads, rounds, batch)
+        rows = time_rows(main_variants() + reuse_variants(), graphs, threads, rounds, batch)
     lines = table(rows, f"batch {batch}, {threads} thread(s)")
-    return "\n".join([*lines, "", f"Median of {rounds} interleaved rounds; 1-min load average {before} before, "
-                      f"{loadavg()} after. {verdict(rows)}"])
+    return "\n".join([*lines, "", "Block reuse (docs/design.md section 1.1), 25-call trajectories from the rows above:",
+                      "", *reuse_table(rows), "", f"Median of {rounds} interleaved rounds; 1-min load average {before} "
+                      f"before, {loadavg()} after. {verdict(rows)}"])

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..config import QuantConfig
 from ..errors import ModiffExportError
+from . import reuse
 from .scales import ScaleTable, timestep_bucket
 
 SCALE_FLOOR = 1e-8
@@ -123,6 +124,7 @@ class MoDiffLayer(nn.Module):
         self.weight_rounding: str | None = None  # "gptq" after set_rounded_weight; None: nearest
         self.delta_clip = 1.0  # constant factor on the dynamic scale (improvements.py); 1.0: plain absmax
         self.export_qdq = False  # set by the exporter: emit QuantizeLinear/DequantizeLinear ops
+        self.compensates = config.error_compensation  # False: a_hat = x (reuse.py turns it off for deep layers)
         self.reset()
 
     # -- state -----------------------------------------------------------------------------
@@ -267,7 +269,7 @@ class MoDiffLayer(nn.Module):
                     f"layer {self.name}: input shape {tuple(x.shape)} does not match the cached "
                     f"{tuple(self.a_hat.shape)}; call reset_caches(unet) before a new batch")
             delta, q = self._quantized_linear(x - self.a_hat, None)
-            self.a_hat = self.a_hat + q if self.config.error_compensation else x
+            self.a_hat = self.a_hat + q if self.compensates else x
             out = self.o_hat + delta
         self.o_hat = out
         self.calls += 1
@@ -303,6 +305,10 @@ def quantize(unet: nn.Module, config: QuantConfig) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
         setattr(parent, child, MoDiffLayer(module, name, config))
+    if config.reuses:  # DeepCache-style block reuse (reuse.py)
+        state = reuse.install(unet, config.reuse_interval, config.reuse_depth)
+        for layer in modiff_layers(unet):
+            layer.compensates = layer.compensates and (config.reuse_compensation or not state.is_deep(layer.name))
     unet.modiff_config = config
     unet.modiff_last_timestep = None
     unet.register_forward_pre_hook(_before_call, with_kwargs=True)
@@ -317,6 +323,18 @@ def starts_trajectory(last_timestep: float | None, timestep: float, last_shape=N
     return last_timestep is None or float(timestep) > last_timestep or last_shape != shape
 
 
+def call_role(i: int, keyframe_interval: int | None, reuse_interval: int | None, cached: bool) -> str:
+    """What call `i` (0-based) of a trajectory runs: "prime", "step" or "shallow" (block reuse). The rule
+    every runner schedules by and the cost accounting counts: call 0 and every keyframe is a prime; with
+    block reuse every call not a multiple of the interval is shallow; the other calls are steps (or primes
+    for models without caches: fp/ptq)."""
+    if i == 0 or (keyframe_interval is not None and i % keyframe_interval == 0):
+        return "prime"
+    if reuse_interval is not None and i % reuse_interval:
+        return "shallow"
+    return "step" if cached else "prime"
+
+
 def modiff_layers(unet: nn.Module) -> Iterator[MoDiffLayer]:
     return (m for m in unet.modules() if isinstance(m, MoDiffLayer))
 
@@ -326,6 +344,8 @@ def reset_caches(unet: nn.Module) -> None:
     timestep is above the previous call's starts a new trajectory by itself: see _before_call.)"""
     for layer in modiff_layers(unet):
         layer.reset()
+    if getattr(unet, "modiff_reuse", None) is not None:
+        unet.modiff_reuse.reset()
     unet.modiff_last_timestep = None
 
 
@@ -411,6 +431,7 @@ def _before_call(unet: nn.Module, args: tuple, kwargs: dict) -> None:
     - a timestep above the previous call's means a new trajectory (every sampler's timesteps are
       non-increasing within one), so the caches are reset: a diffusers pipeline called twice with the
       same generator gives the same images;
+    - decides whether this call reuses the deep branch (block reuse, reuse.py);
     - picks the static-scale bucket of this timestep."""
     t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
     if t is None:
@@ -428,6 +449,8 @@ def _before_call(unet: nn.Module, args: tuple, kwargs: dict) -> None:
         if last is not None and starts_trajectory(last, t) and not any(layer.phase for layer in modiff_layers(unet)):
             reset_caches(unet)
         unet.modiff_last_timestep = t
+    if getattr(unet, "modiff_reuse", None) is not None:
+        unet.modiff_reuse.begin_call()
     T = getattr(unet, "modiff_num_train_timesteps", 1000)
     for layer in modiff_layers(unet):
         n = max(1, layer.static_scales.numel())

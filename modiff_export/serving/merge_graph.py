@@ -107,6 +107,9 @@ def merged_unet_model(folder: str | Path) -> onnx.ModelProto:
 
 
 def _check_mergeable(folder: Path, m: Manifest) -> None:
+    if m.reuse is not None:
+        raise MergeError(f"{folder}: block reuse (shallow.onnx) needs the runner's prime/step/shallow schedule and "
+                         f"Triton's START flag selects only prime or step; serve this folder with `cli.py serve`")
     if not m.caches:
         raise MergeError(f"{folder}: no caches (fp/ptq export): serve prime.onnx as a stateless model instead")
     if m.step_extra_inputs:

@@ -63,7 +63,7 @@ def test_graph_form_and_manifest(w8a4):
 def test_fp_and_ptq_export_one_graph(tmp_path):
     for mode in ("fp", "ptq"):
         m = export_model(tiny_model(build_tiny_unet()), QuantConfig(mode=mode), tmp_path / mode, progress=False)
-        assert m.graphs == {"prime": "prime.onnx", "step": None} and m.caches == ()
+        assert m.graphs == {"prime": "prime.onnx", "step": None, "shallow": None} and m.caches == ()
         report = check_folder(tmp_path / mode)
         assert report.ok, report.problems
         if mode == "ptq":  # ptq quantizes activations: every weighted Conv/MatMul reads a DQ activation

@@ -107,6 +107,14 @@ def mark_delta_path(model, manifest: Manifest) -> int:
     return len(marked)
 
 
+def with_batch(model, batch: int):
+    """`model` (an ov.Model) reshaped in place to a static `batch`: every dynamic dimension of the exported
+    graphs is the batch axis. Returns the model."""
+    model.reshape({p.get_any_name(): [batch if d.is_dynamic else d.get_length() for d in p.get_partial_shape()]
+                   for p in model.inputs})
+    return model
+
+
 def _reason(e: Exception) -> str:
     """The informative line of an OpenVINO exception (its first lines only name C++ source files)."""
     lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Exception from ")]
@@ -173,7 +181,8 @@ class OpenVinoRunner(Runner):
 
     def read(self, role: str, batch: int | None = None):
         """The ov.Model of one graph, with this runner's precision marks and cache mode applied; with
-        `batch`, reshaped to that batch (every dynamic dimension of the graphs is the batch axis)."""
+        `batch`, reshaped to that batch first (before MakeStateful: reshaped after it, the variables keep the
+        dynamic shapes and the step computes garbage)."""
         import openvino as ov
 
         path = self.folder / self.manifest.graphs[role]
@@ -183,8 +192,7 @@ class OpenVinoRunner(Runner):
             raise RunnerError(f"{path}: OpenVINO cannot read this graph ({_reason(e)})") from None
         self._check_io(role, model)
         if batch is not None:
-            model.reshape({p.get_any_name(): [batch if d.is_dynamic else d.get_length() for d in p.get_partial_shape()]
-                           for p in model.inputs})
+            with_batch(model, batch)
         if self.precision[role] == "mixed" and self.uses_cache and role != "prime":
             mark_delta_path(model, self.manifest)  # prime has no delta path: there mixed = the bf16 hint
         if role == "step" and self.cache_mode == "stateful":

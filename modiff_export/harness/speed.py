@@ -158,8 +158,9 @@ def compile_plain(folder: Path, threads: int, hint: str | None, extra: dict | No
     core = ov.Core()
     model = core.read_model(str(folder / Manifest.load(folder).graphs["prime"]))
     if batch is not None:
-        model.reshape({p.get_any_name(): [batch if d.is_dynamic else d.get_length() for d in p.get_partial_shape()]
-                       for p in model.inputs})
+        from ..backends.openvino_runner import with_batch
+
+        with_batch(model, batch)
     return core.compile_model(model, "CPU", cfg)
 
 

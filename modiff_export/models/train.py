@@ -1,6 +1,7 @@
-"""Train the embedded `digits` model (a tiny DDPM UNet2DModel) and its metrics classifier.
+"""Train the embedded validation models (tiny DDPM denoisers on scikit-learn's digits) and the metrics classifier.
 
-    python cli.py train-demo                 # both, into modiff_export/assets/digits/
+    python cli.py train-demo                        # digits UNet + classifier, into trained/digits/
+    python cli.py train-demo --arch digits_dit      # the class-conditional DiT (labels 0-9, CFG label dropout)
 Everything is seeded; torch on CPU with the same thread count reproduces the same weights.
 """
 from __future__ import annotations
@@ -34,7 +35,26 @@ UNET_CONFIG_B = {
     "up_block_types": ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
 }
 SCHEDULER_CONFIG_B = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
-ARCHITECTURES = {"digits": (UNET_CONFIG, SCHEDULER_CONFIG), "digits_b": (UNET_CONFIG_B, SCHEDULER_CONFIG_B)}
+# digits_dit: the third validation model, a class-conditional DiT (docs/transformers.md): 8x8 = 64 tokens of 2x2
+# patches, 4 blocks of hidden 128 (1.4M parameters), adaLN-zero conditioning on timestep + digit class. The class
+# embedder's table has an 11th row, the null class (label 10), trained by DiT's own label dropout (10%, train mode)
+# so that classifier-free guidance works; trained with train-demo --arch digits_dit --steps 3000.
+DIT_CONFIG = {
+    "sample_size": 16, "in_channels": 1, "out_channels": 1, "patch_size": 2, "num_layers": 4,
+    "num_attention_heads": 4, "attention_head_dim": 32, "num_embeds_ada_norm": 10, "norm_type": "ada_norm_zero",
+}
+ARCHITECTURES = {"digits": (UNET_CONFIG, SCHEDULER_CONFIG), "digits_b": (UNET_CONFIG_B, SCHEDULER_CONFIG_B),
+                 "digits_dit": (DIT_CONFIG, SCHEDULER_CONFIG)}
+DEFAULT_STEPS = {"digits": 2000, "digits_b": 1500, "digits_dit": 3000}
+DEFAULT_LR = {"digits": 1e-3, "digits_b": 1e-3, "digits_dit": 5e-4}  # the transformer wants a gentler step
+
+
+def build_denoiser(arch: str) -> torch.nn.Module:
+    """A freshly initialised denoiser of ARCHITECTURES[arch] (seed it first)."""
+    from diffusers import DiTTransformer2DModel, UNet2DModel
+
+    config = ARCHITECTURES[arch][0]
+    return DiTTransformer2DModel(**config) if arch == "digits_dit" else UNet2DModel(**config)
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
@@ -53,33 +73,39 @@ def save_unet(unet, scheduler, out: Path) -> None:
     atomic_write_text(out / "scheduler_config.json", scheduler.to_json_string())
 
 
-def train_unet(steps: int = 2000, seed: int = 0, out: Path = ASSETS, batch_size: int = 64, lr: float = 1e-3,
-               ema_decay: float = 0.998, save_every: int = 250, threads: int = 1, arch: str = "digits") -> float:
+def train_unet(steps: int | None = None, seed: int = 0, out: Path = ASSETS, batch_size: int = 64,
+               lr: float | None = None, ema_decay: float = 0.998, save_every: int = 250, threads: int = 1,
+               arch: str = "digits") -> float:
     """DDPM epsilon-prediction training; the EMA weights are saved. Returns wall seconds.
-    arch: a key of ARCHITECTURES (UNet + noise-schedule config). One thread by default: reproducible,
-    and fastest on a shared CPU."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    arch: a key of ARCHITECTURES (denoiser + noise-schedule config); steps and lr default per arch. The DiT
+    sees each image's digit class (label dropout in train mode gives it the null class). One thread by
+    default: reproducible, and fastest on a shared CPU."""
+    from diffusers import DDPMScheduler
 
+    steps = DEFAULT_STEPS[arch] if steps is None else steps
+    lr = DEFAULT_LR[arch] if lr is None else lr
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    x_train, _ = digits_split("train")  # [N, 1, 16, 16]
-    unet_config, scheduler_config = ARCHITECTURES[arch]
-    unet = UNet2DModel(**unet_config)
-    ema = UNet2DModel(**unet_config).eval().requires_grad_(False)
+    x_train, y_train = digits_split("train")  # [N, 1, 16, 16], [N] int64
+    scheduler_config = ARCHITECTURES[arch][1]
+    unet = build_denoiser(arch).train()
+    ema = build_denoiser(arch).eval().requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
+    class_conditional = arch == "digits_dit"
     scheduler = DDPMScheduler(**scheduler_config)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 100))  # warmup
     t0 = time.time()
-    bar = tqdm(range(steps), desc=f"train {arch} UNet")
+    bar = tqdm(range(steps), desc=f"train {arch} denoiser")
     for step in bar:
         idx = torch.randint(0, len(x_train), (batch_size,), generator=g)
         x0 = random_shift(x_train[idx], 1, g)                                  # [B, 1, 16, 16]
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
         xt = scheduler.add_noise(x0, noise, t)
-        loss = F.mse_loss(unet(xt, t).sample, noise)
+        labels = {"class_labels": y_train[idx]} if class_conditional else {}  # [B] int64
+        loss = F.mse_loss(unet(xt, t, **labels).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -5,7 +5,10 @@
     python benchmarks/quality_ablation.py table            # Markdown from the results file
 
 A row is `<mode>-w<W>a<A>` (or `fp`) plus optional `+feature`s:
-    +io8    conv_in / conv_out kept at W8A8          +t8    time-embedding Linears at W8A8
+    +io8    conv_in / conv_out kept at W8A8 (transformers: the patch embedding pos_embed.proj and proj_out*)
+    +t8     time-embedding Linears at W8A8 (transformers: every *timestep_embedder.* Linear)
+    +ada8   transformers: adaLN modulation Linears (*.norm1.linear, adaln_single.linear) and the caption
+            projection at W8A8
     +clip   calibrated constant clip ratio on the dynamic per-sample delta scale (benchmarks/delta_clip.py)
     +kf<K>  keyframe refresh: a full-precision-activation prime call every K steps
     +gptq   GPTQ rounding of the <= 4-bit weights (quant/gptq.py)
@@ -39,8 +42,9 @@ from modiff_export.quant.quantization import modiff_layers, quantize
 from modiff_export.sampling import Trajectories, sample_model
 
 RESULTS = ROOT / "docs" / "quality_ablation.jsonl"
-IO_LAYERS = ("conv_in", "conv_out")
-TIME_LAYERS = ("time_embedding.*", "*.time_emb_proj")
+IO_LAYERS = ("conv_in", "conv_out", "pos_embed.proj", "proj_out*")  # UNets' convs; DiT/PixArt patchify + final
+TIME_LAYERS = ("time_embedding.*", "*.time_emb_proj", "*timestep_embedder.*")
+ADA_LAYERS = ("*.norm1.linear", "adaln_single.linear", "caption_projection.*")
 
 
 def parse_row(row: str) -> tuple[QuantConfig, set[str]]:
@@ -49,7 +53,8 @@ def parse_row(row: str) -> tuple[QuantConfig, set[str]]:
         return QuantConfig(mode="fp"), set(feats)
     mode, wa = base.split("-")
     w, a = wa[1:].split("a")
-    int8 = (IO_LAYERS if "io8" in feats else ()) + (TIME_LAYERS if "t8" in feats else ())
+    int8 = ((IO_LAYERS if "io8" in feats else ()) + (TIME_LAYERS if "t8" in feats else ())
+            + (ADA_LAYERS if "ada8" in feats else ()))
     kf = next((int(f[2:]) for f in feats if f.startswith("kf")), None)
     return QuantConfig(mode=mode, weight_bits=int(w), act_bits=int(a), int8_layers=int8,
                        keyframe_interval=kf), set(feats)
@@ -86,20 +91,27 @@ def load_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def fp_samples(model, sched, steps, n, bs, seed, cache_dir: Path) -> torch.Tensor:
-    f = cache_dir / f"{model.name}-{model.content_hash[7:19]}-{sched}{steps}-n{n}-s{seed}.pt"
+def guided(guidance: float) -> str:
+    """File-name / row tag of a guidance scale ('' at 1.0, so the UNets' existing caches and rows stay valid)."""
+    return "" if guidance == 1.0 else f"-g{guidance:g}"
+
+
+def fp_samples(model, sched, steps, n, bs, seed, cache_dir: Path, guidance: float = 1.0) -> torch.Tensor:
+    f = cache_dir / f"{model.name}-{model.content_hash[7:19]}-{sched}{steps}-n{n}-s{seed}{guided(guidance)}.pt"
     if f.is_file():
         return torch.load(f)
-    x = sample_model(model, QuantConfig(mode="fp"), Trajectories(sched, steps, n, bs, seed), progress=False)
+    x = sample_model(model, QuantConfig(mode="fp"), Trajectories(sched, steps, n, bs, seed, guidance_scale=guidance),
+                     progress=False)
     cache_dir.mkdir(parents=True, exist_ok=True)
     torch.save(x, f)
     return x
 
 
-def measure(models, samplers, rows, n, bs, seed, results, cache_dir):
+def measure(models, samplers, rows, n, bs, seed, results, cache_dir, guidance: float = 1.0):
     torch.set_num_threads(1)
     ev = DigitsEvaluator()
-    done = {(r["model"], r["sampler"], r["n"], r["seed"], r["row"]) for r in load_results(results)}
+    done = {(r["model"], r["sampler"], r["n"], r["seed"], r["row"], r.get("guidance", 1.0))
+            for r in load_results(results)}
     for name in models.split(","):
         model = load_model(name)
         macs = count_macs(model.unet, torch.zeros(1, *model.sample_shape), torch.tensor(500))
@@ -107,26 +119,28 @@ def measure(models, samplers, rows, n, bs, seed, results, cache_dir):
             sched, steps = sampler.split(":")
             steps = int(steps)
             for row in rows.split(","):
-                key = (name, sampler, n, seed, row)
+                key = (name, sampler, n, seed, row, guidance)
                 if key in done:
                     continue
                 t0 = time.time()
                 cfg, feats = parse_row(row)
-                ref = fp_samples(model, sched, steps, n, bs, seed, cache_dir)
+                ref = fp_samples(model, sched, steps, n, bs, seed, cache_dir, guidance)
                 fd_fp = ev.frechet_distance(ref)
                 if row == "fp":
                     x, info = ref, {}
                 else:
                     runner, info = build_runner(model, cfg, feats)
-                    x = sample_model(model, cfg, Trajectories(sched, steps, n, bs, seed), progress=False, runner=runner)
+                    x = sample_model(model, cfg, Trajectories(sched, steps, n, bs, seed, guidance_scale=guidance),
+                                     progress=False, runner=runner)
                 fd, p = ev.frechet_distance(x), psnr(x, ref)
-                torch.save(x, cache_dir / f"{name}-{sampler.replace(':', '')}-n{n}-s{seed}-{row}.pt")  # for `bootstrap`
+                torch.save(x, cache_dir / f"{name}-{sampler.replace(':', '')}-n{n}-s{seed}{guided(guidance)}-{row}.pt")
                 uniform = QuantConfig(mode=cfg.mode, weight_bits=cfg.weight_bits, act_bits=cfg.act_bits)
                 b = bops_per_trajectory(macs, cfg, steps)
                 rec = {"model": name, "model_hash": model.content_hash[:19], "sampler": sampler, "n": n, "seed": seed,
-                       "row": row, "fd": round(fd, 3), "fd_fp": round(fd_fp, 3),
+                       "row": row, **({"guidance": guidance} if guidance != 1.0 else {}),
+                       "fd": round(fd, 3), "fd_fp": round(fd_fp, 3),
                        "fd_rel": round(100 * (fd - fd_fp) / fd_fp, 2), "psnr": None if math.isinf(p) else round(p, 2),
-                       "confidence": round(ev.confidence(x), 4),
+                       "confidence": round(ev.confidence(x), 4), **label_agreement(ev, model, x, n, seed),
                        "bops_vs_fp": round(b / bops_per_trajectory(macs, QuantConfig(mode="fp"), steps), 5),
                        "bops_vs_uniform": round(b / bops_per_trajectory(macs, uniform, steps), 4),
                        "seconds": round(time.time() - t0, 1), **info}
@@ -135,8 +149,21 @@ def measure(models, samplers, rows, n, bs, seed, results, cache_dir):
                 print(json.dumps(rec), flush=True)
 
 
+def label_agreement(ev, model, x, n, seed) -> dict:
+    """Class-conditional models: the share of samples the metrics classifier reads as the requested digit."""
+    if getattr(model, "num_classes", None) is None:
+        return {}
+    from modiff_export.sampling import class_labels
+
+    labels, _ = class_labels(model, Trajectories(samples=n, batch_size=n, seed=seed), 0, n)
+    return {"label_acc": round(ev.label_accuracy(x, labels), 4)}
+
+
 COMMON = [
-    click.option("--models", default="digits,digits_b", show_default=True, help="Comma list: digits, digits_b."),
+    click.option("--models", default="digits,digits_b", show_default=True,
+                 help="Comma list: digits, digits_b, digits_dit."),
+    click.option("--guidance", default=1.0, show_default=True, type=float,
+                 help="Classifier-free guidance scale (class-conditional models; FP sampled with the same)."),
     click.option("--samplers", default="ddim:50,dpmpp:20", show_default=True, help="scheduler:steps, comma list."),
     click.option("--num-samples", "n", default=256, show_default=True),
     click.option("--batch-size", "bs", default=256, show_default=True),
@@ -161,34 +188,36 @@ def cli():
 @common
 @click.option("--rows", required=True, help="Comma list of rows (see module docstring).")
 @click.option("--seed", default=0, show_default=True, help="Noise seed of every row.")
-def run(models, samplers, n, bs, results, cache_dir, rows, seed):
+def run(models, guidance, samplers, n, bs, results, cache_dir, rows, seed):
     """Measure rows from the same noise."""
-    measure(models, samplers, rows, n, bs, seed, results, cache_dir)
+    measure(models, samplers, rows, n, bs, seed, results, cache_dir, guidance)
 
 
 @cli.command()
 @common
 @click.option("--seeds", default="1000,2000,3000", show_default=True,
               help="Extra FP noise seeds (seed 0 comes from `run`).")
-def spread(models, samplers, n, bs, results, cache_dir, seeds):
+def spread(models, guidance, samplers, n, bs, results, cache_dir, seeds):
     """FD of full precision with other noise seeds: the seed-to-seed spread at this sample size."""
     for s in seeds.split(","):
-        measure(models, samplers, "fp", n, bs, int(s), results, cache_dir)
+        measure(models, samplers, "fp", n, bs, int(s), results, cache_dir, guidance)
 
 
 @cli.command()
 @common
 @click.option("--rounds", default=200, show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Noise seed of the saved rows.")
-def bootstrap(models, samplers, n, bs, results, cache_dir, rounds, seed):
+def bootstrap(models, guidance, samplers, n, bs, results, cache_dir, rounds, seed):
     """Paired bootstrap of FD relative to FP (same resampled indices for the row and FP): its sd says
     which differences between rows from the same noise are real. Uses the samples saved by `run`."""
     ev = DigitsEvaluator()
     g = torch.Generator().manual_seed(0)
     for name in models.split(","):
         for sampler in samplers.split(","):
-            files = sorted(cache_dir.glob(f"{name}-{sampler.replace(':', '')}-n{n}-s{seed}-*.pt"))
-            fp = next(iter(cache_dir.glob(f"{name}-*-{sampler.replace(':', '')}-n{n}-s{seed}.pt")), None)
+            tag = f"-s{seed}{guided(guidance)}-"
+            files = [f for f in sorted(cache_dir.glob(f"{name}-{sampler.replace(':', '')}-n{n}{tag}*.pt"))
+                     if not f.name.split(tag, 1)[1][:2].startswith("g")]  # another guidance scale's rows
+            fp = next(iter(cache_dir.glob(f"{name}-*-{sampler.replace(':', '')}-n{n}{tag[:-1]}.pt")), None)
             if fp is None:
                 continue
             ffp = ev.features(torch.load(fp))
@@ -197,7 +226,7 @@ def bootstrap(models, samplers, n, bs, results, cache_dir, rounds, seed):
                 fx = ev.features(torch.load(f))
                 rel = [100 * (frechet_distance_from_features(fx[i], ev.real_features)
                               / frechet_distance_from_features(ffp[i], ev.real_features) - 1) for i in idx]
-                row = f.name.split(f"-s{seed}-", 1)[1][:-3]
+                row = f.name.split(tag, 1)[1][:-3]
                 print(f"{name} {sampler} {row}: FD rel. to FP {statistics.mean(rel):+.1f}% "
                       f"(paired bootstrap sd {statistics.stdev(rel):.1f} points)", flush=True)
 
@@ -208,9 +237,11 @@ def bootstrap(models, samplers, n, bs, results, cache_dir, rounds, seed):
 def table(results, n):
     """Markdown table: one line per row, models x samplers as columns, FD rel. to FP (PSNR) and BOPs."""
     recs = [r for r in load_results(results) if r["n"] == n]
-    cols = sorted({(r["model"], r["sampler"]) for r in recs}, key=lambda c: (c[0], c[1] != "ddim:50"))
+    for r in recs:  # a column per model x sampler (x guidance scale, class-conditional models)
+        r["col"] = r["sampler"] + (f" g{r['guidance']:g}" if r.get("guidance", 1.0) != 1.0 else "")
+    cols = sorted({(r["model"], r["col"]) for r in recs}, key=lambda c: (c[0], "g" in c[1], c[1][:4] != "ddim"))
     rows = list(dict.fromkeys(r["row"] for r in recs if r["seed"] == 0))
-    get = {(r["model"], r["sampler"], r["row"]): r for r in recs if r["seed"] == 0}
+    get = {(r["model"], r["col"], r["row"]): r for r in recs if r["seed"] == 0}
     head = "| row | BOPs vs FP32 (DDIM-50) | BOPs vs uniform | " + " | ".join(f"{m} {s}" for m, s in cols) + " |"
     print(head + "\n|---|---:|---:|" + "---:|" * len(cols))
     for row in rows:
@@ -219,12 +250,12 @@ def table(results, n):
             r = get.get((m, s, row))
             cells.append("-" if r is None else f"{r['fd']:.1f}" if row == "fp" else
                          f"{r['fd_rel']:+.1f}% ({r['psnr']:.1f} dB)")
-        any_r = next((get[(m, s, row)] for m, s in cols if (m, s, row) in get and s == "ddim:50"), None)
+        any_r = next((get[(m, s, row)] for m, s in cols if (m, s, row) in get and s.startswith("ddim:50")), None)
         bops = "-" if any_r is None else f"{any_r['bops_vs_fp']:.4f} | {any_r['bops_vs_uniform']:.3f}"
         print(f"| {row} | {bops} | " + " | ".join(cells) + " |")
     print("\nFD of FP with other noise seeds (seed-to-seed spread):\n")
     for m, s in cols:
-        fds = [r["fd"] for r in recs if r["model"] == m and r["sampler"] == s and r["row"] == "fp"]
+        fds = [r["fd"] for r in recs if r["model"] == m and r["col"] == s and r["row"] == "fp"]
         if len(fds) > 1:
             mean, sd = statistics.mean(fds), statistics.stdev(fds)
             print(f"- {m} {s}: FD {', '.join(f'{v:.1f}' for v in fds)}; mean {mean:.1f}, "

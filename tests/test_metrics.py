@@ -45,3 +45,13 @@ def test_split_is_fixed_and_disjoint():
     b, _ = digits_split("train")
     assert len(a) == 359 and len(b) == 1438 and torch.equal(a, digits_split("test")[0])
     assert a.min() == -1 and a.max() == 1
+
+
+def test_label_accuracy_reads_the_requested_digit(evaluator):
+    """Held-out digits with their own labels score near the classifier's accuracy; the same images asked
+    to be the next digit score near zero; a length mismatch is an error, not a silent truncation."""
+    x, y = digits_split("test")
+    assert evaluator.label_accuracy(x, y) > 0.9
+    assert evaluator.label_accuracy(x, (y + 1) % 10) < 0.1
+    with pytest.raises(MetricsError, match="labels"):
+        evaluator.label_accuracy(x, y[:-1])

@@ -65,6 +65,15 @@ class DigitsEvaluator:
         p = self.classifier(_check_images(samples)).softmax(-1)  # [B, 10]
         return float(p.max(-1).values.mean())
 
+    @torch.no_grad()
+    def label_accuracy(self, samples: torch.Tensor, labels: torch.Tensor) -> float:
+        """Class-conditional models: the share of samples [B, 1, 16, 16] the classifier reads as their
+        requested digit labels [B] (the null class never counts as a hit)."""
+        if len(samples) != len(labels):
+            raise MetricsError(f"label_accuracy: {len(samples)} samples but {len(labels)} labels")
+        pred = self.classifier(_check_images(samples)).argmax(-1)  # [B]
+        return float((pred == labels.to(pred.dtype)).float().mean())
+
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
     """10 log10(range^2 / MSE) in dB; inf for identical inputs. Images in [-1, 1] by default."""

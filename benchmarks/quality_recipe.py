@@ -69,11 +69,12 @@ def build(work: Path, model: str, w: int, a: int, variant: str, backend: str = "
     return graphs, secs
 
 
-def fp_reference(model, sched: str, steps: int, n: int, seed: int, cache_dir: Path) -> torch.Tensor:
+def fp_reference(model, sched: str, steps: int, n: int, seed: int, cache_dir: Path,
+                 guidance: float = 1.0) -> torch.Tensor:
     """FP samples from the same noise, shared with quality_ablation.py through its cache."""
     from quality_ablation import fp_samples  # the sibling script (benchmarks/ is on sys.path when run)
 
-    return fp_samples(model, sched, steps, n, n, seed, cache_dir)
+    return fp_samples(model, sched, steps, n, n, seed, cache_dir, guidance)
 
 
 @click.group()
@@ -96,7 +97,9 @@ def main():
 @click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=RESULTS, show_default=True)
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "openvino"]),
               help="Runtime that samples the graphs (its runner's defaults).")
-def run(models, bits, variants, samplers, n, seed, work, cache_dir, results, backend):
+@click.option("--guidance", default=1.0, show_default=True, type=float,
+              help="Classifier-free guidance scale of FP and every row (class-conditional models).")
+def run(models, bits, variants, samplers, n, seed, work, cache_dir, results, backend, guidance):
     """Build each variant with the CLI, sample it with `--backend` from the same noise as FP."""
     torch.set_num_threads(1)
     work.mkdir(parents=True, exist_ok=True)
@@ -105,7 +108,8 @@ def run(models, bits, variants, samplers, n, seed, work, cache_dir, results, bac
     if results.is_file():
         for line in results.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["model"], r["sampler"], r["bits"], r["variant"], r["n"], r["seed"], r.get("backend", "ort")))
+            done.add((r["model"], r["sampler"], r["bits"], r["variant"], r["n"], r["seed"], r.get("backend", "ort"),
+                      r.get("guidance", 1.0)))
     for name in models.split(","):
         model = load_model(name)
         macs = count_macs(model.unet, torch.zeros(1, *model.sample_shape), torch.tensor(500))
@@ -115,23 +119,24 @@ def run(models, bits, variants, samplers, n, seed, work, cache_dir, results, bac
                 graphs, secs = build(work, name, w, a, variant, backend)
                 cfg = Manifest.load(graphs).quant_config
                 for sampler in samplers.split(","):
-                    if (name, sampler, wa, variant, n, seed, backend) in done:
+                    if (name, sampler, wa, variant, n, seed, backend, guidance) in done:
                         continue
                     sched, steps = sampler.split(":")
                     steps = int(steps)
-                    ref = fp_reference(model, sched, steps, n, seed, cache_dir)
+                    ref = fp_reference(model, sched, steps, n, seed, cache_dir, guidance)
                     t0 = time.time()
-                    x = sample_model(model, cfg, Trajectories(sched, steps, n, n, seed), backend=backend,
+                    traj = Trajectories(sched, steps, n, n, seed, guidance_scale=guidance)
+                    x = sample_model(model, cfg, traj, backend=backend,
                                      progress=False, runner=make_runner(backend, folder=graphs, threads=1))
                     fd, fd_fp, p = ev.frechet_distance(x), ev.frechet_distance(ref), psnr(x, ref)
                     # kept for `quality_ablation.py bootstrap` (paired bootstrap sd of FD relative to FP)
-                    tag = "" if backend == "ort" else f"-{backend}"
+                    tag = ("" if backend == "ort" else f"-{backend}") + ("" if guidance == 1.0 else f"-g{guidance:g}")
                     stem = f"{name}-{sampler.replace(':', '')}-n{n}-s{seed}-cli-{wa}-{variant}{tag}"
                     torch.save(x, cache_dir / f"{stem}.pt")
                     uniform = QuantConfig(mode=cfg.mode, weight_bits=w, act_bits=a)
                     b = bops_per_trajectory(macs, cfg, steps)
                     rec = {"model": name, "backend": backend, "model_hash": model.content_hash[:19], "sampler": sampler,
-                           "bits": wa,
+                           "bits": wa, **({"guidance": guidance} if guidance != 1.0 else {}),
                            "variant": variant, "n": n, "seed": seed, "fd": round(fd, 3), "fd_fp": round(fd_fp, 3),
                            "fd_rel": round(100 * (fd - fd_fp) / fd_fp, 2),
                            "psnr": None if math.isinf(p) else round(p, 2), "confidence": round(ev.confidence(x), 4),
@@ -157,7 +162,8 @@ def run(models, bits, variants, samplers, n, seed, work, cache_dir, results, bac
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "openvino"]))
 @click.option("--prime-precision", default=None, type=click.Choice(["f32", "bf16", "default"]),
               help="openvino: the prime graph's precision (default: the runner's default).")
-def parity(models, bits, variants, samplers, n, work, backend, prime_precision):
+@click.option("--guidance", default=1.0, show_default=True, type=float, help="CFG scale (class-conditional models).")
+def parity(models, bits, variants, samplers, n, work, backend, prime_precision, guidance):
     """ONNX Runtime vs the PyTorch reference on the CLI's graphs: whole trajectories from the same noise,
     PSNR between the two runtimes' images (the issue asks >= 40 dB at W8A8, >= 30 dB at W8A4)."""
     import copy
@@ -181,12 +187,13 @@ def parity(models, bits, variants, samplers, n, work, backend, prime_precision):
                     load_calibration(work / f"{name}-w{w}a{a}.json", model.content_hash, cfg).apply(unet)
                 for sampler in samplers.split(","):
                     sched, steps = sampler.split(":")
-                    ref = sample_model(model, cfg, Trajectories(sched, int(steps), n, n, 0), progress=False,
+                    traj = Trajectories(sched, int(steps), n, n, 0, guidance_scale=guidance)
+                    ref = sample_model(model, cfg, traj, progress=False,
                                        runner=make_runner("torch", unet))
-                    x = sample_model(model, cfg, Trajectories(sched, int(steps), n, n, 0), backend=backend,
+                    x = sample_model(model, cfg, traj, backend=backend,
                                      progress=False, runner=make_runner(backend, folder=graphs, threads=1, **extra))
-                    print(f"{name} {wa} {variant} {sampler}: {backend}{label} vs PyTorch PSNR {psnr(x, ref):.1f} dB "
-                          f"({n} samples)", flush=True)
+                    print(f"{name} {wa} {variant} {sampler} guidance {guidance:g}: {backend}{label} vs PyTorch "
+                          f"PSNR {psnr(x, ref):.1f} dB ({n} samples)", flush=True)
 
 
 @main.command()

@@ -293,6 +293,8 @@ def _trace(unet: nn.Module, manifest: Manifest, role: str, args: list[torch.Tens
         for l in modiff_layers(unet) if not l.skipped))
     passes.remove_unused(model)
     passes.set_io_shapes(model, {s.name: list(s.shape) for s in in_specs + out_specs})
+    passes.fold_static_squeezes(model)
+    passes.remove_unused(model)
     _save(model, path)
     del model
     onnx.checker.check_model(str(path), full_check=True)  # full_check runs strict shape inference too

@@ -202,5 +202,11 @@ def test_cli_labels_on_unconditional_and_graphs(folders, tmp_path):
                             "--out", tmp_path / "s.png"])
     assert code == 0, err
     assert (tmp_path / "s.png").is_file()
+    code, _, err = run_cli(["sample", "--model", folders["dit"], "--act-bits", "4", "--steps", "2",
+                            "--batch-size", "2", "--class-label", "4", "--out", tmp_path / "t.png"])
+    assert code == 0, err
+    code, _, err = run_cli(["calibrate", "--model", folders["dit"], "--steps", "2", "--samples", "2",
+                            "--batch-size", "2", "--labels", "12", "--out", tmp_path / "c.json"])
+    assert "class label 12 is outside 0..10" in error_line(code, err) and not (tmp_path / "c.json").exists()
     code, _, err = run_cli(["package-triton", folders["dit_graphs"], "--out", tmp_path / "repo"])
     assert "class-conditional" in error_line(code, err) and not (tmp_path / "repo").exists()

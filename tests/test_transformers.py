@@ -8,6 +8,7 @@ import copy
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,9 +117,19 @@ def test_manifest_refuses_labels_without_num_classes(folders, tmp_path):
 # 2026.4): OpenVINO misses them on transformers, 17 dB at W8A8: the step's delta codes are identical to the
 # reference's (a_hat matches to 3e-7) but the first int8 Linear on a [B, 256] timestep embedding returns
 # o_hat off by 0.19 of 1.0 (a saturating u8 x s8 int8 MatMul kernel is the suspect, not proven). Marked
-# strict xfail: the test fails the day OpenVINO meets the targets, so the mark must then go.
-OV_LINEAR = pytest.mark.xfail(strict=True, reason="OpenVINO CPU int8 MatMul differs from the reference on the "
-                                                  "transformers' Linear layers (measured: see the comment above)")
+# strict xfail on CPUs without VNNI only (where it was measured; the UNets' W8A8 OpenVINO parity tests fail
+# here on main too): elsewhere the targets are asserted, and here the test fails the day OpenVINO meets them.
+def _no_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx2" in flags and not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+OV_LINEAR = pytest.mark.xfail(_no_vnni(), strict=True, reason="OpenVINO CPU int8 MatMul without VNNI differs from "
+                                                              "the reference on the transformers' Linear layers "
+                                                              "(measured: see the comment above)")
 
 
 @pytest.mark.parametrize("backend", ["ort", pytest.param("openvino", marks=OV_LINEAR)])

@@ -14,7 +14,7 @@ quantization config and the scale table from one `Manifest` object; nothing else
       target:       "trt" (explicit Q/DQ, as exported) | "ort" (rewritten by export/ort_variant.py)
                     | "openvino" (an OpenVINO IR graph, prime.xml + .bin: harness/nncf_peer.py)
       variant:      null | {"method", "rewritten_layers"}   what a target rewrite did
-      inputs:       [TensorSpec]   sample [B,C,H,W], timestep [B][, encoder_hidden_states [B,S,D]]
+      inputs:       [TensorSpec]   sample [B,C,H,W], timestep [B][, encoder_hidden_states [B,S,D] | class_labels [B]]
       outputs:      [TensorSpec]   noise_pred [B,C_out,H,W]
       caches:       [CacheSpec]    prime outputs `output`; step reads `input` and writes `output`
       step_extra_inputs: [TensorSpec]   delta_scales [L] (static scales, several timestep buckets)
@@ -247,7 +247,13 @@ class Manifest:
 
     @property
     def conditional(self) -> bool:
+        """Takes encoder_hidden_states (text-conditional)."""
         return any(s.name == "encoder_hidden_states" for s in self.inputs)
+
+    @property
+    def cond_input(self) -> str | None:
+        """The input that carries the conditioning: encoder_hidden_states, class_labels or None."""
+        return next((s.name for s in self.inputs if s.name in ("encoder_hidden_states", "class_labels")), None)
 
     @property
     def keyframe_interval(self) -> int | None:
@@ -368,6 +374,11 @@ class Manifest:
         need(not dup, f"tensor names appear twice: {dup[:3]}")
         need([s.name for s in self.inputs[:2]] == ["sample", "timestep"], "inputs must start with sample, timestep")
         need([s.name for s in self.outputs] == ["noise_pred"], "outputs must be [noise_pred]")
+        labels = [s for s in self.inputs if s.name == "class_labels"]
+        need(bool(labels) == (self.model.num_classes is not None),
+             f"a class_labels input exactly for class-conditional models (model.num_classes {self.model.num_classes})")
+        need(not labels or (labels[0].shape == (BATCH,) and labels[0].dtype == "int64"),
+             "class_labels must be [batch] int64")
         C, (H, W) = self.model.in_channels, self.model.sample_size
         need(self.inputs[0].shape == (BATCH, C, H, W),
              f"sample shape {list(self.inputs[0].shape)} does not match the model's [batch, {C}, {H}, {W}]")

@@ -59,6 +59,8 @@ class Trajectories:
     Batch i (images i*batch_size ...) starts from the noise of seed + i, so two configs sampled with the
     same Trajectories start from identical noise. `prompts` (conditional UNets): (cond [P, S, D], uncond
     [S, D]) states from a text encoder (models/prompts.py), cycled over the images; None: random states.
+    `labels` (class-conditional models): class labels cycled over the images (0..num_classes; num_classes
+    is the null class); None: image i of the whole run gets label (seed + i) % num_classes.
     """
 
     scheduler: str = "ddim"
@@ -68,6 +70,7 @@ class Trajectories:
     seed: int = 0
     guidance_scale: float = 1.0
     prompts: tuple[torch.Tensor, torch.Tensor] | None = None
+    labels: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
@@ -81,6 +84,9 @@ class Trajectories:
         g = self.guidance_scale
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
             raise SamplingError(f"guidance scale {g!r} is not a finite number")
+        if self.labels is not None and (not self.labels or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in self.labels)):
+            raise SamplingError(f"class labels {self.labels!r}: expected one or more integers")
 
     def replace(self, **changes) -> "Trajectories":
         return dataclasses.replace(self, **changes)
@@ -209,7 +215,9 @@ def run_batches(runner, model, traj: Trajectories, progress: bool = True, desc: 
     out, batches = [], traj.batches()
     for i, (start, b) in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress or len(batches) == 1)):
         ehs = unc = None
-        if model.conditional:  # random states, or the prompts' states
+        if getattr(model, "num_classes", None) is not None:  # class labels [B] and the null class [B]
+            ehs, unc = class_labels(model, traj, start, b)
+        elif model.conditional:  # random states, or the prompts' states
             ehs, unc = conditioning(model, traj, i, start, b)  # [B, S, D] each
         scheduler = make_scheduler(traj.scheduler, model.scheduler_config)
         out.append(generate(runner, scheduler, traj.steps, b, traj.seed + i, model.sample_shape, ehs, unc,
@@ -228,6 +236,18 @@ def conditioning(model, traj: Trajectories, batch_index: int, start: int, b: int
     g = torch.Generator().manual_seed(int(traj.seed) + batch_index + ENCODER_SEED_OFFSET)
     ehs = torch.randn((b, model.encoder_seq_len, model.cross_attention_dim), generator=g)  # [B, S, D]
     return ehs, torch.zeros_like(ehs)
+
+
+def class_labels(model, traj: Trajectories, start: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels [b] int64, null class [b] int64) of images start..start+b of a class-conditional model:
+    traj.labels cycled over the images, or (seed + image) % num_classes."""
+    n = model.num_classes
+    idx = torch.arange(start, start + b)
+    if traj.labels is not None:
+        labels = torch.tensor(traj.labels, dtype=torch.int64)[idx % len(traj.labels)]
+    else:
+        labels = (idx + int(traj.seed) % n) % n
+    return labels, torch.full((b,), n, dtype=torch.int64)
 
 
 def check_scheduler(name: str, model, num_steps: int) -> None:
@@ -260,9 +280,17 @@ def check_sampling_budget(model, traj: Trajectories) -> None:
     [N, C, H, W] float32 must fit in half the free RAM). Counts and ranges: Trajectories itself."""
     import psutil
 
-    if traj.guidance_scale != 1.0 and not model.conditional:
-        raise SamplingError(f"guidance scale {traj.guidance_scale} needs a conditional UNet; {model.name} is "
+    n_cls = getattr(model, "num_classes", None)
+    if traj.guidance_scale != 1.0 and not model.conditional and n_cls is None:
+        raise SamplingError(f"guidance scale {traj.guidance_scale} needs a conditional model; {model.name} is "
                             f"unconditional (use 1.0)")
+    if traj.labels is not None:
+        if n_cls is None:
+            raise SamplingError(f"class labels given, but {model.name} is not class-conditional")
+        bad = [v for v in traj.labels if not 0 <= v <= n_cls]
+        if bad:
+            raise SamplingError(f"class label {bad[0]} is outside 0..{n_cls} ({model.name} has {n_cls} classes; "
+                                f"{n_cls}: the null class)")
     if traj.prompts is not None:
         want = (model.encoder_seq_len, model.cross_attention_dim)
         if not model.conditional or tuple(traj.prompts[0].shape[1:]) != want:

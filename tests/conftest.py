@@ -83,3 +83,26 @@ def tiny_model(unet, name: str = "tiny"):
     from modiff_export.models import LoadedModel
 
     return LoadedModel.from_unet(unet, name)
+
+
+TINY_DIT_KWARGS = dict(sample_size=8, in_channels=1, out_channels=1, patch_size=2, num_layers=2,
+                       num_attention_heads=2, attention_head_dim=16, num_embeds_ada_norm=10)
+TINY_PIXART_KWARGS = dict(sample_size=8, in_channels=4, out_channels=8, patch_size=2, num_layers=2,
+                          num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32, caption_channels=24,
+                          num_embeds_ada_norm=1000)
+
+
+def build_tiny_dit(seed: int = 0, **overrides):
+    """A fresh, eval-mode random DiTTransformer2DModel (class-conditional, 10 classes, 1x8x8)."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(**{**TINY_DIT_KWARGS, **overrides}).eval()
+
+
+def build_tiny_pixart(seed: int = 0, **overrides):
+    """A fresh, eval-mode random PixArtTransformer2DModel (text-conditional, caption_channels 24, learned sigma)."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(**{**TINY_PIXART_KWARGS, **overrides}).eval()

@@ -5,11 +5,11 @@ fills them; `step` consumes and replaces them; `shallow` (block reuse, design se
 the outer blocks and reads the deep branch's output from the last full call; `reset` empties them.
 `__call__` picks prime, step or shallow (keyframes and the reuse interval included) and starts a new
 trajectory by itself when the timestep goes back up or the batch changes, so a sampling loop only
-ever calls `runner(sample, timestep, ehs)` and a second trajectory can never silently reuse the first one's caches.
+ever calls `runner(sample, timestep, cond)` and a second trajectory can never silently reuse the first one's caches.
 
 This base class owns everything backends have in common (Polygraphy-style lifecycle):
   - activation: activate()/deactivate() or `with runner:`; prime/step activate on first use;
-  - input checks: shapes against the model's (C, H, W), batch >= 1, NaN/Inf, conditional or not;
+  - input checks: shapes against the model's (C, H, W), batch >= 1, NaN/Inf, the conditioning;
   - the trajectory rules above, and step() refusing a timestep that does not continue it;
   - the `delta_scales` row of static multi-bucket graphs (from the manifest's scale table);
   - the cache keys '<layer>.<kind>' of `caches()`.
@@ -19,7 +19,11 @@ reset_impl and caches.
 Tensors in and out are torch tensors on the CPU:
   sample                 [B, C, H, W] float32
   timestep               [B] float32 (a scalar is broadcast to the batch)
-  encoder_hidden_states  [B, S, D] float32, conditional UNets only
+  cond                   the conditioning (models/denoiser.py), by model:
+                           text-conditional (UNet2DConditionModel, PixArt): encoder_hidden_states [B, S, D] float32
+                           class-conditional (DiT): class_labels [B] int64 in 0..num_classes (num_classes:
+                           the null class of classifier-free guidance)
+                           unconditional: None
   -> noise_pred          [B, C_out, H, W] float32
 """
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 
 from ..errors import ModiffExportError
 from ..manifest import Manifest
+from ..models.denoiser import CLASS_LABELS, ENCODER_STATES
 from ..quant.quantization import call_role, starts_trajectory
 
 MAX_BATCH = 4096  # far above any real batch; a larger one is a typo that would exhaust memory
@@ -47,9 +52,11 @@ class Runner(ABC):
     def __init__(self, *, keyframe_interval: int | None = None, reuse_interval: int | None = None,
                  uses_cache: bool = True,
                  conditional: bool | None = None, sample_shape: tuple[int, int, int] | None = None,
-                 encoder_shape: tuple[int, int] | None = None, manifest: Manifest | None = None):
-        """sample_shape (C, H, W) and encoder_shape (S, D) are checked when known; `manifest` supplies
-        the delta-scale table and cache keys of exported graphs."""
+                 encoder_shape: tuple[int, int] | None = None, manifest: Manifest | None = None,
+                 num_classes: int | None = None):
+        """sample_shape (C, H, W) and encoder_shape (S, D) are checked when known; num_classes: a
+        class-conditional model (cond is class_labels; `conditional` is then False: no encoder states);
+        `manifest` supplies the delta-scale table and cache keys of exported graphs."""
         self.keyframe_interval = keyframe_interval
         self.reuse_interval = reuse_interval
         self.uses_cache = uses_cache
@@ -57,6 +64,8 @@ class Runner(ABC):
         self.sample_shape = sample_shape
         self.encoder_shape = encoder_shape
         self.manifest = manifest
+        self.num_classes = num_classes
+        self.cond_input = CLASS_LABELS if num_classes is not None else ENCODER_STATES  # the graph input of cond
         self.is_active = False
         self.calls = 0
         self.batch_size: int | None = None
@@ -69,7 +78,8 @@ class Runner(ABC):
         return {"keyframe_interval": manifest.keyframe_interval, "reuse_interval": manifest.reuse_interval,
                 "uses_cache": manifest.uses_cache,
                 "conditional": manifest.conditional, "sample_shape": manifest.model.sample_shape,
-                "encoder_shape": tuple(ehs[0].shape[1:]) if ehs else None, "manifest": manifest}
+                "encoder_shape": tuple(ehs[0].shape[1:]) if ehs else None, "manifest": manifest,
+                "num_classes": manifest.model.num_classes}
 
     @property
     def cache_keys(self) -> list[str]:
@@ -109,27 +119,27 @@ class Runner(ABC):
         self.last_timestep = None
         self.reset_impl()
 
-    def prime(self, sample, timestep, encoder_hidden_states=None) -> torch.Tensor:
+    def prime(self, sample, timestep, cond=None) -> torch.Tensor:
         self.activate()
-        sample, timestep, ehs = self.check_inputs(sample, timestep, encoder_hidden_states)
+        sample, timestep, ehs = self.check_inputs(sample, timestep, cond)
         out = self._finite(self.prime_impl(sample, timestep, ehs), "prime")
         self._advance(sample, timestep)
         return out
 
-    def step(self, sample, timestep, encoder_hidden_states=None) -> torch.Tensor:
+    def step(self, sample, timestep, cond=None) -> torch.Tensor:
         if not self.uses_cache:
-            return self.prime(sample, timestep, encoder_hidden_states)
-        sample, timestep, ehs = self._continuing("step", sample, timestep, encoder_hidden_states)
+            return self.prime(sample, timestep, cond)
+        sample, timestep, ehs = self._continuing("step", sample, timestep, cond)
         out = self._finite(self.step_impl(sample, timestep, ehs, self.delta_scales(float(timestep[0]))), "step")
         self._advance(sample, timestep)
         return out
 
-    def shallow(self, sample, timestep, encoder_hidden_states=None) -> torch.Tensor:
+    def shallow(self, sample, timestep, cond=None) -> torch.Tensor:
         """Block reuse: only the outer blocks, the deep branch's output from the last prime/step."""
         if not self.reuse_interval:
             raise RunnerError(f"{self.backend} runner: shallow() needs a model exported with block reuse "
                               f"(--reuse-interval/--reuse-depth)")
-        sample, timestep, ehs = self._continuing("shallow", sample, timestep, encoder_hidden_states)
+        sample, timestep, ehs = self._continuing("shallow", sample, timestep, cond)
         out = self._finite(self.shallow_impl(sample, timestep, ehs), "shallow")
         self._advance(sample, timestep)
         return out
@@ -154,10 +164,10 @@ class Runner(ABC):
             return "prime"
         return call_role(self.calls, self.keyframe_interval, self.reuse_interval, self.uses_cache)
 
-    def __call__(self, sample, timestep, encoder_hidden_states=None) -> torch.Tensor:
+    def __call__(self, sample, timestep, cond=None) -> torch.Tensor:
         if self.batch_size is not None and self.new_trajectory(sample, timestep):
             self.reset()
-        return getattr(self, self.schedule())(sample, timestep, encoder_hidden_states)
+        return getattr(self, self.schedule())(sample, timestep, cond)
 
     def new_trajectory(self, sample, timestep) -> bool:
         """A call that cannot continue the cached trajectory: another batch size, or a timestep above
@@ -223,19 +233,43 @@ class Runner(ABC):
             timestep = timestep.expand(b).contiguous()
         if timestep.shape != (b,):
             raise RunnerError(f"{name}: 'timestep' must be a scalar or [B={b}], got {tuple(timestep.shape)}")
-        if self.conditional is True and ehs is None:
-            raise RunnerError(f"{name}: this UNet is conditional; 'encoder_hidden_states' is required")
-        if self.conditional is False and ehs is not None:
-            raise RunnerError(f"{name}: this UNet is unconditional; do not pass 'encoder_hidden_states'")
-        if ehs is not None:
-            if not torch.is_tensor(ehs) or ehs.dim() != 3 or ehs.shape[0] != b:
-                raise RunnerError(f"{name}: 'encoder_hidden_states' must be [B={b}, S, D], got "
-                                  f"{tuple(getattr(ehs, 'shape', ())) or type(ehs).__name__}")
-            if self.encoder_shape is not None and tuple(ehs.shape[1:]) != tuple(self.encoder_shape):
-                raise RunnerError(f"{name}: 'encoder_hidden_states' is {list(ehs.shape)}, the model takes "
-                                  f"[B, {', '.join(map(str, self.encoder_shape))}]")
-            ehs = ehs.float()
-        for what, t in (("sample", sample), ("timestep", timestep), ("encoder_hidden_states", ehs)):
+        labels = self.num_classes is not None
+        ehs = self._check_labels(name, ehs, b) if labels else self._check_states(name, ehs, b)
+        for what, t in (("sample", sample), ("timestep", timestep), (self.cond_input, ehs)):
             if t is not None and not torch.isfinite(t).all():
                 raise RunnerError(f"{name}: input '{what}' contains NaN or Inf")
         return sample, timestep, ehs
+
+    def _check_states(self, name: str, ehs, b: int):
+        """encoder_hidden_states [B, S, D] float32 of a text-conditional model, None for an unconditional one."""
+        if self.conditional is True and ehs is None:
+            raise RunnerError(f"{name}: this model is conditional; 'encoder_hidden_states' is required")
+        if self.conditional is False and ehs is not None:
+            raise RunnerError(f"{name}: this model is unconditional; do not pass a conditioning "
+                              f"('encoder_hidden_states' or 'class_labels')")
+        if ehs is None:
+            return None
+        if not torch.is_tensor(ehs) or ehs.dim() != 3 or ehs.shape[0] != b:
+            raise RunnerError(f"{name}: 'encoder_hidden_states' must be [B={b}, S, D], got "
+                              f"{tuple(getattr(ehs, 'shape', ())) or type(ehs).__name__}")
+        if self.encoder_shape is not None and tuple(ehs.shape[1:]) != tuple(self.encoder_shape):
+            raise RunnerError(f"{name}: 'encoder_hidden_states' is {list(ehs.shape)}, the model takes "
+                              f"[B, {', '.join(map(str, self.encoder_shape))}]")
+        return ehs.float()
+
+    def _check_labels(self, name: str, labels, b: int) -> torch.Tensor:
+        """class_labels [B] int64 in 0..num_classes of a class-conditional model."""
+        n = self.num_classes
+        if labels is None:
+            raise RunnerError(f"{name}: this model is class-conditional; 'class_labels' [B={b}] int64 in 0..{n} "
+                              f"is required ({n}: the null class)")
+        if not torch.is_tensor(labels) or labels.is_floating_point() or labels.is_complex() \
+                or labels.dtype == torch.bool or labels.shape != (b,):
+            raise RunnerError(f"{name}: 'class_labels' must be an integer [B={b}] tensor, got "
+                              f"{getattr(labels, 'dtype', type(labels).__name__)} "
+                              f"{list(getattr(labels, 'shape', []))}")
+        bad = labels[(labels < 0) | (labels > n)]
+        if bad.numel():
+            raise RunnerError(f"{name}: class label {int(bad[0])} is outside 0..{n} ({n} classes; {n}: the null "
+                              f"class)")
+        return labels.long()

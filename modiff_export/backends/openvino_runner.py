@@ -281,7 +281,7 @@ class OpenVinoRunner(Runner):
         req.set_tensor("sample", ov.Tensor(np.ascontiguousarray(sample.numpy())))
         req.set_tensor("timestep", ov.Tensor(np.ascontiguousarray(timestep.numpy())))
         if ehs is not None:
-            req.set_tensor("encoder_hidden_states", ov.Tensor(np.ascontiguousarray(ehs.numpy())))
+            req.set_tensor(self.cond_input, ov.Tensor(np.ascontiguousarray(ehs.numpy())))  # states or labels
 
     @staticmethod
     def _run(req) -> torch.Tensor:

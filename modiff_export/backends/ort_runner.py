@@ -91,7 +91,7 @@ class OrtRunner(Runner):
         io.bind_ortvalue_input("sample", self._ortvalue(sample.numpy()))
         io.bind_ortvalue_input("timestep", self._ortvalue(timestep.numpy()))
         if ehs is not None:  # presence and shape checked by the base class
-            io.bind_ortvalue_input("encoder_hidden_states", self._ortvalue(ehs.numpy()))
+            io.bind_ortvalue_input(self.cond_input, self._ortvalue(ehs.numpy()))  # states or labels
 
     def _run(self, role: str, io) -> torch.Tensor:
         # noise_pred is bound last: ORT lists outputs in binding order

@@ -1,8 +1,10 @@
-"""PyTorch reference backend: a (quantized) diffusers UNet behind the runner contract."""
+"""PyTorch reference backend: a (quantized) diffusers denoiser (UNet or transformer, models/denoiser.py)
+behind the runner contract."""
 from __future__ import annotations
 
 import torch
 
+from ..models import denoiser
 from ..quant.quantization import list_caches, modiff_layers, reset_caches
 from .base import Runner
 
@@ -13,13 +15,13 @@ class TorchRunner(Runner):
     def __init__(self, unet: torch.nn.Module):
         config = getattr(unet, "modiff_config", None)
         cfg = getattr(unet, "config", None)
-        size = getattr(cfg, "sample_size", None)
-        hw = (size, size) if isinstance(size, int) else tuple(size) if size else None
+        hw = denoiser.sample_hw(unet)
         super().__init__(keyframe_interval=config.keyframe_interval if config else None,
                          reuse_interval=config.reuse_interval if config else None,
                          uses_cache=any(layer.uses_cache for layer in modiff_layers(unet)),
-                         conditional=type(unet).__name__ == "UNet2DConditionModel" if cfg is not None else None,
-                         sample_shape=(int(cfg.in_channels), *hw) if hw else None)
+                         conditional=denoiser.conditioning(unet) == "text" if cfg is not None else None,
+                         sample_shape=(int(cfg.in_channels), *hw) if hw else None,
+                         num_classes=denoiser.num_classes(unet) if cfg is not None else None)
         self.unet = unet.eval()
 
     def _run(self, phase: str, sample, timestep, ehs) -> torch.Tensor:
@@ -32,10 +34,9 @@ class TorchRunner(Runner):
             reuse.phase = "shallow" if phase == "shallow" else "full"
         try:
             with torch.no_grad():
-                kwargs = {"encoder_hidden_states": ehs} if ehs is not None else {}
                 # clones: the first layer caches its input and the last layer's cache is the output,
                 # so a caller editing either tensor in place must not reach into the caches
-                return self.unet(sample.clone(), timestep, **kwargs, return_dict=False)[0].clone()
+                return denoiser.call(self.unet, sample.clone(), timestep, ehs).clone()
         finally:
             for layer in layers:
                 layer.phase = None

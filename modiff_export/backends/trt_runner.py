@@ -58,7 +58,7 @@ class TrtRunner(Runner):
         """The non-cache inputs of one graph call (already checked by the base class), on the host."""
         feeds = {"sample": sample, "timestep": timestep}
         if ehs is not None:
-            feeds["encoder_hidden_states"] = ehs
+            feeds[self.cond_input] = ehs  # encoder_hidden_states or class_labels
         b = sample.shape[0]
         if not self.min_batch <= b <= self.max_batch:
             raise RunnerError(f"trt runner: batch {b} is outside the engine's profile [{self.min_batch}, "

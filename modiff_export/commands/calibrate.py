@@ -7,7 +7,7 @@ import time
 import click
 
 from ..sampling import SCHEDULERS
-from .options import QUANT
+from .options import LABELS_HELP, QUANT, parse_labels
 
 
 @click.command("calibrate")
@@ -34,9 +34,10 @@ from .options import QUANT
                granularity=dict(help="Granularity of the dynamic scales during the calibration trajectories "
                                      "(must match the export)."))
 @click.option("--guidance-scale", type=float, default=1.0, show_default=True,
-              help="Classifier-free guidance (conditional UNets).")
+              help="Classifier-free guidance (conditional models).")
 @click.option("--subsample", type=click.IntRange(100), default=20_000, show_default=True,
               help="Values kept per layer and bucket for the percentile and MSE searches.")
+@click.option("--labels", "--class-label", "labels", default=None, metavar="L[,L...]", help=LABELS_HELP)
 @click.option("--prompts", type=click.Path(dir_okay=False), default=None,
               help="Text file, one prompt per line, encoded by --model's (a pipeline folder) text encoder: calibrate "
                    "on the conditioning the model will serve instead of random encoder states.")
@@ -45,7 +46,7 @@ from .options import QUANT
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, method, percentile, guidance_scale,
-              subsample, prompts, out, overwrite, quiet, **quant):
+              subsample, prompts, labels, out, overwrite, quiet, **quant):
     """Run calibration trajectories (dynamic scales) and write static delta scales per layer and
     timestep bucket, per-channel weight clipping ratios (MSE search) and provenance (model hash,
     config, sampler, seed) to a JSON file for `export --calibration`. With the recommended recipe,
@@ -65,7 +66,7 @@ def calibrate(model, scheduler, steps, samples, batch_size, seed, buckets, metho
     if gptq_layers(config, loaded.unet, recipe):
         check_writable(weights_path(out), overwrite, kind="file")
     traj = Trajectories(scheduler, steps, samples, batch_size, seed, guidance_scale,
-                        encode_prompts(loaded, model, prompts) if prompts else None)
+                        encode_prompts(loaded, model, prompts) if prompts else None, parse_labels(labels))
     t0 = time.perf_counter()
     data, rounded = calibrate_recipe(loaded, config, recipe, traj, progress=not quiet, buckets=buckets, method=method,
                                      percentile=percentile, subsample=subsample, in_place=True)

@@ -126,11 +126,30 @@ class _SamplingGroup(_Group):
 
             prompts = encode_prompts(model, model_spec, v["prompts"])
         return Trajectories(v["scheduler"], v["steps"], samples or v["batch_size"], v["batch_size"], v["seed"],
-                            v["guidance_scale"], prompts)
+                            v["guidance_scale"], prompts, parse_labels(v.get("labels")))
+
+
+def parse_labels(text: str | None) -> tuple[int, ...] | None:
+    """--labels '3,1,4' -> (3, 1, 4); None stays None (default: labels cycle over the classes)."""
+    if text is None:
+        return None
+    try:
+        labels = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers, e.g. 3,1,4",
+                                 param_hint="'--labels'") from None
+    if not labels:
+        raise click.BadParameter(f"{text!r}: expected at least one class label", param_hint="'--labels'")
+    return labels
+
+
+LABELS_HELP = ("Class-conditional models (DiT): class labels, comma-separated, cycled over the images "
+               "(num_classes = the null class); default: image i gets (seed + i) % num_classes.")
 
 
 SAMPLING = _SamplingGroup([
-    ("model", "--model", dict(default=None, help="'digits' (embedded, the default) or a local diffusers UNet/pipeline "
+    ("model", "--model", dict(default=None, help="'digits' (embedded, the default), 'digits_b', 'digits_dit' or a "
+                                                 "local diffusers model/pipeline "
                                                  "folder. With a graph/engine folder the model comes from its "
                                                  "manifest; --model then checks it is the same model.")),
     ("backend", "--backend", dict(type=click.Choice(BACKENDS), default="torch",
@@ -148,8 +167,9 @@ SAMPLING = _SamplingGroup([
     ("seed", "--seed", dict(type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                             help="Noise seed (batch i uses seed+i).")),
     ("guidance_scale", "--guidance-scale", dict(type=click.FloatRange(0, 100), default=1.0, show_default=True,
-                                                help="Classifier-free guidance (conditional UNets; batch doubled).")),
+                                                help="Classifier-free guidance (conditional models; batch doubled).")),
     ("prompts", "--prompts", dict(type=click.Path(dir_okay=False), default=None,
                                   help="Text file, one prompt per line, encoded by --model's (a pipeline folder) text "
                                        "encoder instead of random encoder states; cycled over the images.")),
+    ("labels", "--labels --class-label", dict(default=None, metavar="L[,L...]", help=LABELS_HELP)),
 ])

@@ -35,7 +35,9 @@ class LayerMacs:
 
 def count_macs(unet: nn.Module, *args, **kwargs) -> list[LayerMacs]:
     """MACs of every Conv2d/Linear (including the ones inside MoDiffLayer wrappers) for one call
-    `unet(*args, **kwargs)`, from the real input shapes. Layers called twice are summed."""
+    `unet(*args, **kwargs)`, from the real input shapes (diffusion transformers: through models/denoiser.py,
+    args = sample, timestep, cond). Layers called twice are summed."""
+    from ..models import denoiser
     from ..quant.quantization import MoDiffLayer
 
     totals: dict[str, list] = {}
@@ -64,7 +66,10 @@ def count_macs(unet: nn.Module, *args, **kwargs) -> list[LayerMacs]:
             hooks.append(m.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():
-            unet(*args, **kwargs)
+            if type(unet).__name__ in denoiser.TRANSFORMERS:
+                denoiser.call(unet, *args, **kwargs)
+            else:
+                unet(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()

@@ -157,3 +157,45 @@ def set_io_shapes(model: onnx.ModelProto, shapes: dict[str, list]) -> None:
                 dim.dim_param = d
             else:
                 dim.dim_value = int(d)
+
+
+def fold_static_squeezes(model: onnx.ModelProto) -> int:
+    """Replace by Identity every `If` the TorchScript exporter emits for `x.squeeze(d)` on a tensor whose
+    size at d it did not know: then-branch Squeeze(x, d), else-branch Identity(x), condition
+    Equal(Gather(Shape(x), d), 1). When the graph's shapes (set_io_shapes, then shape inference) give
+    x's dimension d as a number other than 1, the squeeze is a no-op. (PixArt's `proj_out(...).squeeze(1)`
+    on the step graph's cache sum: the checker's strict inference rejects the Squeeze branch.)
+    Returns the number folded."""
+    shapes = {}
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    consts = constants(model)
+    folded = 0
+    for node in list(model.graph.node):
+        if node.op_type != "If":
+            continue
+        br = {a.name: a.g for a in node.attribute}
+        then, other = br.get("then_branch"), br.get("else_branch")
+        if then is None or other is None or [n.op_type for n in other.node] != ["Identity"]:
+            continue
+        sq = [n for n in then.node if n.op_type == "Squeeze"]
+        x = other.node[0].input[0]
+        if len(sq) != 1 or sq[0].input[0] != x:
+            continue
+        axes = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in then.node if n.op_type == "Constant"}
+        axis = axes.get(sq[0].input[1]) if len(sq[0].input) > 1 else None
+        if axis is None:
+            axis = consts.get(sq[0].input[1]) if len(sq[0].input) > 1 else None
+        shape = shapes.get(x)
+        if axis is None or axis.size != 1 or shape is None or int(axis.reshape(-1)[0]) >= len(shape):
+            continue
+        dim = shape[int(axis.reshape(-1)[0])]
+        if dim is None or dim == 1:
+            continue
+        idx = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        model.graph.node.insert(idx, helper.make_node("Identity", [x], [node.output[0]], name=node.name + "_folded"))
+        folded += 1
+    return folded

@@ -1,9 +1,12 @@
 """ONNX export: a prime graph and a step graph with explicit Q/DQ and the caches as graph I/O.
 
-    prime.onnx: sample, timestep[, encoder_hidden_states]            -> noise_pred, caches...[, feature]
-    step.onnx:  sample, timestep[, encoder_hidden_states][, delta_scales], caches... -> same
-    shallow.onnx (block reuse, design section 1.1): sample, timestep[, ehs], outer caches..., feature
+    prime.onnx: sample, timestep[, cond]                             -> noise_pred, caches...[, feature]
+    step.onnx:  sample, timestep[, cond][, delta_scales], caches...  -> same
+    shallow.onnx (block reuse, design section 1.1): sample, timestep[, cond], outer caches..., feature
                                                                       -> noise_pred, outer caches...
+
+cond: encoder_hidden_states [B, S, D] (text-conditional: UNet2DConditionModel, PixArt) or class_labels
+[B] int64 (class-conditional: DiT); the denoiser is called through models/denoiser.py.
 
 Both are traced from the PyTorch reference (quant/quantization.py) with `export_qdq` on, so the graph
 computes exactly what the reference computes; export/passes.py then stores each quantized weight as
@@ -30,6 +33,7 @@ from ..config import QuantConfig
 from ..errors import ModiffExportError
 from ..fsutil import atomic_folder, check_writable
 from ..manifest import BATCH, CacheSpec, LayerInfo, Manifest, ReuseSpec, ScaleTable, TensorSpec
+from ..models import denoiser
 from ..models.loading import LoadedModel
 from ..quant.quantization import (
     WeightChoices,
@@ -57,11 +61,11 @@ def _cache_names(layer: str, kind: str) -> tuple[str, str]:
 
 
 class _GraphModule(nn.Module):
-    """Wraps the quantized UNet as a function of explicit tensors (what torch.onnx traces).
+    """Wraps the quantized denoiser as a function of explicit tensors (what torch.onnx traces).
 
-    phase "prime":   (sample, timestep[, ehs])                            -> (noise, *caches[, feature])
-    phase "step":    (sample, timestep[, ehs][, delta_scales], *caches)   -> (noise, *caches[, feature])
-    phase "shallow": (sample, timestep[, ehs], *outer caches, feature)    -> (noise, *outer caches)
+    phase "prime":   (sample, timestep[, cond])                            -> (noise, *caches[, feature])
+    phase "step":    (sample, timestep[, cond][, delta_scales], *caches)   -> (noise, *caches[, feature])
+    phase "shallow": (sample, timestep[, cond], *outer caches, feature)    -> (noise, *outer caches)
     """
 
     def __init__(self, unet, phase: str, conditional: bool, scale_input: bool, cache_dtype: torch.dtype):
@@ -91,8 +95,7 @@ class _GraphModule(nn.Module):
             self.reuse.phase = "shallow" if shallow else "full"
             if shallow:
                 self.reuse.feature = _as(rest[-1], torch.float32)
-        kwargs = {"encoder_hidden_states": ehs} if ehs is not None else {}
-        noise = self.unet(sample, timestep, **kwargs, return_dict=False)[0]
+        noise = denoiser.call(self.unet, sample, timestep, ehs)
         caches = [t for l in (self.outer if shallow else self.layers) for t in (l.a_hat, l.o_hat)]
         if self.reuse is not None and not shallow:
             caches.append(self.reuse.feature)
@@ -144,7 +147,7 @@ def export_model(model: LoadedModel, config: QuantConfig, out: str | Path, *,
     unet, n_buckets = _quantized_unet(model, config, scales, weights or WeightChoices())
     inputs = _input_specs(model)
     args = _example_args(inputs)
-    caches, feature = _cache_specs(unet, args, model.conditional, cache_dtype)
+    caches, feature = _cache_specs(unet, args, model.conditional or model.class_conditional, cache_dtype)
     if target not in ("trt", "ort"):
         raise ExportError(f"target {target!r} not in ['trt', 'ort']")
     manifest = _manifest(model, unet, config, inputs, caches, scales, n_buckets, cache_dtype, opset, feature)
@@ -200,10 +203,12 @@ def _quantized_unet(model: LoadedModel, config: QuantConfig, scales: ScaleTable 
 
 
 def _input_specs(model: LoadedModel) -> tuple[TensorSpec, ...]:
-    """sample [batch, C, H, W], timestep [batch][, encoder_hidden_states [batch, S, D]]."""
+    """sample [batch, C, H, W], timestep [batch][, encoder_hidden_states [batch, S, D] | class_labels [batch]]."""
     C, H, W = model.sample_shape
     specs = [TensorSpec("sample", (BATCH, C, H, W), "float32"), TensorSpec("timestep", (BATCH,), "float32")]
-    if model.conditional:
+    if model.class_conditional:
+        specs.append(TensorSpec(denoiser.CLASS_LABELS, (BATCH,), "int64"))
+    elif model.conditional:
         S, D = model.encoder_seq_len or 77, model.cross_attention_dim
         specs.append(TensorSpec("encoder_hidden_states", (BATCH, S, D), "float32"))
     return tuple(specs)
@@ -213,7 +218,8 @@ def _example_args(inputs: tuple[TensorSpec, ...]) -> list[torch.Tensor]:
     """One example tensor per input at batch 1 (the smallest trace: activations and caches of one sample,
     ~1.8 GB for SD-sized models; any batch works at run time, the batch axis is symbolic); seed 0."""
     torch.manual_seed(0)
-    return [torch.full(s.concrete(1), 500.0) if s.name == "timestep" else torch.randn(s.concrete(1)) for s in inputs]
+    return [torch.full(s.concrete(1), 500.0) if s.name == "timestep" else torch.zeros(s.concrete(1), dtype=torch.int64)
+            if s.dtype == "int64" else torch.randn(s.concrete(1)) for s in inputs]
 
 
 def _cache_specs(unet: nn.Module, args: list[torch.Tensor], conditional: bool, cache_dtype: str
@@ -237,7 +243,7 @@ def _manifest(model: LoadedModel, unet: nn.Module, config: QuantConfig, inputs: 
     """The typed contract of the graphs about to be traced (file digests are added after writing)."""
     C, H, W = model.sample_shape
     quantized = [layer.name for layer in modiff_layers(unet) if not layer.skipped]
-    out_ch = int(getattr(unet.config, "out_channels", C))
+    out_ch = model.out_channels or C  # what the denoiser returns (the epsilon half of learned-sigma models)
     step_extra = ()
     if n_buckets > 1 and config.mode == "modiff":  # delta_scales [L]: one scale per quantized layer per step
         step_extra = (TensorSpec("delta_scales", (len(quantized),), "float32"),)
@@ -268,7 +274,7 @@ def _layer_entry(l) -> dict:
 def _trace(unet: nn.Module, manifest: Manifest, role: str, args: list[torch.Tensor], path: Path) -> None:
     """Trace the `role` graph with the names, batch axes and shapes of `manifest`, turn its weights into
     int8/int4 initializers (passes.py) and write it to `path` (checked by onnx.checker)."""
-    module = _GraphModule(unet, role, manifest.conditional, bool(manifest.step_extra_inputs),
+    module = _GraphModule(unet, role, manifest.cond_input is not None, bool(manifest.step_extra_inputs),
                           getattr(torch, manifest.cache_dtype))
     in_specs, out_specs = manifest.graph_inputs(role), manifest.graph_outputs(role)
     call_args = list(args)
@@ -287,6 +293,8 @@ def _trace(unet: nn.Module, manifest: Manifest, role: str, args: list[torch.Tens
         for l in modiff_layers(unet) if not l.skipped))
     passes.remove_unused(model)
     passes.set_io_shapes(model, {s.name: list(s.shape) for s in in_specs + out_specs})
+    passes.fold_static_squeezes(model)
+    passes.remove_unused(model)
     _save(model, path)
     del model
     onnx.checker.check_model(str(path), full_check=True)  # full_check runs strict shape inference too

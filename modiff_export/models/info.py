@@ -11,7 +11,10 @@ DEFAULT_SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Identity and shapes of the exported UNet: what sampling needs to drive a runner without weights."""
+    """Identity and shapes of the exported denoiser (UNet or transformer, models/denoiser.py): what
+    sampling needs to drive a runner without weights. cross_attention_dim is D of encoder_hidden_states
+    (text-conditional models; PixArt: its caption_channels); num_classes: class-conditional models
+    (labels 0..num_classes-1, label num_classes is the null class of classifier-free guidance)."""
 
     name: str
     class_name: str
@@ -22,10 +25,16 @@ class ModelInfo:
     cross_attention_dim: int | None = None
     encoder_seq_len: int | None = None
     scheduler_config: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULER_CONFIG))
+    num_classes: int | None = None
 
     @property
     def conditional(self) -> bool:
+        """Takes encoder_hidden_states (text-conditional)."""
         return self.cross_attention_dim is not None
+
+    @property
+    def class_conditional(self) -> bool:
+        return self.num_classes is not None
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -44,12 +53,18 @@ class ModelInfo:
         T = sched.get("num_train_timesteps", 1000)
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             f.fail("scheduler_config.num_train_timesteps", f"must be a positive integer, got {T!r}")
+        n_cls = f.get("num_classes", int, optional=True)
+        if n_cls is not None and n_cls < 1:
+            f.fail("num_classes", f"must be >= 1 (or null: not class-conditional), got {n_cls}")
+        cad = f.get("cross_attention_dim", int, optional=True)
+        if n_cls is not None and cad is not None:
+            f.fail("num_classes", "a model is class- or text-conditional, not both (cross_attention_dim is set)")
         return cls(f.get("name", str), f.get("class", str), f.get("content_hash", str), chans["in_channels"],
-                   chans["out_channels"], tuple(size), f.get("cross_attention_dim", int, optional=True),
-                   f.get("encoder_seq_len", int, optional=True), sched)
+                   chans["out_channels"], tuple(size), cad, f.get("encoder_seq_len", int, optional=True), sched, n_cls)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "class": self.class_name, "content_hash": self.content_hash,
                 "in_channels": self.in_channels, "out_channels": self.out_channels,
                 "sample_size": list(self.sample_size), "cross_attention_dim": self.cross_attention_dim,
-                "encoder_seq_len": self.encoder_seq_len, "scheduler_config": self.scheduler_config}
+                "encoder_seq_len": self.encoder_seq_len, "scheduler_config": self.scheduler_config,
+                "num_classes": self.num_classes}

@@ -1,9 +1,13 @@
-"""Loading diffusion UNets: the embedded `digits` model or a local diffusers folder (no downloads).
+"""Loading denoisers (diffusers UNets and diffusion transformers, models/denoiser.py): the embedded
+models or a local diffusers folder (no downloads).
 
     spec = "digits"             -> modiff_export/assets/digits (trained by `cli.py train-demo`)
     spec = "digits_b"           -> modiff_export/assets/digits_b (second validation model, docs/quality.md)
-    spec = <UNet folder>        -> config.json + diffusion_pytorch_model.safetensors [+ scheduler_config.json]
-    spec = <pipeline folder>    -> unet/ (as above) + scheduler/scheduler_config.json
+    spec = "digits_dit"         -> modiff_export/assets/digits_dit (class-conditional DiT on digits)
+    spec = <model folder>       -> config.json + diffusion_pytorch_model.safetensors [+ scheduler_config.json]
+                                   (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel,
+                                   PixArtTransformer2DModel)
+    spec = <pipeline folder>    -> unet/ or transformer/ (as above) + scheduler/scheduler_config.json
 """
 from __future__ import annotations
 
@@ -17,15 +21,18 @@ from pathlib import Path
 import torch
 
 from ..errors import ModiffExportError
+from . import denoiser
 from .info import DEFAULT_SCHEDULER_CONFIG, ModelInfo
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "digits"  # the shipped digits model (the only definition)
-EMBEDDED = {"digits": ASSETS, "digits_b": ASSETS.parent / "digits_b"}  # names --model accepts besides folders
-UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+EMBEDDED = {"digits": ASSETS, "digits_b": ASSETS.parent / "digits_b",  # names --model accepts besides folders
+            "digits_dit": ASSETS.parent / "digits_dit"}
+UNET_CLASSES = denoiser.SUPPORTED  # every class --model loads (the name is older than the transformers)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 DEFAULT_SEQ_LEN = 77  # CLIP text length; conditional UNets get random encoder states of [B, 77, D]
-EXPECTED = (f"a diffusers UNet folder ({'/'.join(UNET_CLASSES)}: config.json + {WEIGHTS}) "
-            f"or a pipeline folder with unet/")
+PIXART_SEQ_LEN = 120  # PixArt-alpha's T5 caption length: PixArt models get [B, 120, caption_channels]
+EXPECTED = (f"a diffusers model folder ({'/'.join(UNET_CLASSES)}: config.json + {WEIGHTS}) "
+            f"or a pipeline folder with unet/ or transformer/")
 
 
 class ModelError(ModiffExportError):
@@ -34,8 +41,9 @@ class ModelError(ModiffExportError):
 
 @dataclass
 class LoadedModel:
-    """A UNet with what the pipeline needs to know about it (unet is None when only the metadata of an
-    exported model is known, e.g. read from a manifest)."""
+    """A denoiser with what the pipeline needs to know about it (unet is None when only the metadata of
+    an exported model is known, e.g. read from a manifest). `unet` is the denoiser of any supported class
+    (called through models/denoiser.py); num_classes: class-conditional models (models/info.py)."""
 
     unet: torch.nn.Module | None    # eval mode, float32
     name: str
@@ -46,22 +54,23 @@ class LoadedModel:
     cross_attention_dim: int | None
     encoder_seq_len: int | None
     out_channels: int | None = None
+    num_classes: int | None = None
+
+    @property
+    def class_conditional(self) -> bool:
+        return self.num_classes is not None
 
     @classmethod
     def from_unet(cls, unet: torch.nn.Module, name: str, scheduler_config: dict | None = None) -> "LoadedModel":
-        """Describe an in-memory diffusers UNet (shapes from its config, identity from its weights)."""
-        cfg = unet.config
-        size = cfg.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        conditional = hasattr(cfg, "cross_attention_dim") and type(unet).__name__ != "UNet2DModel"
-        cad = cfg.cross_attention_dim if conditional else None
-        if isinstance(cad, (list, tuple)):
-            cad = cad[0]
+        """Describe an in-memory diffusers denoiser (shapes from its config, identity from its weights)."""
+        h, w = denoiser.sample_hw(unet)
+        cad = denoiser.text_dim(unet)
+        pixart = type(unet).__name__ == "PixArtTransformer2DModel"
         return cls(unet=unet, name=name, scheduler_config=dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG),
-                   content_hash=content_hash(unet), conditional=conditional,
-                   sample_shape=(int(cfg.in_channels), int(h), int(w)), cross_attention_dim=cad,
-                   encoder_seq_len=DEFAULT_SEQ_LEN if conditional else None,
-                   out_channels=int(getattr(cfg, "out_channels", None) or cfg.in_channels))
+                   content_hash=content_hash(unet), conditional=cad is not None,
+                   sample_shape=(int(unet.config.in_channels), h, w), cross_attention_dim=cad,
+                   encoder_seq_len=None if cad is None else PIXART_SEQ_LEN if pixart else DEFAULT_SEQ_LEN,
+                   out_channels=denoiser.eps_channels(unet), num_classes=denoiser.num_classes(unet))
 
     @classmethod
     def from_info(cls, info: ModelInfo) -> "LoadedModel":
@@ -70,7 +79,7 @@ class LoadedModel:
         return cls(unet=None, name=info.name, scheduler_config=dict(info.scheduler_config),
                    content_hash=info.content_hash, conditional=info.conditional, sample_shape=info.sample_shape,
                    cross_attention_dim=info.cross_attention_dim, encoder_seq_len=info.encoder_seq_len,
-                   out_channels=info.out_channels)
+                   out_channels=info.out_channels, num_classes=info.num_classes)
 
     @property
     def info(self) -> ModelInfo:
@@ -78,7 +87,7 @@ class LoadedModel:
         C, H, W = self.sample_shape
         return ModelInfo(self.name, type(self.unet).__name__ if self.unet is not None else "UNet", self.content_hash,
                          C, self.out_channels or C, (H, W), self.cross_attention_dim, self.encoder_seq_len,
-                         dict(self.scheduler_config))
+                         dict(self.scheduler_config), self.num_classes)
 
     def copy(self) -> "LoadedModel":
         """The same model with its own copy of the weights (export and quantize consume the UNet)."""
@@ -106,16 +115,18 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def load_model(spec: str) -> LoadedModel:
-    """Load `digits` or a local diffusers folder; any problem raises ModelError naming the path."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
+    """Load an embedded model or a local diffusers folder; any problem raises ModelError naming the path."""
+    import diffusers
 
     folder = EMBEDDED.get(spec, Path(spec))
     name = spec if spec in EMBEDDED else folder.resolve().name
     if not folder.is_dir():
-        raise ModelError(f"{folder}: not a folder; expected 'digits' or {EXPECTED}")
+        raise ModelError(f"{folder}: not a folder; expected one of {sorted(EMBEDDED)} or {EXPECTED}")
     unet_dir, sched_path = folder, folder / "scheduler_config.json"
-    if (folder / "unet").is_dir():  # pipeline layout
-        unet_dir, sched_path = folder / "unet", folder / "scheduler" / "scheduler_config.json"
+    for sub in ("unet", "transformer"):  # pipeline layout
+        if (folder / sub).is_dir():
+            unet_dir, sched_path = folder / sub, folder / "scheduler" / "scheduler_config.json"
+            break
     config_path = unet_dir / "config.json"
     if not config_path.is_file():
         raise ModelError(f"{config_path}: missing; expected {EXPECTED}")
@@ -124,7 +135,7 @@ def load_model(spec: str) -> LoadedModel:
         raise ModelError(f"{config_path}: _class_name is {cls_name!r}; expected one of {list(UNET_CLASSES)}")
     if not (unet_dir / WEIGHTS).is_file():
         raise ModelError(f"{unet_dir / WEIGHTS}: missing; expected {EXPECTED}")
-    cls = UNet2DModel if cls_name == "UNet2DModel" else UNet2DConditionModel
+    cls = getattr(diffusers, cls_name)
     try:
         unet = cls.from_pretrained(str(unet_dir), local_files_only=True, use_safetensors=True,
                                     low_cpu_mem_usage=False)

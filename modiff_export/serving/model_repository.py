@@ -145,6 +145,9 @@ def write_model_repository(src: str | Path, out: str | Path, opt: PackageOptions
                                "(the folder they were built from) to build the one START-selected plan")
     graph_folder = Path(graphs) if graphs is not None else src
     m = Manifest.load(graph_folder)
+    if m.model.num_classes is not None:
+        raise PackageError(f"{graph_folder}: {m.model.name} is class-conditional (class_labels input); "
+                           f"package-triton does not handle class labels yet (issue 19)")
     check_writable(out, overwrite)
     model = merged_unet_model(graph_folder)
     with atomic_folder(out, overwrite) as tmp:

@@ -168,6 +168,9 @@ def load_runner(cfg: ServeConfig):
     kwargs = {"ort": (("threads", cfg.threads),), "openvino": (("static_shapes", False),)}.get(cfg.backend, ())
     opts = RunnerOptions(cfg.backend, cfg.model, cfg.folder, runner_kwargs=kwargs)
     resolved = resolve_runner(opts, QuantConfig() if cfg.backend == "torch" and cfg.folder is None else None)
+    if resolved.model.num_classes is not None:
+        raise ServeError(f"{resolved.model.name} is class-conditional (class_labels): serve does not take class "
+                         f"labels yet (issue 19); sample/evaluate run it")
     resolved.runner.activate()
     return resolved.runner, resolved.model
 

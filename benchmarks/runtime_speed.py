@@ -1,13 +1,17 @@
 """OpenVINO CPU speed: FP f32 / FP default precision / NNCF int8 / PTQ W8A8 / MoDiff, interleaved rounds.
 
-    python benchmarks/runtime_speed.py [--models cifar,digits,sd15] [--threads 1] [--rounds 7] [--batch 4]
+    python benchmarks/runtime_speed.py [--models cifar,digits,sd15,dit_s2,pixart] [--threads 1] [--rounds 7] [--batch 4]
         [--profile] [--memory] [--levers none,minmax,update,share,...] [--sd-latent 16] [--doc FILE]
         [--reuse-depths 1,2 | --reuse-depths none]
 
 Models (random weights except digits; nothing downloaded): `cifar` (the CIFAR-10 DDPM UNet architecture,
 35.7M params, 32x32), `digits` (the shipped 16x16 model), `sd15` (Stable Diffusion 1.5's UNet at a
 --sd-latent latent, classifier-free guidance: UNet batch 2 x --batch; no NNCF row, its calibration data
-would need text encodings). Rows and how each runs: modiff_export/harness/speed.py. `--profile` prints
+would need text encodings), `dit_s2` (DiT-S/2: hidden 384, depth 12, 6 heads, patch 2, 32x32x4 latent,
+1000 classes; CFG: batch 2 x --batch, cond + null class; NNCF calibrated on class-conditional FP trajectories)
+and `pixart` (PixArt-alpha's transformer at a --sd-latent latent, 120 caption tokens of 4096 channels, CFG,
+no NNCF row as for sd15). Transformers get no block-reuse rows (reuse is defined on UNet blocks).
+Rows and how each runs: modiff_export/harness/speed.py. `--profile` prints
 OpenVINO's per-node counters (PERF_COUNT) summed by node type for every row; `--memory` the peak RSS of a
 process that loads one runner and runs a trajectory's first calls; `--levers` adds MoDiff step rows with
 other step-graph forms (export/ov_variant.py; `none` = the exported graph as it is). `--reuse-depths` adds
@@ -49,11 +53,16 @@ def versions() -> str:
 def model_spec(name: str, work: Path, sd_latent: int) -> str:
     from modiff_export.harness.arch_models import write_model
 
-    if name in ("digits", "digits_b"):
+    if name in ("digits", "digits_b", "digits_dit"):
         return name
-    if name == "cifar":
-        return str(write_model("cifar", work / "models" / "cifar"))
-    return str(write_model("sd15", work / "models" / f"sd15-{sd_latent}", latent=sd_latent))
+    if name in ("cifar", "dit_s2"):
+        return str(write_model(name, work / "models" / name))
+    return str(write_model(name, work / "models" / f"{name}-{sd_latent}", latent=sd_latent))  # sd15, pixart
+
+
+TEXT_CONDITIONED = ("sd15", "pixart")          # CFG with random encoder states; no NNCF row
+CFG_MODELS = ("sd15", "pixart", "dit_s2")      # UNet/transformer batch = 2 x --batch
+TRANSFORMERS = ("dit_s2", "pixart", "digits_dit")
 
 
 def lever_rows(spec: str, bits: str) -> list[speed.Variant]:
@@ -144,16 +153,18 @@ def memory_block(vs, graphs, threads, batch, static) -> list[str]:
 
 
 @click.command()
-@click.option("--models", default="cifar", show_default=True, help="Comma list of cifar, digits, sd15.")
+@click.option("--models", default="cifar", show_default=True,
+              help="Comma list of cifar, digits, sd15, dit_s2, pixart, digits_dit.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="Intra-op threads.")
 @click.option("--rounds", default=7, show_default=True, type=click.IntRange(1), help="Interleaved rounds (medians).")
 @click.option("--batch", default=4, show_default=True, type=click.IntRange(1),
-              help="Images per call (sd15: UNet batch 2x this, CFG).")
+              help="Images per call (sd15, pixart, dit_s2: model batch 2x this, CFG).")
 @click.option("--bits", default="w8a4", show_default=True, type=click.Choice(["w8a4", "w8a8"]), help="MoDiff rows.")
 @click.option("--profile", "do_profile", is_flag=True, help="Print the per-node-type counters of every row.")
 @click.option("--memory", is_flag=True, help="Peak RSS of each runner in its own process.")
 @click.option("--levers", default=None, help="Extra MoDiff step rows: comma list of lever sets (none, a+b, ...).")
-@click.option("--sd-latent", default=16, show_default=True, type=click.IntRange(8), help="sd15 latent height = width.")
+@click.option("--sd-latent", default=16, show_default=True, type=click.IntRange(8),
+              help="sd15 / pixart latent height = width.")
 @click.option("--work", default="/tmp/runtime_speed", show_default=True, type=click.Path(file_okay=False),
               help="Folder for models and exported graphs (kept and reused).")
 @click.option("--shapes", default="static", show_default=True, type=click.Choice(["static", "dynamic"]),
@@ -170,21 +181,22 @@ def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_la
     print("\n".join(out), flush=True)
     for name in models.split(","):
         spec = model_spec(name, work, sd_latent)
-        cond = name == "sd15"
-        root = work / "graphs" / (name if not cond else f"sd15-{sd_latent}")
-        depths = () if reuse_depths == "none" else tuple(int(d) for d in reuse_depths.split(","))
+        cond = name in CFG_MODELS
+        root = work / "graphs" / (f"{name}-{sd_latent}" if name in TEXT_CONDITIONED else name)
+        no_reuse = reuse_depths == "none" or name in TRANSFORMERS
+        depths = () if no_reuse else tuple(int(d) for d in reuse_depths.split(","))
         reuse_keys = tuple(speed.reuse_key(k, d) for d in depths for k in (f"modiff-{bits}", "fp"))
         graphs = speed.export_graphs(spec, root, ("fp", "ptq-w8a8", f"modiff-{bits}", *reuse_keys))
         vs = speed.main_variants(bits) + speed.reuse_variants(bits, depths)
-        if cond:
+        if name in TEXT_CONDITIONED:
             vs = [v for v in vs if v.graphs != "nncf"]
         else:
             graphs["nncf"] = speed.export_nncf(spec, graphs["fp"], batch)
         if levers:
             vs += lever_rows(levers, bits)
         b = 2 * batch if cond else batch
-        note = f"batch {b}" + (f" = CFG 2 x {batch}, latent {sd_latent}x{sd_latent}" if cond else "") + \
-               f", {threads} thread(s)"
+        latent = f", latent {sd_latent}x{sd_latent}" if name in TEXT_CONDITIONED else ""
+        note = f"batch {b}" + (f" = CFG 2 x {batch}{latent}" if cond else "") + f", {threads} thread(s)"
         t0, before = time.time(), load_note()
         static = shapes == "static"
         rows = speed.time_rows(vs, graphs, threads, rounds, b, static)
@@ -197,7 +209,7 @@ def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_la
                  speed.verdict(rows), ""]
         if depths:
             block += ["Block reuse, trajectories of 25 calls from the rows above:", "", *speed.reuse_table(rows), ""]
-        if name != "sd15":
+        if name not in TEXT_CONDITIONED:
             from modiff_export.harness.nncf_peer import nncf_settings_text
 
             block += [f"NNCF settings: {nncf_settings_text()}; calibrated on 2 FP trajectories (DDIM 10 steps, batch "

@@ -52,8 +52,9 @@ def peer_quantize(fp_folder: Path, out: Path, inputs: list, progress: bool = Tru
 
     class Reader(CalibrationDataReader):
         def __init__(self):
+            # Recorder.inputs: (sample, timestep, cond); the demo's model is unconditional (cond None)
             self.it = iter([{"sample": x.numpy(), "timestep": np.full((x.shape[0],), t, np.float32)} for x,
-                            t in inputs])
+                            t, _ in inputs])
 
         def get_next(self):
             return next(self.it, None)

@@ -15,7 +15,8 @@ class Recorder:
 
     def __call__(self, sample, t, ehs=None):
         out = self.runner(sample, t, ehs)
-        self.inputs.append((sample.clone(), float(t)))  # sample [B, C, H, W], one timestep per call
+        # sample [B, C, H, W], one timestep per call, the conditioning (None, [B, S, D] states or [B] labels)
+        self.inputs.append((sample.clone(), float(t), None if ehs is None else ehs.clone()))
         self.outputs.append(out.clone())
         return out
 

@@ -113,6 +113,7 @@ def export_graphs(spec: str, root: Path, keys=tuple(CONFIGS), quiet: bool = True
 def export_nncf(spec: str, fp_folder: Path, batch: int, seeds: int = 2, steps: int = 10) -> Path:
     """NNCF int8 of the FP graph, calibrated on `seeds` FP trajectories (DDIM `steps`, batch `batch`)."""
     from ..backends.openvino_runner import OpenVinoRunner
+    from ..manifest import Manifest
     from ..models import load_model
     from ..sampling import generate, make_scheduler
     from .nncf_peer import nncf_quantize
@@ -124,8 +125,12 @@ def export_nncf(spec: str, fp_folder: Path, batch: int, seeds: int = 2, steps: i
     m = load_model(spec)
     rec = Recorder(OpenVinoRunner(fp_folder, threads=1, precision="f32"))
     for seed in range(seeds):
-        generate(rec, make_scheduler("ddim", m.scheduler_config), steps, batch, seed, m.sample_shape, progress=False)
-    return nncf_quantize(fp_folder, out, rec.inputs)
+        # class-conditional models: labels 0.. over the batch, cond and null class in one CFG call (guidance 4)
+        labels = None if m.num_classes is None else torch.arange(batch) % m.num_classes
+        null = None if labels is None else torch.full_like(labels, m.num_classes)
+        generate(rec, make_scheduler("ddim", m.scheduler_config), steps, batch, seed, m.sample_shape, labels, null,
+                 guidance_scale=1.0 if labels is None else 4.0, progress=False)
+    return nncf_quantize(fp_folder, out, rec.inputs, feed_name(Manifest.load(fp_folder)))
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -136,13 +141,29 @@ def rss_mb() -> float:
 
 
 def inputs(manifest, batch: int, seed: int = 0):
-    """(sample, a sample close to it for the step call, encoder_hidden_states or None)."""
+    """(sample, a sample close to it for the step call, the conditioning or None): random encoder states
+    [B, S, D] for text-conditional graphs, random class labels [B] int64 (no null class) for class-conditional
+    ones (models/denoiser.py)."""
+    from ..models.denoiser import CLASS_LABELS, ENCODER_STATES
+
     g = torch.Generator().manual_seed(seed)
     shape = next(s.shape for s in manifest.inputs if s.name == "sample")
     x = torch.randn((batch, *shape[1:]), generator=g)
-    e = [s for s in manifest.inputs if s.name == "encoder_hidden_states"]
-    ehs = torch.randn((batch, *e[0].shape[1:]), generator=g) if e else None
-    return x, 0.97 * x + 0.05 * torch.randn(x.shape, generator=g), ehs
+    names = {s.name: s for s in manifest.inputs}
+    cond = None
+    if ENCODER_STATES in names:
+        cond = torch.randn((batch, *names[ENCODER_STATES].shape[1:]), generator=g)
+    elif CLASS_LABELS in names:
+        cond = torch.randint(0, manifest.model.num_classes, (batch,), generator=g)
+    return x, 0.97 * x + 0.05 * torch.randn(x.shape, generator=g), cond
+
+
+def feed_name(manifest) -> str | None:
+    """The graph input the conditioning of `inputs` goes to (None: unconditional)."""
+    from ..models.denoiser import CLASS_LABELS, ENCODER_STATES
+
+    names = {s.name for s in manifest.inputs}
+    return next((n for n in (ENCODER_STATES, CLASS_LABELS) if n in names), None)
 
 
 def compile_plain(folder: Path, threads: int, hint: str | None, extra: dict | None = None, batch: int | None = None):
@@ -181,7 +202,7 @@ class Timed:
             self.req = compile_plain(folder, threads, v.hint, extra, batch if static else None).create_infer_request()
             self.feed = {"sample": self.x.numpy(), "timestep": torch.full((batch,), 520.0).numpy()}
             if self.ehs is not None:
-                self.feed["encoder_hidden_states"] = self.ehs.numpy()
+                self.feed[feed_name(manifest)] = self.ehs.numpy()
         else:
             key = (v.graphs, v.runner)
             if key not in pool:

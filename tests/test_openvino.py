@@ -250,3 +250,37 @@ def test_cli_sample_openvino(tmp_path):
                                    "--out", str(tmp_path / "y.png")])
     text = bad.output + (bad.stderr if hasattr(bad, "stderr") else "")
     assert bad.exit_code == 1 and "error:" in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_weight_fold_computes_the_graph(tmp_path, weight_bits):
+    """fold_weight_dequant (CPUs whose int8 dot product saturates) replaces the weight DequantizeLinear
+    nodes (per-channel int8, blocked INT4 for Linear at 4 bits) by their float values: ONNX Runtime with
+    its graph optimizations off (each op as the ONNX spec defines it) must give the same prime outputs from
+    both graphs (1e-6 relative: measured 0.0; with optimizations on, ORT's own QDQ fusions alone move the
+    unfolded graph by 2e-3), and an OpenVINO runner told to fold must match it as tightly as the prime
+    parity test asks (1e-4, float32 summation order)."""
+    import onnx
+    import onnxruntime as ort_rt
+
+    from modiff_export.export.ov_variant import fold_weight_dequant
+
+    unet, info, ehs = _case("cond")
+    export_model(info.copy(), QuantConfig(weight_bits=weight_bits, act_bits=8), tmp_path / "g", progress=False)
+    proto = onnx.load(str(tmp_path / "g" / "prime.onnx"))
+    n_dq = sum(n.op_type == "DequantizeLinear" for n in proto.graph.node)
+    assert fold_weight_dequant(proto) > 0
+    assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) < n_dq
+    onnx.save_model(proto, str(tmp_path / "folded.onnx"))
+    x = torch.randn(4, *info.sample_shape, generator=torch.Generator().manual_seed(1))
+    feed = {"sample": x.numpy(), "timestep": torch.full((4,), 500.0).numpy(), "encoder_hidden_states": ehs.numpy()}
+    so = ort_rt.SessionOptions()
+    so.graph_optimization_level = ort_rt.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sessions = (ort_rt.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+                for p in (tmp_path / "g" / "prime.onnx", tmp_path / "folded.onnx"))
+    a, b = (torch.from_numpy(s.run(["noise_pred"], feed)[0]) for s in sessions)
+    assert (a - b).abs().max() <= 1e-6 * a.abs().max()
+    folded = _ov(tmp_path / "g", int8_kernels=False, prime_precision="f32")
+    assert not folded.int8_kernels
+    c = folded.prime(x, 500.0, ehs)
+    assert (a - c).abs().max() <= 1e-4 * a.abs().max()

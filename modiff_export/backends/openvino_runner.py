@@ -42,6 +42,7 @@ from ..export import ov_variant
 from ..manifest import CacheSpec, GraphTensor, Manifest
 from .base import Runner, RunnerError
 from .buffers import PingPongBuffers
+from .cpu import int8_dot_saturates
 
 PRECISIONS = ("f32", "bf16", "mixed", "default")
 CACHE_MODES = ("pingpong", "stateful")
@@ -127,7 +128,7 @@ class OpenVinoRunner(Runner):
     def __init__(self, graph_folder: str | Path, threads: int | None = None, precision: str = "f32",
                  prime_precision: str | None = None, cache_mode: str | None = None,
                  levers: tuple[str, ...] | None = None, properties: dict | None = None,
-                 static_shapes: bool = True):
+                 static_shapes: bool = True, int8_kernels: bool | None = None):
         if precision not in PRECISIONS or (prime_precision or precision) not in PRECISIONS:
             raise RunnerError(f"openvino runner: precision must be one of {list(PRECISIONS)}")
         # OpenVINO 2026.4's CPU plugin keeps variables (stateful caches) at the inference precision and runs
@@ -161,6 +162,10 @@ class OpenVinoRunner(Runner):
             raise RunnerError(f"openvino runner: levers must be a subset of {list(ov_variant.LEVERS)}")
         self.properties = dict(properties or {})  # extra compile properties (e.g. PERF_COUNT for profiling)
         self.static_shapes = bool(static_shapes)
+        # int8 kernels compute the graph's codes exactly only where the int8 dot product does not saturate
+        # (VNNI / AMX); elsewhere the weights are dequantized at load and the layers run in float
+        # (export/ov_variant.fold_weight_dequant). None: decided from this CPU's flags.
+        self.int8_kernels = (not int8_dot_saturates()) if int8_kernels is None else bool(int8_kernels)
         self.compiled, self.requests = {}, {}
         self._compiled_batch: int | None = None  # static_shapes: the batch the graphs are compiled for
         self._copy_bufs: dict = {}  # stateful: host tensors of the variables whose buffer is not handed out
@@ -187,7 +192,8 @@ class OpenVinoRunner(Runner):
 
         path = self.folder / self.manifest.graphs[role]
         try:
-            model = self._read_step(path) if role != "prime" and self.levers else ov.Core().read_model(str(path))
+            rewrite = not self.int8_kernels or (role != "prime" and self.levers)
+            model = self._read_rewritten(path, role) if rewrite else ov.Core().read_model(str(path))
         except Exception as e:  # noqa: BLE001 - OpenVINO raises assorted types for damaged files; reported
             raise RunnerError(f"{path}: OpenVINO cannot read this graph ({_reason(e)})") from None
         self._check_io(role, model)
@@ -203,26 +209,33 @@ class OpenVinoRunner(Runner):
             manager.run_passes(model)
         return model
 
-    def _read_step(self, path: Path):
-        """A step (or shallow) graph with export/ov_variant.py's levers applied (same I/O, same codes)."""
+    def _read_rewritten(self, path: Path, role: str):
+        """A graph rewritten for OpenVINO (same I/O, same codes): a step or shallow graph with
+        export/ov_variant.py's levers; without int8 kernels, every graph with its weights dequantized."""
         import tempfile
 
         import onnx
         import openvino as ov
 
-        proto = onnx.load(str(path), load_external_data=False)
+        fold = not self.int8_kernels
+        proto = onnx.load(str(path), load_external_data=fold)  # folding computes from the weights
         deep = set(self.manifest.reuse.deep_layers) if self.manifest.reuse else set()
         groups = {c.input: "deep" if c.layer in deep else "outer" for c in self.manifest.caches}
-        if not ov_variant.rewrite(proto, self.levers, groups):
+        changed = ov_variant.rewrite(proto, self.levers, groups) if role != "prime" and self.levers else 0
+        changed += ov_variant.fold_weight_dequant(proto) if fold else 0
+        if not changed:
             return ov.Core().read_model(str(path))
         data = path.with_name(path.name + ".data")
         # read from a file, not from bytes: from bytes OpenVINO drops graph inputs nobody reads (a layer's a_hat
         # input under "share"), and the I/O would no longer match the manifest
         with tempfile.TemporaryDirectory() as tmp:
-            if data.is_file():  # external data: the rewritten graph beside a link to it
+            out = Path(tmp) / path.name
+            if fold:  # float weights: written beside the graph (a float UNet can pass protobuf's 2 GiB)
+                onnx.save_model(proto, str(out), save_as_external_data=True, location=data.name)
+            elif data.is_file():  # external data: the rewritten graph beside a link to it
                 (Path(tmp) / data.name).symlink_to(data.resolve())
-            onnx.save_model(proto, str(Path(tmp) / path.name))
-            return ov.Core().read_model(str(Path(tmp) / path.name))  # opens (maps) the data file now
+            onnx.save_model(proto, str(out))
+            return ov.Core().read_model(str(out))  # opens (maps) the data file now
 
     def activate_impl(self) -> None:
         if self.static_shapes:  # compiled on the first call, for its batch (_compile_for)

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..backends.cpu import cpu_int8_flags
 from ..config import QuantConfig
-from .latency import cpu_int8_flags, cpu_name, loadavg
+from .latency import cpu_name, loadavg
 from .peer import PEER_DEFAULT_SETTINGS, PEER_SETTINGS, peer_quantize, peer_settings_text
 from .recorder import Phases, Recorder
 

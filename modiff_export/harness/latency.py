@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from ..backends.cpu import cpu_int8_flags
+
 
 def make_session(path, threads: int | None = None):
     import onnxruntime as ort
@@ -53,22 +55,6 @@ def measure_latency(sessions: dict, feeds: dict, rounds: int = 5, warmup: int = 
             times[name].append(time.perf_counter() - t0)
         r += 1
     return {name: statistics.median(v) for name, v in times.items()}
-
-
-CPU_FLAGS = ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "avx512bw", "avx2")
-
-
-def cpu_int8_flags() -> dict[str, bool]:
-    """Which int8-relevant x86 instruction sets /proc/cpuinfo reports."""
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        text = ""
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags |= set(line.split(":", 1)[1].split())
-    return {f: f in flags for f in CPU_FLAGS}
 
 
 def cpu_name() -> str:

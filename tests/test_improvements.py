@@ -177,3 +177,18 @@ def test_gathered_columns_are_im2col_rows(conv, shape):
     assert torch.equal(_columns(m, x), ref)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(_columns(m, x, 10, g1), ref[torch.randperm(ref.shape[0], generator=g2)[:10]])
+
+
+def test_digits_dit_is_the_shipped_class_conditional_dit():
+    """The third validation model: train-demo --arch digits_dit's preset describes the shipped weights, and
+    they load as a class-conditional DiT with 10 digit classes (label 10 = the CFG null class)."""
+    from modiff_export.models.train import DIT_CONFIG
+
+    shipped = json.loads((EMBEDDED["digits_dit"] / "config.json").read_text())
+    assert shipped["_class_name"] == "DiTTransformer2DModel"
+    for k, v in DIT_CONFIG.items():
+        assert shipped[k] == v, k
+    m = load_model("digits_dit")
+    assert m.num_classes == 10 and m.sample_shape == (1, 16, 16) and not m.conditional
+    emb = m.unet.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+    assert emb.num_embeddings == 11  # ten digits + the null class trained by label dropout

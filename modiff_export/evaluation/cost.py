@@ -67,7 +67,17 @@ def count_macs(unet: nn.Module, *args, **kwargs) -> list[LayerMacs]:
     try:
         with torch.no_grad():
             if type(unet).__name__ in denoiser.TRANSFORMERS:
-                denoiser.call(unet, *args, **kwargs)
+                sample, timestep, *cond = args
+                b = sample.shape[0]
+                timestep = torch.as_tensor(timestep, dtype=torch.float32).flatten().expand(b)  # [B], as runners pass
+                n = denoiser.num_classes(unet)
+                if not cond and n is not None:  # MACs do not depend on the label: class 0 for every image
+                    cond = [torch.zeros(b, dtype=torch.int64)]
+                elif not cond and denoiser.conditioning(unet) == "text":
+                    from ..models.loading import PIXART_SEQ_LEN
+
+                    cond = [torch.zeros(b, PIXART_SEQ_LEN, denoiser.text_dim(unet))]
+                denoiser.call(unet, sample, timestep, *cond, **kwargs)
             else:
                 unet(*args, **kwargs)
     finally:

@@ -203,3 +203,33 @@ def test_cli_labels_on_unconditional_and_graphs(folders, tmp_path):
     assert "class label 12 is outside 0..10" in error_line(code, err) and not (tmp_path / "c.json").exists()
     code, _, err = run_cli(["package-triton", folders["dit_graphs"], "--out", tmp_path / "repo"])
     assert "class-conditional" in error_line(code, err) and not (tmp_path / "repo").exists()
+
+
+# -- TensorRT planning (CPU-testable up to the TensorRT call) ----------------------------------------
+def test_tensorrt_planning_of_a_dit(tmp_path):
+    """build-engine's planning on a DiT's graphs: one optimization profile entry for every network input,
+    class_labels included (int64 [batch], as the manifest says), and at W4A4 with block scales (opset 21)
+    the transformer's Linear weights are INT4 block-quantized, so --precision int4 has something to run
+    (TensorRT's INT4 is
+    weight-only block-quantized MatMul/Gemm: nearly all of a transformer's compute)."""
+    import onnx
+
+    from modiff_export.engine import EngineBuildOptions, builder_settings, count_block_quantized_weights, plan_profiles
+
+    m = load_model(str(_save(build_tiny_dit(), tmp_path / "d")))
+    cfg = QuantConfig(weight_bits=4, act_bits=4, weight_block_size=16)
+    export_model(m.copy(), cfg, tmp_path / "g", opset=21, progress=False)
+    man = Manifest.load(tmp_path / "g")
+    p = plan_profiles(man, EngineBuildOptions(min_batch=2, opt_batch=4, max_batch=8))
+    for role, entries in p.items():
+        model = onnx.load(str(tmp_path / "g" / man.graphs[role]), load_external_data=False)
+        init = {i.name for i in model.graph.initializer}
+        assert [e[0] for e in entries] == [i.name for i in model.graph.input if i.name not in init]
+        labels = next(e for e in entries if e[0] == "class_labels")
+        assert labels[1:] == ((2,), (4,), (8,))
+    assert next(s for s in man.inputs if s.name == "class_labels").dtype == "int64"
+    n = count_block_quantized_weights(tmp_path / "g" / man.graphs["step"])
+    linears = sum(1 for _, mod in m.unet.named_modules() if isinstance(mod, torch.nn.Linear))
+    assert n >= linears // 2 > 0
+    s = builder_settings(man, EngineBuildOptions(precision="int4"), block_quantized_weights=n)
+    assert s["strongly_typed"] and f"{n} found" in s["explain"]

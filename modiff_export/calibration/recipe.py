@@ -6,8 +6,9 @@
 
 "recommended" = MoDiff as published, plus
   - `conv_in`, `conv_out` and the time-embedding Linears kept at W8A8 (INT8_IO_TIME_LAYERS; patterns
-    a model does not have are left out, so any diffusers UNet works), whenever the config has
-    sub-8-bit weights or activations;
+    a model does not have are left out, so any diffusers UNet works); for transformers the patch
+    embedding, final projections, timestep embedders, adaLN modulation and caption projection;
+    whenever the config has sub-8-bit weights or activations;
   - with a calibration file: every quantized weight, 8-bit ones included, rounded with GPTQ on
     calibration trajectories (calibration/hessians.py), stored beside the calibration file and baked
     in by `export`.
@@ -28,8 +29,14 @@ from .observe import CALIBRATION_TRAJECTORIES, calibrate
 
 RECIPES = ("recommended", "paper")
 DEFAULT_RECIPE = "recommended"
-# kept at W8A8 by the recommended recipe; docs/quality.md measures it on two models
-INT8_IO_TIME_LAYERS = ("conv_in", "conv_out", "time_embedding.*", "*.time_emb_proj")
+# kept at W8A8 by the recommended recipe; docs/quality.md measures it on two models. Transformers (DiT, PixArt):
+# the patch embedding, the final projections, every timestep embedder, the adaLN modulation and the caption
+# projection, measured on digits_dit (docs/transformers.md, W4A4 FD over FP, DDIM-50 / DPM++-20): uniform
+# +104% / +64%, + patch/final/timestep at W8A8 +30% / +27%, + adaLN/caption +22% / +21%.
+INT8_IO_TIME_LAYERS = ("conv_in", "conv_out", "time_embedding.*", "*.time_emb_proj")  # UNets
+TRANSFORMER_INT8_LAYERS = ("pos_embed.proj", "proj_out*", "*timestep_embedder.*",
+                           "*.norm1.linear", "adaln_single.linear", "caption_projection.*")
+RECIPE_INT8_LAYERS = INT8_IO_TIME_LAYERS + TRANSFORMER_INT8_LAYERS
 
 
 def linear_layer_names(unet: nn.Module) -> list[str]:
@@ -41,12 +48,12 @@ def linear_layer_names(unet: nn.Module) -> list[str]:
 
 
 def recipe_int8_layers(config: QuantConfig, unet: nn.Module) -> tuple[str, ...]:
-    """The INT8_IO_TIME_LAYERS patterns that match a layer of `unet`; none for fp or W8A8 configs
+    """The RECIPE_INT8_LAYERS patterns that match a layer of `unet`; none for fp or W8A8 configs
     (where W8A8 layers change nothing)."""
     if config.mode == "fp" or (config.weight_bits == 8 and config.act_bits == 8):
         return ()
     names = linear_layer_names(unet)
-    return tuple(p for p in INT8_IO_TIME_LAYERS if any(fnmatch.fnmatchcase(n, p) for n in names))
+    return tuple(p for p in RECIPE_INT8_LAYERS if any(fnmatch.fnmatchcase(n, p) for n in names))
 
 
 def apply_recipe(config: QuantConfig, unet: nn.Module, recipe: str = DEFAULT_RECIPE) -> QuantConfig:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_cond_unet, build_tiny_dit
+from conftest import build_tiny_cond_unet, build_tiny_dit, build_tiny_pixart
 
 from modiff_export import QuantConfig
 from modiff_export.export.trace import export_model
@@ -222,3 +222,36 @@ def test_dit_pipeline_learned_sigma(tmp_path):
                     *with_null_class(torch.tensor([5, 6]), 10), 3.0,
                     progress=False)
     assert torch.equal(pipe.latents_seen[0][:2].clamp(-1, 1), ours)
+
+
+@pytest.mark.parametrize("source", ["torch", "ort"])
+def test_pixart_alpha_pipeline_equals_our_loop(tmp_path, source):
+    """PixArtAlphaPipeline with the drop-in as its transformer (learned sigma: the torch reference's config has
+    out_channels 8 -> [eps, zeros], the folder's 4 -> eps) gives our loop's latents, exactly (batch-invariant
+    per-sample scales; the pipeline sends [uncond, cond], we send [cond, uncond], both at batch 4). No T5
+    tokenizer can be built offline here, so the pipeline gets prompt_embeds / negative_prompt_embeds (and
+    all-ones masks: the graphs take no mask) directly; tokenizer and text_encoder are None."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline
+
+    pixart, cfg = build_tiny_pixart(), QuantConfig(act_bits=4)
+    if source == "torch":
+        unet = ModiffUNet.from_unet(pixart, cfg)
+    else:
+        export_model(LoadedModel.from_unet(pixart, "tiny-pixart", DIT_SCHED), cfg, tmp_path / "g", progress=False)
+        unet = ModiffUNet.from_folder(tmp_path / "g", "ort", threads=1)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8,
+                        sample_size=8).eval()
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=unet,
+                               scheduler=DDIMScheduler.from_config(DIT_SCHED))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    cond, neg = torch.randn(2, 120, 24, generator=g), torch.zeros(2, 120, 24)
+    ones = torch.ones(2, 120, dtype=torch.int64)
+    lat = pipe(prompt_embeds=cond, prompt_attention_mask=ones, negative_prompt_embeds=neg,
+               negative_prompt_attention_mask=ones, negative_prompt=None, guidance_scale=4.5, num_inference_steps=4,
+               height=8, width=8,
+               use_resolution_binning=False, output_type="latent", generator=torch.Generator().manual_seed(6)).images
+    ours = generate(unet.runner, make_scheduler("ddim", DIT_SCHED), 4, 2, 6, (4, 8, 8), cond, neg, 4.5,
+                    progress=False)
+    assert unet.trajectories == 1 and torch.equal(lat.clamp(-1, 1), ours)

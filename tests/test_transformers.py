@@ -208,5 +208,6 @@ def test_cli_labels_on_unconditional_and_graphs(folders, tmp_path):
     code, _, err = run_cli(["calibrate", "--model", folders["dit"], "--steps", "2", "--samples", "2",
                             "--batch-size", "2", "--labels", "12", "--out", tmp_path / "c.json"])
     assert "class label 12 is outside 0..10" in error_line(code, err) and not (tmp_path / "c.json").exists()
-    code, _, err = run_cli(["package-triton", folders["dit_graphs"], "--out", tmp_path / "repo"])
-    assert "class-conditional" in error_line(code, err) and not (tmp_path / "repo").exists()
+    code, _, err = run_cli(["package-triton", folders["dit_graphs"], "--out", tmp_path / "repo"])  # issue 19: served
+    assert code == 0, err
+    assert 'name: "class_label"' in (tmp_path / "repo" / "modiff" / "config.pbtxt").read_text()

@@ -247,7 +247,13 @@ def class_labels(model, traj: Trajectories, start: int, b: int) -> tuple[torch.T
         labels = torch.tensor(traj.labels, dtype=torch.int64)[idx % len(traj.labels)]
     else:
         labels = (idx + int(traj.seed) % n) % n
-    return labels, torch.full((b,), n, dtype=torch.int64)
+    return with_null_class(labels, n)
+
+
+def with_null_class(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels [b] int64, the null class [b] int64): the cond and uncond halves of classifier-free guidance
+    for a class-conditional model (label num_classes is the null class; sampling and serving both use this)."""
+    return labels, torch.full_like(labels, num_classes)
 
 
 def check_scheduler(name: str, model, num_steps: int) -> None:

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_cond_unet
+from conftest import build_tiny_cond_unet, build_tiny_dit, build_tiny_pixart
 
 from modiff_export import QuantConfig
 from modiff_export.export.trace import export_model
 from modiff_export.models import LoadedModel, load_model
-from modiff_export.sampling import generate, make_scheduler
+from modiff_export.sampling import generate, make_scheduler, with_null_class
 from modiff_export.serving.diffusers_unet import ModiffUNet
 
 
@@ -157,3 +157,101 @@ def test_serve_prompts_match_the_pipeline(tmp_path):
     assert not np.array_equal(image, other)
     with pytest.raises(PromptError, match="tokenizer"):
         PromptEncoder(tmp_path / "g")
+
+
+# -- diffusion transformers (issue 19) ------------------------------------------------------------------
+DIT_SCHED = {"num_train_timesteps": 1000}
+
+
+def _dit_pipeline(transformer, latent_channels: int = 1):
+    """DiTPipeline around `transformer` with a tiny random VAE and DDIM; the VAE's decode input (the final
+    latents: scaling_factor 1) is recorded in `pipe.latents_seen`, since DiTPipeline returns only
+    decoded images and our loop returns (clamped) latents."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=latent_channels, norm_num_groups=8,
+                        sample_size=8, scaling_factor=1.0).eval()  # 1.0: the latents reach decode unrounded
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler.from_config(DIT_SCHED))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.latents_seen = []
+    decode = vae.decode
+    vae.decode = lambda z, *a, **k: (pipe.latents_seen.append(z.clone()), decode(z, *a, **k))[1]
+    return pipe
+
+
+@pytest.mark.parametrize("source", ["torch", "ort"])
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_dit_pipeline_equals_our_loop(tmp_path, source, guidance):
+    """DiTPipeline with the drop-in as its transformer (the torch MoDiff reference, or an exported ORT folder)
+    gives our own loop's latents from the same noise and labels, exactly: same runner, DiTPipeline's
+    randn_tensor = torch.randn(shape, generator) as `generate`, guidance in one doubled batch [labels, null]
+    in both (the pipeline's null class 1000 becomes the model's 10), and every runner call at batch >= 2."""
+    dit, cfg = build_tiny_dit(), QuantConfig(act_bits=4)
+    if source == "torch":
+        unet = ModiffUNet.from_unet(dit, cfg)
+    else:
+        export_model(LoadedModel.from_unet(dit, "tiny-dit", DIT_SCHED), cfg, tmp_path / "g", progress=False)
+        unet = ModiffUNet.from_folder(tmp_path / "g", "ort", threads=1)
+    pipe = _dit_pipeline(unet)
+    labels = [3, 8]
+    images = [pipe(labels, guidance_scale=guidance, num_inference_steps=5, output_type="np",
+                   generator=torch.Generator().manual_seed(4)).images for _ in range(2)]
+    assert unet.trajectories == 2 and np.array_equal(images[0], images[1])  # caches reset per pipeline call
+    assert images[0].shape == (2, 8, 8, 3) and np.isfinite(images[0]).all()
+    cond, null = with_null_class(torch.tensor(labels), 10)
+    ours = generate(unet.runner, make_scheduler("ddim", DIT_SCHED), 5, 2, 4, (1, 8, 8), cond, null, guidance,
+                    progress=False, noise=torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(4)))
+    seen = pipe.latents_seen[0][:2]  # with guidance the pipeline keeps a doubled batch and drops its 2nd half
+    assert torch.equal(seen.clamp(-1, 1), ours)
+
+
+def test_dit_pipeline_learned_sigma(tmp_path):
+    """A learned-sigma DiT (out_channels 2): the drop-in returns [eps, zeros]; DiTPipeline splits
+    out_channels // 2 and discards the zeros, so its latents are our loop's (torch reference, exact)."""
+    dit = build_tiny_dit(out_channels=2)
+    unet = ModiffUNet.from_unet(dit, QuantConfig(act_bits=4))
+    assert unet.config.out_channels == 2
+    out = unet(torch.zeros(2, 1, 8, 8), timestep=torch.tensor([10, 10]), class_labels=torch.tensor([1, 1000])).sample
+    assert out.shape == (2, 2, 8, 8) and torch.equal(out[:, 1:], torch.zeros(2, 1, 8, 8))
+    pipe = _dit_pipeline(unet)
+    pipe([5, 6], guidance_scale=3.0, num_inference_steps=4, output_type="np",
+         generator=torch.Generator().manual_seed(2))
+    ours = generate(unet.runner, make_scheduler("ddim", DIT_SCHED), 4, 2, 2, (1, 8, 8),
+                    *with_null_class(torch.tensor([5, 6]), 10), 3.0,
+                    progress=False)
+    assert torch.equal(pipe.latents_seen[0][:2].clamp(-1, 1), ours)
+
+
+@pytest.mark.parametrize("source", ["torch", "ort"])
+def test_pixart_alpha_pipeline_equals_our_loop(tmp_path, source):
+    """PixArtAlphaPipeline with the drop-in as its transformer (learned sigma: the torch reference's config has
+    out_channels 8 -> [eps, zeros], the folder's 4 -> eps) gives our loop's latents, exactly (batch-invariant
+    per-sample scales; the pipeline sends [uncond, cond], we send [cond, uncond], both at batch 4). No T5
+    tokenizer can be built offline here, so the pipeline gets prompt_embeds / negative_prompt_embeds (and
+    all-ones masks: the graphs take no mask) directly; tokenizer and text_encoder are None."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline
+
+    pixart, cfg = build_tiny_pixart(), QuantConfig(act_bits=4)
+    if source == "torch":
+        unet = ModiffUNet.from_unet(pixart, cfg)
+    else:
+        export_model(LoadedModel.from_unet(pixart, "tiny-pixart", DIT_SCHED), cfg, tmp_path / "g", progress=False)
+        unet = ModiffUNet.from_folder(tmp_path / "g", "ort", threads=1)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8,
+                        sample_size=8).eval()
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=unet,
+                               scheduler=DDIMScheduler.from_config(DIT_SCHED))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    cond, neg = torch.randn(2, 120, 24, generator=g), torch.zeros(2, 120, 24)
+    ones = torch.ones(2, 120, dtype=torch.int64)
+    lat = pipe(prompt_embeds=cond, prompt_attention_mask=ones, negative_prompt_embeds=neg,
+               negative_prompt_attention_mask=ones, negative_prompt=None, guidance_scale=4.5, num_inference_steps=4,
+               height=8, width=8,
+               use_resolution_binning=False, output_type="latent", generator=torch.Generator().manual_seed(6)).images
+    ours = generate(unet.runner, make_scheduler("ddim", DIT_SCHED), 4, 2, 6, (4, 8, 8), cond, neg, 4.5,
+                    progress=False)
+    assert unet.trajectories == 1 and torch.equal(lat.clamp(-1, 1), ours)

@@ -153,3 +153,35 @@ def test_sampler_of_onnxruntime_repository_loads_here(graphs, tmp_path):
     repo = write_model_repository(graphs, tmp_path / "mr")
     with repository_server(repo, ["modiff"], tmp_path) as (_, port), pytest.raises(InferError, match="modiff_unet"):
         Client("http", port).infer(1, 3)
+
+
+def test_dit_repository_on_bundled_tritonserver(tmp_path):
+    """A class-conditional DiT folder: the sampler takes class_label (+ guidance, null class as uncond), the
+    UNet class_labels [1] reshaped like timestep; served images equal sample_model's (test_serving.py's
+    tolerance argument), bad labels are one bad_request each."""
+    from test_serving import assert_like_sample_model, dit_reference, export_tiny_dit
+
+    from modiff_export.serving.client import Client, InferError, infer_concurrently
+
+    model_folder, graphs = export_tiny_dit(tmp_path)
+    repo = write_model_repository(graphs, tmp_path / "mr", PackageOptions(unet_backend="python", max_batch=4,
+                                                                          max_steps=10))
+    unet, sampler = _parse(repo / "modiff_unet" / "config.pbtxt"), _parse(repo / "modiff" / "config.pbtxt")
+    ins = {i.name: i for i in unet.input}
+    assert ins["class_labels"].data_type == mc.TYPE_INT64 and list(ins["class_labels"].dims) == [1]
+    assert list(ins["class_labels"].reshape.shape) == []
+    s_ins = {i.name: i for i in sampler.input}
+    assert s_ins["class_label"].data_type == mc.TYPE_INT64 and s_ins["class_label"].optional
+    assert "guidance_scale" in s_ins and "encoder_hidden_states" not in s_ins
+    assert sampler.parameters["num_classes"].string_value == "10"
+    with repository_server(repo, ["modiff", "modiff_unet"], tmp_path) as (_, port):
+        reqs = [(30, 5, None, {"class_label": 4}),
+                (31, 5, None, {"class_label": 9, "guidance_scale": (np.float32([3.0]), "FP32")})]
+        got, errors = infer_concurrently(port, reqs)
+        assert not errors, errors
+        assert_like_sample_model(got[0], dit_reference(model_folder, graphs, 30, 4, 1.0), 1.0)
+        assert_like_sample_model(got[1], dit_reference(model_folder, graphs, 31, 9, 3.0), 3.0)
+        for label, msg in ((None, "'class_label' is missing"), (10, r"outside 0\.\.9")):
+            with pytest.raises(InferError, match=msg) as e:
+                Client("http", port).infer(1, 3, class_label=label)
+            assert e.value.kind == "bad_request"

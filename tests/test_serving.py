@@ -2,6 +2,7 @@
 requests isolated (every image equals the same request computed alone, exactly)."""
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -11,14 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_unet
+from conftest import build_tiny_dit, build_tiny_unet
+from reliability_util import run_cli
 from serving_util import free_ports, needs_triton
 
 from modiff_export import QuantConfig
 from modiff_export.backends.ort_runner import OrtRunner
 from modiff_export.export.trace import export_model
-from modiff_export.models import LoadedModel
-from modiff_export.sampling import generate, make_scheduler
+from modiff_export.models import LoadedModel, load_model
+from modiff_export.sampling import Trajectories, generate, make_scheduler, sample_model
 from modiff_export.serving.sampler import Item, RequestError, check_item, generate_items
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +88,9 @@ def test_server_isolation_under_concurrency(graphs, tmp_path):
             assert np.array_equal(got[k], solo), k
         with pytest.raises(InferError, match="out of range"):  # a bad request gets a clear error
             Client("http", port).infer(1, 11)
+        with pytest.raises(InferError, match="class_label") as e:  # Triton's own: the input is not declared
+            Client("http", port).infer(1, 5, class_label=3)
+        assert e.value.kind == "bad_request"
     finally:
         rc = stop_server(proc, signal.SIGTERM) if proc.poll() is None else proc.returncode
     assert rc == 0 and "server stopped" in (tmp_path / "server.log").read_text()
@@ -127,3 +132,112 @@ def test_missing_libpython_is_a_clear_error(monkeypatch):
                         lambda k: "libpython3.11.a" if k == "LDLIBRARY" else real(k))  # a static-only Python build
     with pytest.raises(triton_server.ServeError, match="no shared libpython"):
         triton_server.libpython_dir()
+
+
+# -- class-conditional models (DiT, issue 19) -----------------------------------------------------------
+def export_tiny_dit(root: Path) -> tuple[Path, Path]:
+    """(model folder, W8A4 graph folder) of a tiny random DiTTransformer2DModel (10 classes, 1x8x8),
+    exported with the CLI."""
+    build_tiny_dit().save_pretrained(root / "dit", safe_serialization=True)
+    (root / "dit" / "scheduler_config.json").write_text('{"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}')
+    code, _, err = run_cli(["export", "--model", root / "dit", "--act-bits", "4", "--out", root / "dit-w8a4",
+                            "--quiet"])
+    assert code == 0, err[-2000:]
+    return root / "dit", root / "dit-w8a4"
+
+
+@pytest.fixture(scope="module")
+def dit(tmp_path_factory):
+    return export_tiny_dit(tmp_path_factory.mktemp("serve-dit"))
+
+
+def dit_reference(model_folder, graphs, seed: int, label: int, guidance: float, steps: int = 5) -> torch.Tensor:
+    """What `sample` computes for one image: sampling.sample_model with the ORT runner, batch 1."""
+    m = load_model(str(model_folder))
+    traj = Trajectories(steps=steps, samples=1, batch_size=1, seed=seed, labels=(label,), guidance_scale=guidance)
+    return sample_model(m, QuantConfig(act_bits=4), traj, progress=False, runner=OrtRunner(graphs, threads=1))[0]
+
+
+def assert_like_sample_model(got, ref, guidance: float) -> None:
+    """Served == sample_model. With guidance both run the runner at batch >= 2 (the doubled batch): exact.
+    Without, sample_model's batch of 1 takes ORT's M = 1 GEMM path on the [B]-row Linears (timestep and
+    class embeddings, adaLN), the server's batch of 2 (MIN_BATCH) the M >= 2 one: float ulps that MoDiff's
+    rounding may turn into a flipped code; measured 3.6e-6 max abs here (images in [-1, 1]), bound 1e-4."""
+    got, ref = torch.tensor(np.array(got)), torch.tensor(np.array(ref))
+    if guidance != 1.0:
+        assert torch.equal(got, ref)
+    else:
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_dit_items_equal_sample_model(dit, guidance):
+    """Per-request labels (and the null class under guidance) give what `sample --labels` gives; batched
+    requests with other labels and seeds give what they give alone, exactly."""
+    model_folder, graphs = dit
+    r = OrtRunner(graphs, threads=1)
+    m = load_model(str(model_folder))
+    items = [Item(3, 5, "ddim", guidance, class_label=7), Item(4, 5, "ddim", guidance, class_label=2),
+             Item(5, 5, "ddim", guidance, class_label=7)]
+    batched = generate_items(r, m.scheduler_config, items, m.sample_shape, num_classes=10)
+    for i, it in enumerate(items):
+        solo = generate_items(r, m.scheduler_config, [it], m.sample_shape, num_classes=10)[0]
+        assert torch.equal(batched[i], solo), i
+        assert_like_sample_model(solo, dit_reference(model_folder, graphs, it.seed, it.class_label, guidance),
+                                 guidance)
+    other = generate_items(r, m.scheduler_config, [Item(3, 5, "ddim", guidance, class_label=1)], m.sample_shape,
+                           num_classes=10)[0]
+    assert (other - batched[0]).abs().max() > 1e-2  # the label changes the image
+
+
+def test_dit_bad_requests(dit):
+    """One clear error each: a label outside 0..num_classes-1 (the null class 10 included: it is the
+    server's), a missing label, a label for a model without classes; the same through serve's parser."""
+    from modiff_export.serving.pytriton_errors import ERROR_OUTPUT
+    from modiff_export.serving.triton_server import ModiffModel, ServeConfig, load_runner
+
+    for it, msg in [(Item(0, 5, class_label=10), r"outside 0\.\.9"), (Item(0, 5, class_label=-1), r"outside 0\.\.9"),
+                    (Item(0, 5), "'class_label' is missing")]:
+        with pytest.raises(RequestError, match=msg):
+            check_item(it, 100, False, None, num_classes=10)
+    with pytest.raises(RequestError, match="not class-conditional"):
+        check_item(Item(0, 5, class_label=3), 100, False, None)
+    check_item(Item(0, 5, "ddim", 4.0, class_label=9), 100, False, None, num_classes=10)  # guidance is fine
+    cfg = ServeConfig(folder=str(dit[1]), max_steps=10)
+    served = ModiffModel(*load_runner(cfg), cfg)
+    req = {"seed": np.array([[1]], np.int64), "steps": np.array([[3]], np.int32)}
+    bad = served.infer([req, {**req, "class_label": np.array([[10]], np.int64)},
+                        {**req, "class_label": np.array([[3]], np.int64)}])
+    msg = [json.loads(r[ERROR_OUTPUT].reshape(-1)[0])["message"] if ERROR_OUTPUT in r else None for r in bad]
+    assert "'class_label' is missing" in msg[0] and "outside 0..9" in msg[1] and msg[2] is None
+    assert bad[2]["image"].shape == (1, 1, 8, 8)
+
+
+def test_dit_served_through_triton(dit, tmp_path):
+    """`cli.py serve --graphs <DiT>`: concurrent requests with labels (and guidance) over HTTP and gRPC give
+    what sample_model gives; bad labels are one bad_request line; a label to an unconditional server too."""
+    needs_triton()
+    from modiff_export.serving.client import Client, InferError, infer_concurrently, wait_ready
+    from modiff_export.serving.process import start_serve, stop_server
+
+    model_folder, dit_graphs = dit
+    port = free_ports()
+    proc = start_serve(str(dit_graphs), port, max_batch=8, log=str(tmp_path / "server.log"),
+                       extra=("--queue-delay-us", "300000", "--max-steps", "10"))
+    try:
+        wait_ready(port, proc)
+        reqs = [(20, 5, None, {"class_label": 7}),
+                (21, 5, None, {"class_label": 2, "guidance_scale": (np.float32([3.0]), "FP32")})]
+        got, errors = infer_concurrently(port, reqs)
+        assert not errors, errors
+        assert_like_sample_model(got[0], dit_reference(model_folder, dit_graphs, 20, 7, 1.0), 1.0)
+        assert_like_sample_model(got[1], dit_reference(model_folder, dit_graphs, 21, 2, 3.0), 3.0)
+        c = Client("http", port)
+        np.testing.assert_array_equal(c.infer(20, 5, class_label=7), got[0])
+        for label, msg in ((None, "'class_label' is missing"), (10, r"outside 0\.\.9")):
+            with pytest.raises(InferError, match=msg) as e:
+                c.infer(1, 3, class_label=label)
+            assert e.value.kind == "bad_request"
+    finally:
+        rc = stop_server(proc, signal.SIGTERM) if proc.poll() is None else proc.returncode
+    assert rc == 0

@@ -201,8 +201,9 @@ def test_cli_labels_on_unconditional_and_graphs(folders, tmp_path):
     code, _, err = run_cli(["calibrate", "--model", folders["dit"], "--steps", "2", "--samples", "2",
                             "--batch-size", "2", "--labels", "12", "--out", tmp_path / "c.json"])
     assert "class label 12 is outside 0..10" in error_line(code, err) and not (tmp_path / "c.json").exists()
-    code, _, err = run_cli(["package-triton", folders["dit_graphs"], "--out", tmp_path / "repo"])
-    assert "class-conditional" in error_line(code, err) and not (tmp_path / "repo").exists()
+    code, _, err = run_cli(["package-triton", folders["dit_graphs"], "--out", tmp_path / "repo"])  # issue 19: served
+    assert code == 0, err
+    assert 'name: "class_label"' in (tmp_path / "repo" / "modiff" / "config.pbtxt").read_text()
 
 
 # -- TensorRT planning (CPU-testable up to the TensorRT call) ----------------------------------------
@@ -210,8 +211,7 @@ def test_tensorrt_planning_of_a_dit(tmp_path):
     """build-engine's planning on a DiT's graphs: one optimization profile entry for every network input,
     class_labels included (int64 [batch], as the manifest says), and at W4A4 with block scales (opset 21)
     the transformer's Linear weights are INT4 block-quantized, so --precision int4 has something to run
-    (TensorRT's INT4 is
-    weight-only block-quantized MatMul/Gemm: nearly all of a transformer's compute)."""
+    (TensorRT's INT4 is weight-only block-quantized MatMul/Gemm: nearly all of a transformer's compute)."""
     import onnx
 
     from modiff_export.engine import EngineBuildOptions, builder_settings, count_block_quantized_weights, plan_profiles

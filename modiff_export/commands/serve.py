@@ -20,7 +20,8 @@ QUEUE_TIMEOUT = click.option("--queue-timeout-ms", type=click.IntRange(0, 86_400
 @click.option("--engines", type=click.Path(file_okay=False), default=None, help="Engine folder (--backend trt).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
               help="Runner behind the server.")
-@click.option("--model", default=None, help="--backend torch: 'digits' or a diffusers UNet folder [default: digits].")
+@click.option("--model", default=None, help="--backend torch: 'digits' or a diffusers UNet/DiT folder "
+                                            "[default: digits].")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
               help="HTTP port (KServe v2 REST) on 127.0.0.1.")
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=None, help="gRPC port [default: --port + 1].")
@@ -52,7 +53,8 @@ def serve(graphs, engines, backend, model, port, grpc_port, metrics_port, max_ba
     \b
     Request:  seed INT64 [1], steps INT32 [1], optional scheduler BYTES [1]
               (+ guidance_scale FP32 [1], encoder_hidden_states FP32 [S, D] for conditional UNets,
-              and prompt BYTES [1] with --pipeline)
+              and prompt BYTES [1] with --pipeline; class-conditional models (DiT): class_label INT64 [1]
+              in 0..num_classes-1, required, and guidance_scale FP32 [1] (uncond: the null class))
     Response: image FP32 [C, H, W] in [-1, 1]
     Health: GET /v2/health/live, /v2/health/ready, /v2/models/modiff/ready; metrics: GET :METRICS_PORT/metrics.
     Batched requests give exactly the images they give alone. Ctrl-C (or SIGTERM) stops the server.

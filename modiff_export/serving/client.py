@@ -66,14 +66,17 @@ class Client:
         x.set_data_from_numpy(arr)
         return x
 
-    def infer(self, seed: int, steps: int, scheduler: str | None = None, **extra) -> np.ndarray:
-        """The image [C, H, W] for one request. `extra`: name -> (numpy value of one request, without the
-        batch axis, Triton dtype), e.g.
+    def infer(self, seed: int, steps: int, scheduler: str | None = None, class_label: int | None = None,
+              **extra) -> np.ndarray:
+        """The image [C, H, W] for one request. `class_label`: class-conditional models (0..num_classes-1).
+        `extra`: name -> (numpy value of one request, without the batch axis, Triton dtype), e.g.
         guidance_scale=(np.float32([7.5]), "FP32")."""
         inputs = [self._input("seed", np.array([seed], np.int64), "INT64"),
                   self._input("steps", np.array([steps], np.int32), "INT32")]
         if scheduler is not None:
             inputs.append(self._input("scheduler", np.array([scheduler.encode()], np.object_), "BYTES"))
+        if class_label is not None:
+            inputs.append(self._input("class_label", np.array([class_label], np.int64), "INT64"))
         for name, (value, dtype) in extra.items():
             inputs.append(self._input(name, value, dtype))
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}

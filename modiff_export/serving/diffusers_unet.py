@@ -9,6 +9,11 @@ pipeline never says when a call starts; the UNet sees it: within one call the ti
 (PNDM and Heun repeat one, hence "increases", not "does not decrease") and the batch/shape never
 changes, so a timestep above the previous one, or a new shape, starts a new trajectory. A caller that
 runs two one-step trajectories with the same timestep back to back calls `unet.new_trajectory()`.
+
+Diffusion transformers: the same class is the `transformer` of DiTPipeline (class_labels=...) and
+PixArtAlphaPipeline (encoder_hidden_states=..., encoder_attention_mask=..., added_cond_kwargs=...):
+
+    pipe = DiTPipeline(transformer=ModiffUNet.from_folder("graphs/dit-w8a8"), vae=vae, scheduler=scheduler)
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ class UNetOutput:
     def __getitem__(self, i):
         return (self.sample,)[i]
 
+
+DIT_PIPELINE_NULL_CLASS = 1000  # diffusers' DiTPipeline: class_null = torch.tensor([1000] * batch_size)
 
 # config keys pipelines read from `unet.config` beyond the shapes (None: feature not used)
 _PIPELINE_DEFAULTS = {"time_cond_proj_dim": None, "addition_embed_type": None, "class_embed_type": None,
@@ -84,16 +91,39 @@ class ModiffUNet(torch.nn.Module):
         self._last = None
         self.trajectories += 1
 
+    def _class_labels(self, class_labels) -> torch.Tensor:
+        """class_labels [B] int64 for the runner. DiTPipeline writes its null class as the literal 1000
+        (ImageNet's count) whatever the model has; a model with fewer classes has no label 1000, so 1000
+        is that pipeline's null class and becomes the model's own (num_classes)."""
+        labels = torch.as_tensor(class_labels).detach().cpu().long().reshape(-1)
+        n = self.runner.num_classes
+        if n is not None and n < DIT_PIPELINE_NULL_CLASS:
+            labels = torch.where(labels == DIT_PIPELINE_NULL_CLASS, torch.full_like(labels, n), labels)
+        return labels
+
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None, *args,
-                return_dict: bool = True, **kwargs):
+                class_labels: torch.Tensor | None = None, return_dict: bool = True, **kwargs):
+        """UNet2DModel/UNet2DConditionModel, DiT (class_labels) or PixArt (encoder_hidden_states) call.
+        Ignored kwargs: PixArt's added_cond_kwargs (the graphs are exported with resolution/aspect ratio
+        None, models/denoiser.py) and encoder_attention_mask (the graphs take no mask: every one of the S
+        states is attended to, as in this package's own sampling; a pipeline's padding mask is not applied)."""
         t = torch.as_tensor(timestep, dtype=torch.float32).flatten()
-        key = (float(t.max()), tuple(sample.shape),
-               None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape))
+        cond = encoder_hidden_states if class_labels is None else class_labels
+        key = (float(t.max()), tuple(sample.shape), None if cond is None else tuple(cond.shape))
         last_t, last_shapes = (None, None) if self._last is None else (self._last[0], self._last[1:])
         if starts_trajectory(last_t, key[0], last_shapes, key[1:]):
             self.new_trajectory()
         self._last = key
-        ehs = None if encoder_hidden_states is None else encoder_hidden_states.detach().float().cpu()
-        out = self.runner(sample.detach().float().cpu(), t, ehs)  # [B, C_out, H, W]
+        if class_labels is not None:
+            cond = self._class_labels(class_labels)
+        elif cond is not None:
+            cond = cond.detach().float().cpu()
+        out = self.runner(sample.detach().float().cpu(), t, cond)  # [B, C_eps, H, W]
+        wide = int(self.config.get("out_channels") or out.shape[1])
+        if wide == 2 * out.shape[1]:
+            # a learned-sigma config (out_channels = 2 x in_channels, e.g. from_unet of a DiT): the graphs
+            # and the runner compute only the epsilon half; DiTPipeline / PixArtAlphaPipeline split
+            # out_channels // 2 and discard the variance half, so zeros stand in for it
+            out = torch.cat([out, torch.zeros_like(out)], dim=1)  # [B, 2 C_eps, H, W]
         out = out.to(device=sample.device, dtype=sample.dtype)
         return UNetOutput(out) if return_dict else (out,)

@@ -76,8 +76,8 @@ def unet_config(m: Manifest, opt: PackageOptions):
     else:
         c.backend = "python"
     for s in m.inputs:
-        if s.name == "timestep":  # [B] in the graph: [1] per request, reshaped to a scalar
-            c.input.add(name="timestep", data_type=TYPES[s.dtype], dims=[1], reshape=mc.ModelTensorReshape(shape=[]))
+        if len(s.shape) == 1:  # timestep, class_labels: [B] in the graph, [1] per request reshaped to a scalar
+            c.input.add(name=s.name, data_type=TYPES[s.dtype], dims=[1], reshape=mc.ModelTensorReshape(shape=[]))
         else:
             c.input.add(name=s.name, data_type=TYPES[s.dtype], dims=_dims(s.shape))
     for s in m.outputs:
@@ -113,16 +113,20 @@ def sampler_config(m: Manifest, opt: PackageOptions):
     c.input.add(name="seed", data_type=mc.TYPE_INT64, dims=[1])
     c.input.add(name="steps", data_type=mc.TYPE_INT32, dims=[1])
     c.input.add(name="scheduler", data_type=mc.TYPE_STRING, dims=[1], optional=True)
-    if mm.conditional:
+    if mm.conditional or mm.num_classes is not None:
         c.input.add(name="guidance_scale", data_type=mc.TYPE_FP32, dims=[1], optional=True)
+    if mm.conditional:
         c.input.add(name="encoder_hidden_states", data_type=mc.TYPE_FP32,
                     dims=[int(mm.encoder_seq_len), int(mm.cross_attention_dim)], optional=True)
+    if mm.num_classes is not None:  # optional for Triton: the sampler answers a missing label with its own error
+        c.input.add(name="class_label", data_type=mc.TYPE_INT64, dims=[1], optional=True)
     c.output.add(name="image", data_type=mc.TYPE_FP32, dims=list(mm.sample_shape))
     c.dynamic_batching.max_queue_delay_microseconds = 5000
     opt.limits.fill_queue_policy(c.dynamic_batching.default_queue_policy)
     c.instance_group.add(count=opt.sampler_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     params = {"unet_model": UNET, "sample_shape": json.dumps(list(mm.sample_shape)),
               "ehs_shape": json.dumps([mm.encoder_seq_len, mm.cross_attention_dim]) if mm.conditional else "",
+              "num_classes": "" if mm.num_classes is None else str(mm.num_classes),
               "max_steps": str(opt.max_steps), "default_scheduler": opt.default_scheduler,
               "max_inflight": str(opt.limits.max_inflight)}
     for k, v in params.items():
@@ -145,9 +149,6 @@ def write_model_repository(src: str | Path, out: str | Path, opt: PackageOptions
                                "(the folder they were built from) to build the one START-selected plan")
     graph_folder = Path(graphs) if graphs is not None else src
     m = Manifest.load(graph_folder)
-    if m.model.num_classes is not None:
-        raise PackageError(f"{graph_folder}: {m.model.name} is class-conditional (class_labels input); "
-                           f"package-triton does not handle class labels yet (issue 19)")
     check_writable(out, overwrite)
     model = merged_unet_model(graph_folder)
     with atomic_folder(out, overwrite) as tmp:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModiffExportError
-from ..sampling import ENCODER_SEED_OFFSET, SCHEDULERS, denoise, make_scheduler
+from ..sampling import ENCODER_SEED_OFFSET, SCHEDULERS, denoise, make_scheduler, with_null_class
 
 # ONNX Runtime's CPU GEMM (MLAS) takes another code path for M = 1 rows than for M >= 2: measured on
 # the digits prime graph, a batch of 1 differs from the same sample inside any batch of 2..16 by up to
@@ -37,6 +37,8 @@ class Item:
     guidance_scale: float = 1.0
     encoder_hidden_states: torch.Tensor | None = None  # [S, D], conditional UNets only
     negative: torch.Tensor | None = None  # [S, D] uncond states for guidance (default zeros, as sample_model)
+    class_label: int | None = None  # class-conditional models (DiT) only: 0..num_classes-1 (the null class
+    # num_classes is the guidance uncond, added by generate_group, never sent)
 
     @property
     def group_key(self) -> tuple:
@@ -51,15 +53,27 @@ def group_requests(items: list[Item]) -> dict[tuple, list[int]]:
     return groups
 
 
-def check_item(it: Item, max_steps: int, conditional: bool, ehs_shape: tuple[int, int] | None) -> None:
+def check_item(it: Item, max_steps: int, conditional: bool, ehs_shape: tuple[int, int] | None,
+               num_classes: int | None = None) -> None:
+    """Refuse an item the model cannot run; `num_classes`: a class-conditional model (every item needs a
+    class_label in 0..num_classes-1)."""
     if not 1 <= it.steps <= max_steps:
         raise RequestError(f"steps={it.steps} out of range [1, {max_steps}]")
     if it.scheduler not in SCHEDULERS:
         raise RequestError(f"unknown scheduler {it.scheduler!r}; expected one of {sorted(SCHEDULERS)}")
     if not (abs(it.guidance_scale) < 1e4):  # also rejects NaN
         raise RequestError(f"guidance_scale={it.guidance_scale} is not a finite number below 1e4")
-    if it.guidance_scale != 1.0 and not conditional:
+    if it.guidance_scale != 1.0 and not conditional and num_classes is None:
         raise RequestError(f"guidance_scale={it.guidance_scale} needs a conditional UNet; this one is unconditional")
+    if num_classes is None and it.class_label is not None:
+        raise RequestError(f"class_label={it.class_label} given to a model that is not class-conditional")
+    if num_classes is not None:
+        if it.class_label is None:
+            raise RequestError(f"input 'class_label' is missing: this model is class-conditional (labels "
+                               f"0..{num_classes - 1})")
+        if not 0 <= it.class_label < num_classes:
+            raise RequestError(f"class_label={it.class_label} is outside 0..{num_classes - 1} (the model has "
+                               f"{num_classes} classes)")
     if it.encoder_hidden_states is not None:
         if not conditional:
             raise RequestError("encoder_hidden_states given to an unconditional UNet")
@@ -78,7 +92,8 @@ def default_encoder_states(seed: int, ehs_shape: tuple[int, int]) -> torch.Tenso
 
 @torch.no_grad()
 def generate_group(runner, scheduler_config: dict, items: list[Item], sample_shape: tuple[int, int, int],
-                   ehs_shape: tuple[int, int] | None = None, min_batch: int = MIN_BATCH) -> torch.Tensor:
+                   ehs_shape: tuple[int, int] | None = None, min_batch: int = MIN_BATCH,
+                   num_classes: int | None = None) -> torch.Tensor:
     """One trajectory for items that share steps/scheduler/guidance -> images [B, C, H, W] in [-1, 1].
 
     sampling.denoise with one generator per item (diffusers' randn_tensor draws sample i from generator
@@ -93,7 +108,11 @@ def generate_group(runner, scheduler_config: dict, items: list[Item], sample_sha
     gens = [torch.Generator().manual_seed(int(it.seed)) for it in items]
     noise = torch.cat([torch.randn((1, *sample_shape), generator=g) for g in gens])  # [B, C, H, W]
     ehs = None
-    if ehs_shape is not None:
+    if num_classes is not None:
+        ehs = torch.tensor([it.class_label for it in items], dtype=torch.int64)  # [B]
+        if it0.guidance_scale != 1.0:
+            ehs = torch.cat(with_null_class(ehs, num_classes))  # [2B]: labels first, null class second
+    elif ehs_shape is not None:
         ehs = torch.stack([it.encoder_hidden_states if it.encoder_hidden_states is not None
                            else default_encoder_states(it.seed, ehs_shape) for it in items]).float()  # [B, S, D]
         if it0.guidance_scale != 1.0:
@@ -106,14 +125,15 @@ def generate_group(runner, scheduler_config: dict, items: list[Item], sample_sha
 
 
 def generate_items(runner, scheduler_config: dict, items: list[Item], sample_shape, ehs_shape=None,
-                   max_group: int | None = None) -> torch.Tensor:
+                   max_group: int | None = None, num_classes: int | None = None) -> torch.Tensor:
     """Images [N, C, H, W] for items in any mix, one trajectory per group (chunks of max_group)."""
     out: list[torch.Tensor | None] = [None] * len(items)
     for idx in group_requests(items).values():
         step = max_group or len(idx)
         for s in range(0, len(idx), step):
             chunk = idx[s:s + step]
-            imgs = generate_group(runner, scheduler_config, [items[i] for i in chunk], sample_shape, ehs_shape)
+            imgs = generate_group(runner, scheduler_config, [items[i] for i in chunk], sample_shape, ehs_shape,
+                                  num_classes=num_classes)
             for j, i in enumerate(chunk):
                 out[i] = imgs[j]
     return torch.stack(out)

@@ -8,8 +8,10 @@ Model `modiff`:
   inputs   seed            INT64 [1]
            steps           INT32 [1]       1 .. max_steps
            scheduler       BYTES [1]       optional, default --scheduler (ddim, ddpm, dpmpp, ...)
-           guidance_scale  FP32  [1]       optional, conditional UNets only (default 1.0)
+           guidance_scale  FP32  [1]       optional, conditional and class-conditional models only (default 1.0)
            encoder_hidden_states FP32 [S, D]  optional, conditional UNets only (default: random from the seed)
+           class_label     INT64 [1]       class-conditional models (DiT) only, required: 0 .. num_classes-1
+                                           (guidance's uncond is the null class num_classes, added here)
   output   image           FP32  [C, H, W] in [-1, 1]
 
 Every request is answered on its own: a bad one gets its own error (INVALID_ARG: HTTP 400 / gRPC
@@ -76,6 +78,7 @@ class ModiffModel:
     def __init__(self, runner, meta, cfg: ServeConfig, prompts=None):
         self.runner, self.meta, self.cfg, self.prompts = runner, meta, cfg, prompts
         self.ehs_shape = (meta.encoder_seq_len, meta.cross_attention_dim) if meta.conditional else None
+        self.num_classes = meta.num_classes  # class-conditional models: requests carry class_label
         if prompts is not None and tuple(prompts.shape) != tuple(self.ehs_shape or ()):
             raise ServeError(f"the pipeline's text encoder gives {list(prompts.shape)} states; the UNet takes "
                              f"{list(self.ehs_shape) if self.ehs_shape else 'none (unconditional)'}")
@@ -100,6 +103,9 @@ class ModiffModel:
         gs = arr("guidance_scale", np.float32, required=False)
         ehs = arr("encoder_hidden_states", np.float32, required=False)
         prompt = arr("prompt", object, required=False)
+        label = arr("class_label", np.int64, required=False)
+        if label is not None and label.size != n:
+            raise RequestError(f"'class_label' has {label.size} values for {n} seeds")
         negative = None
         if prompt is not None:
             if self.prompts is None:
@@ -118,8 +124,9 @@ class ModiffModel:
             name = self.cfg.scheduler if sched is None else sched.reshape(-1)[i]
             name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
             it = Item(int(seed[i]), int(steps[i]), name, 1.0 if gs is None else float(gs.reshape(-1)[i]),
-                      None if ehs is None else torch.from_numpy(np.array(ehs[i], dtype=np.float32)), negative)
-            check_item(it, self.cfg.max_steps, self.meta.conditional, self.ehs_shape)
+                      None if ehs is None else torch.from_numpy(np.array(ehs[i], dtype=np.float32)), negative,
+                      None if label is None else int(label.reshape(-1)[i]))
+            check_item(it, self.cfg.max_steps, self.meta.conditional, self.ehs_shape, self.num_classes)
             items.append(it)
         return items
 
@@ -140,7 +147,8 @@ class ModiffModel:
                 with self.lock:
                     per_call = self.cfg.max_batch // (2 if any(it.guidance_scale != 1.0 for it in items) else 1)
                     images = generate_items(self.runner, self.meta.scheduler_config, items, self.meta.sample_shape,
-                                            self.ehs_shape, max_group=max(1, per_call)).numpy()  # [N, C, H, W]
+                                            self.ehs_shape, max_group=max(1, per_call),
+                                            num_classes=self.num_classes).numpy()  # [N, C, H, W]
                     self.batches.append(len(items))
             except Exception as e:  # noqa: BLE001 (any runner failure: every request gets it, the server goes on)
                 first = (str(e).strip().splitlines() or [""])[0]
@@ -168,9 +176,6 @@ def load_runner(cfg: ServeConfig):
     kwargs = {"ort": (("threads", cfg.threads),), "openvino": (("static_shapes", False),)}.get(cfg.backend, ())
     opts = RunnerOptions(cfg.backend, cfg.model, cfg.folder, runner_kwargs=kwargs)
     resolved = resolve_runner(opts, QuantConfig() if cfg.backend == "torch" and cfg.folder is None else None)
-    if resolved.model.num_classes is not None:
-        raise ServeError(f"{resolved.model.name} is class-conditional (class_labels): serve does not take class "
-                         f"labels yet (issue 19); sample/evaluate run it")
     resolved.runner.activate()
     return resolved.runner, resolved.model
 
@@ -203,10 +208,13 @@ def triton_inputs_outputs(meta, prompts: bool = False):
     c, h, w = meta.sample_shape
     inputs = [Tensor(name="seed", dtype=np.int64, shape=(1,)), Tensor(name="steps", dtype=np.int32, shape=(1,)),
               Tensor(name="scheduler", dtype=bytes, shape=(1,), optional=True)]
+    if meta.conditional or meta.num_classes is not None:
+        inputs.append(Tensor(name="guidance_scale", dtype=np.float32, shape=(1,), optional=True))
     if meta.conditional:
-        inputs += [Tensor(name="guidance_scale", dtype=np.float32, shape=(1,), optional=True),
-                   Tensor(name="encoder_hidden_states", dtype=np.float32,
-                          shape=(meta.encoder_seq_len, meta.cross_attention_dim), optional=True)]
+        inputs.append(Tensor(name="encoder_hidden_states", dtype=np.float32,
+                             shape=(meta.encoder_seq_len, meta.cross_attention_dim), optional=True))
+    if meta.num_classes is not None:  # optional for Triton: a missing label gets check_item's error line
+        inputs.append(Tensor(name="class_label", dtype=np.int64, shape=(1,), optional=True))
     if prompts:
         inputs.append(Tensor(name="prompt", dtype=bytes, shape=(1,), optional=True))
     # ERROR_OUTPUT is never sent: a response holding it becomes that request's error (pytriton_errors.py)

@@ -1,8 +1,10 @@
 """Triton Python-backend model `modiff` (written by `cli.py package-triton`): the diffusion sampler.
 
 A client sends `seed` INT64 [1] and `steps` INT32 [1] (optional `scheduler` BYTES [1]; conditional
-UNets: optional `guidance_scale` FP32 [1], `encoder_hidden_states` FP32 [S, D]) and gets `image` FP32
-[C, H, W]. Each image is one trajectory: a sequence of BLS calls to the stateful UNet model with its own
+UNets: optional `guidance_scale` FP32 [1], `encoder_hidden_states` FP32 [S, D]; class-conditional models
+(DiT): `class_label` INT64 [1] in 0..num_classes-1, optional `guidance_scale`, whose uncond half is the
+null class num_classes, sent as the UNet's `class_labels`) and gets `image` FP32 [C, H, W]. Each
+image is one trajectory: a sequence of BLS calls to the stateful UNet model with its own
 correlation id (START on the first call, END on the last), so Triton keeps that image's MoDiff caches
 as implicit state and batches the steps of concurrent trajectories together. All requests of a batch
 run concurrently (asyncio). Needs numpy, torch and diffusers in the Python backend's environment.
@@ -45,12 +47,15 @@ class BadRequest(ValueError):
 
 
 class TritonPythonModel:
+    num_classes = None  # class-conditional models: their number of classes (initialize reads it)
+
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
         p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         self.unet = p["unet_model"]
         self.sample_shape = tuple(json.loads(p["sample_shape"]))
         self.ehs_shape = tuple(json.loads(p["ehs_shape"])) if p.get("ehs_shape") else None
+        self.num_classes = int(p["num_classes"]) if p.get("num_classes") else None
         self.max_steps = int(p["max_steps"])
         self.default_scheduler = p["default_scheduler"]
         self.max_inflight = int(p.get("max_inflight", "64"))
@@ -71,25 +76,35 @@ class TritonPythonModel:
         sched = self._input(request, "scheduler")
         gs = self._input(request, "guidance_scale")
         ehs = self._input(request, "encoder_hidden_states")
+        label = self._input(request, "class_label")
         name = self.default_scheduler if sched is None else sched.reshape(-1)[0]
         name = name.decode() if isinstance(name, bytes) else str(name)
         item = {"seed": int(seed.reshape(-1)[0]), "steps": int(steps.reshape(-1)[0]), "scheduler": name,
                 "guidance_scale": 1.0 if gs is None else float(gs.reshape(-1)[0]),
-                "ehs": None if ehs is None else torch.from_numpy(np.array(ehs.reshape(self.ehs_shape), np.float32))}
+                "ehs": None if ehs is None else torch.from_numpy(np.array(ehs.reshape(self.ehs_shape), np.float32)),
+                "label": None if label is None else int(label.reshape(-1)[0])}
         if seed.size != 1 or steps.size != 1:
             raise BadRequest("send one image per request: seed and steps of shape [1, 1]")
         if not 1 <= item["steps"] <= self.max_steps:
             raise BadRequest(f"steps={item['steps']} out of range [1, {self.max_steps}]")
         if item["scheduler"] not in SCHEDULERS:
             raise BadRequest(f"unknown scheduler {item['scheduler']!r}; expected one of {sorted(SCHEDULERS)}")
-        if not abs(item["guidance_scale"]) < 1e4 or (item["guidance_scale"] != 1.0 and self.ehs_shape is None):
+        n = self.num_classes
+        if not abs(item["guidance_scale"]) < 1e4 or (item["guidance_scale"] != 1.0 and self.ehs_shape is None
+                                                     and n is None):
             raise BadRequest(f"guidance_scale={item['guidance_scale']} is not valid for this model")
+        # COPY of the class-label checks of modiff_export.serving.sampler.check_item (same messages)
+        if n is not None and item["label"] is None:
+            raise BadRequest(f"input 'class_label' is missing: this model is class-conditional (labels 0..{n - 1})")
+        if n is not None and not 0 <= item["label"] < n:
+            raise BadRequest(f"class_label={item['label']} is outside 0..{n - 1} (the model has {n} classes)")
         return item
 
     async def _unet(self, cid, sample, t, ehs, flags):
         inputs = [pb_utils.Tensor("sample", sample.numpy()), pb_utils.Tensor("timestep", np.array([[t]], np.float32))]
-        if ehs is not None:
-            inputs.append(pb_utils.Tensor("encoder_hidden_states", ehs.numpy()))
+        if ehs is not None:  # encoder states [1, S, D], or class labels [1] (sent as [1, 1]: the config's dims)
+            name = "class_labels" if self.num_classes is not None else "encoder_hidden_states"
+            inputs.append(pb_utils.Tensor(name, ehs.numpy().reshape(1, -1) if ehs.dim() == 1 else ehs.numpy()))
         req = pb_utils.InferenceRequest(model_name=self.unet, inputs=inputs, requested_output_names=["noise_pred"],
                                         correlation_id=cid, flags=flags)
         resp = await req.async_exec()
@@ -103,11 +118,15 @@ class TritonPythonModel:
         sched = SCHEDULERS[it["scheduler"]].from_config({**self.scheduler_config, **OVERRIDES.get(it["scheduler"], {})})
         gen = torch.Generator().manual_seed(it["seed"])
         x = torch.randn((1, *self.sample_shape), generator=gen)
-        ehs = None
-        if self.ehs_shape is not None:
+        ehs = unc = None
+        if self.num_classes is not None:  # label [1] int64; guidance's uncond: the null class
+            ehs = torch.tensor([it["label"]], dtype=torch.int64)
+            unc = torch.full_like(ehs, self.num_classes)
+        elif self.ehs_shape is not None:
             ehs = it["ehs"] if it["ehs"] is not None else torch.randn(
                 (1, *self.ehs_shape), generator=torch.Generator().manual_seed(it["seed"] + EHS_SEED_OFFSET))[0]
             ehs = ehs[None]  # [1, S, D]
+            unc = torch.zeros_like(ehs)
         cfg = it["guidance_scale"] != 1.0
         ids = [next(self.ids) for _ in range(2 if cfg else 1)]  # cond (and uncond) sequences
         params = inspect.signature(sched.step).parameters
@@ -121,7 +140,7 @@ class TritonPythonModel:
             inp = sched.scale_model_input(x, t)
             if cfg:
                 eps_c, eps_u = await asyncio.gather(self._unet(ids[0], inp, float(t), ehs, flags),
-                                                    self._unet(ids[1], inp, float(t), torch.zeros_like(ehs), flags))
+                                                    self._unet(ids[1], inp, float(t), unc, flags))
                 eps = eps_u + it["guidance_scale"] * (eps_c - eps_u)
             else:
                 eps = await self._unet(ids[0], inp, float(t), ehs, flags)

@@ -32,6 +32,8 @@ class TritonPythonModel:
             m = json.load(f)
         self.caches = [(c["input"], c["output"], [int(d) for d in c["shape"][1:]], c["dtype"]) for c in m["caches"]]
         self.inputs = [s["name"] for s in m["inputs"]]
+        # timestep, class_labels: [B] in the graph, [1] per request (config reshape)
+        self.flat = {s["name"]: s["dtype"] for s in m["inputs"] if len(s["shape"]) == 1}
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(json.loads(args["model_config"]).get("parameters", {})
                                         .get("intra_op_threads", {}).get("string_value", "1"))
@@ -85,7 +87,8 @@ class TritonPythonModel:
             end = int(get(r, "END").as_numpy().reshape(-1)[0])
             rows.append((cid, start, end, {n: get(r, n).as_numpy() for n in self.inputs}))
         feed = {n: np.concatenate([row[3][n] for row in rows]) for n in self.inputs}
-        feed["timestep"] = feed["timestep"].reshape(-1).astype(np.float32)
+        for name, dtype in self.flat.items():
+            feed[name] = feed[name].reshape(-1).astype(dtype)
         feed["start"] = np.array([[row[1]] for row in rows], np.int32)
         with self.lock:
             for cid, start, _, _ in rows:

@@ -21,6 +21,7 @@ already there is not recomputed), FP samples are kept in --cache-dir for PSNR.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import math
 import statistics
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from modiff_export import QuantConfig
 from modiff_export.backends import make_runner
+from modiff_export.calibration.recipe import linear_layer_names
 from modiff_export.evaluation.cost import bops_per_trajectory, count_macs
 from modiff_export.evaluation.metrics import DigitsEvaluator, frechet_distance_from_features, psnr
 from modiff_export.models import load_model
@@ -124,6 +126,8 @@ def measure(models, samplers, rows, n, bs, seed, results, cache_dir, guidance: f
                     continue
                 t0 = time.time()
                 cfg, feats = parse_row(row)
+                cfg = cfg.replace(int8_layers=tuple(p for p in cfg.int8_layers if any(  # this model's patterns only
+                    fnmatch.fnmatchcase(n, p) for n in linear_layer_names(model.unet))))
                 ref = fp_samples(model, sched, steps, n, bs, seed, cache_dir, guidance)
                 fd_fp = ev.frechet_distance(ref)
                 if row == "fp":

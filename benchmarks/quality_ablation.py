@@ -255,7 +255,7 @@ def table(results, n):
             cells.append("-" if r is None else f"{r['fd']:.1f}" if row == "fp" else
                          f"{r['fd_rel']:+.1f}% ({r['psnr']:.1f} dB)")
         any_r = next((get[(m, s, row)] for m, s in cols if (m, s, row) in get and s.startswith("ddim:50")), None)
-        bops = "-" if any_r is None else f"{any_r['bops_vs_fp']:.4f} | {any_r['bops_vs_uniform']:.3f}"
+        bops = "- | -" if any_r is None else f"{any_r['bops_vs_fp']:.4f} | {any_r['bops_vs_uniform']:.3f}"
         print(f"| {row} | {bops} | " + " | ".join(cells) + " |")
     print("\nFD of FP with other noise seeds (seed-to-seed spread):\n")
     for m, s in cols:

@@ -38,20 +38,22 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 
 
-def build_tiny_unet(seed: int = 0, **overrides):
-    """A fresh, eval-mode random UNet2DModel (deterministic for a given seed and overrides)."""
-    from diffusers import UNet2DModel
+def _build(cls: str, kwargs: dict, seed: int, overrides: dict):
+    """diffusers model class `cls` from `kwargs` with `overrides`, random weights from `seed`, in eval mode."""
+    import diffusers
 
     torch.manual_seed(seed)
-    return UNet2DModel(**{**TINY_UNET_KWARGS, **overrides}).eval()
+    return getattr(diffusers, cls)(**{**kwargs, **overrides}).eval()
+
+
+def build_tiny_unet(seed: int = 0, **overrides):
+    """A fresh, eval-mode random UNet2DModel (deterministic for a given seed and overrides)."""
+    return _build("UNet2DModel", TINY_UNET_KWARGS, seed, overrides)
 
 
 def build_tiny_cond_unet(seed: int = 0, **overrides):
     """A fresh, eval-mode random UNet2DConditionModel (cross_attention_dim 32)."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(**{**TINY_COND_UNET_KWARGS, **overrides}).eval()
+    return _build("UNet2DConditionModel", TINY_COND_UNET_KWARGS, seed, overrides)
 
 
 @pytest.fixture
@@ -94,15 +96,9 @@ TINY_PIXART_KWARGS = dict(sample_size=8, in_channels=4, out_channels=8, patch_si
 
 def build_tiny_dit(seed: int = 0, **overrides):
     """A fresh, eval-mode random DiTTransformer2DModel (class-conditional, 10 classes, 1x8x8)."""
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(seed)
-    return DiTTransformer2DModel(**{**TINY_DIT_KWARGS, **overrides}).eval()
+    return _build("DiTTransformer2DModel", TINY_DIT_KWARGS, seed, overrides)
 
 
 def build_tiny_pixart(seed: int = 0, **overrides):
     """A fresh, eval-mode random PixArtTransformer2DModel (text-conditional, caption_channels 24, learned sigma)."""
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(seed)
-    return PixArtTransformer2DModel(**{**TINY_PIXART_KWARGS, **overrides}).eval()
+    return _build("PixArtTransformer2DModel", TINY_PIXART_KWARGS, seed, overrides)

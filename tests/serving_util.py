@@ -50,3 +50,20 @@ def repository_server(repo, models: list[str], tmp_path):
             proc.terminate()
             proc.wait(60)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def assert_label_errors(client, num_classes: int = 10) -> None:
+    """A class-conditional server refuses a missing and an out-of-range class label as bad requests, with
+    check_item's own message word for word: the Triton sampler (serving/triton_models/sampler.py) keeps a
+    copy of those checks, and this keeps both servers' messages equal to the library's."""
+    import re
+
+    from modiff_export.serving.client import InferError
+    from modiff_export.serving.sampler import Item, RequestError, check_item
+
+    for label in (None, num_classes):
+        with pytest.raises(RequestError) as want:
+            check_item(Item(seed=1, steps=3, class_label=label), 10, False, None, num_classes)
+        with pytest.raises(InferError, match=re.escape(str(want.value))) as e:
+            client.infer(1, 3, class_label=label)
+        assert e.value.kind == "bad_request"

@@ -182,6 +182,15 @@ def _dit_pipeline(transformer, latent_channels: int = 1):
 
 
 @pytest.mark.parametrize("source", ["torch", "ort"])
+def _drop_in(transformer, cfg, source: str, tmp_path):
+    """ModiffUNet around `transformer`: the torch MoDiff reference, or (source "ort") an exported ORT folder."""
+    if source == "torch":
+        return ModiffUNet.from_unet(transformer, cfg)
+    export_model(LoadedModel.from_unet(transformer, "tiny-transformer", DIT_SCHED), cfg, tmp_path / "g",
+                 progress=False)
+    return ModiffUNet.from_folder(tmp_path / "g", "ort", threads=1)
+
+
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 def test_dit_pipeline_equals_our_loop(tmp_path, source, guidance):
     """DiTPipeline with the drop-in as its transformer (the torch MoDiff reference, or an exported ORT folder)
@@ -189,11 +198,7 @@ def test_dit_pipeline_equals_our_loop(tmp_path, source, guidance):
     randn_tensor = torch.randn(shape, generator) as `generate`, guidance in one doubled batch [labels, null]
     in both (the pipeline's null class 1000 becomes the model's 10), and every runner call at batch >= 2."""
     dit, cfg = build_tiny_dit(), QuantConfig(act_bits=4)
-    if source == "torch":
-        unet = ModiffUNet.from_unet(dit, cfg)
-    else:
-        export_model(LoadedModel.from_unet(dit, "tiny-dit", DIT_SCHED), cfg, tmp_path / "g", progress=False)
-        unet = ModiffUNet.from_folder(tmp_path / "g", "ort", threads=1)
+    unet = _drop_in(dit, cfg, source, tmp_path)
     pipe = _dit_pipeline(unet)
     labels = [3, 8]
     images = [pipe(labels, guidance_scale=guidance, num_inference_steps=5, output_type="np",
@@ -234,11 +239,7 @@ def test_pixart_alpha_pipeline_equals_our_loop(tmp_path, source):
     from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline
 
     pixart, cfg = build_tiny_pixart(), QuantConfig(act_bits=4)
-    if source == "torch":
-        unet = ModiffUNet.from_unet(pixart, cfg)
-    else:
-        export_model(LoadedModel.from_unet(pixart, "tiny-pixart", DIT_SCHED), cfg, tmp_path / "g", progress=False)
-        unet = ModiffUNet.from_folder(tmp_path / "g", "ort", threads=1)
+    unet = _drop_in(pixart, cfg, source, tmp_path)
     vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8,
                         sample_size=8).eval()
@@ -255,3 +256,22 @@ def test_pixart_alpha_pipeline_equals_our_loop(tmp_path, source):
     ours = generate(unet.runner, make_scheduler("ddim", DIT_SCHED), 4, 2, 6, (4, 8, 8), cond, neg, 4.5,
                     progress=False)
     assert unet.trajectories == 1 and torch.equal(lat.clamp(-1, 1), ours)
+
+
+def test_padding_mask_is_not_silently_dropped():
+    """The graphs take no attention mask: a PixArt call whose encoder_attention_mask pads tokens out warns (once
+    per drop-in, not once per denoising step); an all-ones mask, which changes nothing, does not."""
+    import warnings
+
+    pixart = build_tiny_pixart()
+    unet = ModiffUNet.from_unet(pixart, QuantConfig(act_bits=8))
+    x, ehs = torch.randn(2, 4, 8, 8), torch.randn(2, 120, 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unet(x, 900, ehs, encoder_attention_mask=torch.ones(2, 120))
+    padded = torch.ones(2, 120)
+    padded[:, 7:] = 0
+    with pytest.warns(UserWarning, match="encoder_attention_mask has padded") as seen:
+        unet(x, 800, ehs, encoder_attention_mask=padded)
+        unet(x, 700, ehs, encoder_attention_mask=padded)
+    assert len([w for w in seen if "encoder_attention_mask" in str(w.message)]) == 1

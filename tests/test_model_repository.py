@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import build_tiny_unet
-from serving_util import repository_server
+from serving_util import assert_label_errors, repository_server
 
 from modiff_export import QuantConfig
 from modiff_export.export.trace import export_model
@@ -161,7 +161,7 @@ def test_dit_repository_on_bundled_tritonserver(tmp_path):
     tolerance argument), bad labels are one bad_request each."""
     from test_serving import assert_like_sample_model, dit_reference, export_tiny_dit
 
-    from modiff_export.serving.client import Client, InferError, infer_concurrently
+    from modiff_export.serving.client import Client, infer_concurrently
 
     model_folder, graphs = export_tiny_dit(tmp_path)
     repo = write_model_repository(graphs, tmp_path / "mr", PackageOptions(unet_backend="python", max_batch=4,
@@ -181,7 +181,4 @@ def test_dit_repository_on_bundled_tritonserver(tmp_path):
         assert not errors, errors
         assert_like_sample_model(got[0], dit_reference(model_folder, graphs, 30, 4, 1.0), 1.0)
         assert_like_sample_model(got[1], dit_reference(model_folder, graphs, 31, 9, 3.0), 3.0)
-        for label, msg in ((None, "'class_label' is missing"), (10, r"outside 0\.\.9")):
-            with pytest.raises(InferError, match=msg) as e:
-                Client("http", port).infer(1, 3, class_label=label)
-            assert e.value.kind == "bad_request"
+        assert_label_errors(Client("http", port))

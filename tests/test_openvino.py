@@ -263,7 +263,7 @@ def test_weight_fold_computes_the_graph(tmp_path, weight_bits):
     import onnx
     import onnxruntime as ort_rt
 
-    from modiff_export.export.ov_variant import fold_weight_dequant
+    from modiff_export.export.passes import fold_weight_dequant
 
     unet, info, ehs = _case("cond")
     export_model(info.copy(), QuantConfig(weight_bits=weight_bits, act_bits=8), tmp_path / "g", progress=False)

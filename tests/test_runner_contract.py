@@ -65,6 +65,21 @@ def test_prime_step_reset_and_cache_keys(backend, folders):
     assert runner.caches() == {} and runner.calls == 0
 
 
+def _assert_follows(ref, runner, backend: str, calls: int) -> None:
+    """`runner` against the PyTorch reference `ref` over a `calls`-call trajectory, with the yardsticks
+    test_same_outputs_across_backends explains (prime: float rounding or bf16; steps: 1.5x the quantization
+    error against an FP UNet)."""
+    fp = make_runner("torch", quantize(build_tiny_unet(), QuantConfig(mode="fp")))
+    for i, (x, t) in enumerate(trajectory(calls)):
+        a, b, f = ref(x, t), runner(x, t), fp(x, t)
+        if i == 0 and backend == "openvino" and runner.precision["prime"] != "f32":
+            assert _rms(a - b) <= 2e-2 * _rms(a), "prime (default precision)"
+        elif i == 0:
+            assert (a - b).abs().max() <= 1e-4 * a.abs().max(), "prime"
+        else:
+            assert _rms(a - b) <= 1.5 * _rms(a - f) + 1e-6, f"call {i} ({ref.schedule()})"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_same_outputs_across_backends(backend, folders):
     """Every backend computes what the PyTorch reference computes. Prime: float rounding only (1e-4 of the
@@ -74,15 +89,7 @@ def test_same_outputs_across_backends(backend, folders):
     quantization error itself, as in tests/test_ort_parity.py: rms(backend - torch) <= 1.5 x rms(torch - FP)
     (two equally valid roundings differ by up to ~sqrt(2) x the rounding error)."""
     ref, runner = make("torch", folders), make(backend, folders)
-    fp = make_runner("torch", quantize(build_tiny_unet(), QuantConfig(mode="fp")))
-    for i, (x, t) in enumerate(trajectory(4)):
-        a, b, f = ref(x, t), runner(x, t), fp(x, t)
-        if i == 0 and backend == "openvino" and runner.precision["prime"] != "f32":
-            assert _rms(a - b) <= 2e-2 * _rms(a), "prime (default precision)"
-        elif i == 0:
-            assert (a - b).abs().max() <= 1e-4 * a.abs().max(), "prime"
-        else:
-            assert _rms(a - b) <= 1.5 * _rms(a - f) + 1e-6, f"call {i}"
+    _assert_follows(ref, runner, backend, 4)
     assert set(runner.caches()) == set(ref.caches())  # one cache per (layer, kind), named alike
 
 
@@ -202,15 +209,7 @@ def test_reuse_same_outputs_across_backends(backend, reuse_folders):
     """Whole trajectories with reuse against the PyTorch reference, with the yardsticks of
     test_same_outputs_across_backends; DeepCache (fp) exactly up to float rounding on every call."""
     ref, runner = make_reuse("torch", reuse_folders), make_reuse(backend, reuse_folders)
-    fp = make_runner("torch", quantize(build_tiny_unet(), QuantConfig(mode="fp")))
-    for i, (x, t) in enumerate(trajectory(8)):
-        a, b, f = ref(x, t), runner(x, t), fp(x, t)
-        if i == 0 and backend == "openvino" and runner.precision["prime"] != "f32":
-            assert _rms(a - b) <= 2e-2 * _rms(a), "prime (default precision)"
-        elif i == 0:
-            assert (a - b).abs().max() <= 1e-4 * a.abs().max(), "prime"
-        else:
-            assert _rms(a - b) <= 1.5 * _rms(a - f) + 1e-6, f"call {i} ({ref.schedule()})"
+    _assert_follows(ref, runner, backend, 8)
     ref, runner = make_reuse("torch", reuse_folders, "fp"), make_reuse(backend, reuse_folders, "fp")
     for i, (x, t) in enumerate(trajectory(5)):
         a, b = ref(x, t), runner(x, t)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..export import ov_variant
+from ..export import ov_variant, passes
 from ..manifest import CacheSpec, GraphTensor, Manifest
 from .base import Runner, RunnerError
 from .buffers import PingPongBuffers
@@ -164,7 +164,7 @@ class OpenVinoRunner(Runner):
         self.static_shapes = bool(static_shapes)
         # int8 kernels compute the graph's codes exactly only where the int8 dot product does not saturate
         # (VNNI / AMX); elsewhere the weights are dequantized at load and the layers run in float
-        # (export/ov_variant.fold_weight_dequant). None: decided from this CPU's flags.
+        # (export/passes.fold_weight_dequant). None: decided from this CPU's flags.
         self.int8_kernels = (not int8_dot_saturates()) if int8_kernels is None else bool(int8_kernels)
         self.compiled, self.requests = {}, {}
         self._compiled_batch: int | None = None  # static_shapes: the batch the graphs are compiled for
@@ -222,7 +222,7 @@ class OpenVinoRunner(Runner):
         deep = set(self.manifest.reuse.deep_layers) if self.manifest.reuse else set()
         groups = {c.input: "deep" if c.layer in deep else "outer" for c in self.manifest.caches}
         changed = ov_variant.rewrite(proto, self.levers, groups) if role != "prime" and self.levers else 0
-        changed += ov_variant.fold_weight_dequant(proto) if fold else 0
+        changed += passes.fold_weight_dequant(proto) if fold else 0
         if not changed:
             return ov.Core().read_model(str(path))
         data = path.with_name(path.name + ".data")

@@ -3,6 +3,11 @@
 The caches never pass through Python per step: they are two sets of OrtValues allocated once per
 batch (on the CUDA device when onnxruntime-gpu is installed; backends/buffers.PingPongBuffers), bound
 with IOBinding. A step reads set A and writes set B, then the two swap, so no cache tensor is copied.
+
+On x86 CPUs without VNNI/AMX, ONNX Runtime's QDQ fusion runs quantized convolutions as MLAS u8 x s8 integer
+kernels whose dot product saturates (backends/cpu.py); there the runner folds the weight DequantizeLinear
+nodes at load (export/passes.fold_weight_dequant) so those layers run the same weights in float and the
+activation codes stay the graph's.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 from ..manifest import CacheSpec, GraphTensor, Manifest
 from .base import Runner, RunnerError
 from .buffers import PingPongBuffers
+from .cpu import int8_dot_saturates
 
 _NP = {"float32": np.float32, "float16": np.float16}
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
@@ -31,12 +37,16 @@ class OrtRunner(Runner):
     backend = "ort"
 
     def __init__(self, graph_folder: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 matmul_accuracy_level: int = 0):
+                 matmul_accuracy_level: int = 0, int8_kernels: bool | None = None):
         self.folder = Path(graph_folder)
         super().__init__(**Runner.contract_of(Manifest.load(self.folder)))
         self.providers = providers or available_providers()
         self.threads = threads
         self.matmul_accuracy_level = matmul_accuracy_level
+        # int8 kernels compute the codes exactly only where the CPU's int8 dot product does not saturate; the CUDA
+        # provider's do. None: decided from this CPU's flags (CPU provider only).
+        on_cpu = self.providers[0] == "CPUExecutionProvider"
+        self.int8_kernels = (not (on_cpu and int8_dot_saturates())) if int8_kernels is None else bool(int8_kernels)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.sessions: dict = {}
         self.buffers = PingPongBuffers(self.manifest.buffers, self._allocate)
@@ -56,12 +66,32 @@ class OrtRunner(Runner):
         for role in self.manifest.roles:
             name = self.manifest.graphs[role]
             try:
-                self.sessions[role] = ort.InferenceSession(str(self.folder / name), opts, providers=self.providers)
+                self.sessions[role] = self._session(self.folder / name, opts)
             except Exception as e:  # ORT raises its own exception types for damaged files
                 first = (str(e).splitlines() or [type(e).__name__])[0][:200]
                 raise RunnerError(f"{self.folder / name}: ONNX Runtime cannot load this graph ({first})") from None
             self._check_io(role, self.sessions[role])
         self.bindings = {role: s.io_binding() for role, s in self.sessions.items()}
+
+    def _session(self, path: Path, opts):
+        """An InferenceSession of one graph; without int8 kernels, of the graph with its weights dequantized
+        (passes.fold_weight_dequant), written with external data to a temporary folder that ORT has read (or
+        mapped: the mapping outlives the unlink) once the session exists."""
+        import tempfile
+
+        import onnx
+        import onnxruntime as ort
+
+        from ..export.passes import fold_weight_dequant
+
+        if not self.int8_kernels:
+            proto = onnx.load(str(path))
+            if fold_weight_dequant(proto):
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = Path(tmp) / path.name
+                    onnx.save_model(proto, str(out), save_as_external_data=True, location=path.name + ".data")
+                    return ort.InferenceSession(str(out), opts, providers=self.providers)
+        return ort.InferenceSession(str(path), opts, providers=self.providers)
 
     def deactivate_impl(self) -> None:
         self.sessions, self.bindings = {}, {}

@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..manifest import Manifest
-from .passes import constants, producers, remove_unused
+from .passes import constants, fold_weight_dequant, infer_shapes, producers, remove_unused
 
 
 def _is_unit_qdq(node, consts) -> bool:
@@ -48,36 +48,6 @@ def _weight_dq(node, consts):
         return None
     axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
     return w, s.astype(np.float32).reshape(-1), axis
-
-
-def fold_weight_dequantize(model: onnx.ModelProto) -> int:
-    """Replace every DequantizeLinear(int8 weight const) read by a Conv/MatMul/Gemm with its float
-    value (codes * scale, one float32 multiply, the same DequantizeLinear computes: bit-exact).
-    The activation Q/DQ pairs stay, so the codes are unchanged; ORT then sees constant float
-    weights and uses its blocked (NCHWc) float Conv kernels, as for the fp graph."""
-    graph = model.graph
-    consts, prods = constants(model), producers(model)
-    init, folded, n = [], {}, 0
-    for node in graph.node:
-        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
-            continue
-        dq = prods.get(node.input[1])
-        wdq = _weight_dq(dq, consts)
-        if wdq is None:
-            continue
-        if dq.output[0] not in folded:
-            codes, scale, axis = wdq
-            shape = [1] * codes.ndim
-            shape[axis] = -1
-            w = codes.astype(np.float32) * scale.reshape(shape if scale.size > 1 else [])
-            name = f"{dq.output[0]}.folded"
-            init.append(numpy_helper.from_array(w.astype(np.float32), name))
-            folded[dq.output[0]] = name
-        node.input[1] = folded[dq.output[0]]
-        n += 1
-    graph.initializer.extend(init)
-    remove_unused(model)
-    return n
 
 
 def rewrite_integer_ops(model: onnx.ModelProto) -> int:
@@ -183,13 +153,9 @@ def remove_noop_casts(model: onnx.ModelProto) -> int:
     Cast read its input; a Cast that writes a graph output hands that name to its producer. Exact
     (no value changes). Types come from ONNX shape inference; graphs it cannot handle (> 2 GB) are
     left alone. Returns how many Casts were removed."""
-    from onnx import shape_inference
-
     graph = model.graph
-    if model.ByteSize() > 2 * 1024**3 - 64 * 1024**2:
-        return 0
     try:
-        inferred = shape_inference.infer_shapes(model)
+        inferred = infer_shapes(model)
     except Exception:  # noqa: BLE001 - an optimization only
         return 0
     types = {v.name: v.type.tensor_type.elem_type
@@ -239,12 +205,12 @@ METHODS = ("fold", "integer")
 
 
 def rewrite(model: onnx.ModelProto, method: str = "fold") -> int:
-    """method "fold": float weights (fast on ORT CPU, see fold_weight_dequantize); "integer":
+    """method "fold": float weights (fast on ORT CPU, see passes.fold_weight_dequant); "integer":
     ConvInteger/MatMulInteger for quantized-activation layers (rewrite_integer_ops). Both then drop
     the no-op Casts (remove_noop_casts). Returns the number of layers rewritten."""
     if method not in METHODS:
         raise ValueError(f"ort variant method {method!r}; expected one of {list(METHODS)}")
-    n = fold_weight_dequantize(model) if method == "fold" else rewrite_integer_ops(model)
+    n = fold_weight_dequant(model) if method == "fold" else rewrite_integer_ops(model)
     if n:
         remove_noop_casts(model)
     return n

@@ -200,37 +200,3 @@ def _toposort(nodes, model) -> list:
             raise ValueError("ov_variant: the rewritten graph has a cycle or a dangling input")
         pending = rest
     return out
-
-
-def fold_weight_dequant(model: onnx.ModelProto) -> int:
-    """Replace every DequantizeLinear of a constant (the int8/int4 weight codes) by its float result, so
-    OpenVINO runs those layers in float instead of int8 kernels. For CPUs without VNNI/AMX: their int8 dot
-    product (AVX2/AVX-512 `vpmaddubsw`, u8 x s8 pairs summed in int16) saturates with the u8 zero point 128
-    the plugin gives the activations, which OpenVINO documents ("Saturation (overflow) issue", 7-bit weights
-    as its workaround); our weight codes are the reference's and must stay 8-bit, so the layer runs the same
-    dequantized weights in f32 instead. Activation quantizers stay: the codes are those of the graph.
-    Returns the number of weights folded. Needs the weights loaded (onnx.load with external data)."""
-    consts = {t.name: t for t in model.graph.initializer}
-    folded = []
-    for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in consts or node.input[1] not in consts:
-            continue
-        x = numpy_helper.to_array(consts[node.input[0]]).astype(np.float32)
-        scale = numpy_helper.to_array(consts[node.input[1]]).astype(np.float32)
-        zp = (numpy_helper.to_array(consts[node.input[2]]).astype(np.float32)
-              if len(node.input) > 2 and node.input[2] in consts else np.zeros_like(scale))
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        axis = attrs.get("axis", 1) % max(x.ndim, 1)
-        if attrs.get("block_size"):  # blocked (INT4) scales: one per block_size elements along axis
-            n, bs = x.shape[axis], attrs["block_size"]
-            scale, zp = (np.repeat(t, bs, axis=axis).take(range(n), axis=axis) for t in (scale, zp))
-        elif scale.ndim == 1 and scale.size > 1:  # per channel along axis
-            shape = [1] * x.ndim
-            shape[axis] = scale.size
-            scale, zp = scale.reshape(shape), zp.reshape(shape)
-        folded.append((node, numpy_helper.from_array(((x - zp) * scale).astype(np.float32), node.output[0])))
-    for node, tensor in folded:
-        model.graph.node.remove(node)
-        model.graph.initializer.append(tensor)
-    remove_unused(model)
-    return len(folded)

@@ -159,6 +159,29 @@ def set_io_shapes(model: onnx.ModelProto, shapes: dict[str, list]) -> None:
                 dim.dim_value = int(d)
 
 
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx shape inference of `model` that also works past protobuf's 2 GiB (a full-precision PixArt-alpha is
+    2.4 GB): inferred on a light copy in which every initializer over 64 KiB stands as a typed graph input
+    (shape inference reads only their types and shapes). Returns the light copy with value_info filled."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    listed = {i.name for i in model.graph.input}
+    for t in model.graph.initializer:
+        if t.ByteSize() <= 1 << 16:
+            g.initializer.append(t)
+        elif t.name not in listed:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return onnx.shape_inference.infer_shapes(light)
+
+
 def fold_static_squeezes(model: onnx.ModelProto) -> int:
     """Replace by Identity every `If` the TorchScript exporter emits for `x.squeeze(d)` on a tensor whose
     size at d it did not know: then-branch Squeeze(x, d), else-branch Identity(x), condition
@@ -167,7 +190,7 @@ def fold_static_squeezes(model: onnx.ModelProto) -> int:
     on the step graph's cache sum: the checker's strict inference rejects the Squeeze branch.)
     Returns the number folded."""
     shapes = {}
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = infer_shapes(model)
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
         dims = vi.type.tensor_type.shape.dim
         shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
@@ -199,3 +222,37 @@ def fold_static_squeezes(model: onnx.ModelProto) -> int:
         model.graph.node.insert(idx, helper.make_node("Identity", [x], [node.output[0]], name=node.name + "_folded"))
         folded += 1
     return folded
+
+
+def fold_weight_dequant(model: onnx.ModelProto) -> int:
+    """Replace every DequantizeLinear of a constant (the int8/int4 weight codes) by its float result
+    ((codes - zp) * scale in float32, what the node computes: bit-exact), so a runtime runs those layers
+    with float weights instead of fusing them into integer kernels. Activation quantizers stay: the codes
+    are those of the graph. Used by the `--target ort` "fold" variant (ORT's float kernels are faster on
+    CPU) and, at load, by the OpenVINO and ONNX Runtime runners on CPUs without VNNI/AMX (their int8 dot
+    product saturates: backends/cpu.py). Returns the number of weights folded. Needs the weights loaded
+    (onnx.load with external data)."""
+    consts = {t.name: t for t in model.graph.initializer}
+    folded = []
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in consts or node.input[1] not in consts:
+            continue
+        x = numpy_helper.to_array(consts[node.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(consts[node.input[1]]).astype(np.float32)
+        zp = (numpy_helper.to_array(consts[node.input[2]]).astype(np.float32)
+              if len(node.input) > 2 and node.input[2] in consts else np.zeros_like(scale))
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axis = attrs.get("axis", 1) % max(x.ndim, 1)
+        if attrs.get("block_size"):  # blocked (INT4) scales: one per block_size elements along axis
+            n, bs = x.shape[axis], attrs["block_size"]
+            scale, zp = (np.repeat(t, bs, axis=axis).take(range(n), axis=axis) for t in (scale, zp))
+        elif scale.ndim == 1 and scale.size > 1:  # per channel along axis
+            shape = [1] * x.ndim
+            shape[axis] = scale.size
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        folded.append((node, numpy_helper.from_array(((x - zp) * scale).astype(np.float32), node.output[0])))
+    for node, tensor in folded:
+        model.graph.node.remove(node)
+        model.graph.initializer.append(tensor)
+    remove_unused(model)
+    return len(folded)

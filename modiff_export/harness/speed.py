@@ -115,7 +115,7 @@ def export_nncf(spec: str, fp_folder: Path, batch: int, seeds: int = 2, steps: i
     from ..backends.openvino_runner import OpenVinoRunner
     from ..manifest import Manifest
     from ..models import load_model
-    from ..sampling import generate, make_scheduler
+    from ..sampling import generate, make_scheduler, with_null_class
     from .nncf_peer import nncf_quantize
     from .recorder import Recorder
 
@@ -126,11 +126,11 @@ def export_nncf(spec: str, fp_folder: Path, batch: int, seeds: int = 2, steps: i
     rec = Recorder(OpenVinoRunner(fp_folder, threads=1, precision="f32"))
     for seed in range(seeds):
         # class-conditional models: labels 0.. over the batch, cond and null class in one CFG call (guidance 4)
-        labels = None if m.num_classes is None else torch.arange(batch) % m.num_classes
-        null = None if labels is None else torch.full_like(labels, m.num_classes)
+        labels, null = (None, None) if m.num_classes is None else with_null_class(torch.arange(batch) % m.num_classes,
+                                                                                   m.num_classes)
         generate(rec, make_scheduler("ddim", m.scheduler_config), steps, batch, seed, m.sample_shape, labels, null,
                  guidance_scale=1.0 if labels is None else 4.0, progress=False)
-    return nncf_quantize(fp_folder, out, rec.inputs, feed_name(Manifest.load(fp_folder)))
+    return nncf_quantize(fp_folder, out, rec.inputs, Manifest.load(fp_folder).cond_input)
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -144,26 +144,17 @@ def inputs(manifest, batch: int, seed: int = 0):
     """(sample, a sample close to it for the step call, the conditioning or None): random encoder states
     [B, S, D] for text-conditional graphs, random class labels [B] int64 (no null class) for class-conditional
     ones (models/denoiser.py)."""
-    from ..models.denoiser import CLASS_LABELS, ENCODER_STATES
+    from ..models.denoiser import CLASS_LABELS
 
     g = torch.Generator().manual_seed(seed)
-    shape = next(s.shape for s in manifest.inputs if s.name == "sample")
-    x = torch.randn((batch, *shape[1:]), generator=g)
     names = {s.name: s for s in manifest.inputs}
+    x = torch.randn((batch, *names["sample"].shape[1:]), generator=g)
     cond = None
-    if ENCODER_STATES in names:
-        cond = torch.randn((batch, *names[ENCODER_STATES].shape[1:]), generator=g)
-    elif CLASS_LABELS in names:
+    if manifest.cond_input == CLASS_LABELS:
         cond = torch.randint(0, manifest.model.num_classes, (batch,), generator=g)
+    elif manifest.cond_input is not None:  # encoder_hidden_states [B, S, D]
+        cond = torch.randn((batch, *names[manifest.cond_input].shape[1:]), generator=g)
     return x, 0.97 * x + 0.05 * torch.randn(x.shape, generator=g), cond
-
-
-def feed_name(manifest) -> str | None:
-    """The graph input the conditioning of `inputs` goes to (None: unconditional)."""
-    from ..models.denoiser import CLASS_LABELS, ENCODER_STATES
-
-    names = {s.name for s in manifest.inputs}
-    return next((n for n in (ENCODER_STATES, CLASS_LABELS) if n in names), None)
 
 
 def compile_plain(folder: Path, threads: int, hint: str | None, extra: dict | None = None, batch: int | None = None):
@@ -202,7 +193,7 @@ class Timed:
             self.req = compile_plain(folder, threads, v.hint, extra, batch if static else None).create_infer_request()
             self.feed = {"sample": self.x.numpy(), "timestep": torch.full((batch,), 520.0).numpy()}
             if self.ehs is not None:
-                self.feed[feed_name(manifest)] = self.ehs.numpy()
+                self.feed[manifest.cond_input] = self.ehs.numpy()
         else:
             key = (v.graphs, v.runner)
             if key not in pool:

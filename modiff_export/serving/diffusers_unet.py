@@ -17,6 +17,7 @@ PixArtAlphaPipeline (encoder_hidden_states=..., encoder_attention_mask=..., adde
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,7 @@ class ModiffUNet(torch.nn.Module):
         self.config = FrozenDict({**_PIPELINE_DEFAULTS, **dict(config)})
         self._last: tuple | None = None   # (timestep, sample shape, ehs shape) of the previous call
         self.trajectories = 0             # how many times the caches were reset (tests, logs)
+        self._warned_mask = False         # PixArt padding masks are not applied: said once (forward)
 
     # -- constructors --------------------------------------------------------------------------------
     @classmethod
@@ -106,7 +108,14 @@ class ModiffUNet(torch.nn.Module):
         """UNet2DModel/UNet2DConditionModel, DiT (class_labels) or PixArt (encoder_hidden_states) call.
         Ignored kwargs: PixArt's added_cond_kwargs (the graphs are exported with resolution/aspect ratio
         None, models/denoiser.py) and encoder_attention_mask (the graphs take no mask: every one of the S
-        states is attended to, as in this package's own sampling; a pipeline's padding mask is not applied)."""
+        states is attended to, as in this package's own sampling; a pipeline's padding mask is not applied, and a
+        mask with zeros draws one warning per drop-in)."""
+        mask = kwargs.get("encoder_attention_mask")
+        if mask is not None and not self._warned_mask and bool((torch.as_tensor(mask) == 0).any()):
+            self._warned_mask = True  # once per drop-in: every denoising call of a pipeline passes the mask
+            warnings.warn("ModiffUNet: encoder_attention_mask has padded (zero) positions, but the exported graphs "
+                          "take no mask and attend to all caption tokens, so this output differs from the "
+                          "masked full-precision model's (docs/transformers.md)", stacklevel=2)
         t = torch.as_tensor(timestep, dtype=torch.float32).flatten()
         cond = encoder_hidden_states if class_labels is None else class_labels
         key = (float(t.max()), tuple(sample.shape), None if cond is None else tuple(cond.shape))

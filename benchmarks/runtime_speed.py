@@ -6,11 +6,12 @@
 
 Models (random weights except digits; nothing downloaded): `cifar` (the CIFAR-10 DDPM UNet architecture,
 35.7M params, 32x32), `digits` (the shipped 16x16 model), `sd15` (Stable Diffusion 1.5's UNet at a
---sd-latent latent, classifier-free guidance: UNet batch 2 x --batch; no NNCF row, its calibration data
-would need text encodings), `dit_s2` (DiT-S/2: hidden 384, depth 12, 6 heads, patch 2, 32x32x4 latent,
+--sd-latent latent, classifier-free guidance: UNet batch 2 x --batch; NNCF calibrated on FP trajectories with
+random encoder states, as the rows are timed: a speed row, not a quality one),
+`dit_s2` (DiT-S/2: hidden 384, depth 12, 6 heads, patch 2, 32x32x4 latent,
 1000 classes; CFG: batch 2 x --batch, cond + null class; NNCF calibrated on class-conditional FP trajectories)
 and `pixart` (PixArt-alpha's transformer at a --sd-latent latent, 120 caption tokens of 4096 channels, CFG,
-no NNCF row as for sd15). Transformers get no block-reuse rows (reuse is defined on UNet blocks).
+NNCF as for sd15). Transformers get no block-reuse rows (reuse is defined on UNet blocks).
 Rows and how each runs: modiff_export/harness/speed.py. `--profile` prints
 OpenVINO's per-node counters (PERF_COUNT) summed by node type for every row; `--memory` the peak RSS of a
 process that loads one runner and runs a trajectory's first calls; `--levers` adds MoDiff step rows with
@@ -60,7 +61,7 @@ def model_spec(name: str, work: Path, sd_latent: int) -> str:
     return str(write_model(name, work / "models" / f"{name}-{sd_latent}", latent=sd_latent))  # sd15, pixart
 
 
-TEXT_CONDITIONED = ("sd15", "pixart")          # CFG with random encoder states; no NNCF row
+TEXT_CONDITIONED = ("sd15", "pixart")          # CFG with random encoder states
 CFG_MODELS = ("sd15", "pixart", "dit_s2")      # UNet/transformer batch = 2 x --batch
 TRANSFORMERS = ("dit_s2", "pixart", "digits_dit")
 
@@ -188,10 +189,7 @@ def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_la
         reuse_keys = tuple(speed.reuse_key(k, d) for d in depths for k in (f"modiff-{bits}", "fp"))
         graphs = speed.export_graphs(spec, root, ("fp", "ptq-w8a8", f"modiff-{bits}", *reuse_keys))
         vs = speed.main_variants(bits) + speed.reuse_variants(bits, depths)
-        if name in TEXT_CONDITIONED:
-            vs = [v for v in vs if v.graphs != "nncf"]
-        else:
-            graphs["nncf"] = speed.export_nncf(spec, graphs["fp"], batch)
+        graphs["nncf"] = speed.export_nncf(spec, graphs["fp"], batch)
         if levers:
             vs += lever_rows(levers, bits)
         b = 2 * batch if cond else batch
@@ -209,11 +207,11 @@ def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_la
                  speed.verdict(rows), ""]
         if depths:
             block += ["Block reuse, trajectories of 25 calls from the rows above:", "", *speed.reuse_table(rows), ""]
-        if name not in TEXT_CONDITIONED:
-            from modiff_export.harness.nncf_peer import nncf_settings_text
+        from modiff_export.harness.nncf_peer import nncf_settings_text
 
-            block += [f"NNCF settings: {nncf_settings_text()}; calibrated on 2 FP trajectories (DDIM 10 steps, batch "
-                      f"{batch}) of the same model.", ""]
+        states = ", random encoder states" if name in TEXT_CONDITIONED else ""
+        block += [f"NNCF settings: {nncf_settings_text()}; calibrated on 2 FP trajectories (DDIM 10 steps, batch "
+                  f"{batch}{states}) of the same model.", ""]
         print("\n".join(block), flush=True)
         print("RAW " + json.dumps(rows), flush=True)
         out += block

@@ -25,6 +25,7 @@ from modiff_export.backends import RunnerError, make_runner
 from modiff_export.backends.ort_runner import OrtRunner
 from modiff_export.backends.torch_runner import TorchRunner
 from modiff_export.export.trace import export_model
+from modiff_export.manifest import Manifest
 
 pytest.importorskip("openvino")
 from modiff_export.backends.openvino_runner import OpenVinoRunner, mark_delta_path
@@ -52,6 +53,9 @@ def test_per_step_parity_vs_ort(tmp_path, kind, act_bits):
     # f32 prime: this test checks the graphs (and the step graph's OpenVINO form) against ORT at float32
     # precision; the default bf16 prime is test_default_prime_precision's
     ovs = {mode: _ov(tmp_path / "g", cache_mode=mode, prime_precision="f32") for mode in ("stateful", "pingpong")}
+    # unsigned codes (the u8 lever, the default on CPUs without VNNI/AMX) with only those layers on int8 kernels,
+    # on every CPU: the same yardstick
+    ovs["u8"] = _ov(tmp_path / "g", prime_precision="f32", int8_kernels=False, u8_codes=True)
     inputs, fp_preds = _fp_trajectory(unet, info, ehs, "ddim")
     for i, ((x, t), fp) in enumerate(zip(inputs, fp_preds)):
         a = ort(x, t, ehs)
@@ -145,12 +149,16 @@ def test_digits_trajectory_parity(tmp_path, act_bits, min_psnr):
     m = load_model("digits")
     cfg = QuantConfig(act_bits=act_bits)
     export_model(m.copy(), cfg, tmp_path / "g", progress=False)
-    runners = (TorchRunner(quantize(copy.deepcopy(m.unet), cfg)),
-               make_runner("openvino", folder=tmp_path / "g", threads=1))
+    runners = [TorchRunner(quantize(copy.deepcopy(m.unet), cfg)),
+               make_runner("openvino", folder=tmp_path / "g", threads=1)]
+    if act_bits < 8:  # unsigned codes on int8 kernels, the rest folded: what CPUs without VNNI/AMX run by default
+        runners.append(make_runner("openvino", folder=tmp_path / "g", threads=1, int8_kernels=False, u8_codes=True))
     imgs = [generate(r, make_scheduler("ddim", m.scheduler_config), 10, 4, 0, m.sample_shape, progress=False)
             for r in runners]
-    value = psnr(imgs[0], imgs[1])
-    assert value >= min_psnr, f"OpenVINO vs PyTorch trajectory PSNR {value:.1f} dB < {min_psnr} dB at W8A{act_bits}"
+    for r, img in zip(runners[1:], imgs[1:]):
+        value = psnr(imgs[0], img)
+        assert value >= min_psnr, (f"OpenVINO (u8 codes {r.u8_codes}) vs PyTorch trajectory PSNR {value:.1f} dB < "
+                                   f"{min_psnr} dB at W8A{act_bits}")
 
 
 @pytest.mark.parametrize("mode", ["stateful", "pingpong"])
@@ -284,3 +292,36 @@ def test_weight_fold_computes_the_graph(tmp_path, weight_bits):
     assert not folded.int8_kernels
     c = folded.prime(x, 500.0, ehs)
     assert (a - c).abs().max() <= 1e-4 * a.abs().max()
+
+
+@pytest.mark.parametrize("act_bits", [4, 7, 8])
+def test_unsigned_codes_compute_the_graph(tmp_path, act_bits):
+    """The u8 lever (export/ov_variant.py) quantizes codes |c| <= 63 as uint8 around zero point qmax + 1: the ONNX
+    graph must compute exactly what the exported one does (ORT with graph optimizations off, each op as the spec
+    defines it: 0.0 difference on every output), every layer of <= 7-bit codes is rewritten and no 8-bit one (its
+    u8 values would reach 255 and saturate again), and unsigned_layers names exactly the rewritten layers."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort_rt
+
+    from modiff_export.export import ov_variant
+
+    unet, info, ehs = _case("uncond")
+    export_model(info.copy(), QuantConfig(act_bits=act_bits), tmp_path / "g", progress=False)
+    m = Manifest.load(tmp_path / "g")
+    ort = OrtRunner(tmp_path / "g", threads=1)
+    x = torch.randn(2, *info.sample_shape, generator=torch.Generator().manual_seed(2))
+    ort(x, torch.full((2,), 800.0))
+    feeds = {"sample": (0.98 * x).numpy(), "timestep": np.full(2, 760.0, np.float32)}
+    feeds.update({c.input: ort.caches()[c.key].numpy() for c in m.caches})
+    proto = onnx.load(str(tmp_path / "g" / "step.onnx"))
+    feeds = {k: v for k, v in feeds.items() if k in {i.name for i in proto.graph.input}}
+    so = ort_rt.SessionOptions()
+    so.graph_optimization_level = ort_rt.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = ort_rt.InferenceSession(proto.SerializeToString(), so).run(None, feeds)
+    n_layers = len(ov_variant.find_layers(proto))
+    assert ov_variant.rewrite(proto, ("u8",)) == n_layers > 0
+    u8 = ov_variant.unsigned_layers(proto)
+    assert len(u8) == (n_layers if act_bits <= 7 else 0)
+    got = ort_rt.InferenceSession(proto.SerializeToString(), so).run(None, feeds)
+    assert all(np.array_equal(a, b) for a, b in zip(want, got))

@@ -128,7 +128,7 @@ class OpenVinoRunner(Runner):
     def __init__(self, graph_folder: str | Path, threads: int | None = None, precision: str = "f32",
                  prime_precision: str | None = None, cache_mode: str | None = None,
                  levers: tuple[str, ...] | None = None, properties: dict | None = None,
-                 static_shapes: bool = True, int8_kernels: bool | None = None):
+                 static_shapes: bool = True, int8_kernels: bool | None = None, u8_codes: bool | None = None):
         if precision not in PRECISIONS or (prime_precision or precision) not in PRECISIONS:
             raise RunnerError(f"openvino runner: precision must be one of {list(PRECISIONS)}")
         # OpenVINO 2026.4's CPU plugin keeps variables (stateful caches) at the inference precision and runs
@@ -166,6 +166,9 @@ class OpenVinoRunner(Runner):
         # (VNNI / AMX); elsewhere the weights are dequantized at load and the layers run in float
         # (export/passes.fold_weight_dequant). None: decided from this CPU's flags.
         self.int8_kernels = (not int8_dot_saturates()) if int8_kernels is None else bool(int8_kernels)
+        # without them, the step's layers with <= 7-bit codes still get int8 kernels through unsigned codes (the u8
+        # lever of export/ov_variant.py: their u8 x s8 pairs cannot saturate); only the others' weights are folded
+        self.u8_codes = (not self.int8_kernels) if u8_codes is None else bool(u8_codes)
         self.compiled, self.requests = {}, {}
         self._compiled_batch: int | None = None  # static_shapes: the batch the graphs are compiled for
         self._copy_bufs: dict = {}  # stateful: host tensors of the variables whose buffer is not handed out
@@ -192,7 +195,7 @@ class OpenVinoRunner(Runner):
 
         path = self.folder / self.manifest.graphs[role]
         try:
-            rewrite = not self.int8_kernels or (role != "prime" and self.levers)
+            rewrite = not self.int8_kernels or (role != "prime" and (self.levers or self.u8_codes))
             model = self._read_rewritten(path, role) if rewrite else ov.Core().read_model(str(path))
         except Exception as e:  # noqa: BLE001 - OpenVINO raises assorted types for damaged files; reported
             raise RunnerError(f"{path}: OpenVINO cannot read this graph ({_reason(e)})") from None
@@ -221,8 +224,10 @@ class OpenVinoRunner(Runner):
         proto = onnx.load(str(path), load_external_data=fold)  # folding computes from the weights
         deep = set(self.manifest.reuse.deep_layers) if self.manifest.reuse else set()
         groups = {c.input: "deep" if c.layer in deep else "outer" for c in self.manifest.caches}
-        changed = ov_variant.rewrite(proto, self.levers, groups) if role != "prime" and self.levers else 0
-        changed += passes.fold_weight_dequant(proto) if fold else 0
+        levers = self.levers + (("u8",) if self.u8_codes and "u8" not in self.levers else ())
+        changed = ov_variant.rewrite(proto, levers, groups) if role != "prime" and levers else 0
+        keep = ov_variant.unsigned_layers(proto) if fold and self.u8_codes else set()
+        changed += passes.fold_weight_dequant(proto, keep) if fold else 0
         if not changed:
             return ov.Core().read_model(str(path))
         data = path.with_name(path.name + ".data")

@@ -22,6 +22,13 @@ codes into a float tensor, then adds). `rewrite` changes, per layer (each lever 
              are equal by construction (same prime value, same updates), so the others' cache outputs
              are the first layer's; with block reuse only within the deep or the outer layers
 
+    u8       codes |c| <= 63 (activations of up to 7 bits) are quantized as uint8 around zero point qmax + 1
+             instead of int8 around 0: the same codes (DQ subtracts the zero point again), but the CPU
+             plugin's u8 input then holds values 0..2 qmax + 1 instead of 128 +- qmax, so on CPUs without
+             VNNI/AMX the int8 dot product (u8 x s8 pairs summed in int16: 2 x 127 x 128 < 2^15) cannot
+             saturate and those layers keep int8 kernels (backends/cpu.py); the update lever shifts by the
+             same zero point
+
 Graph I/O, names and shapes are unchanged (the manifest's contract); only the inside differs.
 """
 from __future__ import annotations
@@ -32,7 +39,8 @@ from onnx import helper, numpy_helper
 
 from .passes import constants, remove_unused
 
-LEVERS = ("minmax", "recip", "update", "share")
+LEVERS = ("minmax", "recip", "update", "share", "u8")
+U8_MAX_CODE = 63  # largest |code| the u8 lever takes: u8 values 0..127, so 2 x 127 x 128 < 2^15
 
 
 def _consumers(model) -> dict[str, list]:
@@ -95,6 +103,35 @@ def _key(L, consts, groups) -> tuple:
             tuple(val(i) for n in nodes if n is not None for i in n.input[1:]))
 
 
+def _code_bound(L, consts) -> int | None:
+    """qmax of a layer whose codes are Clip(u, -qmax - 1, qmax) -> QuantizeLinear(u, 1, int8 0) (constants)."""
+    clip, q = L["clip_u"], L["q"]
+    if clip is None or len(clip.input) < 3 or len(q.input) < 3:
+        return None
+    lo, hi, scale, zp = (consts.get(n) for n in (clip.input[1], clip.input[2], q.input[1], q.input[2]))
+    if any(v is None or v.size != 1 for v in (lo, hi, scale, zp)) or zp.dtype != np.int8:
+        return None
+    lo, hi = float(lo.reshape(-1)[0]), float(hi.reshape(-1)[0])
+    if float(scale.reshape(-1)[0]) != 1.0 or int(zp.reshape(-1)[0]) != 0 or hi != int(hi) or lo != -hi - 1:
+        return None
+    return int(hi)
+
+
+def unsigned_layers(model: onnx.ModelProto) -> set[str]:
+    """Output names of the Conv/MatMul/Gemm nodes whose input codes the u8 lever made unsigned (a
+    DequantizeLinear with a uint8 zero point feeds them): the layers that keep int8 kernels on CPUs whose
+    int8 dot product saturates; the runner folds every other weight there."""
+    consts, prods = constants(model), {o: n for n in model.graph.node for o in n.output}
+    out = set()
+    for node in model.graph.node:
+        dq = prods.get(node.input[0]) if node.op_type in ("Conv", "MatMul", "Gemm") else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and len(dq.input) > 2:
+            zp = consts.get(dq.input[2])
+            if zp is not None and zp.dtype == np.uint8:
+                out.add(node.output[0])
+    return out
+
+
 def rewrite(model: onnx.ModelProto, levers=LEVERS, groups: dict[str, str] | None = None) -> int:
     """Apply `levers` (a subset of LEVERS) to every dynamic-scale layer in place; returns how many
     layers were rewritten. `groups` {a_hat cache input name: group}: "share" only within a group (block
@@ -127,6 +164,15 @@ def rewrite(model: onnx.ModelProto, levers=LEVERS, groups: dict[str, str] | None
                 continue
             first[k] = L
         d, s = L["d"], L["s"]
+        shift = 128.0  # the CPU plugin's u8 zero point for int8 codes around 0
+        if "u8" in levers and (q := _code_bound(L, consts)) is not None and q <= U8_MAX_CODE:
+            zp = f"ov.u8_zero_point_{q + 1}"
+            if zp not in consts:
+                graph.initializer.append(numpy_helper.from_array(np.array(q + 1, np.uint8), zp))
+                consts[zp] = np.array(q + 1, np.uint8)
+            for node in (L["q"], L["dq"]):
+                node.input[2] = zp
+            shift = float(q + 1)
         if "minmax" in levers:
             rmax = L["rmax"]
             axes = [a for a in rmax.attribute]
@@ -159,9 +205,10 @@ def rewrite(model: onnx.ModelProto, levers=LEVERS, groups: dict[str, str] | None
                 u2.append(helper.make_node("Clip", [last, *cu.input[1:]], [f"{p}.u2c"], name=f"{p}/Clip2"))
                 last = f"{p}.u2c"
             a_in = L["sub"].input[1]
-            # round as the CPU plugin's int8 quantization does: round(u + 128) - 128 (u8 with zero point 128)
-            off = f"{p}.off128"
-            graph.initializer.append(numpy_helper.from_array(np.array(128.0, np.float32), off))
+            # round as the CPU plugin's int8 quantization does: round(u + zp) - zp (u8 with zero point zp: 128, or
+            # the u8 lever's)
+            off = f"{p}.off{int(shift)}"
+            graph.initializer.append(numpy_helper.from_array(np.array(shift, np.float32), off))
             u2 += [helper.make_node("Add", [last, off], [f"{p}.u8"], name=f"{p}/Shift"),
                    helper.make_node("Round", [f"{p}.u8"], [f"{p}.r8"], name=f"{p}/Round"),
                    helper.make_node("Sub", [f"{p}.r8", off], [f"{p}.codes"], name=f"{p}/Unshift"),

@@ -224,18 +224,22 @@ def fold_static_squeezes(model: onnx.ModelProto) -> int:
     return folded
 
 
-def fold_weight_dequant(model: onnx.ModelProto) -> int:
+def fold_weight_dequant(model: onnx.ModelProto, keep: set[str] = frozenset()) -> int:
     """Replace every DequantizeLinear of a constant (the int8/int4 weight codes) by its float result
     ((codes - zp) * scale in float32, what the node computes: bit-exact), so a runtime runs those layers
     with float weights instead of fusing them into integer kernels. Activation quantizers stay: the codes
     are those of the graph. Used by the `--target ort` "fold" variant (ORT's float kernels are faster on
     CPU) and, at load, by the OpenVINO and ONNX Runtime runners on CPUs without VNNI/AMX (their int8 dot
     product saturates: backends/cpu.py). Returns the number of weights folded. Needs the weights loaded
-    (onnx.load with external data)."""
+    (onnx.load with external data). `keep`: output names of layers whose weights stay quantized (the
+    OpenVINO runner's u8 layers, export/ov_variant.unsigned_layers)."""
     consts = {t.name: t for t in model.graph.initializer}
+    kept = {i for n in model.graph.node if n.output and n.output[0] in keep for i in n.input}
     folded = []
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in consts or node.input[1] not in consts:
+            continue
+        if node.output[0] in kept:
             continue
         x = numpy_helper.to_array(consts[node.input[0]]).astype(np.float32)
         scale = numpy_helper.to_array(consts[node.input[1]]).astype(np.float32)

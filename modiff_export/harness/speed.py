@@ -111,7 +111,9 @@ def export_graphs(spec: str, root: Path, keys=tuple(CONFIGS), quiet: bool = True
 
 
 def export_nncf(spec: str, fp_folder: Path, batch: int, seeds: int = 2, steps: int = 10) -> Path:
-    """NNCF int8 of the FP graph, calibrated on `seeds` FP trajectories (DDIM `steps`, batch `batch`)."""
+    """NNCF int8 of the FP graph, calibrated on `seeds` FP trajectories (DDIM `steps`, batch `batch`): class
+    labels with the null class for class-conditional models, random encoder states [B, S, D] (seeded, zeros as
+    the uncond half) for text-conditional ones, as the timed rows get (random weights: a speed row only)."""
     from ..backends.openvino_runner import OpenVinoRunner
     from ..manifest import Manifest
     from ..models import load_model
@@ -123,14 +125,19 @@ def export_nncf(spec: str, fp_folder: Path, batch: int, seeds: int = 2, steps: i
     if exported(out):
         return out
     m = load_model(spec)
+    manifest = Manifest.load(fp_folder)
     rec = Recorder(OpenVinoRunner(fp_folder, threads=1, precision="f32"))
     for seed in range(seeds):
-        # class-conditional models: labels 0.. over the batch, cond and null class in one CFG call (guidance 4)
-        labels, null = (None, None) if m.num_classes is None else with_null_class(torch.arange(batch) % m.num_classes,
-                                                                                   m.num_classes)
-        generate(rec, make_scheduler("ddim", m.scheduler_config), steps, batch, seed, m.sample_shape, labels, null,
-                 guidance_scale=1.0 if labels is None else 4.0, progress=False)
-    return nncf_quantize(fp_folder, out, rec.inputs, Manifest.load(fp_folder).cond_input)
+        # conditional models: cond and uncond (null class / zero states) in one CFG call (guidance 4)
+        cond, uncond = None, None
+        if m.num_classes is not None:
+            cond, uncond = with_null_class(torch.arange(batch) % m.num_classes, m.num_classes)
+        elif manifest.cond_input is not None:
+            _, _, cond = inputs(manifest, batch, seed)  # [B, S, D]
+            uncond = torch.zeros_like(cond)
+        generate(rec, make_scheduler("ddim", m.scheduler_config), steps, batch, seed, m.sample_shape, cond, uncond,
+                 guidance_scale=1.0 if cond is None else 4.0, progress=False)
+    return nncf_quantize(fp_folder, out, rec.inputs, manifest.cond_input)
 
 
 # -- timing -------------------------------------------------------------------------------------

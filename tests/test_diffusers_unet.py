@@ -181,7 +181,6 @@ def _dit_pipeline(transformer, latent_channels: int = 1):
     return pipe
 
 
-@pytest.mark.parametrize("source", ["torch", "ort"])
 def _drop_in(transformer, cfg, source: str, tmp_path):
     """ModiffUNet around `transformer`: the torch MoDiff reference, or (source "ort") an exported ORT folder."""
     if source == "torch":
@@ -191,6 +190,7 @@ def _drop_in(transformer, cfg, source: str, tmp_path):
     return ModiffUNet.from_folder(tmp_path / "g", "ort", threads=1)
 
 
+@pytest.mark.parametrize("source", ["torch", "ort"])
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 def test_dit_pipeline_equals_our_loop(tmp_path, source, guidance):
     """DiTPipeline with the drop-in as its transformer (the torch MoDiff reference, or an exported ORT folder)

@@ -254,9 +254,18 @@ def fold_weight_dequant(model: onnx.ModelProto, keep: set[str] = frozenset()) ->
             shape = [1] * x.ndim
             shape[axis] = scale.size
             scale, zp = scale.reshape(shape), zp.reshape(shape)
-        folded.append((node, numpy_helper.from_array(((x - zp) * scale).astype(np.float32), node.output[0])))
+        # named `<dq output>.folded` (export/weights.baked_weights reads a variant's folded weights by that name)
+        w = numpy_helper.from_array(((x - zp) * scale).astype(np.float32), f"{node.output[0]}.folded")
+        folded.append((node, w))
+    rename = {node.output[0]: tensor.name for node, tensor in folded}
     for node, tensor in folded:
         model.graph.node.remove(node)
         model.graph.initializer.append(tensor)
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            node.input[k] = rename.get(name, name)
+    for out in model.graph.output:  # a folded weight that is also a graph output keeps its name
+        if out.name in rename:
+            model.graph.node.append(helper.make_node("Identity", [rename[out.name]], [out.name]))
     remove_unused(model)
     return len(folded)

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .passes import constants, remove_unused
+from .passes import constants, producers, remove_unused
 
 LEVERS = ("minmax", "recip", "update", "share", "u8")
 U8_MAX_CODE = 63  # largest |code| the u8 lever takes: u8 values 0..127, so 2 x 127 x 128 < 2^15
@@ -121,7 +121,7 @@ def unsigned_layers(model: onnx.ModelProto) -> set[str]:
     """Output names of the Conv/MatMul/Gemm nodes whose input codes the u8 lever made unsigned (a
     DequantizeLinear with a uint8 zero point feeds them): the layers that keep int8 kernels on CPUs whose
     int8 dot product saturates; the runner folds every other weight there."""
-    consts, prods = constants(model), {o: n for n in model.graph.node for o in n.output}
+    consts, prods = constants(model), producers(model)
     out = set()
     for node in model.graph.node:
         dq = prods.get(node.input[0]) if node.op_type in ("Conv", "MatMul", "Gemm") else None

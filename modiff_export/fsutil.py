@@ -93,8 +93,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = T
     path = Path(path)
     check_writable(path, overwrite=True, kind="file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_TAG}{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        with _held_interrupts():  # a signal just after mkstemp would leave the file behind (see atomic_folder)
+            fd, tmp = tempfile.mkstemp(prefix=f"{TMP_TAG}{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
@@ -112,7 +114,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = T
             os.replace(tmp, path)
         Path(tmp).unlink(missing_ok=True)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -131,6 +134,28 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def _held_interrupts():
+    """SIGINT/SIGTERM inside the block are recorded, not raised; leaving it raises KeyboardInterrupt for
+    one that came. Python runs signal handlers in the main thread only (elsewhere this holds nothing);
+    a signal the process ignores stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    held = [s for s, h in previous.items() if h not in (signal.SIG_IGN, None)]
+    for s in held:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for s in held:
+            signal.signal(s, previous[s])
+    if pending:
+        raise KeyboardInterrupt(f"signal {pending[0]}")
 
 
 def _temp_owner(entry: str, name: str) -> tuple[int, str] | None:
@@ -191,11 +216,15 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False):
     out = check_writable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out.parent, out.name)
-    # same filesystem as `out`, so the renames are atomic; the pid lets a later run spot a dead writer
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_TAG}{out.name}.", suffix=f".{os.getpid()}.new", dir=out.parent))
-    old, swapped = None, False
-    try:
-        with _sigterm_as_interrupt():
+    old, swapped, tmp = None, False, None
+    with _sigterm_as_interrupt():
+        try:
+            # Ctrl-C / SIGTERM wait until `tmp` is bound: a signal just after mkdtemp (CI caught one on a
+            # busy machine) would otherwise leave the folder behind. Same filesystem as `out`, so the
+            # renames are atomic; the pid lets a later run spot a dead writer.
+            with _held_interrupts():
+                tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_TAG}{out.name}.", suffix=f".{os.getpid()}.new",
+                                            dir=out.parent))
             yield tmp
             tmp.chmod(0o755)
             if out.exists() or out.is_symlink():
@@ -210,13 +239,14 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False):
                 raise OutputError(f"{out} appeared while this run was writing (another process?); "
                                   f"it was left untouched") from None
             swapped = True
-    except BaseException:  # an error, Ctrl-C or SIGTERM at any point: the old or the new folder stays
-        if old is not None and old.exists():
-            if swapped or not tmp.exists():  # the new folder is in place: the old one goes
-                shutil.rmtree(old, ignore_errors=True)
-            elif not (out.exists() or out.is_symlink()):
-                old.rename(out)  # between "old aside" and "new in": the old folder goes back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        except BaseException:  # an error, Ctrl-C or SIGTERM at any point: the old or the new folder stays
+            if old is not None and old.exists():
+                if swapped or not tmp.exists():  # the new folder is in place: the old one goes
+                    shutil.rmtree(old, ignore_errors=True)
+                elif not (out.exists() or out.is_symlink()):
+                    old.rename(out)  # between "old aside" and "new in": the old folder goes back
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -136,6 +137,32 @@ def test_interrupt_at_any_step_leaves_old_or_new(tmp_path, monkeypatch, where):
     monkeypatch.undo()
     assert (out / "data.txt").read_text() == ("new" if where == "after-new-in" else "old")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left
+
+
+def test_signal_just_after_the_temporary_appears_removes_it(tmp_path, monkeypatch):
+    """CI caught this window once (two exports on 2 busy cores): the signal landed after mkdtemp made the
+    folder and before atomic_folder held its name, so nothing removed it. SIGTERM (SIGINT may be ignored
+    when this suite runs as a background job) sent from inside mkdtemp reaches Python as it returns."""
+    def handler(signum, frame):  # the caller's own SIGTERM handler (so that the old code fails, not dies)
+        raise KeyboardInterrupt
+
+    real, previous = tempfile.mkdtemp, signal.signal(signal.SIGTERM, handler)
+
+    def mkdtemp_then_signal(*a, **k):
+        path = real(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_signal)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_folder(tmp_path / "out"):
+                time.sleep(5)  # the held signal is raised before the body runs
+        assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_killed_between_old_aside_and_new_in_is_repaired_by_the_next_run(ws):

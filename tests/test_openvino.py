@@ -178,6 +178,10 @@ def test_caches_reset_between_trajectories(tmp_path, mode):
     first = run(0, 4)
     if mode == "stateful":  # the prime wrote the step's variables in place (copying only those not handed out)
         assert r._direct, "stateful prime fell back to copying every cache"
+    # the same batch again: the prime binds from what the first one found (which variables are copies)
+    assert torch.equal(run(0, 4), first), "a second prime at the same batch bound the caches wrongly"
+    if mode == "stateful":
+        assert r._copy_keys is not None and r._copy_keys[0] == 4
     run(1, 2)
     assert torch.equal(run(0, 4), first), "a second trajectory saw caches of the previous one"
     r.reset()

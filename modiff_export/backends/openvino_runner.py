@@ -172,6 +172,7 @@ class OpenVinoRunner(Runner):
         self.compiled, self.requests = {}, {}
         self._compiled_batch: int | None = None  # static_shapes: the batch the graphs are compiled for
         self._copy_bufs: dict = {}  # stateful: host tensors of the variables whose buffer is not handed out
+        self._copy_keys: tuple | None = None  # stateful: (batch, keys of _copy_bufs) once found for that batch
         self.buffers = PingPongBuffers(self.manifest.buffers, self._allocate, 2 if cache_mode == "pingpong" else 1)
         self._direct = False  # this trajectory's prime wrote the step request's variables directly
 
@@ -252,7 +253,7 @@ class OpenVinoRunner(Runner):
     def _compile(self, batch: int | None) -> None:
         import openvino as ov
 
-        self.compiled, self.requests, self._copy_bufs = {}, {}, {}
+        self.compiled, self.requests, self._copy_bufs, self._copy_keys = {}, {}, {}, None
         core = ov.Core()
         for role in self.manifest.roles:
             self.compiled[role] = core.compile_model(self.read(role, batch), "CPU", self.config(role))
@@ -266,6 +267,7 @@ class OpenVinoRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self.compiled, self.requests, self._direct, self._copy_bufs, self._compiled_batch = {}, {}, False, {}, None
+        self._copy_keys = None
         self.buffers.clear()
 
     def _check_io(self, role: str, model) -> None:
@@ -337,24 +339,36 @@ class OpenVinoRunner(Runner):
         """Bind the step request's variable buffers as the prime's cache outputs, so the prime writes the
         variables themselves. VariableState.state hands out the plugin's own buffer for most variables, but
         a copy for some (seen for variables the step graph keeps in a blocked layout: two reads give two
-        addresses); those get a host tensor, copied into the variable after the prime, and are returned as
-        (state, host tensor). A variable that does not fit this batch (first trajectory: OpenVINO starts
-        them empty, [0, ...]; a new batch size) first gets a zero tensor of the right shape, once per batch
-        size. None when a variable still does not fit: then every cache takes the copy path."""
+        addresses; 33 of the CIFAR-size UNet's 226); those get a host tensor, copied into the variable after the
+        prime, and are returned as (state, host tensor). A variable that does not fit this batch (first
+        trajectory: OpenVINO starts them empty, [0, ...]; a new batch size) first gets a zero tensor of the
+        right shape, once per batch size. None when a variable still does not fit: then every cache takes the
+        copy path. Which variables are copies is found once per compiled batch (two reads each); later primes
+        read each direct variable once (the plugin alternates its buffers between steps) and skip the copies'
+        reads (each one a full copy: ~40 ms of the CIFAR-size prime, docs/speed.md)."""
         import openvino as ov
 
         states = {s.name: s for s in self.requests["step"].query_state()}
         fits = lambda b, c: tuple(b.shape) == c.concrete(batch) and b.data.dtype == _NP[c.dtype]  # noqa: E731
+        known = self._copy_keys if self._copy_keys is not None and self._copy_keys[0] == batch else None
         binds, copies = [], []
         for c in self.manifest.caches:
             st = states[self._state_name(c)]
+            if known is not None and c.key in known[1]:
+                host = self._copy_bufs[c.key]
+                binds.append((c, host))
+                copies.append((st, host))
+                continue
             b = st.state
             if not fits(b, c):
+                if known is not None:  # the variables changed shape meanwhile: find the copies again
+                    self._copy_keys = None
+                    return self._bind_states(req, batch)
                 st.state = ov.Tensor(np.zeros(c.concrete(batch), _NP[c.dtype]))
                 b = st.state
                 if not fits(b, c):
                     return None
-            if st.state.data.ctypes.data == b.data.ctypes.data:  # b (still alive) is the plugin's buffer
+            if known is not None or st.state.data.ctypes.data == b.data.ctypes.data:  # b (alive): the buffer
                 binds.append((c, b))
             else:
                 host = self._copy_bufs.get(c.key)
@@ -362,6 +376,8 @@ class OpenVinoRunner(Runner):
                     host = self._copy_bufs[c.key] = ov.Tensor(np.zeros(c.concrete(batch), _NP[c.dtype]))
                 binds.append((c, host))
                 copies.append((st, host))
+        if known is None:
+            self._copy_keys = (batch, frozenset(self._copy_bufs))
         for c, b in binds:
             req.set_tensor(c.output, b)
         return copies

@@ -154,8 +154,12 @@ class OpenVinoRunner(Runner):
         # o_hat are never re-rounded (every step adds to them), so bf16 rounding there stays in every later output,
         # which at A8 is above the step's own quantization error (digits DDIM-50 W8A8, OpenVINO vs PyTorch: 35.6 dB
         # with a bf16 prime, 63.4 dB with an f32 one; docs/speed.md). Graphs without caches (fp, ptq) run `precision`.
+        # Transformers (DiT, PixArt) take an f32 prime at every bit width: with a bf16 prime a random tiny DiT's
+        # W8A4 CFG trajectory was 13.6 dB from PyTorch on an AVX-512 BF16 CPU, 45.0 dB with an f32 prime
+        # (tests/test_transformers.py::test_dit_cfg_trajectory_parity).
         a8 = self.manifest.quant_config.act_bits >= 8
-        prime_default = ("f32" if a8 else "default") if self.uses_cache else precision
+        transformer = "Transformer" in self.manifest.model.class_name
+        prime_default = ("f32" if a8 or transformer else "default") if self.uses_cache else precision
         self.precision = {"step": precision, "shallow": precision, "prime": prime_precision or prime_default}
         self.levers = DEFAULT_LEVERS if levers is None else tuple(levers)
         if set(self.levers) - set(ov_variant.LEVERS):

@@ -40,6 +40,7 @@ import torch
 
 from ..export import ov_variant, passes
 from ..manifest import CacheSpec, GraphTensor, Manifest
+from ..models.denoiser import TRANSFORMERS
 from .base import Runner, RunnerError
 from .buffers import PingPongBuffers
 from .cpu import int8_dot_saturates
@@ -158,7 +159,7 @@ class OpenVinoRunner(Runner):
         # W8A4 CFG trajectory was 13.6 dB from PyTorch on an AVX-512 BF16 CPU, 45.0 dB with an f32 prime
         # (tests/test_transformers.py::test_dit_cfg_trajectory_parity).
         a8 = self.manifest.quant_config.act_bits >= 8
-        transformer = "Transformer" in self.manifest.model.class_name
+        transformer = self.manifest.model.class_name in TRANSFORMERS
         prime_default = ("f32" if a8 or transformer else "default") if self.uses_cache else precision
         self.precision = {"step": precision, "shallow": precision, "prime": prime_precision or prime_default}
         self.levers = DEFAULT_LEVERS if levers is None else tuple(levers)

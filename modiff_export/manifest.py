@@ -15,6 +15,7 @@ quantization config and the scale table from one `Manifest` object; nothing else
                     | "openvino" (an OpenVINO IR graph, prime.xml + .bin: harness/nncf_peer.py)
       variant:      null | {"method", "rewritten_layers"}   what a target rewrite did
       inputs:       [TensorSpec]   sample [B,C,H,W], timestep [B][, encoder_hidden_states [B,S,D] | class_labels [B]]
+                                   [, encoder_attention_mask [B,S] (PixArt: 1 attend, 0 caption padding)]
       outputs:      [TensorSpec]   noise_pred [B,C_out,H,W]
       caches:       [CacheSpec]    prime outputs `output`; step reads `input` and writes `output`
       step_extra_inputs: [TensorSpec]   delta_scales [L] (static scales, several timestep buckets)
@@ -256,6 +257,12 @@ class Manifest:
         return next((s.name for s in self.inputs if s.name in ("encoder_hidden_states", "class_labels")), None)
 
     @property
+    def mask_input(self) -> str | None:
+        """encoder_attention_mask when the graphs take a caption padding mask (PixArt), else None (folders
+        exported before the mask existed attend to every caption token)."""
+        return next((s.name for s in self.inputs if s.name == "encoder_attention_mask"), None)
+
+    @property
     def keyframe_interval(self) -> int | None:
         return self.quant_config.keyframe_interval
 
@@ -379,6 +386,10 @@ class Manifest:
              f"a class_labels input exactly for class-conditional models (model.num_classes {self.model.num_classes})")
         need(not labels or (labels[0].shape == (BATCH,) and labels[0].dtype == "int64"),
              "class_labels must be [batch] int64")
+        mask = [s for s in self.inputs if s.name == "encoder_attention_mask"]
+        states = [s for s in self.inputs if s.name == "encoder_hidden_states"]
+        need(not mask or (states and mask[0].shape == states[0].shape[:2] and mask[0].dtype == "float32"),
+             "encoder_attention_mask must be [batch, S] float32 beside encoder_hidden_states [batch, S, D]")
         C, (H, W) = self.model.in_channels, self.model.sample_size
         need(self.inputs[0].shape == (BATCH, C, H, W),
              f"sample shape {list(self.inputs[0].shape)} does not match the model's [batch, {C}, {H}, {W}]")

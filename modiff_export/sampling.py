@@ -1,7 +1,7 @@
 """The sampling loop: any supported diffusers scheduler driving any Runner (docs/design.md section 5).
 
 The loop belongs to the scheduler; the runner (and MoDiff inside it) only sees successive UNet calls
-`runner(sample, timestep, encoder_hidden_states)`, reset at the start of every batch. Nothing here
+`runner(sample, timestep, cond[, mask])`, reset at the start of every batch. Nothing here
 tells the quantizer which scheduler runs.
 """
 from __future__ import annotations
@@ -111,16 +111,19 @@ def make_scheduler(name: str, scheduler_config: dict):
 
 @torch.no_grad()
 def denoise(runner, scheduler, noise: torch.Tensor, num_steps: int, encoder_hidden_states: torch.Tensor | None = None,
-            guidance_scale: float = 1.0, generator=None, progress: bool = False) -> torch.Tensor:
+            guidance_scale: float = 1.0, generator=None, progress: bool = False,
+            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The denoising loop, the one every sampler of this package runs: noise [B, C, H, W] -> images
     [B, C, H, W] clamped to [-1, 1], starting from reset caches.
 
     encoder_hidden_states [B, S, D] (conditional UNets), or [2B, S, D] with guidance_scale != 1
-    (cond first, uncond second): both halves go through the runner in one call. `generator` (a
+    (cond first, uncond second): both halves go through the runner in one call; attention_mask [B or 2B, S]
+    (PixArt: the caption padding mask of those states; None attends to every token). `generator` (a
     torch.Generator or one per sample) drives stochastic schedulers. serving/triton_models/sampler.py
     holds a marked copy for Triton's Python backend (tests/test_sampling.py keeps them equal).
     """
     cfg = guidance_scale != 1.0 and encoder_hidden_states is not None
+    cond = (encoder_hidden_states,) if attention_mask is None else (encoder_hidden_states, attention_mask)
     step_kwargs = {}
     params = inspect.signature(scheduler.step).parameters
     if "generator" in params and generator is not None:
@@ -135,10 +138,10 @@ def denoise(runner, scheduler, noise: torch.Tensor, num_steps: int, encoder_hidd
     for t in tqdm(scheduler.timesteps, desc=f"sample {type(scheduler).__name__}", disable=not progress, leave=False):
         inp = scheduler.scale_model_input(x, t)        # [B, C, H, W]
         if cfg:
-            eps_c, eps_u = runner(torch.cat([inp, inp]), t, encoder_hidden_states).chunk(2)  # [2B] -> 2 x [B]
+            eps_c, eps_u = runner(torch.cat([inp, inp]), t, *cond).chunk(2)  # [2B] -> 2 x [B]
             eps = eps_u + guidance_scale * (eps_c - eps_u)
         else:
-            eps = runner(inp, t, encoder_hidden_states)
+            eps = runner(inp, t, *cond)
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
     return x.clamp(-1, 1)
 
@@ -146,11 +149,13 @@ def denoise(runner, scheduler, noise: torch.Tensor, num_steps: int, encoder_hidd
 @torch.no_grad()
 def generate(runner, scheduler, num_steps: int, batch_size: int, seed: int, sample_shape: tuple[int, int, int],
              encoder_hidden_states: torch.Tensor | None = None, uncond_hidden_states: torch.Tensor | None = None,
-             guidance_scale: float = 1.0, progress: bool = True, noise: torch.Tensor | None = None) -> torch.Tensor:
+             guidance_scale: float = 1.0, progress: bool = True, noise: torch.Tensor | None = None,
+             attention_masks: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     """One batch from the noise of `seed`: images [B, C, H, W] clamped to [-1, 1] (denoise).
 
     Conditional UNets: encoder_hidden_states [B, S, D]; with guidance_scale != 1 also
-    uncond_hidden_states [B, S, D]. The seed's generator also drives stochastic schedulers.
+    uncond_hidden_states [B, S, D]. attention_masks (PixArt): the caption padding masks (cond [B, S],
+    uncond [B, S] with guidance) of those states. The seed's generator also drives stochastic schedulers.
     """
     if num_steps < 1 or batch_size < 1:
         raise SamplingError(f"num_steps and batch_size must be >= 1, got {num_steps} and {batch_size}")
@@ -168,7 +173,16 @@ def generate(runner, scheduler, num_steps: int, batch_size: int, seed: int, samp
             raise SamplingError(f"guidance_scale={guidance_scale} needs uncond_hidden_states of shape "
                                 f"{tuple(ehs.shape)}")
         ehs = torch.cat([ehs, uncond_hidden_states])  # [2B, S, D]
-    return denoise(runner, scheduler, noise, num_steps, ehs, guidance_scale, gen, progress)
+    mask = None
+    if attention_masks is not None:
+        cond_mask, uncond_mask = attention_masks
+        if ehs is None or tuple(cond_mask.shape) != (batch_size, ehs.shape[1]) or (
+                guidance_scale != 1.0 and (uncond_mask is None or uncond_mask.shape != cond_mask.shape)):
+            got = [getattr(m, "shape", None) for m in attention_masks]
+            raise SamplingError(f"attention masks must be [B={batch_size}, S] beside encoder states (and one for the "
+                                f"uncond states with guidance), got {got}")
+        mask = torch.cat([cond_mask, uncond_mask]) if guidance_scale != 1.0 else cond_mask  # [2B or B, S]
+    return denoise(runner, scheduler, noise, num_steps, ehs, guidance_scale, gen, progress, mask)
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, min_cell: int = 64,

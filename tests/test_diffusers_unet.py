@@ -234,8 +234,9 @@ def test_pixart_alpha_pipeline_equals_our_loop(tmp_path, source):
     """PixArtAlphaPipeline with the drop-in as its transformer (learned sigma: the torch reference's config has
     out_channels 8 -> [eps, zeros], the folder's 4 -> eps) gives our loop's latents, exactly (batch-invariant
     per-sample scales; the pipeline sends [uncond, cond], we send [cond, uncond], both at batch 4). No T5
-    tokenizer can be built offline here, so the pipeline gets prompt_embeds / negative_prompt_embeds (and
-    all-ones masks: the graphs take no mask) directly; tokenizer and text_encoder are None."""
+    tokenizer can be built offline here, so the pipeline gets prompt_embeds / negative_prompt_embeds and their
+    padding masks (captions of 5 and 9 tokens, a negative caption of 1: a tokenizer's masks) directly;
+    tokenizer and text_encoder are None. Our loop gets the same masks through generate(attention_masks=)."""
     from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline
 
     pixart, cfg = build_tiny_pixart(), QuantConfig(act_bits=4)
@@ -248,30 +249,59 @@ def test_pixart_alpha_pipeline_equals_our_loop(tmp_path, source):
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(0)
     cond, neg = torch.randn(2, 120, 24, generator=g), torch.zeros(2, 120, 24)
-    ones = torch.ones(2, 120, dtype=torch.int64)
-    lat = pipe(prompt_embeds=cond, prompt_attention_mask=ones, negative_prompt_embeds=neg,
-               negative_prompt_attention_mask=ones, negative_prompt=None, guidance_scale=4.5, num_inference_steps=4,
-               height=8, width=8,
+    mask, neg_mask = torch.zeros(2, 120, dtype=torch.int64), torch.zeros(2, 120, dtype=torch.int64)
+    mask[0, :5], mask[1, :9], neg_mask[:, :1] = 1, 1, 1
+    lat = pipe(prompt_embeds=cond, prompt_attention_mask=mask, negative_prompt_embeds=neg,
+               negative_prompt_attention_mask=neg_mask, negative_prompt=None, guidance_scale=4.5,
+               num_inference_steps=4, height=8, width=8,
                use_resolution_binning=False, output_type="latent", generator=torch.Generator().manual_seed(6)).images
     ours = generate(unet.runner, make_scheduler("ddim", DIT_SCHED), 4, 2, 6, (4, 8, 8), cond, neg, 4.5,
-                    progress=False)
+                    progress=False, attention_masks=(mask, neg_mask))
     assert unet.trajectories == 1 and torch.equal(lat.clamp(-1, 1), ours)
+    unmasked = generate(unet.runner, make_scheduler("ddim", DIT_SCHED), 4, 2, 6, (4, 8, 8), cond, neg, 4.5,
+                        progress=False)
+    assert not torch.allclose(unmasked, ours, atol=1e-3), "the masks do not reach the graphs"
 
 
-def test_padding_mask_is_not_silently_dropped():
-    """The graphs take no attention mask: a PixArt call whose encoder_attention_mask pads tokens out warns (once
-    per drop-in, not once per denoising step); an all-ones mask, which changes nothing, does not."""
-    import warnings
+@pytest.mark.parametrize("source", ["torch", "ort"])
+def test_padding_mask_is_applied_as_diffusers_applies_it(tmp_path, source):
+    """A PixArt call's encoder_attention_mask reaches the graphs: the drop-in of an FP export (no quantization
+    error) gives the diffusers model's own masked output within float rounding, for the tokenizer form [B, S]
+    and the bias form [B, 1, S] (0 / -10000), and not its unmasked output."""
+    import copy
 
     pixart = build_tiny_pixart()
-    unet = ModiffUNet.from_unet(pixart, QuantConfig(act_bits=8))
-    x, ehs = torch.randn(2, 4, 8, 8), torch.randn(2, 120, 24)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        unet(x, 900, ehs, encoder_attention_mask=torch.ones(2, 120))
-    padded = torch.ones(2, 120)
+    unet = _drop_in(copy.deepcopy(pixart), QuantConfig(mode="fp"), source, tmp_path)
+    g = torch.Generator().manual_seed(1)
+    x, ehs = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 120, 24, generator=g)
+    mask = torch.zeros(2, 120, dtype=torch.int64)
+    mask[0, :7], mask[1, :30] = 1, 1
+    t = torch.tensor([900, 900])
+    with torch.no_grad():
+        kw = {"timestep": t, "encoder_hidden_states": ehs, "added_cond_kwargs": {"resolution": None,
+                                                                                 "aspect_ratio": None}}
+        want = pixart(x, encoder_attention_mask=mask, **kw).sample[:, :4]
+        plain = pixart(x, **kw).sample[:, :4]
+    bias = ((1 - mask.float()) * -10000.0).unsqueeze(1)  # [B, 1, S]
+    for form in (mask, bias):
+        unet.new_trajectory()
+        got = unet(x, t, ehs, encoder_attention_mask=form).sample[:, :4]
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), "the masked output differs from diffusers'"
+    assert (plain - want).abs().max() > 1e-2 * want.abs().max()  # the mask matters on this model
+
+
+def test_padding_mask_for_graphs_without_one_is_an_error():
+    """A model that takes no mask (a conditional UNet) refuses a mask with padding in one line, and accepts an
+    all-ones mask, which changes nothing."""
+    from modiff_export.backends import make_runner
+    from modiff_export.backends.base import RunnerError
+    from modiff_export.quant.quantization import quantize
+
+    runner = make_runner("torch", quantize(build_tiny_cond_unet(), QuantConfig(act_bits=8)))
+    x, ehs = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    assert runner(x, 900, ehs, torch.ones(2, 77)).shape == (2, 4, 8, 8)
+    padded = torch.ones(2, 77)
     padded[:, 7:] = 0
-    with pytest.warns(UserWarning, match="encoder_attention_mask has padded") as seen:
-        unet(x, 800, ehs, encoder_attention_mask=padded)
-        unet(x, 700, ehs, encoder_attention_mask=padded)
-    assert len([w for w in seen if "encoder_attention_mask" in str(w.message)]) == 1
+    runner.reset()
+    with pytest.raises(RunnerError, match="takes no 'encoder_attention_mask'"):
+        runner(x, 900, ehs, padded)

@@ -283,12 +283,12 @@ def test_trt_runner_feeds_and_static_scales(tmp_path):
     runner = TrtRunner.from_folder(write_engine_folder(tmp_path / "e", m))
     assert runner.uses_cache and runner.max_batch == 4 and not runner.is_active
     sample, t = torch.randn(2, 1, 16, 16), torch.full((2,), 600.0)
-    feeds = runner.host_inputs("step", sample, t, None, runner.delta_scales(600.0))
+    feeds = runner.host_inputs("step", sample, t, {}, runner.delta_scales(600.0))
     assert list(feeds) == ["sample", "timestep", "delta_scales"]
     assert torch.allclose(feeds["delta_scales"], torch.tensor([2.1, 2.2]))  # bucket 2 of 4 at t=600
-    assert "delta_scales" not in runner.host_inputs("prime", sample, t, None)
+    assert "delta_scales" not in runner.host_inputs("prime", sample, t, {})
     with pytest.raises(Exception, match="outside the engine's profile"):
-        runner.host_inputs("prime", torch.randn(5, 1, 16, 16), torch.zeros(5), None)
+        runner.host_inputs("prime", torch.randn(5, 1, 16, 16), torch.zeros(5), {})
     with pytest.raises(Exception, match="the model takes"):  # the base class checks shapes for every backend
         runner.check_inputs(torch.randn(2, 1, 8, 8), torch.zeros(2), None)
     with pytest.raises(Exception, match="unconditional"):

@@ -184,3 +184,40 @@ def test_dit_repository_on_bundled_tritonserver(tmp_path):
         assert_like_sample_model(got[0], dit_reference(model_folder, graphs, 30, 4, 1.0), 1.0)
         assert_like_sample_model(got[1], dit_reference(model_folder, graphs, 31, 9, 3.0), 3.0)
         assert_label_errors(Client("http", port))
+
+
+def test_pixart_repository_on_bundled_tritonserver(tmp_path):
+    """PixArt graphs take encoder_attention_mask: the UNet config lists it ([S] FP32), the sampler is told
+    (`masked`) and sends all ones beside a request's states (a request carries states, not a mask), and the
+    served images equal generate_items' with the same states (with guidance exactly; without, within
+    test_serving.assert_like_sample_model's batch-1-vs-2 float bound). Without the mask the UNet call fails."""
+    import torch
+    from conftest import build_tiny_pixart
+    from test_serving import assert_like_sample_model
+
+    from modiff_export.backends.ort_runner import OrtRunner
+    from modiff_export.serving.client import infer_concurrently
+    from modiff_export.serving.sampler import Item, generate_items
+
+    graphs = tmp_path / "pixart-w8a4"
+    export_model(LoadedModel.from_unet(build_tiny_pixart(), "tiny-pixart", SCHED), QuantConfig(act_bits=4), graphs,
+                 progress=False)
+    repo = write_model_repository(graphs, tmp_path / "mr", PackageOptions(unet_backend="python", max_batch=4,
+                                                                          max_steps=10))
+    unet, sampler = _parse(repo / "modiff_unet" / "config.pbtxt"), _parse(repo / "modiff" / "config.pbtxt")
+    mask = {i.name: i for i in unet.input}["encoder_attention_mask"]
+    assert mask.data_type == mc.TYPE_FP32 and list(mask.dims) == [120]
+    assert sampler.parameters["masked"].string_value == "1"
+    g = torch.Generator().manual_seed(3)
+    states = [torch.randn(120, 24, generator=g) for _ in range(2)]
+    reqs = [(12, 4, None, {"encoder_hidden_states": (states[0].numpy(), "FP32")}),
+            (13, 4, None, {"encoder_hidden_states": (states[1].numpy(), "FP32"),
+                           "guidance_scale": (np.float32([3.0]), "FP32")})]
+    with repository_server(repo, ["modiff", "modiff_unet"], tmp_path) as (_, port):
+        got, errors = infer_concurrently(port, reqs)
+    assert not errors, errors
+    r = OrtRunner(graphs, threads=1, int8_kernels=True)  # the repository's Python UNet: ORT as exported
+    for k, guidance in enumerate((1.0, 3.0)):
+        item = Item(12 + k, 4, guidance_scale=guidance, encoder_hidden_states=states[k])
+        ref = generate_items(r, SCHED, [item], (4, 8, 8), ehs_shape=(120, 24))[0]
+        assert_like_sample_model(got[k], ref, guidance)

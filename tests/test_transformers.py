@@ -91,7 +91,9 @@ def test_export_manifest_and_check(folders):
     assert [(s.name, s.shape, s.dtype) for s in m.inputs][2] == ("class_labels", ("batch",), "int64")
     assert m.model.num_classes == 10 and m.cond_input == "class_labels" and m.caches
     p = Manifest.load(folders["pixart_graphs"])
-    assert [(s.name, s.shape) for s in p.inputs][2] == ("encoder_hidden_states", ("batch", 120, 24))
+    assert [(s.name, s.shape) for s in p.inputs][2:] == [("encoder_hidden_states", ("batch", 120, 24)),
+                                                         ("encoder_attention_mask", ("batch", 120))]
+    assert p.mask_input == "encoder_attention_mask" and m.mask_input is None
     assert p.outputs[0].shape == ("batch", 4, 8, 8)
     for kind in ("dit", "pixart"):
         code, out, err = run_cli(["check", folders[f"{kind}_graphs"]])
@@ -133,7 +135,8 @@ def test_dit_cfg_trajectory_parity(tmp_path, backend, act_bits, min_psnr):
 @pytest.mark.parametrize("backend", ["ort", "openvino"])
 def test_pixart_per_step_parity(folders, backend):
     """Per step, as test_ort_parity.py: prime within float rounding, steps within 1.5 x the quantization
-    error itself (rms(backend - torch) <= 1.5 x rms(torch - fp) + a float floor)."""
+    error itself (rms(backend - torch) <= 1.5 x rms(torch - fp) + a float floor); with caption padding masks
+    that differ per sample, which must reach the graphs (the unmasked prime differs by far more)."""
     m = load_model(str(folders["pixart"]))
     ref = TorchRunner(quantize(copy.deepcopy(m.unet), QuantConfig(act_bits=8)))
     fp = TorchRunner(quantize(copy.deepcopy(m.unet), QuantConfig(mode="fp")))
@@ -141,14 +144,21 @@ def test_pixart_per_step_parity(folders, backend):
     run = make_runner(backend, folder=folders["pixart_graphs"], **kw)
     g = torch.Generator().manual_seed(0)
     x, ehs = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 120, 24, generator=g)
+    mask = torch.ones(2, 120)
+    mask[0, 7:], mask[1, 60:] = 0, 0  # captions of 7 and 60 tokens, padded to 120
+    x0 = x + 0.05 * torch.randn(x.shape, generator=g)
     for i, t in enumerate((900, 800, 700, 600)):
-        x = x + 0.05 * torch.randn(x.shape, generator=g)
-        a, b, f = ref(x, t, ehs), run(x, t, ehs), fp(x, t, ehs)
+        x = x0 if i == 0 else x + 0.05 * torch.randn(x.shape, generator=g)
+        a, b, f = ref(x, t, ehs, mask), run(x, t, ehs, mask), fp(x, t, ehs, mask)
         err, q = (a - b).pow(2).mean().sqrt().item(), (a - f).pow(2).mean().sqrt().item()
         if i == 0:
             assert err <= 1e-4 * a.abs().max().item(), f"{backend} prime differs by {err}"
+            b0 = b
         else:
             assert err <= 1.5 * q + 1e-5, f"{backend} step {i}: rms {err:.2e} vs quantization error {q:.2e}"
+    run.reset()
+    unmasked = run(x0, 900, ehs)  # no mask: every caption token attended
+    assert (unmasked - b0).abs().max().item() > 100 * 1e-4 * b0.abs().max().item(), "the mask does not reach the graph"
 
 
 # -- bad inputs -------------------------------------------------------------------------------------
@@ -169,6 +179,13 @@ def test_runner_bad_conditioning(folders, backend):
     if backend != "torch":  # the torch runner knows no sequence length: the model takes any
         with pytest.raises(RunnerError, match=r"the model takes \[B, 120, 24\]"):
             pa(torch.randn(2, 4, 8, 8), 900, torch.randn(2, 77, 24))
+    x4, ehs = torch.randn(2, 4, 8, 8), torch.randn(2, 120, 24)
+    with pytest.raises(RunnerError, match=r"'encoder_attention_mask' must be a \[B, S\] = \[2, 120\]"):
+        pa(x4, 900, ehs, torch.ones(2, 77))
+    with pytest.raises(RunnerError, match=r"only 0 \(padding\) and 1 \(attend\)"):
+        pa(x4, 900, ehs, torch.full((2, 120), 0.5))
+    with pytest.raises(RunnerError, match="takes no encoder states"):
+        dit(x, 900, torch.tensor([3, 10]), torch.ones(2, 8))
     uncond = make_runner("torch", quantize(load_model("digits").unet, QuantConfig(act_bits=8)))
     with pytest.raises(RunnerError, match="unconditional"):
         uncond(torch.randn(1, 1, 16, 16), 900, torch.tensor([1]))

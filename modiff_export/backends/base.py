@@ -24,7 +24,11 @@ Tensors in and out are torch tensors on the CPU:
                            class-conditional (DiT): class_labels [B] int64 in 0..num_classes (num_classes:
                            the null class of classifier-free guidance)
                            unconditional: None
+  mask                   encoder_attention_mask [B, S] (PixArt graphs that take it; 1 attend, 0 caption
+                           padding; bool/int/float): None attends to every caption token
   -> noise_pred          [B, C_out, H, W] float32
+The impls get `cond` as the graph's conditioning feeds by input name ({} for an unconditional model):
+{encoder_hidden_states | class_labels[, encoder_attention_mask]}, checked and in the graph's dtypes.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import torch
 
 from ..errors import ModiffExportError
 from ..manifest import Manifest
-from ..models.denoiser import CLASS_LABELS, ENCODER_STATES
+from ..models.denoiser import CLASS_LABELS, ENCODER_MASK, ENCODER_STATES
 from ..quant.quantization import call_role, starts_trajectory
 
 MAX_BATCH = 4096  # far above any real batch; a larger one is a typo that would exhaust memory
@@ -53,10 +57,11 @@ class Runner(ABC):
                  uses_cache: bool = True,
                  conditional: bool | None = None, sample_shape: tuple[int, int, int] | None = None,
                  encoder_shape: tuple[int, int] | None = None, manifest: Manifest | None = None,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, masked: bool = False):
         """sample_shape (C, H, W) and encoder_shape (S, D) are checked when known; num_classes: a
         class-conditional model (cond is class_labels; `conditional` is then False: no encoder states);
-        `manifest` supplies the delta-scale table and cache keys of exported graphs."""
+        masked: the graphs take encoder_attention_mask (PixArt); `manifest` supplies the delta-scale
+        table and cache keys of exported graphs."""
         self.keyframe_interval = keyframe_interval
         self.reuse_interval = reuse_interval
         self.uses_cache = uses_cache
@@ -65,6 +70,7 @@ class Runner(ABC):
         self.encoder_shape = encoder_shape
         self.manifest = manifest
         self.num_classes = num_classes
+        self.masked = masked
         self.cond_input = CLASS_LABELS if num_classes is not None else ENCODER_STATES  # the graph input of cond
         self.is_active = False
         self.calls = 0
@@ -79,7 +85,7 @@ class Runner(ABC):
                 "uses_cache": manifest.uses_cache,
                 "conditional": manifest.conditional, "sample_shape": manifest.model.sample_shape,
                 "encoder_shape": tuple(ehs[0].shape[1:]) if ehs else None, "manifest": manifest,
-                "num_classes": manifest.model.num_classes}
+                "num_classes": manifest.model.num_classes, "masked": manifest.mask_input is not None}
 
     @property
     def cache_keys(self) -> list[str]:
@@ -119,36 +125,36 @@ class Runner(ABC):
         self.last_timestep = None
         self.reset_impl()
 
-    def prime(self, sample, timestep, cond=None) -> torch.Tensor:
+    def prime(self, sample, timestep, cond=None, mask=None) -> torch.Tensor:
         self.activate()
-        sample, timestep, ehs = self.check_inputs(sample, timestep, cond)
-        out = self._finite(self.prime_impl(sample, timestep, ehs), "prime")
+        sample, timestep, feeds = self.check_inputs(sample, timestep, cond, mask)
+        out = self._finite(self.prime_impl(sample, timestep, feeds), "prime")
         self._advance(sample, timestep)
         return out
 
-    def step(self, sample, timestep, cond=None) -> torch.Tensor:
+    def step(self, sample, timestep, cond=None, mask=None) -> torch.Tensor:
         if not self.uses_cache:
-            return self.prime(sample, timestep, cond)
-        sample, timestep, ehs = self._continuing("step", sample, timestep, cond)
-        out = self._finite(self.step_impl(sample, timestep, ehs, self.delta_scales(float(timestep[0]))), "step")
+            return self.prime(sample, timestep, cond, mask)
+        sample, timestep, feeds = self._continuing("step", sample, timestep, cond, mask)
+        out = self._finite(self.step_impl(sample, timestep, feeds, self.delta_scales(float(timestep[0]))), "step")
         self._advance(sample, timestep)
         return out
 
-    def shallow(self, sample, timestep, cond=None) -> torch.Tensor:
+    def shallow(self, sample, timestep, cond=None, mask=None) -> torch.Tensor:
         """Block reuse: only the outer blocks, the deep branch's output from the last prime/step."""
         if not self.reuse_interval:
             raise RunnerError(f"{self.backend} runner: shallow() needs a model exported with block reuse "
                               f"(--reuse-interval/--reuse-depth)")
-        sample, timestep, ehs = self._continuing("shallow", sample, timestep, cond)
-        out = self._finite(self.shallow_impl(sample, timestep, ehs), "shallow")
+        sample, timestep, feeds = self._continuing("shallow", sample, timestep, cond, mask)
+        out = self._finite(self.shallow_impl(sample, timestep, feeds), "shallow")
         self._advance(sample, timestep)
         return out
 
-    def _continuing(self, what: str, sample, timestep, ehs):
+    def _continuing(self, what: str, sample, timestep, cond, mask):
         """Checked inputs of a call that continues the cached trajectory (step, shallow)."""
         if self.batch_size is None:
             raise RunnerError(f"{self.backend} runner: {what}() before prime(); caches are empty")
-        sample, timestep, ehs = self.check_inputs(sample, timestep, ehs)
+        sample, timestep, feeds = self.check_inputs(sample, timestep, cond, mask)
         if sample.shape[0] != self.batch_size:
             raise RunnerError(f"{self.backend} runner: batch {sample.shape[0]} does not match the cached batch "
                               f"{self.batch_size}; call reset() before a new batch")
@@ -156,7 +162,7 @@ class Runner(ABC):
         if starts_trajectory(self.last_timestep, t):
             raise RunnerError(f"{self.backend} runner: timestep {t:g} does not continue the trajectory (last "
                               f"{self.last_timestep:g}); call reset() before a new trajectory")
-        return sample, timestep, ehs
+        return sample, timestep, feeds
 
     def schedule(self) -> str:
         """What the next call of this trajectory runs: "prime", "step" or "shallow" (design sections 1, 1.1)."""
@@ -164,10 +170,10 @@ class Runner(ABC):
             return "prime"
         return call_role(self.calls, self.keyframe_interval, self.reuse_interval, self.uses_cache)
 
-    def __call__(self, sample, timestep, cond=None) -> torch.Tensor:
+    def __call__(self, sample, timestep, cond=None, mask=None) -> torch.Tensor:
         if self.batch_size is not None and self.new_trajectory(sample, timestep):
             self.reset()
-        return getattr(self, self.schedule())(sample, timestep, cond)
+        return getattr(self, self.schedule())(sample, timestep, cond, mask)
 
     def new_trajectory(self, sample, timestep) -> bool:
         """A call that cannot continue the cached trajectory: another batch size, or a timestep above
@@ -195,12 +201,13 @@ class Runner(ABC):
         return None if self.manifest is None else self.manifest.delta_scale_row(timestep)
 
     @abstractmethod
-    def prime_impl(self, sample, timestep, ehs) -> torch.Tensor: ...
+    def prime_impl(self, sample, timestep, cond: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
     @abstractmethod
-    def step_impl(self, sample, timestep, ehs, delta_scales: np.ndarray | None) -> torch.Tensor: ...
+    def step_impl(self, sample, timestep, cond: dict[str, torch.Tensor], delta_scales: np.ndarray | None
+                  ) -> torch.Tensor: ...
 
-    def shallow_impl(self, sample, timestep, ehs) -> torch.Tensor:
+    def shallow_impl(self, sample, timestep, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         raise RunnerError(f"{self.backend} runner: block reuse (the shallow graph) is not supported by this backend")
 
     @abstractmethod
@@ -212,7 +219,8 @@ class Runner(ABC):
         model has no caches); for tests and debugging."""
 
     # -- input validation --------------------------------------------------------------------
-    def check_inputs(self, sample, timestep, ehs):
+    def check_inputs(self, sample, timestep, ehs, mask=None):
+        """(sample [B, C, H, W] float32, timestep [B] float32, the conditioning feeds by graph input name)."""
         name = f"{self.backend} runner"
         if not torch.is_tensor(sample) or sample.dim() != 4:
             raise RunnerError(f"{name}: 'sample' must be a [B, C, H, W] tensor, got "
@@ -238,7 +246,33 @@ class Runner(ABC):
         for what, t in (("sample", sample), ("timestep", timestep), (self.cond_input, ehs)):
             if t is not None and not torch.isfinite(t).all():
                 raise RunnerError(f"{name}: input '{what}' contains NaN or Inf")
-        return sample, timestep, ehs
+        feeds = {} if ehs is None else {self.cond_input: ehs}
+        mask = self._check_mask(name, mask, ehs)
+        if mask is not None:
+            feeds[ENCODER_MASK] = mask
+        return sample, timestep, feeds
+
+    def _check_mask(self, name: str, mask, ehs) -> torch.Tensor | None:
+        """encoder_attention_mask [B, S] float32 of 0/1 for graphs that take it (all ones when none is
+        given); None for graphs without one, which accept only a mask that attends to every token."""
+        if mask is None:
+            return torch.ones(ehs.shape[:2]) if self.masked and ehs is not None else None
+        if ehs is None or self.num_classes is not None:
+            raise RunnerError(f"{name}: 'encoder_attention_mask' is given, but this model takes no encoder states")
+        want = tuple(ehs.shape[:2])
+        if not torch.is_tensor(mask) or mask.is_complex() or tuple(mask.shape) != want:
+            raise RunnerError(f"{name}: 'encoder_attention_mask' must be a [B, S] = {list(want)} tensor, got "
+                              f"{tuple(getattr(mask, 'shape', ())) or type(mask).__name__}")
+        mask = mask.float()
+        if not ((mask == 0) | (mask == 1)).all():
+            raise RunnerError(f"{name}: 'encoder_attention_mask' must hold only 0 (padding) and 1 (attend)")
+        if not self.masked:
+            if bool((mask == 0).any()):
+                raise RunnerError(f"{name}: this model takes no 'encoder_attention_mask' (a UNet, or PixArt graphs "
+                                  f"exported before the mask input existed), so a mask with padding cannot be "
+                                  f"applied; re-export PixArt graphs to apply it")
+            return None
+        return mask.contiguous()
 
     def _check_states(self, name: str, ehs, b: int):
         """encoder_hidden_states [B, S, D] float32 of a text-conditional model, None for an unconditional one."""

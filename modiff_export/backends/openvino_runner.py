@@ -300,13 +300,13 @@ class OpenVinoRunner(Runner):
 
         return ov.Tensor(np.zeros(cache.concrete(batch), _NP[cache.dtype]), shared_memory=True)
 
-    def _set_inputs(self, req, sample, timestep, ehs) -> None:
+    def _set_inputs(self, req, sample, timestep, cond) -> None:
         import openvino as ov
 
         req.set_tensor("sample", ov.Tensor(np.ascontiguousarray(sample.numpy())))
         req.set_tensor("timestep", ov.Tensor(np.ascontiguousarray(timestep.numpy())))
-        if ehs is not None:
-            req.set_tensor(self.cond_input, ov.Tensor(np.ascontiguousarray(ehs.numpy())))  # states or labels
+        for name, t in cond.items():  # states or labels[, the caption mask]
+            req.set_tensor(name, ov.Tensor(np.ascontiguousarray(t.numpy())))
 
     @staticmethod
     def _run(req) -> torch.Tensor:
@@ -314,10 +314,10 @@ class OpenVinoRunner(Runner):
         return torch.from_numpy(req.get_tensor("noise_pred").data.copy())  # copies noise_pred only
 
     # -- the contract ------------------------------------------------------------------------
-    def prime_impl(self, sample, timestep, ehs) -> torch.Tensor:
+    def prime_impl(self, sample, timestep, cond) -> torch.Tensor:
         self._compile_for(sample.shape[0])
         req = self.requests["prime"]
-        self._set_inputs(req, sample, timestep, ehs)
+        self._set_inputs(req, sample, timestep, cond)
         self._direct = False
         copies = self._bind_states(req, sample.shape[0]) if self.uses_cache and self.cache_mode == "stateful" else None
         if copies is not None:
@@ -391,19 +391,19 @@ class OpenVinoRunner(Runner):
     def _state_name(c: CacheSpec) -> str:
         return c.input + c.output  # MakeStateful names a variable <param name><result name>
 
-    def step_impl(self, sample, timestep, ehs, delta_scales) -> torch.Tensor:
+    def step_impl(self, sample, timestep, cond, delta_scales) -> torch.Tensor:
         import openvino as ov
 
         req = self.requests["step"]
-        self._set_inputs(req, sample, timestep, ehs)
+        self._set_inputs(req, sample, timestep, cond)
         if delta_scales is not None:
             req.set_tensor("delta_scales", ov.Tensor(delta_scales))
         if self.cache_mode == "stateful":
             return self._run(req)
         return self._continue("step")
 
-    def shallow_impl(self, sample, timestep, ehs) -> torch.Tensor:
-        self._set_inputs(self.requests["shallow"], sample, timestep, ehs)
+    def shallow_impl(self, sample, timestep, cond) -> torch.Tensor:
+        self._set_inputs(self.requests["shallow"], sample, timestep, cond)
         return self._continue("shallow")
 
     def _continue(self, role: str) -> torch.Tensor:

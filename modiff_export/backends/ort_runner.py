@@ -117,11 +117,11 @@ class OrtRunner(Runner):
 
         return ort.OrtValue.ortvalue_from_shape_and_type(cache.concrete(batch), _NP[cache.dtype], self.device, 0)
 
-    def _bind_inputs(self, io, sample, timestep, ehs) -> None:
+    def _bind_inputs(self, io, sample, timestep, cond) -> None:
         io.bind_ortvalue_input("sample", self._ortvalue(sample.numpy()))
         io.bind_ortvalue_input("timestep", self._ortvalue(timestep.numpy()))
-        if ehs is not None:  # presence and shape checked by the base class
-            io.bind_ortvalue_input(self.cond_input, self._ortvalue(ehs.numpy()))  # states or labels
+        for name, t in cond.items():  # states or labels[, the caption mask]: checked by the base class
+            io.bind_ortvalue_input(name, self._ortvalue(t.numpy()))
 
     def _run(self, role: str, io) -> torch.Tensor:
         # noise_pred is bound last: ORT lists outputs in binding order
@@ -135,11 +135,11 @@ class OrtRunner(Runner):
         return torch.from_numpy(io.get_outputs()[-1].numpy())  # copies noise_pred only
 
     # -- the contract ------------------------------------------------------------------------
-    def prime_impl(self, sample, timestep, ehs) -> torch.Tensor:
+    def prime_impl(self, sample, timestep, cond) -> torch.Tensor:
         io = self.bindings["prime"]
         io.clear_binding_inputs()
         io.clear_binding_outputs()
-        self._bind_inputs(io, sample, timestep, ehs)
+        self._bind_inputs(io, sample, timestep, cond)
         if self.manifest.buffers:
             self.buffers.ensure(sample.shape[0])
             current = self.buffers.current
@@ -147,19 +147,19 @@ class OrtRunner(Runner):
                 io.bind_ortvalue_output(c.output, current[c.key])
         return self._run("prime", io)
 
-    def step_impl(self, sample, timestep, ehs, delta_scales) -> torch.Tensor:
-        return self._continue("step", sample, timestep, ehs, delta_scales)
+    def step_impl(self, sample, timestep, cond, delta_scales) -> torch.Tensor:
+        return self._continue("step", sample, timestep, cond, delta_scales)
 
-    def shallow_impl(self, sample, timestep, ehs) -> torch.Tensor:
-        return self._continue("shallow", sample, timestep, ehs, None)
+    def shallow_impl(self, sample, timestep, cond) -> torch.Tensor:
+        return self._continue("shallow", sample, timestep, cond, None)
 
-    def _continue(self, role: str, sample, timestep, ehs, delta_scales) -> torch.Tensor:
+    def _continue(self, role: str, sample, timestep, cond, delta_scales) -> torch.Tensor:
         """A step or shallow call: reads the current buffers the graph takes, writes the spare ones of what it
         writes, then swaps those (ping-pong; the others keep what the last full call wrote)."""
         io = self.bindings[role]
         io.clear_binding_inputs()
         io.clear_binding_outputs()
-        self._bind_inputs(io, sample, timestep, ehs)
+        self._bind_inputs(io, sample, timestep, cond)
         if delta_scales is not None:
             io.bind_ortvalue_input("delta_scales", self._ortvalue(delta_scales))
         (reads, writes), current, spare = self.manifest.cache_io(role), self.buffers.current, self.buffers.spare

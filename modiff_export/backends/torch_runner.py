@@ -21,10 +21,11 @@ class TorchRunner(Runner):
                          uses_cache=any(layer.uses_cache for layer in modiff_layers(unet)),
                          conditional=denoiser.conditioning(unet) == "text" if cfg is not None else None,
                          sample_shape=(int(cfg.in_channels), *hw) if hw else None,
-                         num_classes=denoiser.num_classes(unet) if cfg is not None else None)
+                         num_classes=denoiser.num_classes(unet) if cfg is not None else None,
+                         masked=denoiser.takes_mask(unet))
         self.unet = unet.eval()
 
-    def _run(self, phase: str, sample, timestep, ehs) -> torch.Tensor:
+    def _run(self, phase: str, sample, timestep, cond: dict) -> torch.Tensor:
         """phase "prime", "step" or "shallow" (the layers outside the deep branch step, reuse.py)."""
         layers = list(modiff_layers(self.unet))
         for layer in layers:
@@ -36,21 +37,22 @@ class TorchRunner(Runner):
             with torch.no_grad():
                 # clones: the first layer caches its input and the last layer's cache is the output,
                 # so a caller editing either tensor in place must not reach into the caches
-                return denoiser.call(self.unet, sample.clone(), timestep, ehs).clone()
+                return denoiser.call(self.unet, sample.clone(), timestep, cond.get(self.cond_input),
+                                     cond.get(denoiser.ENCODER_MASK)).clone()
         finally:
             for layer in layers:
                 layer.phase = None
             if reuse is not None:
                 reuse.phase = None
 
-    def prime_impl(self, sample, timestep, ehs):
-        return self._run("prime", sample, timestep, ehs)
+    def prime_impl(self, sample, timestep, cond):
+        return self._run("prime", sample, timestep, cond)
 
-    def step_impl(self, sample, timestep, ehs, delta_scales):  # static scales live in the layers
-        return self._run("step", sample, timestep, ehs)
+    def step_impl(self, sample, timestep, cond, delta_scales):  # static scales live in the layers
+        return self._run("step", sample, timestep, cond)
 
-    def shallow_impl(self, sample, timestep, ehs):
-        return self._run("shallow", sample, timestep, ehs)
+    def shallow_impl(self, sample, timestep, cond):
+        return self._run("shallow", sample, timestep, cond)
 
     def reset_impl(self) -> None:
         reset_caches(self.unet)

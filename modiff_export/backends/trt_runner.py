@@ -53,12 +53,10 @@ class TrtRunner(Runner):
         return cls(folder, **kwargs)
 
     # -- host-side feeds (pure: CPU-testable) ------------------------------------------------------
-    def host_inputs(self, role: str, sample, timestep, ehs, delta_scales: np.ndarray | None = None
+    def host_inputs(self, role: str, sample, timestep, cond: dict, delta_scales: np.ndarray | None = None
                     ) -> dict[str, torch.Tensor]:
         """The non-cache inputs of one graph call (already checked by the base class), on the host."""
-        feeds = {"sample": sample, "timestep": timestep}
-        if ehs is not None:
-            feeds[self.cond_input] = ehs  # encoder_hidden_states or class_labels
+        feeds = {"sample": sample, "timestep": timestep, **cond}  # + states or labels[, the caption mask]
         b = sample.shape[0]
         if not self.min_batch <= b <= self.max_batch:
             raise RunnerError(f"trt runner: batch {b} is outside the engine's profile [{self.min_batch}, "
@@ -168,14 +166,14 @@ class TrtRunner(Runner):
             warnings.warn(f"trt runner: CUDA graph capture failed, running the step engine without it ({e})",
                           stacklevel=2)
 
-    def prime_impl(self, sample, timestep, ehs) -> torch.Tensor:
-        return self._execute("prime", self.host_inputs("prime", sample, timestep, ehs), sample.shape[0])
+    def prime_impl(self, sample, timestep, cond) -> torch.Tensor:
+        return self._execute("prime", self.host_inputs("prime", sample, timestep, cond), sample.shape[0])
 
-    def step_impl(self, sample, timestep, ehs, delta_scales) -> torch.Tensor:
-        return self._execute("step", self.host_inputs("step", sample, timestep, ehs, delta_scales), sample.shape[0])
+    def step_impl(self, sample, timestep, cond, delta_scales) -> torch.Tensor:
+        return self._execute("step", self.host_inputs("step", sample, timestep, cond, delta_scales), sample.shape[0])
 
-    def shallow_impl(self, sample, timestep, ehs) -> torch.Tensor:
-        return self._execute("shallow", self.host_inputs("shallow", sample, timestep, ehs), sample.shape[0])
+    def shallow_impl(self, sample, timestep, cond) -> torch.Tensor:
+        return self._execute("shallow", self.host_inputs("shallow", sample, timestep, cond), sample.shape[0])
 
     def caches(self) -> dict[str, torch.Tensor]:
         if self.batch_size is None or not self.is_active or not self.manifest.buffers:

@@ -6,7 +6,8 @@
                                                                       -> noise_pred, outer caches...
 
 cond: encoder_hidden_states [B, S, D] (text-conditional: UNet2DConditionModel, PixArt) or class_labels
-[B] int64 (class-conditional: DiT); the denoiser is called through models/denoiser.py.
+[B] int64 (class-conditional: DiT); PixArt graphs also take encoder_attention_mask [B, S] float32 (1 attend,
+0 caption padding) after it; the denoiser is called through models/denoiser.py.
 
 Both are traced from the PyTorch reference (quant/quantization.py) with `export_qdq` on, so the graph
 computes exactly what the reference computes; export/passes.py then stores each quantized weight as
@@ -63,14 +64,16 @@ def _cache_names(layer: str, kind: str) -> tuple[str, str]:
 class _GraphModule(nn.Module):
     """Wraps the quantized denoiser as a function of explicit tensors (what torch.onnx traces).
 
-    phase "prime":   (sample, timestep[, cond])                            -> (noise, *caches[, feature])
-    phase "step":    (sample, timestep[, cond][, delta_scales], *caches)   -> (noise, *caches[, feature])
-    phase "shallow": (sample, timestep[, cond], *outer caches, feature)    -> (noise, *outer caches)
+    phase "prime":   (sample, timestep[, cond[, mask]])                            -> (noise, *caches[, feature])
+    phase "step":    (sample, timestep[, cond[, mask]][, delta_scales], *caches)   -> (noise, *caches[, feature])
+    phase "shallow": (sample, timestep[, cond[, mask]], *outer caches, feature)    -> (noise, *outer caches)
+    mask: encoder_attention_mask [B, S] of PixArt graphs (models/denoiser.py).
     """
 
     def __init__(self, unet, phase: str, conditional: bool, scale_input: bool, cache_dtype: torch.dtype):
         super().__init__()
         self.unet, self.phase, self.conditional = unet, phase, conditional
+        self.masked = conditional and denoiser.takes_mask(unet)  # PixArt: encoder_attention_mask follows cond
         self.scale_input, self.cache_dtype = scale_input, cache_dtype
         self.layers = [l for l in modiff_layers(unet) if l.uses_cache]
         self.quantized = [l for l in modiff_layers(unet) if not l.skipped]
@@ -80,6 +83,7 @@ class _GraphModule(nn.Module):
     def forward(self, sample, timestep, *rest):
         rest = list(rest)
         ehs = rest.pop(0) if self.conditional else None
+        mask = rest.pop(0) if self.masked else None  # [B, S]
         shallow = self.phase == "shallow"
         if self.phase == "step" and self.scale_input:
             scales = rest.pop(0)  # [L]: this step's static delta scale per quantized layer
@@ -95,7 +99,7 @@ class _GraphModule(nn.Module):
             self.reuse.phase = "shallow" if shallow else "full"
             if shallow:
                 self.reuse.feature = _as(rest[-1], torch.float32)
-        noise = denoiser.call(self.unet, sample, timestep, ehs)
+        noise = denoiser.call(self.unet, sample, timestep, ehs, mask)
         caches = [t for l in (self.outer if shallow else self.layers) for t in (l.a_hat, l.o_hat)]
         if self.reuse is not None and not shallow:
             caches.append(self.reuse.feature)
@@ -211,6 +215,8 @@ def _input_specs(model: LoadedModel) -> tuple[TensorSpec, ...]:
     elif model.conditional:
         S, D = model.encoder_seq_len or 77, model.cross_attention_dim
         specs.append(TensorSpec("encoder_hidden_states", (BATCH, S, D), "float32"))
+        if model.unet is not None and denoiser.takes_mask(model.unet):  # PixArt: caption padding mask
+            specs.append(TensorSpec(denoiser.ENCODER_MASK, (BATCH, S), "float32"))
     return tuple(specs)
 
 
@@ -218,8 +224,13 @@ def _example_args(inputs: tuple[TensorSpec, ...]) -> list[torch.Tensor]:
     """One example tensor per input at batch 1 (the smallest trace: activations and caches of one sample,
     ~1.8 GB for SD-sized models; any batch works at run time, the batch axis is symbolic); seed 0."""
     torch.manual_seed(0)
-    return [torch.full(s.concrete(1), 500.0) if s.name == "timestep" else torch.zeros(s.concrete(1), dtype=torch.int64)
-            if s.dtype == "int64" else torch.randn(s.concrete(1)) for s in inputs]
+    def example(s: TensorSpec) -> torch.Tensor:
+        if s.name == "timestep":
+            return torch.full(s.concrete(1), 500.0)
+        if s.name == denoiser.ENCODER_MASK:  # every token but the last attended: a mask that masks something
+            return torch.cat([torch.ones(1, s.shape[1] - 1), torch.zeros(1, 1)], dim=1)
+        return torch.zeros(s.concrete(1), dtype=torch.int64) if s.dtype == "int64" else torch.randn(s.concrete(1))
+    return [example(s) for s in inputs]
 
 
 def _cache_specs(unet: nn.Module, args: list[torch.Tensor], conditional: bool, cache_dtype: str

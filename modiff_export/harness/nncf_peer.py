@@ -25,10 +25,10 @@ def nncf_settings_text(settings: dict | None = None) -> str:
 
 
 def nncf_quantize(fp_folder: Path, out: Path, inputs: list, cond_name: str | None = None,
-                  settings: dict | None = None) -> Path:
+                  settings: dict | None = None, mask_name: str | None = None) -> Path:
     """NNCF int8 of `fp_folder`'s prime.onnx, calibrated on `inputs` ([(sample [B,C,H,W], timestep, cond)]
-    from FP trajectories, harness/recorder.py; cond goes to the graph input `cond_name`, e.g. class_labels),
-    written to `out` (prime.xml/.bin + manifest.json)."""
+    from FP trajectories, harness/recorder.py; cond goes to the graph input `cond_name`, e.g. class_labels;
+    a caption-mask input `mask_name` (PixArt) gets all ones), written to `out` (prime.xml/.bin + manifest.json)."""
     import nncf
     import numpy as np
     import openvino as ov
@@ -40,7 +40,9 @@ def nncf_quantize(fp_folder: Path, out: Path, inputs: list, cond_name: str | Non
     fp_folder, out = Path(fp_folder), Path(out)
     model = ov.Core().read_model(str(fp_folder / "prime.onnx"))
     items = [{"sample": x.numpy(), "timestep": np.full((x.shape[0],), float(t), np.float32),
-              **({cond_name: c.numpy()} if cond_name and c is not None else {})} for x, t, c in inputs]
+              **({cond_name: c.numpy()} if cond_name and c is not None else {}),
+              **({mask_name: np.ones(c.shape[:2], np.float32)} if mask_name and c is not None else {})}
+             for x, t, c in inputs]
     level = logging.getLogger("nncf").level
     logging.getLogger("nncf").setLevel(logging.ERROR)
     try:

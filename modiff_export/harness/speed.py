@@ -137,7 +137,7 @@ def export_nncf(spec: str, fp_folder: Path, batch: int, seeds: int = 2, steps: i
             uncond = torch.zeros_like(cond)
         generate(rec, make_scheduler("ddim", m.scheduler_config), steps, batch, seed, m.sample_shape, cond, uncond,
                  guidance_scale=1.0 if cond is None else 4.0, progress=False)
-    return nncf_quantize(fp_folder, out, rec.inputs, manifest.cond_input)
+    return nncf_quantize(fp_folder, out, rec.inputs, manifest.cond_input, mask_name=manifest.mask_input)
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -201,6 +201,8 @@ class Timed:
             self.feed = {"sample": self.x.numpy(), "timestep": torch.full((batch,), 520.0).numpy()}
             if self.ehs is not None:
                 self.feed[manifest.cond_input] = self.ehs.numpy()
+            if manifest.mask_input:  # PixArt: every caption token attended, as the runner rows get
+                self.feed[manifest.mask_input] = torch.ones(self.ehs.shape[:2]).numpy()
         else:
             key = (v.graphs, v.runner)
             if key not in pool:

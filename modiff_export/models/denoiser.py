@@ -7,6 +7,8 @@
     "text"   UNet2DConditionModel, PixArtTransformer2DModel  encoder_hidden_states [B, S, D] float32
     "class"  DiTTransformer2DModel                         class_labels [B] int64 (label num_classes: the
                                                            null class of classifier-free guidance)
+PixArt also takes `mask`, encoder_attention_mask [B, S] float32 (1: attend to the caption token, 0: padding),
+the second conditioning input of its graphs (docs/design.md section 3); None attends to every token.
 Models with a learned variance (out_channels == 2 * in_channels: DiT, PixArt) return only the epsilon
 half, the first in_channels channels, as DiTPipeline / PixArtAlphaPipeline do.
 
@@ -23,6 +25,8 @@ CONDITIONING = {"UNet2DModel": None, "UNet2DConditionModel": "text", "DiTTransfo
 SUPPORTED = tuple(CONDITIONING)
 TRANSFORMERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
 CLASS_LABELS, ENCODER_STATES = "class_labels", "encoder_hidden_states"  # graph input names of `cond`
+ENCODER_MASK = "encoder_attention_mask"  # graph input of `mask` (PixArt)
+MASKED = ("PixArtTransformer2DModel",)  # classes whose cross-attention takes a caption padding mask
 
 
 def conditioning(model) -> str | None:
@@ -37,6 +41,11 @@ def conditioning(model) -> str | None:
 def cond_input(kind: str | None) -> str | None:
     """The graph input name that carries `cond` for a conditioning kind."""
     return {None: None, "text": ENCODER_STATES, "class": CLASS_LABELS}[kind]
+
+
+def takes_mask(model) -> bool:
+    """Whether `call` passes an encoder_attention_mask to this model (PixArt)."""
+    return type(model).__name__ in MASKED
 
 
 def num_classes(model) -> int | None:
@@ -73,13 +82,15 @@ def sample_hw(model) -> tuple[int, int] | None:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def call(model, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-    """The denoiser's epsilon prediction [B, C_eps, H, W] (see the module docstring)."""
+def call(model, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None = None,
+         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The denoiser's epsilon prediction [B, C_eps, H, W] (see the module docstring); `mask` [B, S] only
+    for models that take one (takes_mask)."""
     name = type(model).__name__
     if name == "DiTTransformer2DModel":
         out = model(sample, timestep=timestep, class_labels=cond, return_dict=False)[0]
     elif name == "PixArtTransformer2DModel":
-        out = model(sample, timestep=timestep, encoder_hidden_states=cond,
+        out = model(sample, timestep=timestep, encoder_hidden_states=cond, encoder_attention_mask=mask,
                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
     else:
         kwargs = {"encoder_hidden_states": cond} if cond is not None else {}

@@ -17,7 +17,6 @@ PixArtAlphaPipeline (encoder_hidden_states=..., encoder_attention_mask=..., adde
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +50,6 @@ class ModiffUNet(torch.nn.Module):
         self.config = FrozenDict({**_PIPELINE_DEFAULTS, **dict(config)})
         self._last: tuple | None = None   # (timestep, sample shape, ehs shape) of the previous call
         self.trajectories = 0             # how many times the caches were reset (tests, logs)
-        self._warned_mask = False         # PixArt padding masks are not applied: said once (forward)
 
     # -- constructors --------------------------------------------------------------------------------
     @classmethod
@@ -106,16 +104,11 @@ class ModiffUNet(torch.nn.Module):
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | None = None, *args,
                 class_labels: torch.Tensor | None = None, return_dict: bool = True, **kwargs):
         """UNet2DModel/UNet2DConditionModel, DiT (class_labels) or PixArt (encoder_hidden_states) call.
-        Ignored kwargs: PixArt's added_cond_kwargs (the graphs are exported with resolution/aspect ratio
-        None, models/denoiser.py) and encoder_attention_mask (the graphs take no mask: every one of the S
-        states is attended to, as in this package's own sampling; a pipeline's padding mask is not applied, and a
-        mask with zeros draws one warning per drop-in)."""
-        mask = kwargs.get("encoder_attention_mask")
-        if mask is not None and not self._warned_mask and bool((torch.as_tensor(mask) == 0).any()):
-            self._warned_mask = True  # once per drop-in: every denoising call of a pipeline passes the mask
-            warnings.warn("ModiffUNet: encoder_attention_mask has padded (zero) positions, but the exported graphs "
-                          "take no mask and attend to all caption tokens, so this output differs from the "
-                          "masked full-precision model's (docs/transformers.md)", stacklevel=2)
+        PixArt's encoder_attention_mask ([B, S] 1 keep / 0 padding, or diffusers' bias form [B, 1, S] of 0 /
+        -10000) goes to the graphs' own mask input; a padded mask for graphs exported without one is the
+        runner's error. Ignored: PixArt's added_cond_kwargs (the graphs are exported with resolution/aspect
+        ratio None, models/denoiser.py)."""
+        mask = _keep_mask(kwargs.get("encoder_attention_mask"))
         t = torch.as_tensor(timestep, dtype=torch.float32).flatten()
         cond = encoder_hidden_states if class_labels is None else class_labels
         key = (float(t.max()), tuple(sample.shape), None if cond is None else tuple(cond.shape))
@@ -127,7 +120,8 @@ class ModiffUNet(torch.nn.Module):
             cond = self._class_labels(class_labels)
         elif cond is not None:
             cond = cond.detach().float().cpu()
-        out = self.runner(sample.detach().float().cpu(), t, cond)  # [B, C_eps, H, W]
+        extra = () if mask is None else (mask,)  # UNets and DiT: no mask
+        out = self.runner(sample.detach().float().cpu(), t, cond, *extra)  # [B, C_eps, H, W]
         wide = int(self.config.get("out_channels") or out.shape[1])
         if wide == 2 * out.shape[1]:
             # a learned-sigma config (out_channels = 2 x in_channels, e.g. from_unet of a DiT): the graphs
@@ -136,3 +130,14 @@ class ModiffUNet(torch.nn.Module):
             out = torch.cat([out, torch.zeros_like(out)], dim=1)  # [B, 2 C_eps, H, W]
         out = out.to(device=sample.device, dtype=sample.dtype)
         return UNetOutput(out) if return_dict else (out,)
+
+
+def _keep_mask(mask) -> torch.Tensor | None:
+    """A pipeline's encoder_attention_mask as [B, S] float 1 (attend) / 0 (padding): diffusers passes the
+    tokenizer's [B, S] mask, or the bias form [B, 1, S] (0 keep, -10000 discard) its models also accept."""
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask).detach().cpu()
+    if mask.dim() == 3 and mask.shape[1] == 1 and mask.is_floating_point():
+        return (mask[:, 0] > -1.0).float()  # the bias form
+    return mask.float() if mask.dtype == torch.bool else mask

@@ -128,7 +128,7 @@ def sampler_config(m: Manifest, opt: PackageOptions):
               "ehs_shape": json.dumps([mm.encoder_seq_len, mm.cross_attention_dim]) if mm.conditional else "",
               "num_classes": "" if mm.num_classes is None else str(mm.num_classes),
               "max_steps": str(opt.max_steps), "default_scheduler": opt.default_scheduler,
-              "max_inflight": str(opt.limits.max_inflight)}
+              "max_inflight": str(opt.limits.max_inflight), "masked": "1" if m.mask_input else ""}
     for k, v in params.items():
         c.parameters[k].string_value = v
     return c

@@ -48,6 +48,7 @@ class BadRequest(ValueError):
 
 class TritonPythonModel:
     num_classes = None  # class-conditional models: their number of classes (initialize reads it)
+    masked = False  # the UNet takes encoder_attention_mask (PixArt): sent as all ones (no padding)
 
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
@@ -56,6 +57,7 @@ class TritonPythonModel:
         self.sample_shape = tuple(json.loads(p["sample_shape"]))
         self.ehs_shape = tuple(json.loads(p["ehs_shape"])) if p.get("ehs_shape") else None
         self.num_classes = int(p["num_classes"]) if p.get("num_classes") else None
+        self.masked = p.get("masked") == "1"
         self.max_steps = int(p["max_steps"])
         self.default_scheduler = p["default_scheduler"]
         self.max_inflight = int(p.get("max_inflight", "64"))
@@ -105,6 +107,8 @@ class TritonPythonModel:
         if ehs is not None:  # encoder states [1, S, D], or class labels [1] (sent as [1, 1]: the config's dims)
             name = "class_labels" if self.num_classes is not None else "encoder_hidden_states"
             inputs.append(pb_utils.Tensor(name, ehs.numpy().reshape(1, -1) if ehs.dim() == 1 else ehs.numpy()))
+            if self.masked:  # [1, S]: every caption token attended (a request carries states, not a mask)
+                inputs.append(pb_utils.Tensor("encoder_attention_mask", np.ones(ehs.shape[:2], np.float32)))
         req = pb_utils.InferenceRequest(model_name=self.unet, inputs=inputs, requested_output_names=["noise_pred"],
                                         correlation_id=cid, flags=flags)
         resp = await req.async_exec()

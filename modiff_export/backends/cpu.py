@@ -25,3 +25,18 @@ def int8_dot_saturates() -> bool:
     /proc/cpuinfo says nothing (not x86 Linux: no claim made)."""
     flags = cpu_int8_flags()
     return flags["avx2"] and not any(flags[f] for f in INT8_DOT)
+
+
+def release_freed_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc malloc_trim; a no-op elsewhere). Loading a graph through
+    an ONNX proto (the runners' load-time rewrites) frees hundreds of MB in pieces that glibc keeps in its
+    arenas: measured on a 143M-parameter PixArt, the OpenVINO runner's resident memory after the first call
+    2.7 GB without, 1.2 GB with this (docs/transformers.md)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -43,7 +43,7 @@ from ..manifest import CacheSpec, GraphTensor, Manifest
 from ..models.denoiser import TRANSFORMERS
 from .base import Runner, RunnerError
 from .buffers import PingPongBuffers
-from .cpu import int8_dot_saturates
+from .cpu import int8_dot_saturates, release_freed_heap
 
 PRECISIONS = ("f32", "bf16", "mixed", "default")
 CACHE_MODES = ("pingpong", "stateful")
@@ -193,19 +193,22 @@ class OpenVinoRunner(Runner):
             cfg["INFERENCE_NUM_THREADS"] = self.threads
         return {**cfg, **self.properties}
 
-    def read(self, role: str, batch: int | None = None):
+    def read(self, role: str, batch: int | None = None, adapt: bool = True):
         """The ov.Model of one graph, with this runner's precision marks and cache mode applied; with
         `batch`, reshaped to that batch first (before MakeStateful: reshaped after it, the variables keep the
-        dynamic shapes and the step computes garbage)."""
+        dynamic shapes and the step computes garbage). `adapt=False`: the graph as exported, I/O checked
+        (the load-time rewrites keep the I/O)."""
         import openvino as ov
 
         path = self.folder / self.manifest.graphs[role]
         try:
-            rewrite = not self.int8_kernels or (role != "prime" and (self.levers or self.u8_codes))
+            rewrite = adapt and (not self.int8_kernels or (role != "prime" and (self.levers or self.u8_codes)))
             model = self._read_rewritten(path, role) if rewrite else ov.Core().read_model(str(path))
         except Exception as e:  # noqa: BLE001 - OpenVINO raises assorted types for damaged files; reported
             raise RunnerError(f"{path}: OpenVINO cannot read this graph ({_reason(e)})") from None
         self._check_io(role, model)
+        if not adapt:
+            return model
         if batch is not None:
             with_batch(model, batch)
         if self.precision[role] == "mixed" and self.uses_cache and role != "prime":
@@ -227,31 +230,33 @@ class OpenVinoRunner(Runner):
         import openvino as ov
 
         fold = not self.int8_kernels
-        proto = onnx.load(str(path), load_external_data=fold)  # folding computes from the weights
-        deep = set(self.manifest.reuse.deep_layers) if self.manifest.reuse else set()
-        groups = {c.input: "deep" if c.layer in deep else "outer" for c in self.manifest.caches}
-        levers = self.levers + (("u8",) if self.u8_codes and "u8" not in self.levers else ())
-        changed = ov_variant.rewrite(proto, levers, groups) if role != "prime" and levers else 0
-        keep = ov_variant.unsigned_layers(proto) if fold and self.u8_codes else set()
-        changed += passes.fold_weight_dequant(proto, keep) if fold else 0
-        if not changed:
-            return ov.Core().read_model(str(path))
-        data = path.with_name(path.name + ".data")
         # read from a file, not from bytes: from bytes OpenVINO drops graph inputs nobody reads (a layer's a_hat
         # input under "share"), and the I/O would no longer match the manifest
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / path.name
-            if fold:  # float weights: written beside the graph (a float UNet can pass protobuf's 2 GiB)
+            proto = onnx.load(str(path), load_external_data=fold)  # folding computes from the weights
+            deep = set(self.manifest.reuse.deep_layers) if self.manifest.reuse else set()
+            groups = {c.input: "deep" if c.layer in deep else "outer" for c in self.manifest.caches}
+            levers = self.levers + (("u8",) if self.u8_codes and "u8" not in self.levers else ())
+            changed = ov_variant.rewrite(proto, levers, groups) if role != "prime" and levers else 0
+            keep = ov_variant.unsigned_layers(proto) if fold and self.u8_codes else set()
+            changed += passes.fold_weight_dequant(proto, keep) if fold else 0
+            data = path.with_name(path.name + ".data")
+            if changed and fold:  # float weights: written beside the graph (a float UNet can pass protobuf's 2 GiB)
                 onnx.save_model(proto, str(out), save_as_external_data=True, location=data.name)
-            elif data.is_file():  # external data: the rewritten graph beside a link to it
-                (Path(tmp) / data.name).symlink_to(data.resolve())
-            onnx.save_model(proto, str(out))
-            return ov.Core().read_model(str(out))  # opens (maps) the data file now
+            elif changed:
+                if data.is_file():  # external data: the rewritten graph beside a link to it
+                    (Path(tmp) / data.name).symlink_to(data.resolve())
+                onnx.save_model(proto, str(out))
+            del proto
+            release_freed_heap()  # the proto's weights, freed in pieces glibc would keep
+            return ov.Core().read_model(str(out if changed else path))  # opens (maps) the data file now
 
     def activate_impl(self) -> None:
         if self.static_shapes:  # compiled on the first call, for its batch (_compile_for)
             for role in self.manifest.roles:  # read now: a damaged graph is an error here, not mid-trajectory
-                self.read(role)
+                self.read(role, adapt=False)  # (the rewrites, at compile time, are this runner's own code)
+            release_freed_heap()
         else:
             self._compile(None)
 
@@ -263,6 +268,7 @@ class OpenVinoRunner(Runner):
         for role in self.manifest.roles:
             self.compiled[role] = core.compile_model(self.read(role, batch), "CPU", self.config(role))
             self.requests[role] = self.compiled[role].create_infer_request()
+            release_freed_heap()  # the ov.Model's constants, copied into the plugin's layouts
         self._compiled_batch = batch
 
     def _compile_for(self, batch: int) -> None:

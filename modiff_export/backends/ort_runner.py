@@ -19,7 +19,7 @@ import torch
 from ..manifest import CacheSpec, GraphTensor, Manifest
 from .base import Runner, RunnerError
 from .buffers import PingPongBuffers
-from .cpu import int8_dot_saturates
+from .cpu import int8_dot_saturates, release_freed_heap
 
 _NP = {"float32": np.float32, "float16": np.float16}
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
@@ -90,7 +90,11 @@ class OrtRunner(Runner):
                 with tempfile.TemporaryDirectory() as tmp:
                     out = Path(tmp) / path.name
                     onnx.save_model(proto, str(out), save_as_external_data=True, location=path.name + ".data")
+                    del proto
+                    release_freed_heap()  # the proto's weights, freed in pieces glibc would keep
                     return ort.InferenceSession(str(out), opts, providers=self.providers)
+            del proto
+            release_freed_heap()
         return ort.InferenceSession(str(path), opts, providers=self.providers)
 
     def deactivate_impl(self) -> None:

@@ -94,7 +94,8 @@ def main(layers, work, configs, backends, one):
     print("| folder | backend | RSS added after the first call (MB) | peak added (MB) |\n|---|---|---:|---:|")
     rows = [("fp", "plain")] + [(t, b) for t in tags for b in backends.split(",")]
     for tag, backend in rows:
-        p = subprocess.run([sys.executable, __file__, "--one", str(work / tag), backend], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, __file__, "--one", str(work / tag), backend], capture_output=True,
+                           text=True)
         if p.returncode:
             print(f"| {tag} | {backend} | failed: {(p.stderr.strip().splitlines() or ['?'])[-1][:120]} | |")
             continue

@@ -74,9 +74,10 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False, kind: str =
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{parent} is not writable, so {path} cannot be created")
     try:  # the real test (read-only mounts, pseudo file systems, ACLs): create and remove a file there
-        fd, probe = tempfile.mkstemp(prefix=f"{TMP_TAG}probe.", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
+        with _held_interrupts():  # a signal between mkstemp and unlink would leave the probe behind
+            fd, probe = tempfile.mkstemp(prefix=f"{TMP_TAG}probe.", dir=parent)
+            os.close(fd)
+            os.unlink(probe)
     except OSError as e:
         raise OutputError(f"{parent} is not writable ({e.strerror}), so {path} cannot be created") from None
     return path
@@ -93,11 +94,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = T
     path = Path(path)
     check_writable(path, overwrite=True, kind="file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
+    tmp = fd = None
     try:
         with _held_interrupts():  # a signal just after mkstemp would leave the file behind (see atomic_folder)
             fd, tmp = tempfile.mkstemp(prefix=f"{TMP_TAG}{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
+            fd = None  # the file object owns and closes it now
             f.write(data)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
         if overwrite:
@@ -114,6 +116,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = T
             os.replace(tmp, path)
         Path(tmp).unlink(missing_ok=True)
     except BaseException:
+        if fd is not None:  # interrupted between mkstemp and fdopen: nobody else closes it
+            os.close(fd)
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise

@@ -165,6 +165,37 @@ def test_signal_just_after_the_temporary_appears_removes_it(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("which", ["probe", "data"])
+def test_signal_just_after_mkstemp_removes_the_file_and_closes_it(tmp_path, monkeypatch, which):
+    """The same window for atomic_write_bytes, in its writability probe and for the data file: a signal as
+    mkstemp returns leaves neither the temporary file nor its open descriptor behind (before: the probe file
+    stayed, and the data file's descriptor was never closed)."""
+    from modiff_export.fsutil import atomic_write_bytes
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    real, previous = tempfile.mkstemp, signal.signal(signal.SIGTERM, handler)
+    made = []
+
+    def mkstemp_then_signal(*a, **k):
+        made.append(real(*a, **k))
+        if ("probe" in k.get("prefix", "")) == (which == "probe"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_signal)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write_bytes(tmp_path / "f.bin", b"data")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    assert len(made) == (1 if which == "probe" else 2) and list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError):  # closed: the descriptor number is no longer open
+        os.fstat(made[-1][0])
+
+
 def test_killed_between_old_aside_and_new_in_is_repaired_by_the_next_run(ws):
     """A run killed (SIGKILL: no cleanup) after moving the old folder aside and before renaming the new
     one in leaves `.old` and a half `.new`; the next run puts the old folder back and removes the rest."""

@@ -90,8 +90,9 @@ def main(models, samplers, bits, margins, num_samples, out):
     table = "\n".join(lines)
     print(table)
     if out is not None:
-        atomic_write_text(out, f"`python benchmarks/lagged_scale.py --models {models} --samplers {samplers} --bits {bits} "
-                               f"--margins {margins} --num-samples {num_samples}`\n\n{table}\n")
+        cmd = (f"python benchmarks/lagged_scale.py --models {models} --samplers {samplers} --bits {bits} "
+               f"--margins {margins} --num-samples {num_samples}")
+        atomic_write_text(out, f"`{cmd}`\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def label_agreement(ev, model, x, n, seed) -> dict:
 
 COMMON = [
     click.option("--models", default="digits,digits_b", show_default=True,
-                 help="Comma list: digits, digits_b, digits_dit."),
+                 help="Comma list: digits, digits_b, digits_dit, digits_dit_b."),
     click.option("--guidance", default=1.0, show_default=True, type=float,
                  help="Classifier-free guidance scale (class-conditional models; FP sampled with the same)."),
     click.option("--samplers", default="ddim:50,dpmpp:20", show_default=True, help="scheduler:steps, comma list."),

@@ -54,7 +54,7 @@ def versions() -> str:
 def model_spec(name: str, work: Path, sd_latent: int) -> str:
     from modiff_export.harness.arch_models import write_model
 
-    if name in ("digits", "digits_b", "digits_dit"):
+    if name in ("digits", "digits_b", "digits_dit", "digits_dit_b"):
         return name
     if name in ("cifar", "dit_s2"):
         return str(write_model(name, work / "models" / name))
@@ -63,7 +63,7 @@ def model_spec(name: str, work: Path, sd_latent: int) -> str:
 
 TEXT_CONDITIONED = ("sd15", "pixart")          # CFG with random encoder states
 CFG_MODELS = ("sd15", "pixart", "dit_s2")      # UNet/transformer batch = 2 x --batch
-TRANSFORMERS = ("dit_s2", "pixart", "digits_dit")
+TRANSFORMERS = ("dit_s2", "pixart", "digits_dit", "digits_dit_b")
 
 
 def lever_rows(spec: str, bits: str) -> list[speed.Variant]:
@@ -155,7 +155,7 @@ def memory_block(vs, graphs, threads, batch, static) -> list[str]:
 
 @click.command()
 @click.option("--models", default="cifar", show_default=True,
-              help="Comma list of cifar, digits, sd15, dit_s2, pixart, digits_dit.")
+              help="Comma list of cifar, digits, sd15, dit_s2, pixart, digits_dit, digits_dit_b.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="Intra-op threads.")
 @click.option("--rounds", default=7, show_default=True, type=click.IntRange(1), help="Interleaved rounds (medians).")
 @click.option("--batch", default=4, show_default=True, type=click.IntRange(1),

@@ -192,3 +192,24 @@ def test_digits_dit_is_the_shipped_class_conditional_dit():
     assert m.num_classes == 10 and m.sample_shape == (1, 16, 16) and not m.conditional
     emb = m.unet.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
     assert emb.num_embeddings == 11  # ten digits + the null class trained by label dropout
+
+
+def test_digits_dit_b_differs_and_loads():
+    """The second transformer validation model: deeper and narrower than digits_dit, digits_b's linear betas; its
+    preset describes the shipped weights, class-conditional with the CFG null class."""
+    from modiff_export.models.train import DIT_CONFIG, DIT_CONFIG_B, SCHEDULER_CONFIG_B
+
+    assert DIT_CONFIG_B["num_layers"] != DIT_CONFIG["num_layers"]
+    assert DIT_CONFIG_B["num_attention_heads"] != DIT_CONFIG["num_attention_heads"]
+    assert ARCHITECTURES["digits_dit_b"] == (DIT_CONFIG_B, SCHEDULER_CONFIG_B)
+    if not (EMBEDDED["digits_dit_b"] / "config.json").is_file():
+        pytest.skip("digits_dit_b assets not shipped in this checkout")
+    shipped = json.loads((EMBEDDED["digits_dit_b"] / "config.json").read_text())
+    assert shipped["_class_name"] == "DiTTransformer2DModel"
+    for k, v in DIT_CONFIG_B.items():
+        assert shipped[k] == v, k
+    m = load_model("digits_dit_b")
+    assert m.name == "digits_dit_b" and m.num_classes == 10 and m.sample_shape == (1, 16, 16)
+    assert m.scheduler_config["beta_schedule"] == "linear"
+    assert len(m.unet.transformer_blocks) == 6
+    assert m.unet.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings == 11

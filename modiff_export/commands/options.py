@@ -148,8 +148,8 @@ LABELS_HELP = ("Class-conditional models (DiT): class labels, comma-separated, c
 
 
 SAMPLING = _SamplingGroup([
-    ("model", "--model", dict(default=None, help="'digits' (embedded, the default), 'digits_b', 'digits_dit' or a "
-                                                 "local diffusers model/pipeline "
+    ("model", "--model", dict(default=None, help="'digits' (embedded, the default), 'digits_b', 'digits_dit', "
+                                                 "'digits_dit_b' or a local diffusers model/pipeline "
                                                  "folder. With a graph/engine folder the model comes from its "
                                                  "manifest; --model then checks it is the same model.")),
     ("backend", "--backend", dict(type=click.Choice(BACKENDS), default="torch",

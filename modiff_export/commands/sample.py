@@ -14,13 +14,15 @@ from .options import QUANT, SAMPLING
 @click.command("train-demo")
 @click.option("--steps", type=click.IntRange(1), default=None,
               help="Denoiser training steps, batch 64 [default: digits 2000 (~28 min on a shared 2-core CPU), "
-                   "digits_b 1500, digits_dit 3000 (~35 min)].")
+                   "digits_b 1500, digits_dit 3000 (~35 min), digits_dit_b 3000].")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True, help="Classifier training epochs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
-@click.option("--arch", type=click.Choice(["digits", "digits_b", "digits_dit"]), default="digits", show_default=True,
+@click.option("--arch", type=click.Choice(["digits", "digits_b", "digits_dit", "digits_dit_b"]), default="digits",
+              show_default=True,
               help="Denoiser + noise schedule: digits (shipped demo UNet), digits_b (second validation UNet: "
                    "no attention, 2 resnets per level, linear betas; shipped with --seed 1) or digits_dit (third "
-                   "validation model: a class-conditional DiT, labels 0-9, CFG label dropout; shipped with --seed 2).")
+                   "validation model: a class-conditional DiT, labels 0-9, CFG label dropout; shipped with --seed 2) "
+                   "or digits_dit_b (second DiT: 6 blocks of hidden 96, linear betas; shipped with --seed 3).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder [default: trained/<arch>]. Never the shipped assets unless named and --overwrite.")
 @click.option("--overwrite", is_flag=True, help="Write into an existing --out.")

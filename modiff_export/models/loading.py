@@ -4,6 +4,7 @@ models or a local diffusers folder (no downloads).
     spec = "digits"             -> modiff_export/assets/digits (trained by `cli.py train-demo`)
     spec = "digits_b"           -> modiff_export/assets/digits_b (second validation model, docs/quality.md)
     spec = "digits_dit"         -> modiff_export/assets/digits_dit (class-conditional DiT on digits)
+    spec = "digits_dit_b"       -> modiff_export/assets/digits_dit_b (second DiT: deeper, narrower, linear betas)
     spec = <model folder>       -> config.json + diffusion_pytorch_model.safetensors [+ scheduler_config.json]
                                    (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel,
                                    PixArtTransformer2DModel)
@@ -26,7 +27,7 @@ from .info import DEFAULT_SCHEDULER_CONFIG, ModelInfo
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "digits"  # the shipped digits model (the only definition)
 EMBEDDED = {"digits": ASSETS, "digits_b": ASSETS.parent / "digits_b",  # names --model accepts besides folders
-            "digits_dit": ASSETS.parent / "digits_dit"}
+            "digits_dit": ASSETS.parent / "digits_dit", "digits_dit_b": ASSETS.parent / "digits_dit_b"}
 UNET_CLASSES = denoiser.SUPPORTED  # every class --model loads (the name is older than the transformers)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 DEFAULT_SEQ_LEN = 77  # CLIP text length; conditional UNets get random encoder states of [B, 77, D]

@@ -2,6 +2,7 @@
 
     python cli.py train-demo                        # digits UNet + classifier, into trained/digits/
     python cli.py train-demo --arch digits_dit      # the class-conditional DiT (labels 0-9, CFG label dropout)
+    python cli.py train-demo --arch digits_dit_b    # the second DiT (6 blocks of 96, linear betas)
 Everything is seeded; torch on CPU with the same thread count reproduces the same weights.
 """
 from __future__ import annotations
@@ -43,10 +44,19 @@ DIT_CONFIG = {
     "sample_size": 16, "in_channels": 1, "out_channels": 1, "patch_size": 2, "num_layers": 4,
     "num_attention_heads": 4, "attention_head_dim": 32, "num_embeds_ada_norm": 10, "norm_type": "ada_norm_zero",
 }
+# digits_dit_b: the second transformer validation model, trained differently so no transformer decision is tuned to
+# one model: deeper and narrower (6 blocks of hidden 96 = 3 heads x 32), linear betas (digits_b's schedule);
+# train-demo --arch digits_dit_b --seed 3.
+DIT_CONFIG_B = {
+    "sample_size": 16, "in_channels": 1, "out_channels": 1, "patch_size": 2, "num_layers": 6,
+    "num_attention_heads": 3, "attention_head_dim": 32, "num_embeds_ada_norm": 10, "norm_type": "ada_norm_zero",
+}
 ARCHITECTURES = {"digits": (UNET_CONFIG, SCHEDULER_CONFIG), "digits_b": (UNET_CONFIG_B, SCHEDULER_CONFIG_B),
-                 "digits_dit": (DIT_CONFIG, SCHEDULER_CONFIG)}
-DEFAULT_STEPS = {"digits": 2000, "digits_b": 1500, "digits_dit": 3000}
-DEFAULT_LR = {"digits": 1e-3, "digits_b": 1e-3, "digits_dit": 5e-4}  # the transformer wants a gentler step
+                 "digits_dit": (DIT_CONFIG, SCHEDULER_CONFIG), "digits_dit_b": (DIT_CONFIG_B, SCHEDULER_CONFIG_B)}
+DITS = ("digits_dit", "digits_dit_b")  # the class-conditional transformers among ARCHITECTURES
+DEFAULT_STEPS = {"digits": 2000, "digits_b": 1500, "digits_dit": 3000, "digits_dit_b": 3000}
+DEFAULT_LR = {"digits": 1e-3, "digits_b": 1e-3, "digits_dit": 5e-4,  # the transformers want a gentler step
+              "digits_dit_b": 5e-4}
 
 
 def build_denoiser(arch: str) -> torch.nn.Module:
@@ -54,7 +64,7 @@ def build_denoiser(arch: str) -> torch.nn.Module:
     from diffusers import DiTTransformer2DModel, UNet2DModel
 
     config = ARCHITECTURES[arch][0]
-    return DiTTransformer2DModel(**config) if arch == "digits_dit" else UNet2DModel(**config)
+    return DiTTransformer2DModel(**config) if arch in DITS else UNet2DModel(**config)
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
@@ -92,7 +102,7 @@ def train_unet(steps: int | None = None, seed: int = 0, out: Path = ASSETS, batc
     unet = build_denoiser(arch).train()
     ema = build_denoiser(arch).eval().requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
-    class_conditional = arch == "digits_dit"
+    class_conditional = arch in DITS
     scheduler = DDPMScheduler(**scheduler_config)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 100))  # warmup

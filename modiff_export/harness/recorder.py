@@ -14,7 +14,7 @@ class Recorder:
         self.runner.reset()
 
     def __call__(self, sample, t, ehs=None, mask=None):
-        out = self.runner(sample, t, ehs) if mask is None else self.runner(sample, t, ehs, mask)
+        out = self.runner(sample, t, ehs, mask)  # a Runner: mask None attends to every caption token
         # sample [B, C, H, W], one timestep per call, the conditioning (None, [B, S, D] states or [B] labels);
         # a caption mask (PixArt) is passed on, not recorded: the peer's calibration attends to every token
         self.inputs.append((sample.clone(), float(t), None if ehs is None else ehs.clone()))

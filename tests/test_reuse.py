@@ -190,10 +190,41 @@ def _layer(cache_out: str) -> str:
     return cache_out[len("cache_out."):-len(".a_hat")]
 
 
-def test_openvino_reuse_needs_pingpong(folder):
-    with pytest.raises(RunnerError, match="needs cache_mode 'pingpong'"):
-        make_runner("openvino", folder=folder, cache_mode="stateful")
-    assert make_runner("openvino", folder=folder).cache_mode == "pingpong"
+def test_openvino_reuse_cache_modes(folder):
+    """Static shapes: stateful caches (the step graph cut into three stateful parts, backends/ov_split.py);
+    dynamic shapes cannot cut per batch, so they take ping-pong caches and refuse stateful ones."""
+    assert make_runner("openvino", folder=folder).cache_mode == "stateful"
+    assert make_runner("openvino", folder=folder, static_shapes=False).cache_mode == "pingpong"
+    with pytest.raises(RunnerError, match="needs static shapes"):
+        make_runner("openvino", folder=folder, cache_mode="stateful", static_shapes=False)
+
+
+def test_openvino_cut_step_graph_equals_pingpong(folder):
+    """The three stateful parts compute what the step and shallow graphs with explicit cache I/O compute: same
+    compiled ops, only cut, so outputs and caches agree to float rounding (1e-5 relative: the same kernels on
+    the same values; the codes could differ only at exact ties). It fails if a shallow call ran the deep part
+    (its caches would advance) or if outer_out read a stale or missing feature."""
+    from modiff_export.backends import ov_split
+
+    cut = make_runner("openvino", folder=folder, precision="f32", prime_precision="f32")
+    pp = make_runner("openvino", folder=folder, precision="f32", prime_precision="f32", cache_mode="pingpong")
+    roles = []
+    for n, (x, t) in enumerate(traj(7)):
+        roles.append(cut.schedule())
+        a, b = cut(x, t), pp(x, t)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item()), (n, (a - b).abs().max())
+        ca, cb = cut.caches(), pp.caches()
+        assert ca.keys() == cb.keys()
+        for k in cb:
+            assert torch.allclose(ca[k], cb[k], rtol=1e-5, atol=1e-5 * (cb[k].abs().max().item() + 1e-12)), (n, k)
+    assert "shallow" in roles and "step" in roles
+    assert [p.name for p in cut.parts] == list(ov_split.PARTS) and "shallow" not in cut.requests
+    deep = set(Manifest.load(folder).reuse.deep_layers)
+    assert all((_cache_layer(c) in deep) == (p.name == "deep") for p in cut.parts for c in p.caches)
+
+
+def _cache_layer(cache_in: str) -> str:
+    return cache_in[len("cache_in."):].rsplit(".", 1)[0]
 
 
 def test_openvino_with_its_rewrite_tracks_the_reference_closely(folder):

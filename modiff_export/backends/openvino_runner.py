@@ -30,6 +30,8 @@ step graph (docs/speed.md); ping-pong for mixed, see __init__) never pass throug
             writes set B, then they swap (same scheme as OrtRunner).
   stateful  the step graph's cache inputs/outputs become OpenVINO variables (MakeStateful:
             ReadValue/Assign); prime writes the first values into the states once per trajectory.
+            With block reuse (static shapes) the step graph is cut into three stateful models, whose
+            outer two also make the shallow call (backends/ov_split.py); dynamic shapes: ping-pong.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ import torch
 from ..export import ov_variant, passes
 from ..manifest import CacheSpec, GraphTensor, Manifest
 from ..models.denoiser import TRANSFORMERS
+from . import ov_split
 from .base import Runner, RunnerError
 from .buffers import PingPongBuffers
 from .cpu import int8_dot_saturates, release_freed_heap
@@ -137,19 +140,24 @@ class OpenVinoRunner(Runner):
         # delta path stays float32 only with explicit cache I/O. So mixed means ping-pong caches.
         self.folder = Path(graph_folder)
         super().__init__(**Runner.contract_of(Manifest.load(self.folder)))
-        # Block reuse: the step and shallow graphs share the caches, and OpenVINO variables belong to one
-        # compiled model, so reuse folders run with ping-pong caches.
+        # Block reuse: the step and shallow graphs share the outer caches, and OpenVINO variables belong to one
+        # compiled model; with static shapes the runner cuts the step graph into three stateful models instead
+        # (backends/ov_split.py), with dynamic shapes reuse folders run with ping-pong caches.
+        self.static_shapes = bool(static_shapes)
+        cut = bool(self.reuse_interval) and self.static_shapes and bool(self.manifest.caches)  # can be cut
         if cache_mode is None:
-            cache_mode = "pingpong" if precision == "mixed" or self.reuse_interval else "stateful"
+            cache_mode = "pingpong" if precision == "mixed" or (self.reuse_interval and not cut) else "stateful"
         if cache_mode not in CACHE_MODES:
             raise RunnerError(f"openvino runner: cache_mode must be one of {list(CACHE_MODES)}")
         if precision == "mixed" and cache_mode == "stateful":
             raise RunnerError("openvino runner: precision 'mixed' needs cache_mode 'pingpong' (OpenVINO runs the "
                               "ops around stateful variables in bf16 under a bf16 hint)")
-        if self.reuse_interval and cache_mode == "stateful":
-            raise RunnerError(f"{self.folder}: block reuse needs cache_mode 'pingpong' (the step and shallow graphs "
-                              f"share the caches; OpenVINO variables belong to one compiled model)")
+        if self.reuse_interval and cache_mode == "stateful" and not cut:
+            raise RunnerError(f"{self.folder}: block reuse with stateful caches needs static shapes and MoDiff "
+                              f"caches (the step graph is cut into stateful parts per batch); use cache_mode "
+                              f"'pingpong'")
         self.threads, self.cache_mode = threads, cache_mode
+        self._split = bool(self.reuse_interval) and cache_mode == "stateful"
         # MoDiff's prime has no quantizer (full-precision activations, int8 weights). Below 8-bit activations it
         # runs at OpenVINO's default precision (bf16 on CPUs with BF16); at 8 bits in f32: the prime's output caches
         # o_hat are never re-rounded (every step adds to them), so bf16 rounding there stays in every later output,
@@ -166,7 +174,6 @@ class OpenVinoRunner(Runner):
         if set(self.levers) - set(ov_variant.LEVERS):
             raise RunnerError(f"openvino runner: levers must be a subset of {list(ov_variant.LEVERS)}")
         self.properties = dict(properties or {})  # extra compile properties (e.g. PERF_COUNT for profiling)
-        self.static_shapes = bool(static_shapes)
         # int8 kernels compute the graph's codes exactly only where the int8 dot product does not saturate
         # (VNNI / AMX); elsewhere the weights are dequantized at load and the layers run in float
         # (export/passes.fold_weight_dequant). None: decided from this CPU's flags.
@@ -180,6 +187,9 @@ class OpenVinoRunner(Runner):
         self._copy_keys: tuple | None = None  # stateful: (batch, keys of _copy_bufs) once found for that batch
         self.buffers = PingPongBuffers(self.manifest.buffers, self._allocate, 2 if cache_mode == "pingpong" else 1)
         self._direct = False  # this trajectory's prime wrote the step request's variables directly
+        self.parts: list = []  # block reuse, stateful: the step graph's three parts (ov_split.Part, with .request)
+        self.links: dict = {}  # their link tensors by name; self._feature_link: the one carrying the feature
+        self._feature_link: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def config(self, role: str) -> dict:
@@ -213,7 +223,7 @@ class OpenVinoRunner(Runner):
             with_batch(model, batch)
         if self.precision[role] == "mixed" and self.uses_cache and role != "prime":
             mark_delta_path(model, self.manifest)  # prime has no delta path: there mixed = the bf16 hint
-        if role == "step" and self.cache_mode == "stateful":
+        if role == "step" and self.cache_mode == "stateful" and not self._split:
             from openvino import passes
 
             manager = passes.Manager()
@@ -264,12 +274,44 @@ class OpenVinoRunner(Runner):
         import openvino as ov
 
         self.compiled, self.requests, self._copy_bufs, self._copy_keys = {}, {}, {}, None
+        self.parts, self.links, self._feature_link = [], {}, None
         core = ov.Core()
         for role in self.manifest.roles:
-            self.compiled[role] = core.compile_model(self.read(role, batch), "CPU", self.config(role))
+            if self._split and role == "shallow":
+                continue  # its work is the step graph's outer parts
+            model = self.read(role, batch)
+            if self._split and role == "step":
+                self._compile_parts(core, model)
+                continue
+            self.compiled[role] = core.compile_model(model, "CPU", self.config(role))
             self.requests[role] = self.compiled[role].create_infer_request()
             release_freed_heap()  # the ov.Model's constants, copied into the plugin's layouts
         self._compiled_batch = batch
+
+    def _compile_parts(self, core, model) -> None:
+        """Block reuse, stateful: the step graph as three stateful models chained by link tensors."""
+        import openvino as ov
+        from openvino import passes
+
+        parts, self._feature_link = ov_split.split(model, self.manifest)
+        del model
+        self.links = {}
+        for part in parts:
+            manager = passes.Manager()
+            manager.register_pass(passes.MakeStateful(part.caches))
+            manager.run_passes(part.model)
+            part.request = core.compile_model(part.model, "CPU", self.config("step")).create_infer_request()
+            for out in part.model.outputs:
+                name = next((n for n in out.get_names() if n in part.links_out), None)
+                if name is not None:
+                    self.links[name] = ov.Tensor(np.zeros(list(out.get_shape()), out.get_element_type().to_dtype()))
+                    part.request.set_tensor(name, self.links[name])
+            part.model = None  # compiled: the plugin holds its own copy
+            release_freed_heap()
+        for part in parts:
+            for name in part.links_in:
+                part.request.set_tensor(name, self.links[name])
+        self.parts = parts
 
     def _compile_for(self, batch: int) -> None:
         """static_shapes: the graphs compiled for this batch (a prime always starts a new batch size)."""
@@ -278,7 +320,7 @@ class OpenVinoRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self.compiled, self.requests, self._direct, self._copy_bufs, self._compiled_batch = {}, {}, False, {}, None
-        self._copy_keys = None
+        self._copy_keys, self.parts, self.links, self._feature_link = None, [], {}, None
         self.buffers.clear()
 
     def _check_io(self, role: str, model) -> None:
@@ -306,13 +348,31 @@ class OpenVinoRunner(Runner):
 
         return ov.Tensor(np.zeros(cache.concrete(batch), _NP[cache.dtype]), shared_memory=True)
 
-    def _set_inputs(self, req, sample, timestep, cond) -> None:
+    def _set_inputs(self, req, sample, timestep, cond, only: list[str] | None = None) -> None:
+        """The call's inputs on `req` (`only`: those of these names, for a part of a cut step graph)."""
         import openvino as ov
 
-        req.set_tensor("sample", ov.Tensor(np.ascontiguousarray(sample.numpy())))
-        req.set_tensor("timestep", ov.Tensor(np.ascontiguousarray(timestep.numpy())))
-        for name, t in cond.items():  # states or labels[, the caption mask]
-            req.set_tensor(name, ov.Tensor(np.ascontiguousarray(t.numpy())))
+        for name, t in {"sample": sample, "timestep": timestep, **cond}.items():  # cond: states or labels[, mask]
+            if only is None or name in only:
+                req.set_tensor(name, ov.Tensor(np.ascontiguousarray(t.numpy())))
+
+    def _variables(self) -> dict:
+        """{name: VariableState} of the stateful caches: the step request's, or those of its cut parts."""
+        reqs = [p.request for p in self.parts] if self._split else [self.requests["step"]]
+        return {s.name: s for r in reqs for s in r.query_state()}
+
+    def _run_parts(self, names: tuple[str, ...], sample, timestep, cond, delta_scales=None) -> torch.Tensor:
+        """Block reuse, stateful: run these parts of the cut step graph in order (the last one is outer_out)."""
+        import openvino as ov
+
+        for part in self.parts:
+            if part.name not in names:
+                continue
+            self._set_inputs(part.request, sample, timestep, cond, only=part.feeds)
+            if delta_scales is not None and "delta_scales" in part.feeds:
+                part.request.set_tensor("delta_scales", ov.Tensor(delta_scales))
+            part.request.infer()
+        return torch.from_numpy(self.parts[-1].request.get_tensor("noise_pred").data.copy())
 
     @staticmethod
     def _run(req) -> torch.Tensor:
@@ -328,6 +388,8 @@ class OpenVinoRunner(Runner):
         copies = self._bind_states(req, sample.shape[0]) if self.uses_cache and self.cache_mode == "stateful" else None
         if copies is not None:
             self._direct = True  # the prime writes the step request's variables themselves
+            if self._split:  # and the feature into the link outer_out reads
+                req.set_tensor(self.manifest.reuse.feature.output, self.links[self._feature_link])
             out = self._run(req)
             for st, host in copies:  # variables whose buffer the plugin does not hand out: one copy each
                 st.state = host
@@ -339,11 +401,11 @@ class OpenVinoRunner(Runner):
                 req.set_tensor(c.output, current[c.key])
         out = self._run(req)
         if self.uses_cache and self.cache_mode == "stateful":
-            step = self.requests["step"]
-            states = {s.name: s for s in step.query_state()}
-            current = self.buffers.current
+            states, current = self._variables(), self.buffers.current
             for c in self.manifest.caches:
                 states[self._state_name(c)].state = current[c.key]  # one copy per trajectory
+            if self._split:
+                self.links[self._feature_link].data[...] = current[self.manifest.reuse.feature.key].data
         return out
 
     def _bind_states(self, req, batch: int) -> list | None:
@@ -359,7 +421,7 @@ class OpenVinoRunner(Runner):
         reads (each one a full copy: ~40 ms of the CIFAR-size prime, docs/speed.md)."""
         import openvino as ov
 
-        states = {s.name: s for s in self.requests["step"].query_state()}
+        states = self._variables()
         fits = lambda b, c: tuple(b.shape) == c.concrete(batch) and b.data.dtype == _NP[c.dtype]  # noqa: E731
         known = self._copy_keys if self._copy_keys is not None and self._copy_keys[0] == batch else None
         binds, copies = [], []
@@ -400,6 +462,8 @@ class OpenVinoRunner(Runner):
     def step_impl(self, sample, timestep, cond, delta_scales) -> torch.Tensor:
         import openvino as ov
 
+        if self._split:
+            return self._run_parts(ov_split.PARTS, sample, timestep, cond, delta_scales)
         req = self.requests["step"]
         self._set_inputs(req, sample, timestep, cond)
         if delta_scales is not None:
@@ -409,6 +473,8 @@ class OpenVinoRunner(Runner):
         return self._continue("step")
 
     def shallow_impl(self, sample, timestep, cond) -> torch.Tensor:
+        if self._split:  # the deep part is not run: outer_out reads the feature its last run left in the link
+            return self._run_parts(("outer_in", "outer_out"), sample, timestep, cond)
         self._set_inputs(self.requests["shallow"], sample, timestep, cond)
         return self._continue("shallow")
 
@@ -434,7 +500,10 @@ class OpenVinoRunner(Runner):
         if (not self.buffers and not self._direct) or self.batch_size is None:
             return {}
         if self.cache_mode == "stateful" and (self.calls > 1 or self._direct):
-            states = {s.name: s for s in self.requests["step"].query_state()}
-            return {c.key: torch.from_numpy(states[self._state_name(c)].state.data.astype(np.float32))
-                    for c in self.manifest.caches}
+            states = self._variables()
+            out = {c.key: torch.from_numpy(states[self._state_name(c)].state.data.astype(np.float32))
+                   for c in self.manifest.caches}
+            if self._split:
+                out[self.manifest.reuse.feature.key] = torch.from_numpy(self.links[self._feature_link].data.copy())
+            return out
         return {k: torch.from_numpy(v.data.astype(np.float32)) for k, v in self.buffers.current.items()}

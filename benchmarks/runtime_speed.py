@@ -84,12 +84,13 @@ def profile(vs, graphs, threads, batch, static: bool, calls: int = 3) -> list[st
         best: dict[str, tuple] = {}
         for _ in range(calls):
             t.call()
-            for p in t.request().profiling_info:
-                if p.status.name != "EXECUTED":
-                    continue
-                ms = p.real_time.total_seconds() * 1e3
-                if p.node_name not in best or ms < best[p.node_name][1]:
-                    best[p.node_name] = ((p.node_type, p.exec_type), ms)
+            for i, req in enumerate(t.requests()):
+                for p in req.profiling_info:
+                    if p.status.name != "EXECUTED":
+                        continue
+                    ms, node = p.real_time.total_seconds() * 1e3, (i, p.node_name)
+                    if node not in best or ms < best[node][1]:
+                        best[node] = ((p.node_type, p.exec_type), ms)
         agg = defaultdict(lambda: [0, 0.0])
         for k, ms in best.values():
             agg[k][0] += 1

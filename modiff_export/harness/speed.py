@@ -234,9 +234,15 @@ class Timed:
             getattr(r, self.v.role)(self.x2, 480.0, self.ehs)  # step or shallow
         return time.perf_counter() - t0, time.process_time() - c0
 
-    def request(self):
-        """The infer request of this row (for per-node counters)."""
-        return self.req if self.v.plain else self.runner.requests[self.v.role]
+    def requests(self) -> list:
+        """The infer requests this row's call runs (for per-node counters): one, or the parts of a reuse
+        folder's cut step graph (backends/ov_split.py; a shallow call runs the outer two)."""
+        if self.v.plain:
+            return [self.req]
+        r = self.runner
+        if r.parts and self.v.role in ("step", "shallow"):
+            return [p.request for p in r.parts if self.v.role == "step" or p.name != "deep"]
+        return [r.requests[self.v.role]]
 
 
 def time_rows(vs: list[Variant], graphs: dict, threads: int, rounds: int, batch: int,

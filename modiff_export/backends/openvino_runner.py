@@ -409,16 +409,16 @@ class OpenVinoRunner(Runner):
         return out
 
     def _bind_states(self, req, batch: int) -> list | None:
-        """Bind the step request's variable buffers as the prime's cache outputs, so the prime writes the
-        variables themselves. VariableState.state hands out the plugin's own buffer for most variables, but
-        a copy for some (seen for variables the step graph keeps in a blocked layout: two reads give two
-        addresses; 33 of the CIFAR-size UNet's 226); those get a host tensor, copied into the variable after the
-        prime, and are returned as (state, host tensor). A variable that does not fit this batch (first
-        trajectory: OpenVINO starts them empty, [0, ...]; a new batch size) first gets a zero tensor of the
-        right shape, once per batch size. None when a variable still does not fit: then every cache takes the
-        copy path. Which variables are copies is found once per compiled batch (two reads each); later primes
-        read each direct variable once (the plugin alternates its buffers between steps) and skip the copies'
-        reads (each one a full copy: ~40 ms of the CIFAR-size prime, docs/speed.md)."""
+        """Bind the step request's variable buffers (with block reuse: those of its cut parts) as the prime's
+        cache outputs, so the prime writes the variables themselves. VariableState.state hands out the plugin's
+        own buffer for most variables, but a copy for some (seen for variables the step graph keeps in a blocked
+        layout: two reads give two addresses; 33 of the CIFAR-size UNet's 226); those get a host tensor, copied
+        into the variable after the prime, and are returned as (state, host tensor). A variable that does not
+        fit this batch (first trajectory: OpenVINO starts them empty, [0, ...]; a new batch size) first gets a
+        zero tensor of the right shape, once per batch size. None when a variable still does not fit: then every
+        cache takes the copy path. Which variables are copies is found once per compiled batch (two reads each);
+        later primes read each direct variable once (the plugin alternates its buffers between steps) and skip
+        the copies' reads (each one a full copy: ~40 ms of the CIFAR-size prime, docs/speed.md)."""
         import openvino as ov
 
         states = self._variables()

@@ -40,6 +40,7 @@ class Part:
     links_out: list[str] = field(default_factory=list)
     links_in: list[str] = field(default_factory=list)
     feeds: list[str] = field(default_factory=list)
+    request: object = None  # its ov.InferRequest, once the runner has compiled it
 
 
 def _key(node) -> int:

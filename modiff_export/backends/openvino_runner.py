@@ -361,12 +361,12 @@ class OpenVinoRunner(Runner):
         reqs = [p.request for p in self.parts] if self._split else [self.requests["step"]]
         return {s.name: s for r in reqs for s in r.query_state()}
 
-    def _run_parts(self, names: tuple[str, ...], sample, timestep, cond, delta_scales=None) -> torch.Tensor:
-        """Block reuse, stateful: run these parts of the cut step graph in order (the last one is outer_out)."""
+    def _run_parts(self, role: str, sample, timestep, cond, delta_scales=None) -> torch.Tensor:
+        """Block reuse, stateful: run the parts of the cut step graph a `role` call runs (ov_split.RUNS)."""
         import openvino as ov
 
         for part in self.parts:
-            if part.name not in names:
+            if part.name not in ov_split.RUNS[role]:
                 continue
             self._set_inputs(part.request, sample, timestep, cond, only=part.feeds)
             if delta_scales is not None and "delta_scales" in part.feeds:
@@ -463,7 +463,7 @@ class OpenVinoRunner(Runner):
         import openvino as ov
 
         if self._split:
-            return self._run_parts(ov_split.PARTS, sample, timestep, cond, delta_scales)
+            return self._run_parts("step", sample, timestep, cond, delta_scales)
         req = self.requests["step"]
         self._set_inputs(req, sample, timestep, cond)
         if delta_scales is not None:
@@ -474,7 +474,7 @@ class OpenVinoRunner(Runner):
 
     def shallow_impl(self, sample, timestep, cond) -> torch.Tensor:
         if self._split:  # the deep part is not run: outer_out reads the feature its last run left in the link
-            return self._run_parts(("outer_in", "outer_out"), sample, timestep, cond)
+            return self._run_parts("shallow", sample, timestep, cond)
         self._set_inputs(self.requests["shallow"], sample, timestep, cond)
         return self._continue("shallow")
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from ..manifest import Manifest
 
 PARTS = ("outer_in", "deep", "outer_out")
+RUNS = {"step": PARTS, "shallow": ("outer_in", "outer_out")}  # the parts each call runs, in order
 
 
 @dataclass

@@ -239,9 +239,11 @@ class Timed:
         folder's cut step graph (backends/ov_split.py; a shallow call runs the outer two)."""
         if self.v.plain:
             return [self.req]
+        from ..backends import ov_split
+
         r = self.runner
-        if r.parts and self.v.role in ("step", "shallow"):
-            return [p.request for p in r.parts if self.v.role == "step" or p.name != "deep"]
+        if r.parts and self.v.role in ov_split.RUNS:
+            return [p.request for p in r.parts if p.name in ov_split.RUNS[self.v.role]]
         return [r.requests[self.v.role]]
 
 

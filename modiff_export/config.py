@@ -9,6 +9,7 @@ from .errors import ModiffExportError
 
 MODES = ("fp", "ptq", "modiff")
 SCALE_MODES = ("dynamic", "static")
+REUSE_FORECASTS = ("none", "linear")
 GRANULARITIES = ("tensor", "sample")
 
 
@@ -44,6 +45,9 @@ class QuantConfig:
           output is reused. Both None (no reuse) or both integers >= 1; any mode (fp: DeepCache itself).
     reuse_compensation: False is the ablation where the deep (reused) layers update a_hat = x on their
           full steps (no error compensation there); True (default) keeps MoDiff's a_hat += Q(x - a_hat).
+    reuse_forecast: what a reused call reads as the deep branch's output (docs/design.md section 1.2):
+          "none" (DeepCache: the last full call's feature) or "linear" (extrapolated from the last two full
+          calls: F + k (F - F_prev) / N on the k-th reused call after a full call).
     """
 
     mode: str = "modiff"
@@ -59,6 +63,7 @@ class QuantConfig:
     reuse_interval: int | None = None
     reuse_depth: int | None = None
     reuse_compensation: bool = True
+    reuse_forecast: str = "none"
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -105,6 +110,10 @@ class QuantConfig:
                               "fit one-step deltas, a reused layer's delta spans several steps; use dynamic scales")
         if not isinstance(self.reuse_compensation, bool):
             raise ConfigError(f"QuantConfig.reuse_compensation={self.reuse_compensation!r}; expected True or False")
+        _check_choice("reuse_forecast", self.reuse_forecast, REUSE_FORECASTS)
+        if self.reuse_forecast != "none" and not self.reuses:
+            raise ConfigError(f"QuantConfig.reuse_forecast={self.reuse_forecast!r} forecasts the reused deep branch; "
+                              f"it needs reuse_interval/reuse_depth")
         if not self.reuse_compensation and (not self.reuses or self.mode != "modiff"):
             raise ConfigError("QuantConfig.reuse_compensation=False is an ablation of MoDiff with block reuse; it "
                               "needs mode 'modiff' and reuse_interval/reuse_depth")
@@ -129,6 +138,7 @@ class QuantConfig:
         """Short name used in folder names and reports, e.g. 'modiff-w8a4'."""
         reuse = f"-r{self.reuse_interval}d{self.reuse_depth}" if self.reuses else ""
         reuse += "" if self.reuse_compensation else "-nocomp"
+        reuse += "-lin" if self.reuse_forecast == "linear" else ""
         if self.mode == "fp":
             return f"fp{reuse}"
         block = f"-b{self.weight_block_size}" if self.weight_block_size else ""

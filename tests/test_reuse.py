@@ -38,6 +38,8 @@ def traj(n: int, batch: int = 2, seed: int = 0):
     ({"reuse_interval": 2, "reuse_depth": 1, "keyframe_interval": 5}, "cannot be combined"),
     ({"reuse_interval": 2, "reuse_depth": 1, "scale_mode": "static"}, "cannot be combined with block reuse"),
     ({"reuse_compensation": False}, "ablation"),
+    ({"reuse_forecast": "linear"}, "needs reuse_interval"),
+    ({"reuse_interval": 2, "reuse_depth": 1, "reuse_forecast": "cubic"}, "reuse_forecast='cubic'"),
     ({"mode": "fp", "reuse_interval": 2, "reuse_depth": 1, "reuse_compensation": False}, "ablation"),
 ])
 def test_config_refuses_bad_reuse(fields, message):
@@ -50,6 +52,8 @@ def test_config_tag_and_round_trip():
     assert c.tag == "modiff-w8a4-r3d2-nocomp" and QuantConfig(mode="fp", reuse_interval=2, reuse_depth=1).tag == \
         "fp-r2d1"
     assert QuantConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c and c.reuses and not W8A4.reuses
+    lin = c.replace(reuse_forecast="linear")
+    assert lin.tag == "modiff-w8a4-r3d2-nocomp-lin" and QuantConfig.from_dict(lin.to_dict()) == lin
 
 
 def test_deep_branch_of_both_unet_classes():

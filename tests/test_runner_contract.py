@@ -159,6 +159,9 @@ def test_lifecycle(backend, folders):
 # -- block reuse (docs/design.md section 1.1): every runner schedules prime / step / shallow by itself ------
 REUSE = QuantConfig(act_bits=4, reuse_interval=3, reuse_depth=1)
 DEEPCACHE = QuantConfig(mode="fp", reuse_interval=2, reuse_depth=2)
+FORECAST = {"modiff_lin": REUSE.replace(reuse_forecast="linear"),  # design section 1.2
+            "fp_lin": QuantConfig(mode="fp", reuse_interval=3, reuse_depth=1, reuse_forecast="linear"),
+            "fp_r3": QuantConfig(mode="fp", reuse_interval=3, reuse_depth=1)}
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +169,15 @@ def reuse_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("contract_reuse")
     export_model(tiny_model(build_tiny_unet()), REUSE, root / "modiff", progress=False)
     export_model(tiny_model(build_tiny_unet()), DEEPCACHE, root / "fp", progress=False)
+    for kind, config in FORECAST.items():
+        export_model(tiny_model(build_tiny_unet()), config, root / kind, progress=False)
     return root
 
 
 def make_reuse(backend: str, reuse_folders, kind: str = "modiff", **kwargs):
     if backend == "torch":
-        return make_runner("torch", quantize(build_tiny_unet(), REUSE if kind == "modiff" else DEEPCACHE))
+        config = {"modiff": REUSE, "fp": DEEPCACHE, **FORECAST}[kind]
+        return make_runner("torch", quantize(build_tiny_unet(), config))
     return make_runner(backend, folder=reuse_folders / kind, **kwargs)
 
 
@@ -215,6 +221,44 @@ def test_reuse_same_outputs_across_backends(backend, reuse_folders):
         a, b = ref(x, t), runner(x, t)
         assert (a - b).abs().max() <= 1e-4 * a.abs().max(), f"DeepCache call {i}"
     assert list(runner.caches()) == ["mid_block.feature"] and runner.schedule() == "shallow"
+
+
+@pytest.mark.parametrize("backend, options", [("torch", {}), ("ort", {}), ("openvino", {}),
+                                              ("openvino", {"cache_mode": "pingpong"})])
+def test_reuse_forecast_extrapolates_the_feature(backend, options, reuse_folders):
+    """reuse_forecast="linear" (design section 1.2), interval 3: shallow call k after full call j reads
+    F_j + k (F_j - F_j-1) / 3 (checked on the feature cache each shallow call leaves, to float rounding of
+    that one expression), F_j itself while there is only one full call; so calls 0-3 are exactly those of the
+    same graphs without the forecast and call 4 is not. OpenVINO: the cut stateful parts (the feature lives in a
+    link tensor) and ping-pong buffers."""
+    lin, plain = make_reuse(backend, reuse_folders, "modiff_lin", **options), make_reuse(backend, reuse_folders,
+                                                                                         **options)
+    assert lin.forecast is not None and plain.forecast is None
+    full = []
+    for i, (x, t) in enumerate(trajectory(7)):
+        role = lin.schedule()
+        a, b = lin(x, t), plain(x, t)
+        feature = lin.caches()["up_blocks.0.feature"]
+        if role != "shallow":
+            full.append(feature)
+        else:
+            k = i - 3 * (len(full) - 1)
+            want = full[-1] if len(full) == 1 else full[-1] + k * (full[-1] - full[-2]) / 3
+            assert torch.allclose(feature, want, rtol=1e-5, atol=1e-6 * want.abs().max().item()), i
+        assert torch.equal(a, b) == (i <= 3), i
+    assert len(full) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reuse_forecast_same_outputs_across_backends(backend, reuse_folders):
+    """DeepCache with the linear forecast against the PyTorch reference: full precision, so every call agrees to
+    float rounding (the yardstick of the DeepCache test above); the forecast changes calls 4 and 5."""
+    ref, runner = make_reuse("torch", reuse_folders, "fp_lin"), make_reuse(backend, reuse_folders, "fp_lin")
+    plain = make_reuse("torch", reuse_folders, "fp_r3")
+    for i, (x, t) in enumerate(trajectory(6)):
+        a, b, c = ref(x, t), runner(x, t), plain(x, t)
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max(), f"call {i}"
+        assert torch.equal(a, c) == (i <= 3), i
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,8 +13,9 @@ This base class owns everything backends have in common (Polygraphy-style lifecy
   - the trajectory rules above, and step() refusing a timestep that does not continue it;
   - the `delta_scales` row of static multi-bucket graphs (from the manifest's scale table);
   - the cache keys '<layer>.<kind>' of `caches()`.
+  - with reuse_forecast="linear", the feature each shallow call reads (quant/reuse.LinearForecast).
 A backend implements only its engine calls: activate_impl, deactivate_impl, prime_impl, step_impl,
-reset_impl and caches.
+reset_impl and caches (with block reuse: shallow_impl, feature_impl, set_feature_impl).
 
 Tensors in and out are torch tensors on the CPU:
   sample                 [B, C, H, W] float32
@@ -42,6 +43,7 @@ from ..errors import ModiffExportError
 from ..manifest import Manifest
 from ..models.denoiser import CLASS_LABELS, ENCODER_MASK, ENCODER_STATES
 from ..quant.quantization import call_role, starts_trajectory
+from ..quant.reuse import LinearForecast
 
 MAX_BATCH = 4096  # far above any real batch; a larger one is a typo that would exhaust memory
 
@@ -54,7 +56,7 @@ class Runner(ABC):
     backend = "base"
 
     def __init__(self, *, keyframe_interval: int | None = None, reuse_interval: int | None = None,
-                 uses_cache: bool = True,
+                 reuse_forecast: str = "none", uses_cache: bool = True,
                  conditional: bool | None = None, sample_shape: tuple[int, int, int] | None = None,
                  encoder_shape: tuple[int, int] | None = None, manifest: Manifest | None = None,
                  num_classes: int | None = None, masked: bool = False):
@@ -64,6 +66,8 @@ class Runner(ABC):
         table and cache keys of exported graphs."""
         self.keyframe_interval = keyframe_interval
         self.reuse_interval = reuse_interval
+        # block reuse with reuse_forecast="linear": the feature a shallow call reads (design section 1.2)
+        self.forecast = LinearForecast(reuse_interval) if reuse_interval and reuse_forecast == "linear" else None
         self.uses_cache = uses_cache
         self.conditional = conditional
         self.sample_shape = sample_shape
@@ -82,7 +86,7 @@ class Runner(ABC):
         """Constructor arguments of a runner over exported graphs/engines, from their manifest."""
         ehs = [s for s in manifest.inputs if s.name == "encoder_hidden_states"]
         return {"keyframe_interval": manifest.keyframe_interval, "reuse_interval": manifest.reuse_interval,
-                "uses_cache": manifest.uses_cache,
+                "reuse_forecast": manifest.quant_config.reuse_forecast, "uses_cache": manifest.uses_cache,
                 "conditional": manifest.conditional, "sample_shape": manifest.model.sample_shape,
                 "encoder_shape": tuple(ehs[0].shape[1:]) if ehs else None, "manifest": manifest,
                 "num_classes": manifest.model.num_classes, "masked": manifest.mask_input is not None}
@@ -123,13 +127,21 @@ class Runner(ABC):
         self.calls = 0
         self.batch_size = None
         self.last_timestep = None
+        if self.forecast is not None:
+            self.forecast.reset()
         self.reset_impl()
 
     def prime(self, sample, timestep, cond=None, mask=None) -> torch.Tensor:
         self.activate()
         sample, timestep, feeds = self.check_inputs(sample, timestep, cond, mask)
+        # a prime starts a trajectory, except the full calls of a model without caches (fp/ptq with reuse)
+        fresh = self.uses_cache or self.batch_size is None or starts_trajectory(self.last_timestep, float(timestep[0]))
         out = self._finite(self.prime_impl(sample, timestep, feeds), "prime")
         self._advance(sample, timestep)
+        if self.forecast is not None:
+            if fresh:
+                self.forecast.reset()
+            self.forecast.full(self.feature_impl())
         return out
 
     def step(self, sample, timestep, cond=None, mask=None) -> torch.Tensor:
@@ -138,6 +150,8 @@ class Runner(ABC):
         sample, timestep, feeds = self._continuing("step", sample, timestep, cond, mask)
         out = self._finite(self.step_impl(sample, timestep, feeds, self.delta_scales(float(timestep[0]))), "step")
         self._advance(sample, timestep)
+        if self.forecast is not None:
+            self.forecast.full(self.feature_impl())
         return out
 
     def shallow(self, sample, timestep, cond=None, mask=None) -> torch.Tensor:
@@ -146,6 +160,8 @@ class Runner(ABC):
             raise RunnerError(f"{self.backend} runner: shallow() needs a model exported with block reuse "
                               f"(--reuse-interval/--reuse-depth)")
         sample, timestep, feeds = self._continuing("shallow", sample, timestep, cond, mask)
+        if self.forecast is not None and (feature := self.forecast.reused()) is not None:
+            self.set_feature_impl(feature)
         out = self._finite(self.shallow_impl(sample, timestep, feeds), "shallow")
         self._advance(sample, timestep)
         return out
@@ -209,6 +225,16 @@ class Runner(ABC):
 
     def shallow_impl(self, sample, timestep, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         raise RunnerError(f"{self.backend} runner: block reuse (the shallow graph) is not supported by this backend")
+
+    def feature_impl(self) -> torch.Tensor:
+        """Block reuse: the feature the last prime/step wrote (the reuse feature cache), [B, ...] float32."""
+        raise RunnerError(f"{self.backend} runner: reuse_forecast needs the reuse feature, which this backend "
+                          f"does not expose")
+
+    def set_feature_impl(self, feature: torch.Tensor) -> None:
+        """Block reuse: replace the feature the next shallow call reads (reuse_forecast, design section 1.2)."""
+        raise RunnerError(f"{self.backend} runner: reuse_forecast needs the reuse feature, which this backend "
+                          f"does not expose")
 
     @abstractmethod
     def reset_impl(self) -> None: ...

@@ -491,6 +491,16 @@ class OpenVinoRunner(Runner):
         self.buffers.swap(writes)  # this call's outputs are the next call's inputs
         return out
 
+    def _feature_tensor(self):
+        """The ov.Tensor holding the reuse feature: the link outer_out reads (cut graph), else the buffer."""
+        return self.links[self._feature_link] if self._split else self.buffers.current[self.manifest.reuse.feature.key]
+
+    def feature_impl(self) -> torch.Tensor:
+        return torch.from_numpy(self._feature_tensor().data.astype(np.float32))
+
+    def set_feature_impl(self, feature: torch.Tensor) -> None:
+        self._feature_tensor().data[...] = feature.numpy()  # the shallow call reads it and never writes it
+
     def reset_impl(self) -> None:
         # stateful: the variables keep their buffers (reset_state() would empty them to [0, ...] and cost a
         # new allocation per trajectory); the next call is a prime, which rewrites every one of them

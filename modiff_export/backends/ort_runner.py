@@ -175,6 +175,13 @@ class OrtRunner(Runner):
         self.buffers.swap(writes)  # ping-pong: this call's outputs are the next call's inputs
         return out
 
+    def feature_impl(self) -> torch.Tensor:
+        return torch.from_numpy(self.buffers.current[self.manifest.reuse.feature.key].numpy().astype(np.float32))
+
+    def set_feature_impl(self, feature: torch.Tensor) -> None:
+        buf = self.buffers.current[self.manifest.reuse.feature.key]  # read by the shallow call, never written
+        buf.update_inplace(feature.numpy().astype(_NP[self.manifest.reuse.feature.dtype]))
+
     def reset_impl(self) -> None:
         pass  # buffers are overwritten by the next prime; nothing to free between trajectories
 

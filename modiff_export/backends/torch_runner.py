@@ -18,6 +18,7 @@ class TorchRunner(Runner):
         hw = denoiser.sample_hw(unet)
         super().__init__(keyframe_interval=config.keyframe_interval if config else None,
                          reuse_interval=config.reuse_interval if config else None,
+                         reuse_forecast=config.reuse_forecast if config else "none",
                          uses_cache=any(layer.uses_cache for layer in modiff_layers(unet)),
                          conditional=denoiser.conditioning(unet) == "text" if cfg is not None else None,
                          sample_shape=(int(cfg.in_channels), *hw) if hw else None,
@@ -53,6 +54,13 @@ class TorchRunner(Runner):
 
     def shallow_impl(self, sample, timestep, cond):
         return self._run("shallow", sample, timestep, cond)
+
+    def feature_impl(self) -> torch.Tensor:
+        return self.unet.modiff_reuse.feature
+
+    def set_feature_impl(self, feature: torch.Tensor) -> None:
+        reuse = self.unet.modiff_reuse
+        reuse.feature = feature.to(reuse.feature.dtype)
 
     def reset_impl(self) -> None:
         reset_caches(self.unet)

@@ -175,6 +175,18 @@ class TrtRunner(Runner):
     def shallow_impl(self, sample, timestep, cond) -> torch.Tensor:
         return self._execute("shallow", self.host_inputs("shallow", sample, timestep, cond), sample.shape[0])
 
+    def _feature_buffer(self) -> torch.Tensor:
+        key = self.manifest.reuse.feature.key
+        return self._bufs[key][self._cur[key]][:self.batch_size]
+
+    def feature_impl(self) -> torch.Tensor:  # stays on the device: LinearForecast works there too
+        self._stream.synchronize()
+        return self._feature_buffer().float()
+
+    def set_feature_impl(self, feature: torch.Tensor) -> None:
+        with torch.cuda.stream(self._stream):  # the shallow engine reads this buffer and never writes it
+            self._feature_buffer().copy_(feature)
+
     def caches(self) -> dict[str, torch.Tensor]:
         if self.batch_size is None or not self.is_active or not self.manifest.buffers:
             return {}

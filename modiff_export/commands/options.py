@@ -15,7 +15,7 @@ import click
 from ..backends import BACKENDS
 from ..backends.base import MAX_BATCH
 from ..calibration.recipe import DEFAULT_RECIPE, RECIPES, apply_recipe
-from ..config import GRANULARITIES, MODES, SCALE_MODES, QuantConfig
+from ..config import GRANULARITIES, MODES, REUSE_FORECASTS, SCALE_MODES, QuantConfig
 from ..sampling import MAX_SEED, SCHEDULERS
 
 BACKEND_HELP = ("torch: PyTorch reference (quantizes --model); ort: ONNX Runtime on --graphs; openvino: OpenVINO "
@@ -108,6 +108,11 @@ QUANT = _QuantGroup([
      dict(type=click.IntRange(1), default=None, metavar="D",
           help="Block reuse: the number of outer down/up block pairs computed on reused steps (1..the UNet's "
                "block count).")),
+    ("reuse_forecast", "--reuse-forecast",
+     dict(type=click.Choice(REUSE_FORECASTS), default="none", show_default=True,
+          help="Block reuse: what reused steps read as the deep branch's output: 'none' (DeepCache: the last full "
+               "step's) or 'linear' (extrapolated from the last two full steps; better at intervals >= 3 with "
+               "many-step samplers, docs/quality.md).")),
     ("no_reuse_compensation", "--no-reuse-compensation",
      dict(is_flag=True, help="Ablation: the reused (deep) layers update a_hat = x on full steps (no error "
                              "compensation there).")),

@@ -10,6 +10,10 @@ number of blocks) is the *feature*.
                   conv_out; the deep branch is not computed, its modules return their input and the
                   feature source returns the recorded feature
 
+With reuse_forecast="linear" the runner (backends/base.py) replaces the recorded feature before each
+shallow call by `LinearForecast`'s extrapolation (design section 1.2); the UNet module itself always
+returns the recorded feature, whatever that holds.
+
 The deep layers are not called on a shallow call, so their MoDiff caches stay as the last full call left
 them: the next full call's delta x - a_hat spans every skipped call (with reuse_compensation=False those
 layers update a_hat = x instead, the ablation). A module's forward is replaced by a bound method (so a
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import types
 
+import torch
 import torch.nn as nn
 
 from ..errors import ModiffExportError
@@ -51,6 +56,38 @@ class BlockReuse:
         """Decide whether this call reuses (phase, else the schedule) and count it."""
         self.reusing = self.phase == "shallow" if self.phase else self.calls % self.interval != 0
         self.calls += 1
+
+
+class LinearForecast:
+    """The deep branch's output on reused calls, extrapolated from the last two full calls (design 1.2).
+
+        full call j:          F_j recorded;  v = (F_j - F_j-1) / N   (none yet after the first full call)
+        k-th reused call:     F_j + k v                              (F_j itself while there is no v)
+
+    Full calls are N = reuse_interval calls apart, so v is the feature's change per call: the reused calls
+    follow the feature's trend instead of holding it still (DeepCache's choice, `reuse_forecast="none"`).
+    Works on torch tensors [B, C, H, W] in float32; the caller reads and writes its backend's buffer."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        self.reset()
+
+    def reset(self) -> None:
+        self.base = self.velocity = None
+        self.k = 0
+
+    def full(self, feature: torch.Tensor) -> None:
+        """After a prime/step: `feature` is what it wrote (copied here: the buffer is rewritten later)."""
+        feature = feature.to(torch.float32, copy=True)
+        self.velocity = None if self.base is None else (feature - self.base) / self.interval
+        self.base, self.k = feature, 0
+
+    def reused(self) -> torch.Tensor | None:
+        """Before a shallow call: the feature it should read, or None to keep the recorded one."""
+        if self.base is None:
+            raise ReuseError("a shallow (reusing) call before any full call: the deep feature is empty")
+        self.k += 1
+        return None if self.velocity is None else self.base + self.k * self.velocity
 
 
 def deep_branch(unet: nn.Module, depth: int) -> tuple[tuple[str, ...], str]:

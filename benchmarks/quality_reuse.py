@@ -11,6 +11,8 @@ Variants (M = model; every one exported with `--reuse-interval N --reuse-depth D
     modiff-w8a4   calibrate (recommended recipe, no reuse) + export --calibration F
     modiff-w4a4   the same at W4A4
     nocomp-w8a4   modiff-w8a4 with --no-reuse-compensation (the reused layers update a_hat = x)
+    *-lin         the same with --reuse-forecast linear (reused calls read the deep feature extrapolated from
+                  the last two full calls, docs/design.md section 1.2)
 
 One JSON line per (model, sampler, variant, interval, depth) in --results (done cells are skipped): FD relative
 to FP, PSNR to FP, BOPs per trajectory vs FP, and the fraction of the full UNet's MACs the trajectory computes
@@ -48,6 +50,9 @@ VARIANTS = {  # name -> (export options, calibration bits or None)
     "modiff-w8a4": (["--weight-bits", "8", "--act-bits", "4"], (8, 4)),
     "modiff-w4a4": (["--weight-bits", "4", "--act-bits", "4"], (4, 4)),
     "nocomp-w8a4": (["--weight-bits", "8", "--act-bits", "4", "--no-reuse-compensation"], (8, 4)),
+    "deepcache-lin": (["--mode", "fp", "--reuse-forecast", "linear"], None),
+    "modiff-w8a4-lin": (["--weight-bits", "8", "--act-bits", "4", "--reuse-forecast", "linear"], (8, 4)),
+    "modiff-w4a4-lin": (["--weight-bits", "4", "--act-bits", "4", "--reuse-forecast", "linear"], (4, 4)),
 }
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/runtime_speed.py [--models cifar,digits,sd15,dit_s2,pixart] [--threads 1] [--rounds 7] [--batch 4]
         [--profile] [--memory] [--levers none,minmax,update,share,...] [--sd-latent 16] [--doc FILE]
-        [--reuse-depths 1,2 | --reuse-depths none]
+        [--reuse-depths 1,2 | --reuse-depths none] [--forecast-depths 1 | --forecast-depths none]
 
 Models (random weights except digits; nothing downloaded): `cifar` (the CIFAR-10 DDPM UNet architecture,
 35.7M params, 32x32), `digits` (the shipped 16x16 model), `sd15` (Stable Diffusion 1.5's UNet at a
@@ -17,7 +17,9 @@ OpenVINO's per-node counters (PERF_COUNT) summed by node type for every row; `--
 process that loads one runner and runs a trajectory's first calls; `--levers` adds MoDiff step rows with
 other step-graph forms (export/ov_variant.py; `none` = the exported graph as it is). `--reuse-depths` adds
 block reuse (docs/design.md section 1.1): MoDiff prime/step/shallow and FP DeepCache full/shallow rows per depth,
-and a table of 25-call trajectories at intervals 2, 3, 5 against FP default and NNCF int8 (harness/speed.py).
+`--forecast-depths` MoDiff rows of folders exported with `--reuse-forecast linear` (section 1.2: the calls include
+the runner's forecast work), and a table of 25-call trajectories at intervals 2-5 against FP default and NNCF int8
+(harness/speed.py).
 The CPU flags and the 1-minute load average are printed before and after; above 1.0 the figures are noise.
 """
 from __future__ import annotations
@@ -175,7 +177,10 @@ def memory_block(vs, graphs, threads, batch, static) -> list[str]:
 @click.option("--doc", default=None, type=click.Path(dir_okay=False), help="Also write the output to this file.")
 @click.option("--reuse-depths", default="1,2", show_default=True,
               help="Block-reuse rows for these depths (comma list; 'none': no reuse rows).")
-def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_latent, work, shapes, doc, reuse_depths):
+@click.option("--forecast-depths", default="1", show_default=True,
+              help="MoDiff block-reuse rows with --reuse-forecast linear for these depths ('none': none).")
+def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_latent, work, shapes, doc, reuse_depths,
+         forecast_depths):
     """Interleaved OpenVINO CPU speed table: FP f32 / FP default / NNCF int8 / PTQ W8A8 / MoDiff."""
     work = Path(work)
     out = [f"Command: `python benchmarks/runtime_speed.py {' '.join(sys.argv[1:])}`", "",
@@ -187,9 +192,10 @@ def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_la
         root = work / "graphs" / (f"{name}-{sd_latent}" if name in TEXT_CONDITIONED else name)
         no_reuse = reuse_depths == "none" or name in TRANSFORMERS
         depths = () if no_reuse else tuple(int(d) for d in reuse_depths.split(","))
-        reuse_keys = tuple(speed.reuse_key(k, d) for d in depths for k in (f"modiff-{bits}", "fp"))
+        fdepths = () if no_reuse or forecast_depths == "none" else tuple(int(d) for d in forecast_depths.split(","))
+        reuse_keys = speed.reuse_keys(bits, depths, fdepths)
         graphs = speed.export_graphs(spec, root, ("fp", "ptq-w8a8", f"modiff-{bits}", *reuse_keys))
-        vs = speed.main_variants(bits) + speed.reuse_variants(bits, depths)
+        vs = speed.main_variants(bits) + speed.reuse_variants(bits, depths, fdepths)
         graphs["nncf"] = speed.export_nncf(spec, graphs["fp"], batch)
         if levers:
             vs += lever_rows(levers, bits)
@@ -206,7 +212,7 @@ def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_la
                  "Spread of CPU ms: " + "; ".join(
                      f"{r['label']} {r['cpu_spread'][0]:.1f}-{r['cpu_spread'][1]:.1f}" for r in rows) + ".", "",
                  speed.verdict(rows), ""]
-        if depths:
+        if depths or fdepths:
             block += ["Block reuse, trajectories of 25 calls from the rows above:", "", *speed.reuse_table(rows), ""]
         from modiff_export.harness.nncf_peer import nncf_settings_text
 

@@ -307,3 +307,7 @@ def test_speed_reuse_table_sums_the_schedule():
     assert "| MoDiff W8A4 reuse | 1 | 5 |" in lines[2] and ratios in lines[2]
     assert speed.config_args("modiff-w8a4-d2")[-4:] == ["--reuse-interval", "2", "--reuse-depth", "2"]
     assert speed.config_args("fp") == ["--mode", "fp", "--weight-bits", "8", "--act-bits", "8"]
+    assert speed.config_args(speed.reuse_key("modiff-w8a4", 1, True))[-6:] == [
+        "--reuse-interval", "2", "--reuse-depth", "1", "--reuse-forecast", "linear"]
+    labels = [v.label for v in speed.reuse_variants("w8a4", (), (1,))]
+    assert labels == [f"MoDiff W8A4 reuse+forecast D=1 {r} (runner)" for r in ("prime", "step", "shallow")]

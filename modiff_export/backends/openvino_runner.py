@@ -495,11 +495,11 @@ class OpenVinoRunner(Runner):
         """The ov.Tensor holding the reuse feature: the link outer_out reads (cut graph), else the buffer."""
         return self.links[self._feature_link] if self._split else self.buffers.current[self.manifest.reuse.feature.key]
 
-    def feature_impl(self) -> torch.Tensor:
-        return torch.from_numpy(self._feature_tensor().data.astype(np.float32))
+    def feature_impl(self) -> torch.Tensor:  # a view: the forecast copies it
+        return torch.from_numpy(self._feature_tensor().data)
 
-    def set_feature_impl(self, feature: torch.Tensor) -> None:
-        self._feature_tensor().data[...] = feature.numpy()  # the shallow call reads it and never writes it
+    def set_feature_impl(self, feature: torch.Tensor) -> None:  # the shallow call reads it and never writes it
+        np.copyto(self._feature_tensor().data, feature.numpy(), casting="same_kind")
 
     def reset_impl(self) -> None:
         # stateful: the variables keep their buffers (reset_state() would empty them to [0, ...] and cost a

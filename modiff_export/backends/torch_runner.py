@@ -60,7 +60,7 @@ class TorchRunner(Runner):
 
     def set_feature_impl(self, feature: torch.Tensor) -> None:
         reuse = self.unet.modiff_reuse
-        reuse.feature = feature.to(reuse.feature.dtype)
+        reuse.feature = feature.to(reuse.feature.dtype, copy=True)
 
     def reset_impl(self) -> None:
         reset_caches(self.unet)

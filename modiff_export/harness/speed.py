@@ -29,21 +29,30 @@ CLI = [sys.executable, "-m", "modiff_export"]  # exports run in a child process:
 STEPS = 25
 CONFIGS = {"fp": ("fp", 8, 8), "ptq-w8a8": ("ptq", 8, 8), "modiff-w8a8": ("modiff", 8, 8),
            "modiff-w8a4": ("modiff", 8, 4)}
-REUSE_INTERVALS = (2, 3, 5)
+REUSE_INTERVALS = (2, 3, 4, 5)
 REUSE_DEPTHS = (1, 2)
+FORECAST_DEPTHS = (1,)  # MoDiff rows with the linear feature forecast (design section 1.2)
 
 
-def reuse_key(base: str, depth: int) -> str:
-    """The export key of `base` (a CONFIGS key) with block reuse of depth D: '<base>-d<D>'."""
-    return f"{base}-d{depth}"
+def reuse_key(base: str, depth: int, forecast: bool = False) -> str:
+    """The export key of `base` (a CONFIGS key) with block reuse of depth D: '<base>-d<D>[-lin]'."""
+    return f"{base}-d{depth}" + ("-lin" if forecast else "")
 
 
 def config_args(key: str) -> list[str]:
     """`cli.py export` options of an export key (a CONFIGS key, or reuse_key(...) of one)."""
     base, _, depth = key.partition("-d")
+    depth, _, lin = depth.partition("-")
     mode, w, a = CONFIGS[base]
     args = ["--mode", mode, "--weight-bits", str(w), "--act-bits", str(a)]
-    return args + (["--reuse-interval", "2", "--reuse-depth", depth] if depth else [])
+    args += ["--reuse-interval", "2", "--reuse-depth", depth] if depth else []
+    return args + (["--reuse-forecast", "linear"] if lin == "lin" else [])
+
+
+def reuse_keys(bits: str = "w8a4", depths=REUSE_DEPTHS, forecast_depths=FORECAST_DEPTHS) -> tuple[str, ...]:
+    """The export keys reuse_variants(bits, depths, forecast_depths) time."""
+    return (*(reuse_key(k, d) for d in depths for k in (f"modiff-{bits}", "fp")),
+            *(reuse_key(f"modiff-{bits}", d, True) for d in forecast_depths))
 
 
 FP_DEFAULT, NNCF = "FP graph, OpenVINO default precision", "NNCF int8 (nncf.quantize of the FP graph)"
@@ -69,20 +78,26 @@ def main_variants(bits: str = "w8a4") -> list[Variant]:
             Variant(f"MoDiff {b} step (runner)", f"modiff-{bits}", "step", prime_of=f"MoDiff {b} prime (runner)")]
 
 
-def reuse_variants(bits: str = "w8a4", depths=REUSE_DEPTHS) -> list[Variant]:
+def reuse_variants(bits: str = "w8a4", depths=REUSE_DEPTHS, forecast_depths=FORECAST_DEPTHS) -> list[Variant]:
     """Per depth: MoDiff prime / step / shallow rows of the reuse folder, and DeepCache's full / shallow rows
-    (FP, OpenVINO's default precision, through the runner)."""
+    (FP, OpenVINO's default precision, through the runner); per forecast depth the MoDiff rows of a folder
+    with --reuse-forecast linear (its calls include the runner's forecast work)."""
     b, out = bits.upper(), []
+
+    def modiff(name: str, key: str) -> list[Variant]:
+        prime = f"{name} prime (runner)"
+        return [Variant(prime, key, per_call=True),
+                Variant(f"{name} step (runner)", key, "step", prime_of=prime, per_call=True),
+                Variant(f"{name} shallow (runner)", key, "shallow", prime_of=prime, per_call=True)]
+
     for d in depths:
-        key, fp = reuse_key(f"modiff-{bits}", d), reuse_key("fp", d)
-        prime = f"MoDiff {b} reuse D={d} prime (runner)"
-        out += [Variant(prime, key, per_call=True),
-                Variant(f"MoDiff {b} reuse D={d} step (runner)", key, "step", prime_of=prime, per_call=True),
-                Variant(f"MoDiff {b} reuse D={d} shallow (runner)", key, "shallow", prime_of=prime, per_call=True)]
-        full, default = f"DeepCache FP D={d} full (runner)", (("precision", "default"),)
+        out += modiff(f"MoDiff {b} reuse D={d}", reuse_key(f"modiff-{bits}", d))
+        full, default, fp = f"DeepCache FP D={d} full (runner)", (("precision", "default"),), reuse_key("fp", d)
         out += [Variant(full, fp, runner=default, per_call=True),
                 Variant(f"DeepCache FP D={d} shallow (runner)", fp, "shallow", runner=default, prime_of=full,
                         per_call=True)]
+    for d in forecast_depths:
+        out += modiff(f"MoDiff {b} reuse+forecast D={d}", reuse_key(f"modiff-{bits}", d, True))
     return out
 
 
@@ -370,9 +385,8 @@ def demo_speed_table(work: Path | str = "/tmp/runtime_speed", threads: int = 1, 
 
     work = Path(work)
     spec = str(write_model("cifar", work / "models" / "cifar"))
-    reuse = [reuse_key(k, d) for d in REUSE_DEPTHS for k in ("modiff-w8a4", "fp")]
     with contextlib.redirect_stdout(sys.stderr):
-        graphs = export_graphs(spec, work / "graphs" / "cifar", ("fp", "ptq-w8a8", "modiff-w8a4", *reuse))
+        graphs = export_graphs(spec, work / "graphs" / "cifar", ("fp", "ptq-w8a8", "modiff-w8a4", *reuse_keys()))
         graphs["nncf"] = export_nncf(spec, graphs["fp"], batch)
         before = loadavg()
         rows = time_rows(main_variants() + reuse_variants(), graphs, threads, rounds, batch)

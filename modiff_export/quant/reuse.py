@@ -70,24 +70,31 @@ class LinearForecast:
 
     def __init__(self, interval: int):
         self.interval = interval
+        self.base = self.velocity = self.out = None  # [B, ...] float32, allocated once per shape and device
         self.reset()
 
     def reset(self) -> None:
-        self.base = self.velocity = None
-        self.k = 0
+        self.fulls, self.k = 0, 0
 
     def full(self, feature: torch.Tensor) -> None:
-        """After a prime/step: `feature` is what it wrote (copied here: the buffer is rewritten later)."""
-        feature = feature.to(torch.float32, copy=True)
-        self.velocity = None if self.base is None else (feature - self.base) / self.interval
-        self.base, self.k = feature, 0
+        """After a prime/step: `feature` is what it wrote (may be a view of the backend's buffer: copied)."""
+        if self.base is None or self.base.shape != feature.shape or self.base.device != feature.device:
+            self.base, self.velocity, self.out = (torch.empty(feature.shape, dtype=torch.float32,
+                                                              device=feature.device) for _ in range(3))
+        if self.fulls:
+            torch.sub(feature, self.base, out=self.velocity).div_(self.interval)
+        self.base.copy_(feature)
+        self.fulls, self.k = self.fulls + 1, 0
 
     def reused(self) -> torch.Tensor | None:
-        """Before a shallow call: the feature it should read, or None to keep the recorded one."""
-        if self.base is None:
+        """Before a shallow call: the feature it should read (a buffer this object rewrites on the next call),
+        or None to keep the recorded one."""
+        if not self.fulls:
             raise ReuseError("a shallow (reusing) call before any full call: the deep feature is empty")
         self.k += 1
-        return None if self.velocity is None else self.base + self.k * self.velocity
+        if self.fulls < 2:
+            return None
+        return torch.add(self.base, self.velocity, alpha=self.k, out=self.out)
 
 
 def deep_branch(unet: nn.Module, depth: int) -> tuple[tuple[str, ...], str]:

@@ -285,6 +285,10 @@ def test_reuse_cost_row_counts_the_schedule_and_the_feature():
     m = cost.reuse_cost_row(unet, macs, W8A4.replace(reuse_interval=3, reuse_depth=1), 7, (1, 16, 16))
     assert m["bops_traj"] == m["bops_prime"] + 2 * m["bops_step"] + 4 * m["bops_shallow"]
     assert m["cache_bytes"] > fp["cache_bytes"] and m["config"] == "modiff-w8a4-r3d1"
+    lin = cost.reuse_cost_row(unet, macs, W8A4.replace(reuse_interval=3, reuse_depth=1, reuse_forecast="linear"), 7,
+                              (1, 16, 16))
+    # same work; the runner's forecast keeps three more feature-size buffers (design section 1.2)
+    assert lin["bops_traj"] == m["bops_traj"] and lin["cache_bytes"] == m["cache_bytes"] + 3 * fp["cache_bytes"]
 
 
 def test_speed_reuse_table_sums_the_schedule():

@@ -131,7 +131,8 @@ def bops_per_trajectory(macs: list[LayerMacs], config, steps: int, deep: frozens
 def reuse_cost_row(unet: nn.Module, macs: list[LayerMacs], config, steps: int, sample_shape) -> dict:
     """Cost of a block-reuse config without exporting it (the demo's cost table): BOPs per call role and per
     trajectory, and the bytes per sample a runner keeps between calls (every MoDiff cache and the deep-branch
-    feature, float32) from one prime call of a quantized copy of `unet` (`macs` from the unquantized one)."""
+    feature, float32; with reuse_forecast="linear" also the forecast's three feature-size buffers, design
+    section 1.2) from one prime call of a quantized copy of `unet` (`macs` from the unquantized one)."""
     import copy
 
     from ..quant.quantization import list_caches, quantize
@@ -141,7 +142,8 @@ def reuse_cost_row(unet: nn.Module, macs: list[LayerMacs], config, steps: int, s
         q(torch.zeros(1, *sample_shape), torch.tensor([500.0]))
     deep = frozenset(m.name for m in macs if q.modiff_reuse.is_deep(m.name))
     modiff = config.mode == "modiff"
-    kept = [e.tensor for e in list_caches(q)] + [q.modiff_reuse.feature]
+    feature = q.modiff_reuse.feature
+    kept = [e.tensor for e in list_caches(q)] + [feature] * (4 if config.reuse_forecast == "linear" else 1)
     return {"config": config.tag, "bops_prime": bops_per_call(macs, config, "prime"),
             "bops_step": bops_per_call(macs, config, "step") if modiff else None,
             "bops_shallow": bops_per_call(macs, config, "shallow", deep),

@@ -250,14 +250,16 @@ class Demo:
                                    "weight_bytes": cost.weight_bytes(m), "cache_bytes": m.cache_bytes_per_sample,
                                    "latency": lat.get(tag, {})})
         for tag, cfg, _ in self.configs:  # block reuse (design section 1.1): counted, not exported
-            if tag in ("fp", "modiff-w8a4"):
-                for depth in range(1, min(2, len(self.model.unet.down_blocks)) + 1):
-                    for n in (2, 3, 5):
-                        row = cost.reuse_cost_row(self.model.unet, macs, cfg.replace(reuse_interval=n,
-                                                                                     reuse_depth=depth),
-                                                  s.steps, self.model.sample_shape)
-                        self.cost_rows.append({**row, "weight_bytes": cost.weight_bytes(Manifest.load(
-                            self.folders[tag])), "latency": {}})
+            if tag not in ("fp", "modiff-w8a4"):
+                continue
+            variants = [(d, "none") for d in range(1, min(2, len(self.model.unet.down_blocks)) + 1)]
+            variants += [(1, "linear")] if tag == "modiff-w8a4" else []  # the forecast (design section 1.2)
+            for depth, forecast in variants:
+                for n in (2, 3, 4, 5):
+                    reuse = cfg.replace(reuse_interval=n, reuse_depth=depth, reuse_forecast=forecast)
+                    row = cost.reuse_cost_row(self.model.unet, macs, reuse, s.steps, self.model.sample_shape)
+                    self.cost_rows.append({**row, "weight_bytes": cost.weight_bytes(Manifest.load(
+                        self.folders[tag])), "latency": {}})
         w8a8 = QuantConfig(mode="ptq", weight_bits=8, act_bits=8)
         self.cost_rows.append({"config": "peer", "bops_prime": cost.bops_per_call(macs, w8a8), "bops_step": None,
                                "bops_traj": cost.bops_per_trajectory(macs, w8a8, s.steps),

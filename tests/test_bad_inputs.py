@@ -322,6 +322,8 @@ CASES = [
     C("reuse-with-static-scales", EXPORT_STATIC + ["--reuse-interval", "2", "--reuse-depth", "1"],
       "cannot be combined with block reuse"),
     C("no-reuse-compensation-without-reuse", EXPORT + ["--no-reuse-compensation", "--out", "gx"], "ablation"),
+    C("reuse-forecast-without-reuse", EXPORT + ["--reuse-forecast", "linear", "--out", "gx"], "needs reuse_interval"),
+    C("reuse-forecast-unknown", EXPORT + ["--reuse-forecast", "cubic", "--out", "gx"], "--reuse-forecast"),
     C("reuse-engines-without-shallow-plan", SAMPLE + ["--backend", "trt", "--engines", "e84r"],
       "shallow engine is missing"),
     C("package-reuse-folder", ["package-triton", "g84r", "--out", "mr", "--unet-backend", "python"], "block reuse"),

@@ -53,6 +53,9 @@ VARIANTS = {  # name -> (export options, calibration bits or None)
     "deepcache-lin": (["--mode", "fp", "--reuse-forecast", "linear"], None),
     "modiff-w8a4-lin": (["--weight-bits", "8", "--act-bits", "4", "--reuse-forecast", "linear"], (8, 4)),
     "modiff-w4a4-lin": (["--weight-bits", "4", "--act-bits", "4", "--reuse-forecast", "linear"], (4, 4)),
+    "ptq-w8a8-lin": (["--mode", "ptq", "--weight-bits", "8", "--act-bits", "8", "--reuse-forecast", "linear"], None),
+    "nocomp-w8a4-lin": (["--weight-bits", "8", "--act-bits", "4", "--no-reuse-compensation", "--reuse-forecast",
+                         "linear"], (8, 4)),
 }
 
 
@@ -175,19 +178,24 @@ def table(results, seed):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "docs" / "quality_reuse.png",
               show_default=True)
-def plot(results, seed, out):
+@click.option("--variants", default="deepcache,ptq-w8a8,modiff-w8a4,modiff-w4a4,nocomp-w8a4", show_default=True,
+              help="Comma list of the variants to draw (the forecast plot: deepcache,deepcache-lin,modiff-w8a4,...).")
+@click.option("--depths", default=None, help="Comma list of depths to draw (default: all).")
+def plot(results, seed, out, variants, depths):
     """FD relative to FP against trajectory cost (BOPs vs FP, log), one panel per (model, sampler)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = _records(results, seed)
+    chosen = variants.split(",")
+    recs = [r for r in _records(results, seed) if r["variant"] in chosen
+            and (depths is None or str(r["depth"]) in depths.split(","))]
     cols = sorted({(r["model"], r["sampler"]) for r in recs}, key=lambda c: (c[0], c[1] != "ddim:50"))
     fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.8), squeeze=False)
     markers = {1: "o", 2: "s", 3: "^"}
     for ax, (m, s) in zip(axes[0], cols):
-        for i, variant in enumerate(VARIANTS):
+        for i, variant in enumerate(chosen):
             for depth in sorted({r["depth"] for r in recs}):
                 pts = sorted((r["bops_vs_fp"], r["fd_rel"], r["interval"]) for r in recs
                              if (r["model"], r["sampler"], r["variant"], r["depth"]) == (m, s, variant, depth))

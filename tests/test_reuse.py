@@ -93,6 +93,23 @@ def test_reference_skips_the_deep_branch_on_shallow_calls():
             assert torch.equal(a, b) == (i % 2 == 0)
 
 
+def test_module_forecast_equals_the_runners():
+    """reuse_forecast="linear" on the quantized module alone (it schedules itself: a diffusers pipeline) computes
+    exactly what the runner's forecast computes (design section 1.2), and differs from plain reuse from the
+    first shallow call after the second full call (call 4 at interval 3) on."""
+    from modiff_export.backends import make_runner
+
+    config = W8A4.replace(reuse_interval=3, reuse_depth=1, reuse_forecast="linear")
+    alone = quantize(build_tiny_unet(), config)
+    plain = quantize(build_tiny_unet(), config.replace(reuse_forecast="none"))
+    runner = make_runner("torch", quantize(build_tiny_unet(), config))
+    with torch.no_grad():
+        for i, (x, t) in enumerate(traj(7)):
+            a, b, c = alone(x, t).sample, runner(x, t), plain(x, t).sample
+            assert torch.equal(a, b), i
+            assert torch.equal(a, c) == (i <= 3), i
+
+
 def test_no_compensation_ablation_differs_from_the_second_step_on():
     comp = quantize(build_tiny_unet(), W8A4.replace(reuse_interval=2, reuse_depth=1))
     nocomp = quantize(build_tiny_unet(), W8A4.replace(reuse_interval=2, reuse_depth=1, reuse_compensation=False))

@@ -306,7 +306,7 @@ def quantize(unet: nn.Module, config: QuantConfig) -> nn.Module:
         parent = unet.get_submodule(parent_name) if parent_name else unet
         setattr(parent, child, MoDiffLayer(module, name, config))
     if config.reuses:  # DeepCache-style block reuse (reuse.py)
-        state = reuse.install(unet, config.reuse_interval, config.reuse_depth)
+        state = reuse.install(unet, config.reuse_interval, config.reuse_depth, config.reuse_forecast)
         for layer in modiff_layers(unet):
             layer.compensates = layer.compensates and (config.reuse_compensation or not state.is_deep(layer.name))
     unet.modiff_config = config

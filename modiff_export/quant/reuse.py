@@ -10,9 +10,10 @@ number of blocks) is the *feature*.
                   conv_out; the deep branch is not computed, its modules return their input and the
                   feature source returns the recorded feature
 
-With reuse_forecast="linear" the runner (backends/base.py) replaces the recorded feature before each
-shallow call by `LinearForecast`'s extrapolation (design section 1.2); the UNet module itself always
-returns the recorded feature, whatever that holds.
+With reuse_forecast="linear" a shallow call reads `LinearForecast`'s extrapolation instead (design section
+1.2): the module applies it itself when it schedules its own calls (phase None: a diffusers pipeline, direct
+calls); when a runner sets the phase (and when tracing the graphs) the module returns the recorded feature and
+the runner (backends/base.py) writes the forecast into it, as it does for the exported graphs.
 
 The deep layers are not called on a shallow call, so their MoDiff caches stay as the last full call left
 them: the next full call's delta x - a_hat spans every skipped call (with reuse_compensation=False those
@@ -38,8 +39,10 @@ class BlockReuse:
 
     phase: None (automatic: every `interval`-th call of a trajectory is full), "full" or "shallow"."""
 
-    def __init__(self, interval: int, depth: int, deep_prefixes: tuple[str, ...], source: str):
+    def __init__(self, interval: int, depth: int, deep_prefixes: tuple[str, ...], source: str,
+                 forecast: str = "none"):
         self.interval, self.depth = interval, depth
+        self.forecast = LinearForecast(interval) if forecast == "linear" else None  # used when phase is None
         self.deep_prefixes, self.source = deep_prefixes, source
         self.phase: str | None = None
         self.reusing = False
@@ -51,6 +54,8 @@ class BlockReuse:
 
     def reset(self) -> None:
         self.feature, self.calls, self.reusing = None, 0, False
+        if self.forecast is not None:
+            self.forecast.reset()
 
     def begin_call(self) -> None:
         """Decide whether this call reuses (phase, else the schedule) and count it."""
@@ -117,10 +122,10 @@ def deep_branch(unet: nn.Module, depth: int) -> tuple[tuple[str, ...], str]:
     return tuple(names), (f"up_blocks.{n - depth - 1}" if depth < n else "mid_block")
 
 
-def install(unet: nn.Module, interval: int, depth: int) -> BlockReuse:
+def install(unet: nn.Module, interval: int, depth: int, forecast: str = "none") -> BlockReuse:
     """Make the deep branch of `unet` skippable; the state is `unet.modiff_reuse`."""
     prefixes, source = deep_branch(unet, depth)
-    state = BlockReuse(interval, depth, prefixes, source)
+    state = BlockReuse(interval, depth, prefixes, source, forecast)
     for name in prefixes:
         module = unet.get_submodule(name)
         role = "source" if name == source else "down" if name.startswith("down_blocks.") and "." not in name[12:] \
@@ -143,15 +148,19 @@ def _patch(module: nn.Module, state: BlockReuse, role: str) -> None:
 
 def _reuse_forward(self: nn.Module, *args, **kwargs):
     state = self.modiff_reuse
+    own_forecast = state.forecast is not None and state.phase is None  # the module schedules itself
     if not state.reusing:
         out = type(self).forward(self, *args, **kwargs)
         if self.modiff_reuse_role == "source":
             state.feature = out
+            if own_forecast:
+                state.forecast.full(out)
         return out
     if self.modiff_reuse_role == "source":
         if state.feature is None:
             raise ReuseError("a shallow (reusing) call before any full call: the deep feature is empty")
-        return state.feature
+        forecast = state.forecast.reused() if own_forecast else None
+        return state.feature if forecast is None else forecast.clone()  # a clone: the buffer is rewritten
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     if self.modiff_reuse_role == "down":  # (hidden, res_samples): only deep up blocks read these
         return hidden, (hidden,) * (len(self.resnets) + len(getattr(self, "downsamplers", None) or ()))

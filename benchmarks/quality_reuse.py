@@ -13,6 +13,7 @@ Variants (M = model; every one exported with `--reuse-interval N --reuse-depth D
     nocomp-w8a4   modiff-w8a4 with --no-reuse-compensation (the reused layers update a_hat = x)
     *-lin         the same with --reuse-forecast linear (reused calls read the deep feature extrapolated from
                   the last two full calls, docs/design.md section 1.2)
+    modiff-w8a4-lin-deep8   modiff-w8a4-lin with the deep (reused) branch at W8A8 (--int8-layers, calibrated so)
 
 One JSON line per (model, sampler, variant, interval, depth) in --results (done cells are skipped): FD relative
 to FP, PSNR to FP, BOPs per trajectory vs FP, and the fraction of the full UNet's MACs the trajectory computes
@@ -56,19 +57,33 @@ VARIANTS = {  # name -> (export options, calibration bits or None)
     "ptq-w8a8-lin": (["--mode", "ptq", "--weight-bits", "8", "--act-bits", "8", "--reuse-forecast", "linear"], None),
     "nocomp-w8a4-lin": (["--weight-bits", "8", "--act-bits", "4", "--no-reuse-compensation", "--reuse-forecast",
                          "linear"], (8, 4)),
+    # the deep (reused) branch at W8A8 through --int8-layers, calibrated so: free where 4-bit activations run
+    # as 8-bit, and its multi-step deltas are the large ones
+    "modiff-w8a4-lin-deep8": (["--weight-bits", "8", "--act-bits", "4", "--reuse-forecast", "linear"], (8, 4)),
 }
+DEEP8 = ("modiff-w8a4-lin-deep8",)
+
+
+def deep_patterns(model: str, depth: int) -> list[str]:
+    """--int8-layers options that keep the deep branch of `depth` at W8A8 (quant/reuse.deep_branch)."""
+    from modiff_export.quant.reuse import deep_branch
+
+    prefixes, _ = deep_branch(load_model(model).unet, depth)
+    return [arg for p in prefixes for arg in ("--int8-layers", p + ".*")]
 
 
 def build(work: Path, model: str, variant: str, interval: int, depth: int) -> tuple[Path, dict]:
     """The graph folder of one cell (made with the CLI unless already there) and its CLI seconds."""
     opts, cal_bits = VARIANTS[variant]
     secs, extra = {}, []
+    deep8 = deep_patterns(model, depth) if variant in DEEP8 else []
+    opts = [*opts, *deep8]
     if cal_bits is not None:
         w, a = cal_bits
-        cal = work / f"{model}-w{w}a{a}.json"
+        cal = work / (f"{model}-w{w}a{a}" + (f"-deep8-d{depth}" if deep8 else "") + ".json")
         if not cal.exists():  # calibrated without reuse: the weights (GPTQ) do not depend on the schedule
             secs["calibrate_s"] = cli("calibrate", "--model", model, "--weight-bits", str(w), "--act-bits", str(a),
-                                      "--out", str(cal))
+                                      *deep8, "--out", str(cal))
         extra = ["--calibration", str(cal)]
     graphs = work / f"{model}-{variant}-r{interval}d{depth}"
     if not graphs.exists():
@@ -187,6 +202,7 @@ def plot(results, seed, out, variants, depths):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     chosen = variants.split(",")
     recs = [r for r in _records(results, seed) if r["variant"] in chosen
@@ -206,6 +222,7 @@ def plot(results, seed, out, variants, depths):
                         ax.annotate(str(k), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
         ax.axhline(5, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the minor labels overlap
         ax.set_title(f"{m} {s}")
         ax.set_xlabel("BOPs per trajectory / FP (labels: interval)")
         ax.set_ylabel("FD vs FP (%)")

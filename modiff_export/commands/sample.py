@@ -100,9 +100,11 @@ def resolve(options: dict, calibration: str | None, samples: int | None = None):
 def evaluate(calibration, num_samples, **options):
     """FD-digits, classifier confidence and PSNR-to-FP (same noise) for one config vs full precision.
     The FP reference always runs on PyTorch; the quantized config runs on --backend (with ort/trt its
-    config comes from the folder). FD-digits and confidence exist only for the `digits` model."""
+    config comes from the folder). FD-digits and confidence exist for the embedded (digits-trained) models:
+    digits, digits_b, digits_dit, digits_dit_b."""
     from ..evaluation.metrics import DigitsEvaluator, psnr
     from ..models import load_model
+    from ..models.loading import EMBEDDED
     from ..sampling import SamplingError, sample_model
 
     model, backend = options["model"], options["backend"]
@@ -111,7 +113,7 @@ def evaluate(calibration, num_samples, **options):
     m = meta if meta.unet is not None else load_model(model or "digits")
     if m.content_hash != meta.content_hash:
         raise SamplingError(f"the folder was exported from another model than {model or 'digits'}; pass its --model")
-    ev = DigitsEvaluator() if m.name in ("digits", "digits_b") else None
+    ev = DigitsEvaluator() if m.name in EMBEDDED else None  # every embedded model draws 16x16 digits
     rows, ref = [], None
     runs = [(QuantConfig(mode="fp"), "torch", None)]
     if not (qcfg.mode == "fp" and backend == "torch"):

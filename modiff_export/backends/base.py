@@ -227,7 +227,8 @@ class Runner(ABC):
         raise RunnerError(f"{self.backend} runner: block reuse (the shallow graph) is not supported by this backend")
 
     def feature_impl(self) -> torch.Tensor:
-        """Block reuse: the feature the last prime/step wrote (the reuse feature cache), [B, ...] float32."""
+        """Block reuse: the feature the last prime/step wrote (the reuse feature cache), [B, ...] in the cache
+        dtype; may be a view of the backend's buffer (LinearForecast.full copies and casts it)."""
         raise RunnerError(f"{self.backend} runner: reuse_forecast needs the reuse feature, which this backend "
                           f"does not expose")
 

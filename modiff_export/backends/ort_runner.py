@@ -176,7 +176,7 @@ class OrtRunner(Runner):
         return out
 
     def feature_impl(self) -> torch.Tensor:
-        return torch.from_numpy(self.buffers.current[self.manifest.reuse.feature.key].numpy().astype(np.float32))
+        return torch.from_numpy(self.buffers.current[self.manifest.reuse.feature.key].numpy())  # forecast.full casts
 
     def set_feature_impl(self, feature: torch.Tensor) -> None:
         buf = self.buffers.current[self.manifest.reuse.feature.key]  # read by the shallow call, never written

@@ -136,14 +136,15 @@ def reuse_cost_row(unet: nn.Module, macs: list[LayerMacs], config, steps: int, s
     import copy
 
     from ..quant.quantization import list_caches, quantize
+    from ..quant.reuse import LinearForecast
 
     q = quantize(copy.deepcopy(unet), config).eval()
     with torch.no_grad():
         q(torch.zeros(1, *sample_shape), torch.tensor([500.0]))
     deep = frozenset(m.name for m in macs if q.modiff_reuse.is_deep(m.name))
     modiff = config.mode == "modiff"
-    feature = q.modiff_reuse.feature
-    kept = [e.tensor for e in list_caches(q)] + [feature] * (4 if config.reuse_forecast == "linear" else 1)
+    forecast = LinearForecast.BUFFERS if config.reuse_forecast == "linear" else 0
+    kept = [e.tensor for e in list_caches(q)] + [q.modiff_reuse.feature] * (1 + forecast)
     return {"config": config.tag, "bops_prime": bops_per_call(macs, config, "prime"),
             "bops_step": bops_per_call(macs, config, "step") if modiff else None,
             "bops_shallow": bops_per_call(macs, config, "shallow", deep),

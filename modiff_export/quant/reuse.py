@@ -73,6 +73,8 @@ class LinearForecast:
     follow the feature's trend instead of holding it still (DeepCache's choice, `reuse_forecast="none"`).
     Works on torch tensors [B, C, H, W] in float32; the caller reads and writes its backend's buffer."""
 
+    BUFFERS = 3  # base, velocity, out: what it keeps beside the feature cache (evaluation/cost.py counts them)
+
     def __init__(self, interval: int):
         self.interval = interval
         self.base = self.velocity = self.out = None  # [B, ...] float32, allocated once per shape and device

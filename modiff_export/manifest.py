@@ -505,9 +505,12 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, verify: bool = True, what: str = "`cli.py export`") -> "Manifest":
+    def load(cls, folder: str | os.PathLike, verify: bool = True, what: str = "`cli.py export`",
+             onnx: bool = True) -> "Manifest":
         """Read and validate `<folder>/manifest.json` (one-line error for every problem); with
-        `verify`, check every graph file's digest too."""
+        `verify`, check every graph file's digest too. `onnx`: the caller reads the exported ONNX graphs, so an
+        OpenVINO IR folder (target "openvino", the NNCF peer's form) is refused in one line; only the OpenVINO
+        runner and the speed harness pass onnx=False."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ManifestError(f"{folder}: not a folder (expected a folder written by {what})")
@@ -515,6 +518,10 @@ class Manifest:
         if not path.is_file():
             raise ManifestError(f"{path}: missing; {folder} was not written by {what}")
         manifest = cls.from_dict(read_json(path, ManifestError), source=str(path))
+        if onnx and manifest.target == "openvino":
+            method = (manifest.variant or {}).get("method", "an OpenVINO IR")
+            raise ManifestError(f"{folder}: an OpenVINO IR folder ({manifest.graphs['prime']}, {method}), not ONNX "
+                                f"graphs; this needs a folder written by {what} (only the OpenVINO backend runs IR)")
         if verify:
             manifest.verify_files(folder, str(path))
         return manifest

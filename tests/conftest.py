@@ -102,3 +102,34 @@ def build_tiny_dit(seed: int = 0, **overrides):
 def build_tiny_pixart(seed: int = 0, **overrides):
     """A fresh, eval-mode random PixArtTransformer2DModel (text-conditional, caption_channels 24, learned sigma)."""
     return _build("PixArtTransformer2DModel", TINY_PIXART_KWARGS, seed, overrides)
+
+
+# -- CPU paths (backends/cpu.py): the OpenVINO tests run under every distinct forcible path on every machine ------
+def _paths():
+    from modiff_export.backends.cpu import DISTINCT_PATHS
+
+    return DISTINCT_PATHS
+
+
+OV_PATHS = _paths()  # avx2 (u8 codes + folded weights, f32), vnni (int8 kernels, f32), vnni_bf16 (int8, bf16)
+OV_BACKENDS = tuple(f"openvino-{p}" for p in OV_PATHS)
+
+
+def backend_options(backend: str) -> tuple[str, dict]:
+    """'openvino-<cpu path>' -> ('openvino', {'cpu_path': path}); any other backend name as it is, no options."""
+    name, _, path = backend.partition("-")
+    return (name, {"cpu_path": path}) if path else (backend, {})
+
+
+def exact_here(runner) -> bool:
+    """Whether `runner` computes its graphs' arithmetic on this CPU: False only for an OpenVINO runner whose forced
+    CPU path puts int8 kernels on a saturating int8 dot product (an AVX2 CPU; backends/cpu.py)."""
+    path = getattr(runner, "cpu_path", None)
+    return runner.backend != "openvino" or path is None or path.exact
+
+
+def skip_numbers_unless_exact(runner) -> None:
+    """Call after a test's structural checks (shapes, I/O, caches, the cut), before its numeric ones."""
+    if not exact_here(runner):
+        pytest.skip(f"CPU path {runner.cpu_path.cpu_class} forced on a CPU whose int8 dot product saturates: its int8 "
+                    f"kernels do not compute the graph's codes here, so only shapes, I/O and the cut were checked")

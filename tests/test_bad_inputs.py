@@ -67,7 +67,21 @@ def base(tmp_path_factory) -> Path:
                             "--reuse-depth", "1", "--out", root / "g84r", "--quiet"])
     assert code == 0 and (root / "g84r" / "shallow.onnx").is_file(), err
     fake_engines(root / "g84r", root / "e84r")  # prime and step plans only: the shallow one is missing
+    nncf_ir(root / "m0", root / "ir")
     return root
+
+
+def nncf_ir(model: Path, out: Path) -> None:
+    """An OpenVINO IR folder as the demo's NNCF peer writes it (harness/nncf_peer.py): nncf.quantize of m0's FP
+    graph on four random calls. Only the OpenVINO backend runs it; every command that reads ONNX refuses it."""
+    from modiff_export.harness.nncf_peer import nncf_quantize
+
+    code, _, err = run_cli(["export", "--model", model, "--mode", "fp", "--out", out.with_name("gfp"), "--quiet"])
+    assert code == 0, err
+    g = torch.Generator().manual_seed(0)
+    nncf_quantize(out.with_name("gfp"), out, [(torch.randn(1, 1, 16, 16, generator=g), 900.0 - 200 * i, None)
+                                              for i in range(4)])
+    assert (out / "prime.xml").is_file()
 
 
 def fake_engines(graphs: Path, folder: Path) -> None:
@@ -477,6 +491,12 @@ CASES = [
     C("serve-exit-timeout-negative", SERVE + ["--exit-timeout-s", "-1"], "--exit-timeout-s"),
     C("serve-queue-size-not-a-number", SERVE + ["--max-queue-size", "many"], "--max-queue-size"),
     C("package-queue-size-negative", PACKAGE + ["--max-queue-size", "-1"], "--max-queue-size"),
+    # an OpenVINO IR folder (the NNCF peer's form) where exported ONNX graphs are expected: one line, no protobuf
+    C("ir-folder-sample-ort", [("ir" if a == "g88" else a) for a in SAMPLE_ORT], "OpenVINO IR folder"),
+    C("ir-folder-evaluate-ort", [("ir" if a == "g88" else a) for a in EVALUATE_ORT], "OpenVINO IR folder"),
+    C("ir-folder-check", ["check", "ir"], "OpenVINO IR folder"),
+    C("ir-folder-build", ["build-engine", "ir", "--out", "e"], "OpenVINO IR folder"),
+    C("ir-folder-package", ["package-triton", "ir", "--out", "mr", "--unet-backend", "python"], "OpenVINO IR folder"),
     C("package-queue-timeout-negative", PACKAGE + ["--queue-timeout-ms", "-1"], "--queue-timeout-ms"),
     C("package-max-inflight-0", PACKAGE + ["--max-inflight", "0"], "--max-inflight"),
     C("package-sequence-idle-0", PACKAGE + ["--sequence-idle-s", "0"], "--sequence-idle-s"),

@@ -169,12 +169,15 @@ def test_noop_casts_removed_io_kept(graphs):
 
 @pytest.mark.parametrize("saturates", [True, False])
 def test_runner_folds_weights_where_int8_saturates(graphs, monkeypatch, saturates):
-    """Where the CPU's int8 dot product saturates (backends/cpu.py), OrtRunner folds the weight DequantizeLinear
-    nodes at load by default (test_folded_runner_computes_the_spec checks what the fold computes)."""
-    from modiff_export.backends import ort_runner
+    """Where the CPU's int8 dot product saturates (backends/cpu.py: the avx2 class), OrtRunner folds the weight
+    DequantizeLinear nodes at load by default (test_folded_runner_computes_the_spec checks what the fold
+    computes)."""
+    from modiff_export.backends import cpu
 
     root, _ = graphs
-    monkeypatch.setattr(ort_runner, "int8_dot_saturates", lambda: saturates)
+    flags = {"avx2"} | (set() if saturates else {"avx512_vnni"})
+    monkeypatch.setattr(cpu, "cpu_int8_flags", lambda: {f: f in flags for f in cpu.CPU_FLAGS})
+    monkeypatch.delenv(cpu.ENV, raising=False)
     assert OrtRunner(root / "ptq-w4a4", providers=["CPUExecutionProvider"]).int8_kernels is (not saturates)
 
 

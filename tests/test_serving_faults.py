@@ -147,12 +147,12 @@ def test_overload_is_rejected_at_once_and_accepted_requests_stay_exact(graphs, t
 
 
 def test_sigterm_drains_in_flight_requests(graphs, tmp_path):
-    """SIGTERM while 4 long requests run: all 4 are answered with their exact images, then the server
-    exits 0 ('server stopped')."""
+    """SIGTERM while 4 long requests run: all 4 are answered with their exact images, those still in flight after
+    the signal, then the server exits 0 ('server stopped')."""
     from modiff_export.serving.process import stop_server
 
-    reqs = [(40 + k, 200) for k in range(4)]
-    srv = _Server(graphs, tmp_path, "--max-steps", "200", "--exit-timeout-s", "60")
+    reqs = [(40 + k, 400) for k in range(4)]
+    srv = _Server(graphs, tmp_path, "--max-steps", "400", "--exit-timeout-s", "60")
     res = {}
     t = threading.Thread(target=lambda: res.update(_timed(srv.port, reqs, timeout_s=90)), daemon=True)
     t.start()
@@ -162,10 +162,12 @@ def test_sigterm_drains_in_flight_requests(graphs, tmp_path):
     t.join(100)
     assert rc == 0 and "server stopped" in srv.log.read_text()
     assert len(res) == 4
-    for k, (img, _, done) in res.items():
+    for k, (img, _, _) in res.items():
         assert isinstance(img, np.ndarray), (k, img)
-        assert done > t_term, k  # sent before SIGTERM, answered after it: drained
         np.testing.assert_array_equal(img, _solo(graphs, Item(*reqs[k])), err_msg=str(k))
+    # sent before SIGTERM, answered after it: drained (on a fast CPU a request of the first batch may finish
+    # before the signal; at least one must still have been in flight, else this test showed nothing)
+    assert any(done > t_term for _, _, done in res.values()), "no request was in flight at SIGTERM"
 
 
 def test_sigkill_mid_load_gives_errors_not_hangs_and_a_restart_is_exact(graphs, tmp_path):

@@ -96,6 +96,10 @@ class Runner(ABC):
         """'<layer>.<kind>' of every cache, in manifest order, then the reuse feature (what `caches()` returns)."""
         return [c.key for c in self.manifest.buffers] if self.manifest else []
 
+    def describe_path(self) -> str:
+        """One line for reports: the backend and the CPU-dependent path its kernels take (backends/cpu.py)."""
+        return self.backend
+
     # -- lifecycle ---------------------------------------------------------------------------
     def activate(self) -> "Runner":
         if not self.is_active:

@@ -24,6 +24,11 @@ last, smaller batch). OpenVINO's CPU plugin plans memory and picks kernels once 
 measured CIFAR-size W8A4 step costs ~30% less CPU time than with the dynamic batch (docs/speed.md).
 Servers whose batches vary per request pass static_shapes=False.
 
+CPU (`cpu_path=`, default: this CPU's class or MODIFF_CPU_PATH): every CPU-dependent choice (int8 kernels or
+u8 codes, which graphs are rewritten at load, the default precision) comes from one backends/cpu.CpuPath
+(docs/design.md section 4.1); `describe_path()` says which one a runner took. An OpenVINO IR folder (the
+NNCF peer's prime.xml) runs as written on every path.
+
 Caches (`cache_mode=`; default stateful for f32/bf16, 1.32-1.37x faster than ping-pong on the CIFAR-size W8A4
 step graph (docs/speed.md); ping-pong for mixed, see __init__) never pass through Python per step:
   pingpong  two sets of preallocated host tensors bound with set_tensor; a step reads set A and
@@ -46,7 +51,7 @@ from ..models.denoiser import TRANSFORMERS
 from . import ov_split
 from .base import Runner, RunnerError
 from .buffers import PingPongBuffers
-from .cpu import int8_dot_saturates, release_freed_heap
+from .cpu import CpuPath, CpuPathError, release_freed_heap
 
 PRECISIONS = ("f32", "bf16", "mixed", "default")
 CACHE_MODES = ("pingpong", "stateful")
@@ -132,14 +137,14 @@ class OpenVinoRunner(Runner):
     def __init__(self, graph_folder: str | Path, threads: int | None = None, precision: str = "f32",
                  prime_precision: str | None = None, cache_mode: str | None = None,
                  levers: tuple[str, ...] | None = None, properties: dict | None = None,
-                 static_shapes: bool = True, int8_kernels: bool | None = None, u8_codes: bool | None = None):
+                 static_shapes: bool = True, cpu_path: str | CpuPath | None = None):
         if precision not in PRECISIONS or (prime_precision or precision) not in PRECISIONS:
             raise RunnerError(f"openvino runner: precision must be one of {list(PRECISIONS)}")
         # OpenVINO 2026.4's CPU plugin keeps variables (stateful caches) at the inference precision and runs
         # the ops around them in bf16 under a bf16 hint, marks or not (checked in the runtime model): the
         # delta path stays float32 only with explicit cache I/O. So mixed means ping-pong caches.
         self.folder = Path(graph_folder)
-        super().__init__(**Runner.contract_of(Manifest.load(self.folder)))
+        super().__init__(**Runner.contract_of(Manifest.load(self.folder, onnx=False)))
         # Block reuse: the step and shallow graphs share the outer caches, and OpenVINO variables belong to one
         # compiled model; with static shapes the runner cuts the step graph into three stateful models instead
         # (backends/ov_split.py), with dynamic shapes reuse folders run with ping-pong caches.
@@ -174,13 +179,16 @@ class OpenVinoRunner(Runner):
         if set(self.levers) - set(ov_variant.LEVERS):
             raise RunnerError(f"openvino runner: levers must be a subset of {list(ov_variant.LEVERS)}")
         self.properties = dict(properties or {})  # extra compile properties (e.g. PERF_COUNT for profiling)
-        # int8 kernels compute the graph's codes exactly only where the int8 dot product does not saturate
-        # (VNNI / AMX); elsewhere the weights are dequantized at load and the layers run in float
-        # (export/passes.fold_weight_dequant). None: decided from this CPU's flags.
-        self.int8_kernels = (not int8_dot_saturates()) if int8_kernels is None else bool(int8_kernels)
-        # without them, the step's layers with <= 7-bit codes still get int8 kernels through unsigned codes (the u8
-        # lever of export/ov_variant.py: their u8 x s8 pairs cannot saturate); only the others' weights are folded
-        self.u8_codes = (not self.int8_kernels) if u8_codes is None else bool(u8_codes)
+        # Every CPU-dependent choice (int8 kernels or u8 codes, which graphs are rewritten at load, the default
+        # precision) is one CpuPath (backends/cpu.py): this CPU's class, or a forced one (`cpu_path=`, or
+        # MODIFF_CPU_PATH). int8 kernels compute the graph's codes exactly only where the int8 dot product does not
+        # saturate (VNNI / AMX); elsewhere the step's layers with <= 7-bit codes get int8 kernels through unsigned
+        # codes (the u8 lever of export/ov_variant.py: their u8 x s8 pairs cannot saturate) and the others' weights
+        # are dequantized at load (export/passes.fold_weight_dequant).
+        try:
+            self.cpu_path = CpuPath.resolve(cpu_path)
+        except CpuPathError as e:
+            raise RunnerError(f"openvino runner: {e}") from None
         self.compiled, self.requests = {}, {}
         self._compiled_batch: int | None = None  # static_shapes: the batch the graphs are compiled for
         self._copy_bufs: dict = {}  # stateful: host tensors of the variables whose buffer is not handed out
@@ -191,6 +199,32 @@ class OpenVinoRunner(Runner):
         self.links: dict = {}  # their link tensors by name; self._feature_link: the one carrying the feature
         self._feature_link: str | None = None
 
+    @property
+    def int8_kernels(self) -> bool:
+        return self.cpu_path.int8_kernels
+
+    @property
+    def u8_codes(self) -> bool:
+        return self.cpu_path.u8_codes
+
+    def describe_path(self) -> str:
+        """One line for reports: the CPU path and, once compiled, the precision the plugin runs each graph in."""
+        got = {}
+        for role, c in self.compiled.items():
+            try:
+                v = c.get_property("INFERENCE_PRECISION_HINT")
+                got[role] = v.to_string() if hasattr(v, "to_string") else str(v)
+            except Exception:  # noqa: BLE001 - a plugin that does not report it
+                pass
+        if self.parts:
+            got["step (cut)"] = "f32" if self.precision["step"] == "f32" else self.precision["step"]
+        ir = any(str(g).endswith(".xml") for g in self.manifest.graphs.values() if g)
+        path = self.cpu_path
+        what = (f"{path.cpu_class}{' (forced)' if path.forced else ''}: OpenVINO IR run as written (no load-time "
+                f"rewrite), default precision {path.precision_here}") if ir else path.describe()
+        return f"openvino {what}" + ("; compiled precision " + ", ".join(f"{k} {v}" for k, v in got.items())
+                                     if got else "")
+
     # -- lifecycle ---------------------------------------------------------------------------
     def config(self, role: str) -> dict:
         # DYNAMIC_QUANTIZATION_GROUP_SIZE 0: the CPU plugin would otherwise quantize the *activations* of
@@ -199,6 +233,8 @@ class OpenVinoRunner(Runner):
         cfg = {"PERFORMANCE_HINT": "LATENCY", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
         if self.precision[role] != "default":  # "default": no hint, the plugin's choice (bf16 if the CPU has it)
             cfg["INFERENCE_PRECISION_HINT"] = "f32" if self.precision[role] == "f32" else "bf16"
+        elif self.cpu_path.forced:  # a forced path's default precision, as far as this CPU has it
+            cfg["INFERENCE_PRECISION_HINT"] = self.cpu_path.precision_here
         if self.threads:
             cfg["INFERENCE_NUM_THREADS"] = self.threads
         return {**cfg, **self.properties}
@@ -212,7 +248,8 @@ class OpenVinoRunner(Runner):
 
         path = self.folder / self.manifest.graphs[role]
         try:
-            rewrite = adapt and (not self.int8_kernels or (role != "prime" and (self.levers or self.u8_codes)))
+            # an OpenVINO IR (the NNCF peer's form) runs as it was written: the rewrites are of exported ONNX
+            rewrite = adapt and path.suffix == ".onnx" and self.cpu_path.rewrites(role, self.levers)
             model = self._read_rewritten(path, role) if rewrite else ov.Core().read_model(str(path))
         except Exception as e:  # noqa: BLE001 - OpenVINO raises assorted types for damaged files; reported
             raise RunnerError(f"{path}: OpenVINO cannot read this graph ({_reason(e)})") from None

@@ -19,7 +19,7 @@ import torch
 from ..manifest import CacheSpec, GraphTensor, Manifest
 from .base import Runner, RunnerError
 from .buffers import PingPongBuffers
-from .cpu import int8_dot_saturates, release_freed_heap
+from .cpu import CpuPath, CpuPathError, release_freed_heap
 
 _NP = {"float32": np.float32, "float16": np.float16}
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
@@ -37,19 +37,31 @@ class OrtRunner(Runner):
     backend = "ort"
 
     def __init__(self, graph_folder: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 matmul_accuracy_level: int = 0, int8_kernels: bool | None = None):
+                 matmul_accuracy_level: int = 0, int8_kernels: bool | None = None,
+                 cpu_path: str | CpuPath | None = None):
         self.folder = Path(graph_folder)
         super().__init__(**Runner.contract_of(Manifest.load(self.folder)))
         self.providers = providers or available_providers()
         self.threads = threads
         self.matmul_accuracy_level = matmul_accuracy_level
         # int8 kernels compute the codes exactly only where the CPU's int8 dot product does not saturate; the CUDA
-        # provider's do. None: decided from this CPU's flags (CPU provider only).
+        # provider's do. None: from the CPU path (backends/cpu.py: this CPU's class, or a forced one through
+        # `cpu_path=` or MODIFF_CPU_PATH; CPU provider only).
         on_cpu = self.providers[0] == "CPUExecutionProvider"
-        self.int8_kernels = (not (on_cpu and int8_dot_saturates())) if int8_kernels is None else bool(int8_kernels)
+        try:
+            self.cpu_path = CpuPath.resolve(cpu_path)
+        except CpuPathError as e:
+            raise RunnerError(f"ort runner: {e}") from None
+        self.int8_kernels = (not on_cpu or self.cpu_path.int8_kernels) if int8_kernels is None else bool(int8_kernels)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.sessions: dict = {}
         self.buffers = PingPongBuffers(self.manifest.buffers, self._allocate)
+
+    def describe_path(self) -> str:
+        if self.device == "cuda":
+            return "ort CUDA"
+        how = "int8 kernels" if self.int8_kernels else "weights dequantized at load (int8 dot product saturates)"
+        return f"ort {self.cpu_path.cpu_class}{' (forced)' if self.cpu_path.forced else ''}: {how}"
 
     # -- lifecycle ---------------------------------------------------------------------------
     def activate_impl(self) -> None:

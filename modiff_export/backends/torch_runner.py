@@ -26,6 +26,9 @@ class TorchRunner(Runner):
                          masked=denoiser.takes_mask(unet))
         self.unet = unet.eval()
 
+    def describe_path(self) -> str:
+        return "torch: the quantization simulated in float32 (the same on every CPU)"
+
     def _run(self, phase: str, sample, timestep, cond: dict) -> torch.Tensor:
         """phase "prime", "step" or "shallow" (the layers outside the deep branch step, reuse.py)."""
         layers = list(modiff_layers(self.unet))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..backends.cpu import cpu_int8_flags
+from ..backends.cpu import CpuPath, cpu_int8_flags
 from ..config import QuantConfig
 from .latency import cpu_name, loadavg
 from .peer import PEER_DEFAULT_SETTINGS, PEER_SETTINGS, peer_quantize, peer_settings_text
@@ -55,6 +55,7 @@ class Demo:
                                               for w, a in BITS for m in ("ptq", "modiff")]
         self.configs = [(c.tag, c, None) for c in configs]  # (tag, config, calibration or None)
         self.folders, self.ort_folders, self.runners, self.images = {}, {}, {}, {}
+        self.paths: dict[str, str] = {}  # quality row -> the runner path that computed its images
 
     def run(self) -> Path:
         t_start = time.time()
@@ -156,7 +157,9 @@ class Demo:
             rest = [] if s.num_samples == n else [generate(runner, self.scheduler(), s.steps, s.num_samples - n,
                                                            s.seed, shape, progress=False, noise=self.noise[n:])]
             self.images[tag] = torch.cat([x_t, *rest])
+            self.paths[tag] = runner.describe_path()
             self.runners[tag] = OrtRunner(self.folders[tag], threads=s.threads)
+            self.ort_path = self.runners[tag].describe_path()
             rec_o = Recorder(self.runners[tag])
             x_o = generate(rec_o, self.scheduler(), s.steps, n, s.seed, shape, progress=False, noise=self.noise[:n])
             self.parity.append({"config": tag, "psnr": psnr(x_o, x_t), "max_abs_image": float((x_o - x_t).abs().max()),
@@ -176,6 +179,7 @@ class Demo:
         self.runners["peer"] = OrtRunner(peer, threads=s.threads)
         self.images["peer"] = generate(self.runners["peer"], self.scheduler(), s.steps, s.num_samples, s.seed, shape,
                                        progress=False, noise=self.noise)
+        self.paths["peer"] = self.runners["peer"].describe_path()
         self.note(f"peer: onnxruntime.quantization.quantize_static of the FP graph "
                   f"({peer_settings_text(PEER_SETTINGS)}), "
                   f"calibrated on {len(inputs)} UNet calls recorded from FP trajectories ({self.n_par} samples x "
@@ -204,6 +208,7 @@ class Demo:
         runner = OpenVinoRunner(folder, threads=s.threads, precision="default")
         self.images[NNCF_ROW] = generate(runner, self.scheduler(), s.steps, s.num_samples, s.seed, shape,
                                          progress=False, noise=self.noise)
+        self.paths[NNCF_ROW] = runner.describe_path()
         self.note(f"OpenVINO peer: nncf.quantize of the FP graph ({nncf_settings_text()}), calibrated on the same "
                   f"{len(inputs)} recorded FP calls; sampled on OpenVINO at its default precision -> row {NNCF_ROW}.")
 
@@ -212,7 +217,7 @@ class Demo:
 
         self.quality_rows = [{"config": tag, "fd": self.ev.frechet_distance(self.images[tag]),
                               "confidence": self.ev.confidence(self.images[tag]),
-                              "psnr": psnr(self.images[tag], self.images["fp"])}
+                              "psnr": psnr(self.images[tag], self.images["fp"]), "path": self.paths.get(tag, "")}
                              for tag in ["fp", "peer", NNCF_ROW] + [t for t, _, _ in self.configs[1:]]]
 
     def cost(self) -> None:
@@ -301,6 +306,8 @@ class Demo:
                     "samples": f"{s.num_samples} per config (PyTorch), {self.n_par} per config on ONNX Runtime "
                                f"(parity), seed {s.seed}",
                     "quantization": "dynamic absmax scales, per-sample granularity, per-channel symmetric weights",
+                    "CPU": f"{cpu_name()}; class {CpuPath.resolve().describe()} (backends/cpu.py; the parity rows "
+                           f"ran on {self.ort_path})",
                     "demo wall time": f"{wall / 60:.1f} min (before writing the report; 1-min load average at the "
                                       f"end: {loadavg()})",
                     "time per phase": self.phases.summary()}

@@ -128,9 +128,9 @@ def table(head: list[str], rows: list[list]) -> list[str]:
 
 
 def quality_table(results: dict) -> list[str]:
-    return table(["config", "FD-digits", "classifier confidence", "PSNR to FP32 (dB)"],
+    return table(["config", "FD-digits", "classifier confidence", "PSNR to FP32 (dB)", "computed by (runner path)"],
                  [[r["config"], _fmt(r["fd"]), _fmt(r["confidence"], ".3f"),
-                   _fmt(r["psnr"])] for r in results["quality"]])
+                   _fmt(r["psnr"]), r.get("path", "")] for r in results["quality"]])
 
 
 def parity_table(results: dict) -> list[str]:

@@ -190,7 +190,7 @@ def compile_plain(folder: Path, threads: int, hint: str | None, extra: dict | No
     if hint:
         cfg["INFERENCE_PRECISION_HINT"] = hint
     core = ov.Core()
-    model = core.read_model(str(folder / Manifest.load(folder).graphs["prime"]))
+    model = core.read_model(str(folder / Manifest.load(folder, onnx=False).graphs["prime"]))
     if batch is not None:
         from ..backends.openvino_runner import with_batch
 
@@ -207,7 +207,7 @@ class Timed:
         from ..manifest import Manifest
 
         self.v, self.times, self.cpu = v, [], []  # wall and process CPU seconds per call
-        manifest = Manifest.load(folder)
+        manifest = Manifest.load(folder, onnx=False)
         self.x, self.x2, self.ehs = inputs(manifest, batch)
         self.cache_bytes = manifest.cache_bytes_per_sample
         before = rss_mb()
@@ -391,6 +391,11 @@ def demo_speed_table(work: Path | str = "/tmp/runtime_speed", threads: int = 1, 
         before = loadavg()
         rows = time_rows(main_variants() + reuse_variants(), graphs, threads, rounds, batch)
     lines = table(rows, f"batch {batch}, {threads} thread(s)")
-    return "\n".join([*lines, "", "Block reuse (docs/design.md section 1.1), 25-call trajectories from the rows above:",
+    from ..backends.cpu import CpuPath
+
+    path = (f"CPU path of the runner rows: {CpuPath.resolve().describe()} (backends/cpu.py); the OpenVINO API rows "
+            f"compile their graph as it is.")
+    return "\n".join([path, "", *lines, "", "Block reuse (docs/design.md section 1.1), 25-call trajectories from the "
+                      "rows above:",
                       "", *reuse_table(rows), "", f"Median of {rounds} interleaved rounds; 1-min load average {before} "
                       f"before, {loadavg()} after. {verdict(rows)}"])

@@ -28,6 +28,17 @@ TINY_COND_UNET_KWARGS = dict(
 )
 
 
+def pytest_sessionstart(session):
+    """First line of every run, -q included: the CPU it tests on and the path the runners take there (the other
+    paths are forced: OV_PATHS)."""
+    from modiff_export.backends.cpu import CpuPath, cpu_int8_flags
+
+    flags = ", ".join(f for f, on in cpu_int8_flags().items() if on) or "no x86 flags"
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"CPU flags: {flags}; runner path: {CpuPath.resolve().describe()}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """Tiny models on 2 shared cores: intra-op threads only add contention (measured ~10x slower with
@@ -113,6 +124,15 @@ def _paths():
 
 OV_PATHS = _paths()  # avx2 (u8 codes + folded weights, f32), vnni (int8 kernels, f32), vnni_bf16 (int8, bf16)
 OV_BACKENDS = tuple(f"openvino-{p}" for p in OV_PATHS)
+
+
+def _native_path() -> str:
+    from modiff_export.backends.cpu import cpu_class
+
+    return {"amx": "vnni_bf16"}.get(cpu_class(), cpu_class())
+
+
+NATIVE_PATH = _native_path()  # the distinct path this CPU takes by itself
 
 
 def backend_options(backend: str) -> tuple[str, dict]:

@@ -61,6 +61,7 @@ def assert_old_or_new(out: Path, old_snap: dict | None, new_tag: str) -> str:
 
 
 # -- real processes, real signals --------------------------------------------------------------------------
+@pytest.mark.slow  # real export subprocesses: ~5 s each
 def test_sigint_and_sigterm_during_export(ws):
     """Both runs at once (they take the same time): SIGINT on a fresh --out, SIGTERM on an --overwrite of an
     existing folder, each sent as soon as the run's temporary folder appears (the export is then tracing)."""
@@ -85,6 +86,7 @@ def test_sigint_and_sigterm_during_export(ws):
     assert not temporaries(ws)
 
 
+@pytest.mark.slow  # real export subprocesses: ~5 s each
 def test_concurrent_exports_to_one_out(ws):
     """Two exports race to one --out: exactly one wins, the other says the folder exists or appeared,
     and the winner's folder is complete."""

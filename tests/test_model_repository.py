@@ -125,6 +125,7 @@ def test_refuses_overwrite_and_stateless_graphs(graphs, tmp_path):
     assert p.returncode == 1 and p.stderr.strip().startswith("error:") and "--overwrite" in p.stderr
 
 
+@pytest.mark.slow  # a real Triton server: ~20 s; the slow set (.ci/run) runs it
 def test_repository_runs_on_bundled_tritonserver(graphs, tmp_path):
     """The python-UNet variant runs whole trajectories through Triton: BLS sampler -> sequence-batched
     UNet with one correlation id per image; concurrent images equal the solo computation exactly."""
@@ -148,6 +149,7 @@ def test_repository_runs_on_bundled_tritonserver(graphs, tmp_path):
         assert e.value.kind == "bad_request" and e.value.status == "400"
 
 
+@pytest.mark.slow  # a real Triton server: ~20 s; the slow set (.ci/run) runs it
 def test_sampler_of_onnxruntime_repository_loads_here(graphs, tmp_path):
     """The bundled tritonserver has no onnxruntime backend: the sampler loads, and a request says why it fails."""
     from modiff_export.serving.client import Client, InferError
@@ -157,6 +159,7 @@ def test_sampler_of_onnxruntime_repository_loads_here(graphs, tmp_path):
         Client("http", port).infer(1, 3)
 
 
+@pytest.mark.slow  # a real Triton server: ~20 s; the slow set (.ci/run) runs it
 def test_dit_repository_on_bundled_tritonserver(tmp_path):
     """A class-conditional DiT folder: the sampler takes class_label (+ guidance, null class as uncond), the
     UNet class_labels [1] reshaped like timestep; served images equal sample_model's (test_serving.py's
@@ -186,6 +189,7 @@ def test_dit_repository_on_bundled_tritonserver(tmp_path):
         assert_label_errors(Client("http", port))
 
 
+@pytest.mark.slow  # a real Triton server: ~20 s; the slow set (.ci/run) runs it
 def test_pixart_repository_on_bundled_tritonserver(tmp_path):
     """PixArt graphs take encoder_attention_mask: the UNet config lists it ([S] FP32), the sampler is told
     (`masked`) and sends all ones beside a request's states (a request carries states, not a mask), and the

@@ -31,6 +31,8 @@ from modiff_export.manifest import Manifest
 pytest.importorskip("openvino")
 from modiff_export.backends.openvino_runner import OpenVinoRunner, mark_delta_path
 
+SLOW = pytest.mark.slow  # in the slow set (.ci/run runs it): the same check at other bit widths
+
 
 def _rerecord(folder):
     """Record the current graph files' digests (simulates an exporter that wrote a wrong graph)."""
@@ -45,7 +47,7 @@ def _ov(folder, **kw):
 
 @pytest.mark.parametrize("cpu_path", ["avx2", "vnni"])
 @pytest.mark.parametrize("kind", ["uncond", "cond"])
-@pytest.mark.parametrize("act_bits", [8, 4])
+@pytest.mark.parametrize("act_bits", [pytest.param(8, marks=pytest.mark.slow), 4])
 def test_per_step_parity_vs_ort(tmp_path, kind, act_bits, cpu_path):
     """Tiny UNets (the conditional one with a CFG batch: cond + uncond halves), DDIM, both cache modes, under
     both int8 choices of backends/cpu.py, forced on whatever CPU runs this: avx2 (unsigned codes on int8 kernels
@@ -87,8 +89,8 @@ def test_per_step_parity_vs_ort(tmp_path, kind, act_bits, cpu_path):
     skip_numbers_unless_exact(ovs["stateful"])
 
 
-@pytest.mark.parametrize("kind", ["uncond", "cond"])
-@pytest.mark.parametrize("act_bits", [8, 4, 3])
+@pytest.mark.parametrize("kind", ["cond", pytest.param("uncond", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("act_bits", [pytest.param(8, marks=SLOW), 4, pytest.param(3, marks=SLOW)])
 def test_fast_step_form_matches_exported_graph(tmp_path, kind, act_bits):
     """The step graph's OpenVINO form (export/ov_variant.py levers, the runner's default) against the exported
     graph run as it is (levers=()), fed the same inputs along an FP trajectory: the default levers keep every
@@ -147,7 +149,7 @@ def test_default_prime_precision(tmp_path):
 
 
 @pytest.mark.parametrize("cpu_path", OV_PATHS)
-@pytest.mark.parametrize("act_bits,min_psnr", [(8, 40.0), (4, 30.0)])
+@pytest.mark.parametrize("act_bits,min_psnr", [pytest.param(8, 40.0, marks=pytest.mark.slow), (4, 30.0)])
 def test_digits_trajectory_parity(tmp_path, act_bits, min_psnr, cpu_path):
     """Whole 10-step DDIM trajectories on the trained digits model, batch 4: OpenVINO with the runner's defaults
     under each CPU path (backends/cpu.py; forced: the default bf16 prime of vnni_bf16 included) vs PyTorch."""
@@ -169,7 +171,7 @@ def test_digits_trajectory_parity(tmp_path, act_bits, min_psnr, cpu_path):
                                f"{value:.1f} dB < {min_psnr} dB at W8A{act_bits}")
 
 
-@pytest.mark.parametrize("mode", ["stateful", "pingpong"])
+@pytest.mark.parametrize("mode", ["stateful", pytest.param("pingpong", marks=pytest.mark.slow)])
 def test_caches_reset_between_trajectories(tmp_path, mode):
     """Trajectory A, then B (other noise, other batch size), then A again: A is reproduced exactly, so
     prime replaces every cache (stateful: every OpenVINO variable) and nothing leaks across trajectories."""

@@ -69,6 +69,7 @@ def _cli(*args):
                           check=False)
 
 
+@pytest.mark.slow  # three CLI runs with text encoders: ~14 s
 def test_cli_prompts(pipeline, tmp_path):
     pipe, prompts = str(pipeline / "pipe"), str(pipeline / "prompts.txt")
     p = _cli("sample", "--model", pipe, "--prompts", prompts, "--steps", "2", "--batch-size", "2", "--guidance-scale",

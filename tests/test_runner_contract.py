@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
+    NATIVE_PATH,
     OV_BACKENDS,
     backend_options,
     build_tiny_cond_unet,
@@ -26,7 +27,21 @@ from modiff_export.export.trace import export_model
 from modiff_export.quant.quantization import quantize
 
 CFG = QuantConfig(act_bits=4)
-BACKENDS = ["torch", "ort", *OV_BACKENDS]
+NATIVE = f"openvino-{NATIVE_PATH}"
+
+
+def _paths(default: set[str], **options) -> list:
+    """The OpenVINO backends of every CPU path, as (backend, options) or backend params: those in `default` in the
+    default run, the others in the `slow` set (which .ci/run runs too, so every path runs on every machine)."""
+    return [(b, options) if b in default else pytest.param(b, options, marks=pytest.mark.slow) for b in OV_BACKENDS]
+
+
+# parity and reuse: avx2, vnni_bf16 and this CPU's own path in the default run; vnni (int8 kernels like vnni_bf16,
+# f32 like avx2) in the slow set here (its parity runs by default in tests/test_openvino.py)
+PARITY = {"openvino-avx2", "openvino-vnni_bf16", NATIVE}
+BACKENDS = ["torch", "ort", *[b if b in PARITY else pytest.param(b, marks=pytest.mark.slow) for b in OV_BACKENDS]]
+# lifecycle and input checks (the base class's, the same on every path): this CPU's path, the others slow
+GENERIC = ["torch", "ort", *[b if b == NATIVE else pytest.param(b, marks=pytest.mark.slow) for b in OV_BACKENDS]]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +71,7 @@ def trajectory(n: int, batch: int = 2, shape=(1, 16, 16), seed: int = 0):
     return [(x0 + 0.05 * i * v, 900.0 - 40.0 * i) for i in range(n)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GENERIC)
 def test_prime_step_reset_and_cache_keys(backend, folders):
     runner = make(backend, folders)
     (x0, t0), (x1, t1), (x2, t2) = trajectory(3)
@@ -109,7 +124,7 @@ def test_same_outputs_across_backends(backend, folders):
     _assert_follows(ref, runner, backend, 4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GENERIC)
 def test_new_trajectory_is_detected(backend, folders):
     """A timestep above the last one, or another batch, starts a new trajectory in __call__ (no stale
     caches); step() refuses both with a clear error."""
@@ -128,7 +143,7 @@ def test_new_trajectory_is_detected(backend, folders):
     assert runner(x3, t3).shape[0] == 3 and runner.calls == 1 and runner.batch_size == 3
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GENERIC)
 def test_bad_inputs_leave_the_caches_alone(backend, folders):
     runner = make(backend, folders)
     (x0, t0), (x1, t1) = trajectory(2)
@@ -147,7 +162,7 @@ def test_bad_inputs_leave_the_caches_alone(backend, folders):
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GENERIC)
 def test_conditional_checks(backend, folders):
     runner = make(backend, folders, "cond")
     x, t = trajectory(1, shape=(4, 8, 8))[0]
@@ -160,7 +175,7 @@ def test_conditional_checks(backend, folders):
     assert runner.calls == 1
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GENERIC)
 def test_lifecycle(backend, folders):
     runner = make(backend, folders)
     (x0, t0), (x1, t1) = trajectory(2)
@@ -240,8 +255,8 @@ def test_reuse_same_outputs_across_backends(backend, reuse_folders):
     _assert_follows(ref, runner, backend, 8)  # MoDiff last: it skips the numbers where a path cannot be exact
 
 
-@pytest.mark.parametrize("backend, options", [("torch", {}), ("ort", {}), *[(b, {}) for b in OV_BACKENDS],
-                                              *[(b, {"cache_mode": "pingpong"}) for b in OV_BACKENDS]])
+@pytest.mark.parametrize("backend, options", [("torch", {}), ("ort", {}), *_paths(PARITY),
+                                              *_paths({NATIVE}, cache_mode="pingpong")])
 def test_reuse_forecast_extrapolates_the_feature(backend, options, reuse_folders):
     """reuse_forecast="linear" (design section 1.2), interval 3: shallow call k after full call j reads
     F_j + k (F_j - F_j-1) / 3 (checked on the feature cache each shallow call leaves, to float rounding of
@@ -278,7 +293,7 @@ def test_reuse_forecast_same_outputs_across_backends(backend, reuse_folders):
         assert torch.equal(a, c) == (i <= 3), i
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GENERIC)
 def test_shallow_needs_a_reuse_model(backend, folders):
     runner = make(backend, folders)
     runner(*trajectory(1)[0])

@@ -65,6 +65,7 @@ def test_bad_requests():
             check_item(it, 100, False, None)
 
 
+@pytest.mark.slow  # a real Triton server: ~20 s; the slow set (.ci/run) runs it
 def test_server_isolation_under_concurrency(graphs, tmp_path):
     """6 concurrent clients (HTTP + gRPC), two step counts, a long queue delay so Triton batches them;
     every image must equal the same request computed alone in this process, bit for bit."""
@@ -213,6 +214,7 @@ def test_dit_bad_requests(dit):
     assert bad[2]["image"].shape == (1, 1, 8, 8)
 
 
+@pytest.mark.slow  # a real Triton server: ~20 s; the slow set (.ci/run) runs it
 def test_dit_served_through_triton(dit, tmp_path):
     """`cli.py serve --graphs <DiT>`: concurrent requests with labels (and guidance) over HTTP and gRPC give
     what sample_model gives; bad labels are one bad_request line; a label to an unconditional server too."""

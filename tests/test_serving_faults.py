@@ -20,6 +20,8 @@ from modiff_export.export.trace import export_model
 from modiff_export.models import LoadedModel
 from modiff_export.serving.sampler import Item, generate_items
 
+pytestmark = pytest.mark.slow  # every test starts a real Triton server (12-33 s each); .ci/run's slow set runs them
+
 SCHED = {"num_train_timesteps": 1000}
 SHAPE = (1, 16, 16)
 EHS = (77, 32)  # build_tiny_cond_unet's encoder states
@@ -151,12 +153,12 @@ def test_sigterm_drains_in_flight_requests(graphs, tmp_path):
     the signal, then the server exits 0 ('server stopped')."""
     from modiff_export.serving.process import stop_server
 
-    reqs = [(40 + k, 400) for k in range(4)]
-    srv = _Server(graphs, tmp_path, "--max-steps", "400", "--exit-timeout-s", "60")
+    reqs = [(40 + k, 1000) for k in range(4)]  # one batch of 4 x 1000 steps: 3.4 s on a VNNI EPYC core
+    srv = _Server(graphs, tmp_path, "--max-steps", "1000", "--exit-timeout-s", "60")
     res = {}
     t = threading.Thread(target=lambda: res.update(_timed(srv.port, reqs, timeout_s=90)), daemon=True)
     t.start()
-    time.sleep(1.5)  # in flight: a 200-step batch takes seconds here
+    time.sleep(1.0)  # in flight: the batch takes seconds (1.36 s at 400 steps, so 200 steps could end before 1.5 s)
     t_term = time.perf_counter()
     rc = stop_server(srv.proc, signal.SIGTERM, timeout=90)
     t.join(100)

@@ -22,6 +22,8 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
@@ -38,7 +40,13 @@ SCHEDULERS = {
     "euler": EulerDiscreteScheduler,          # Karras-style sigmas, uses scale_model_input
     "euler_a": EulerAncestralDiscreteScheduler,
     "unipc": UniPCMultistepScheduler,
+    # flow matching (SD3, FLUX): sigmas from 1 to 0, the model predicts the velocity noise - x0
+    "flow_euler": FlowMatchEulerDiscreteScheduler,
+    "flow_heun": FlowMatchHeunDiscreteScheduler,  # 2nd order: two model calls per step (the second at t_next)
 }
+FLOW = ("flow_euler", "flow_heun")
+AUTO = "auto"  # the model's own: its flow-matching scheduler for flow models, else ddim
+SCHEDULER_CHOICES = (AUTO, *sorted(SCHEDULERS))
 # what makes each class the named sampler, on top of the model's own scheduler config
 _OVERRIDES = {"pndm": {"skip_prk_steps": True}, "dpmpp": {"algorithm_type": "dpmsolver++", "solver_order": 2}}
 
@@ -73,8 +81,8 @@ class Trajectories:
     labels: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if self.scheduler not in SCHEDULERS:
-            raise SamplingError(f"unknown scheduler {self.scheduler!r}; expected one of {sorted(SCHEDULERS)}")
+        if self.scheduler not in SCHEDULER_CHOICES:
+            raise SamplingError(f"unknown scheduler {self.scheduler!r}; expected one of {list(SCHEDULER_CHOICES)}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise SamplingError(f"{self.steps!r} sampling steps: expected an integer >= 1")
         for name, v, lo, hi in (("num_samples", self.samples, 1, MAX_SAMPLES),
@@ -97,10 +105,50 @@ class Trajectories:
                                                                                          self.batch_size)]
 
 
-def make_scheduler(name: str, scheduler_config: dict):
-    """A fresh scheduler of kind `name` built from a model's scheduler config (betas, T, prediction)."""
+def objective(scheduler_config: dict) -> str:
+    """What the model was trained to predict, from its scheduler config: "flow" (a FlowMatch* scheduler:
+    velocity), else the DDPM-family prediction_type ("epsilon" by default, "v_prediction", "sample")."""
+    if str(scheduler_config.get("_class_name", "")).startswith("FlowMatch"):
+        return "flow"
+    return str(scheduler_config.get("prediction_type", "epsilon"))
+
+
+def resolve_scheduler(name: str, scheduler_config: dict) -> str:
+    """`name`, with "auto" replaced by the model's own sampler (its flow-matching one for flow models, else
+    ddim); a sampler that does not fit the model's training objective is refused in one line."""
+    flow_model = objective(scheduler_config) == "flow"
+    if name == AUTO:
+        return "flow_heun" if scheduler_config.get("_class_name") == "FlowMatchHeunDiscreteScheduler" else \
+            "flow_euler" if flow_model else "ddim"
     if name not in SCHEDULERS:
-        raise SamplingError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
+        raise SamplingError(f"unknown scheduler {name!r}; expected one of {list(SCHEDULER_CHOICES)}")
+    if (name in FLOW) != flow_model:
+        fits = list(FLOW) if flow_model else sorted(set(SCHEDULERS) - set(FLOW))
+        raise SamplingError(f"scheduler {name!r} does not fit this model: it was trained for "
+                            f"{'flow matching' if flow_model else objective(scheduler_config) + ' prediction'} "
+                            f"(scheduler config {scheduler_config.get('_class_name', 'unnamed')}); use one of {fits}")
+    return name
+
+
+def flow_shift_mu(scheduler_config: dict, sample_shape) -> float | None:
+    """FLUX's resolution-dependent shift: with use_dynamic_shifting, the mu that FluxPipeline passes to
+    set_timesteps, linear in the image sequence length between (base_image_seq_len, base_shift) and
+    (max_image_seq_len, max_shift). The sequence length is FLUX's packed one, (H/2) x (W/2) tokens of the
+    latent [.., H, W]; None without dynamic shifting."""
+    if not scheduler_config.get("use_dynamic_shifting"):
+        return None
+    h, w = int(sample_shape[-2]), int(sample_shape[-1])
+    seq = (h // 2) * (w // 2)
+    lo, hi = scheduler_config.get("base_image_seq_len", 256), scheduler_config.get("max_image_seq_len", 4096)
+    b, m = scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15)
+    slope = (m - b) / (hi - lo)
+    return seq * slope + (b - slope * lo)
+
+
+def make_scheduler(name: str, scheduler_config: dict):
+    """A fresh scheduler of kind `name` ("auto": the model's own, resolve_scheduler) built from a model's scheduler
+    config (betas, T, prediction; for flow models the shift)."""
+    name = resolve_scheduler(name, scheduler_config)
     config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
     try:
         return SCHEDULERS[name].from_config({**config, **_OVERRIDES.get(name, {})})
@@ -130,13 +178,15 @@ def denoise(runner, scheduler, noise: torch.Tensor, num_steps: int, encoder_hidd
         step_kwargs["generator"] = generator
     if "eta" in params:
         step_kwargs["eta"] = 0.0
-    scheduler.set_timesteps(num_steps)
-    x = noise.float() * scheduler.init_noise_sigma
+    mu = flow_shift_mu(scheduler.config, noise.shape)
+    scheduler.set_timesteps(num_steps, **({} if mu is None else {"mu": mu}))
+    x = noise.float() * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts at sigma 1
     runner.reset()
+    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)  # flow matching feeds x as it is
     from tqdm import tqdm
 
     for t in tqdm(scheduler.timesteps, desc=f"sample {type(scheduler).__name__}", disable=not progress, leave=False):
-        inp = scheduler.scale_model_input(x, t)        # [B, C, H, W]
+        inp = scale(x, t)                              # [B, C, H, W]
         if cfg:
             eps_c, eps_u = runner(torch.cat([inp, inp]), t, *cond).chunk(2)  # [2B] -> 2 x [B]
             eps = eps_u + guidance_scale * (eps_c - eps_u)
@@ -280,12 +330,13 @@ def check_scheduler(name: str, model, num_steps: int) -> None:
                             f"scheduler config)")
     try:
         scheduler = make_scheduler(name, model.scheduler_config)
-        scheduler.set_timesteps(num_steps)
-        t = scheduler.timesteps[0]
         x = torch.zeros((1, *model.sample_shape))  # [1, C, H, W]
+        mu = flow_shift_mu(scheduler.config, x.shape)
+        scheduler.set_timesteps(num_steps, **({} if mu is None else {"mu": mu}))
+        t = scheduler.timesteps[0]
         own_rng = {"generator": torch.Generator().manual_seed(0)}  # stochastic samplers: leave the global RNG be
         kwargs = own_rng if "generator" in inspect.signature(scheduler.step).parameters else {}
-        scheduler.step(torch.zeros_like(x), t, scheduler.scale_model_input(x, t), **kwargs)
+        scheduler.step(torch.zeros_like(x), t, getattr(scheduler, "scale_model_input", lambda x, t: x)(x, t), **kwargs)
     except SamplingError:
         raise
     except Exception as e:  # diffusers raises ValueError, NotImplementedError, ... for bad configs

@@ -5,7 +5,7 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 
 from modiff_export import QuantConfig, quantize
 from modiff_export.backends.torch_runner import TorchRunner
-from modiff_export.sampling import SCHEDULERS, SamplingError, generate, make_scheduler, save_grid
+from modiff_export.sampling import FLOW, SCHEDULERS, SamplingError, generate, make_scheduler, save_grid
 
 SCHED_CONFIG = {"num_train_timesteps": 1000}
 
@@ -52,7 +52,7 @@ def run(runner, name, seed=0, steps=4, batch=2):
     return generate(runner, make_scheduler(name, SCHED_CONFIG), steps, batch, seed, (1, 8, 8), progress=False)
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("name", sorted(set(SCHEDULERS) - set(FLOW)))  # flow ones: tests/test_flow_matching.py
 def test_each_scheduler_runs_and_is_deterministic(runner, name):
     x = run(runner, name)
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()

@@ -19,7 +19,7 @@ from ..quant.search import weight_clip_ratios
 from ..sampling import Trajectories, run_batches
 
 CALIB_SEED = 100_000  # calibration noise: batch seeds far from evaluation seeds
-HESSIAN_TRAJECTORIES = Trajectories("ddim", steps=20, samples=16, batch_size=16, seed=CALIB_SEED)
+HESSIAN_TRAJECTORIES = Trajectories("auto", steps=20, samples=16, batch_size=16, seed=CALIB_SEED)
 
 
 class HessianBudgetError(ModiffExportError):

@@ -35,13 +35,13 @@ from ..backends.torch_runner import TorchRunner
 from ..config import QuantConfig
 from ..quant.quantization import WeightChoices, apply_weight_choices, modiff_layers, quantize
 from ..quant.scales import timestep_bucket
-from ..sampling import Trajectories, run_batches
+from ..sampling import Trajectories, resolve_scheduler, run_batches
 from ..quant.search import METHODS, DeltaStats, choose_scale, fill_buckets, percentile_of, weight_clip_ratios
 from .file import SCHEMA, SCHEMA_VERSION, CalibrationError
 
 DEFAULT_SUBSAMPLE = 20_000  # |delta| values kept per layer and bucket
 # `cli.py calibrate`'s defaults: noise seeds far from the evaluation seeds
-CALIBRATION_TRAJECTORIES = Trajectories("ddim", steps=25, samples=64, batch_size=16, seed=1000)
+CALIBRATION_TRAJECTORIES = Trajectories("auto", steps=25, samples=64, batch_size=16, seed=1000)
 
 
 class _Observer:
@@ -142,7 +142,8 @@ def observe(model, config: QuantConfig, traj: Trajectories = CALIBRATION_TRAJECT
     provenance = {
         "model": model.name, "model_hash": model.content_hash,
         "quant_config": config.replace(scale_mode="static").to_dict(),
-        "scheduler": traj.scheduler, "steps": traj.steps, "seed": traj.seed, "samples": traj.samples,
+        "scheduler": resolve_scheduler(traj.scheduler, model.scheduler_config), "steps": traj.steps,
+        "seed": traj.seed, "samples": traj.samples,
         "batch_size": traj.batch_size, "guidance_scale": traj.guidance_scale, "buckets": buckets,
         "num_train_timesteps": T, "subsample": subsample,
         "conditioning": None if not model.conditional else (

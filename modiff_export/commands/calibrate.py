@@ -6,14 +6,14 @@ import time
 
 import click
 
-from ..sampling import SCHEDULERS
+from ..sampling import SCHEDULER_CHOICES
 from .options import LABELS_HELP, QUANT, parse_labels
 
 
 @click.command("calibrate")
 @click.option("--model", default="digits", show_default=True,
               help="'digits' (embedded) or a local diffusers UNet/pipeline folder.")
-@click.option("--scheduler", type=click.Choice(sorted(SCHEDULERS)), default="ddim", show_default=True,
+@click.option("--scheduler", type=click.Choice(SCHEDULER_CHOICES), default="auto", show_default=True,
               help="Sampler of the calibration trajectories.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True,
               help="Sampling steps per trajectory.")

@@ -16,7 +16,7 @@ from ..backends import BACKENDS
 from ..backends.base import MAX_BATCH
 from ..calibration.recipe import DEFAULT_RECIPE, RECIPES, apply_recipe
 from ..config import GRANULARITIES, MODES, REUSE_FORECASTS, SCALE_MODES, QuantConfig
-from ..sampling import MAX_SEED, SCHEDULERS
+from ..sampling import MAX_SEED, SCHEDULER_CHOICES
 
 BACKEND_HELP = ("torch: PyTorch reference (quantizes --model); ort: ONNX Runtime on --graphs; openvino: OpenVINO "
                 "CPU on --graphs; trt: TensorRT on --engines")
@@ -164,8 +164,10 @@ SAMPLING = _SamplingGroup([
                                 help="Graph folder from `cli.py export` (--backend ort, openvino).")),
     ("engines", "--engines", dict(type=click.Path(file_okay=False), default=None,
                                   help="Engine folder from `cli.py build-engine` (--backend trt).")),
-    ("scheduler", "--scheduler", dict(type=click.Choice(sorted(SCHEDULERS)), default="ddim", show_default=True,
-                                      help="diffusers scheduler (MoDiff never knows which one runs).")),
+    ("scheduler", "--scheduler", dict(type=click.Choice(SCHEDULER_CHOICES), default="auto", show_default=True,
+                                      help="diffusers scheduler (MoDiff never knows which one runs); auto: ddim, or "
+                                           "the model's own flow-matching one (flow_euler / flow_heun) for flow "
+                                           "models.")),
     ("steps", "--steps", dict(type=click.IntRange(1, 1000), default=25, show_default=True, help="Sampling steps.")),
     ("batch_size", "--batch-size", dict(type=click.IntRange(1, MAX_BATCH), default=16, show_default=True,
                                         help="Images per batch.")),

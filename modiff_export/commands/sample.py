@@ -57,14 +57,15 @@ def sample(calibration, out, overwrite, **options):
     """Generate one batch and save it as a PNG grid. --backend torch quantizes --model with the
     quantization options; ort/trt run exported graphs/engines, whose config is in their manifest."""
     from ..fsutil import check_writable
-    from ..sampling import sample_model, save_grid
+    from ..sampling import resolve_scheduler, sample_model, save_grid
 
     check_writable(out, overwrite, kind="file")
     resolved, traj = resolve(options, calibration)
     images = sample_model(resolved.model, resolved.config, traj, runner=resolved.runner)
     path = save_grid(images, out, overwrite=overwrite)
     m, cfg = resolved.model, resolved.config
-    click.echo(f"{m.name} {cfg.tag} [{resolved.runner.backend}] {traj.scheduler}x{traj.steps}: wrote {path}")
+    sched = resolve_scheduler(traj.scheduler, m.scheduler_config)
+    click.echo(f"{m.name} {cfg.tag} [{resolved.runner.backend}] {sched}x{traj.steps}: wrote {path}")
 
 
 def resolve(options: dict, calibration: str | None, samples: int | None = None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..backends import BACKENDS
-from ..sampling import SCHEDULERS
+from ..sampling import SCHEDULER_CHOICES
 
 QUEUE_SIZE = click.option("--max-queue-size", type=click.IntRange(0, 1_000_000), default=32, show_default=True,
                           help="Requests waiting for a batch (dynamic batcher queue); more are rejected at once "
@@ -33,8 +33,8 @@ QUEUE_TIMEOUT = click.option("--queue-timeout-ms", type=click.IntRange(0, 86_400
               help="Dynamic batcher: max wait to fill a batch.")
 @click.option("--max-steps", type=click.IntRange(1, 1000), default=100, show_default=True,
               help="Largest `steps` a request may ask for.")
-@click.option("--scheduler", type=click.Choice(sorted(SCHEDULERS)), default="ddim", show_default=True,
-              help="Scheduler when a request names none.")
+@click.option("--scheduler", type=click.Choice(SCHEDULER_CHOICES), default="auto", show_default=True,
+              help="Scheduler when a request names none (auto: ddim, or a flow model's own).")
 @click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Model instances (one runner each).")
 @QUEUE_SIZE
@@ -96,8 +96,8 @@ def serve(graphs, engines, backend, model, port, grpc_port, metrics_port, max_ba
               help="max_batch_size of both models.")
 @click.option("--max-steps", type=click.IntRange(1, 1000), default=100, show_default=True,
               help="Largest `steps` a request may ask for.")
-@click.option("--scheduler", type=click.Choice(sorted(SCHEDULERS)), default="ddim", show_default=True,
-              help="Scheduler when a request names none.")
+@click.option("--scheduler", type=click.Choice(SCHEDULER_CHOICES), default="auto", show_default=True,
+              help="Scheduler when a request names none (auto: ddim, or a flow model's own).")
 @click.option("--instances", type=click.IntRange(1), default=1, show_default=True,
               help="modiff_unet instances (per GPU with --kind KIND_GPU).")
 @click.option("--kind", type=click.Choice(["KIND_AUTO", "KIND_GPU", "KIND_CPU"]), default="KIND_AUTO",

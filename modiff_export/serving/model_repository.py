@@ -27,6 +27,7 @@ import onnx
 from ..errors import ModiffExportError
 from ..fsutil import atomic_folder, check_writable
 from ..manifest import Manifest, TensorSpec
+from ..sampling import resolve_scheduler
 from .limits import ServingLimits
 
 SAMPLER, UNET = "modiff", "modiff_unet"
@@ -44,7 +45,7 @@ class PackageOptions:
     unet_backend: str = "onnxruntime"   # onnxruntime | tensorrt | python
     max_batch: int = 8                  # UNet rows per execution (sequences batched together)
     max_steps: int = 100
-    default_scheduler: str = "ddim"
+    default_scheduler: str = "auto"  # resolved at packaging: ddim, or a flow model's own sampler
     unet_instances: int = 1
     sampler_instances: int = 1
     kind: str = "KIND_AUTO"             # instance_group kind of the UNet (KIND_GPU on GPU servers)
@@ -124,10 +125,11 @@ def sampler_config(m: Manifest, opt: PackageOptions):
     c.dynamic_batching.max_queue_delay_microseconds = 5000
     opt.limits.fill_queue_policy(c.dynamic_batching.default_queue_policy)
     c.instance_group.add(count=opt.sampler_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    default_scheduler = resolve_scheduler(opt.default_scheduler, dict(mm.scheduler_config))
     params = {"unet_model": UNET, "sample_shape": json.dumps(list(mm.sample_shape)),
               "ehs_shape": json.dumps([mm.encoder_seq_len, mm.cross_attention_dim]) if mm.conditional else "",
               "num_classes": "" if mm.num_classes is None else str(mm.num_classes),
-              "max_steps": str(opt.max_steps), "default_scheduler": opt.default_scheduler,
+              "max_steps": str(opt.max_steps), "default_scheduler": default_scheduler,
               "max_inflight": str(opt.limits.max_inflight), "masked": "1" if m.mask_input else ""}
     for k, v in params.items():
         c.parameters[k].string_value = v

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModiffExportError
-from ..sampling import ENCODER_SEED_OFFSET, SCHEDULERS, denoise, make_scheduler, with_null_class
+from ..sampling import ENCODER_SEED_OFFSET, SCHEDULER_CHOICES, SamplingError, denoise, make_scheduler, with_null_class
 
 # ONNX Runtime's CPU GEMM (MLAS) takes another code path for M = 1 rows than for M >= 2: measured on
 # the digits prime graph, a batch of 1 differs from the same sample inside any batch of 2..16 by up to
@@ -33,7 +33,7 @@ class Item:
     """One image to generate."""
     seed: int
     steps: int
-    scheduler: str = "ddim"
+    scheduler: str = "auto"  # sampling.resolve_scheduler: ddim, or a flow model's own sampler
     guidance_scale: float = 1.0
     encoder_hidden_states: torch.Tensor | None = None  # [S, D], conditional UNets only
     negative: torch.Tensor | None = None  # [S, D] uncond states for guidance (default zeros, as sample_model)
@@ -59,8 +59,8 @@ def check_item(it: Item, max_steps: int, conditional: bool, ehs_shape: tuple[int
     class_label in 0..num_classes-1)."""
     if not 1 <= it.steps <= max_steps:
         raise RequestError(f"steps={it.steps} out of range [1, {max_steps}]")
-    if it.scheduler not in SCHEDULERS:
-        raise RequestError(f"unknown scheduler {it.scheduler!r}; expected one of {sorted(SCHEDULERS)}")
+    if it.scheduler not in SCHEDULER_CHOICES:
+        raise RequestError(f"unknown scheduler {it.scheduler!r}; expected one of {list(SCHEDULER_CHOICES)}")
     if not (abs(it.guidance_scale) < 1e4):  # also rejects NaN
         raise RequestError(f"guidance_scale={it.guidance_scale} is not a finite number below 1e4")
     if it.guidance_scale != 1.0 and not conditional and num_classes is None:
@@ -104,7 +104,10 @@ def generate_group(runner, scheduler_config: dict, items: list[Item], sample_sha
     it0 = items[0]
     if not all(it.group_key == it0.group_key for it in items):
         raise RequestError("items of one trajectory must share steps/scheduler/guidance")
-    scheduler = make_scheduler(it0.scheduler, scheduler_config)
+    try:
+        scheduler = make_scheduler(it0.scheduler, scheduler_config)
+    except SamplingError as e:  # a sampler that does not fit the model: the request's fault
+        raise RequestError(str(e)) from None
     gens = [torch.Generator().manual_seed(int(it.seed)) for it in items]
     noise = torch.cat([torch.randn((1, *sample_shape), generator=g) for g in gens])  # [B, C, H, W]
     ehs = None

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import ModiffExportError
+from ..sampling import SamplingError, resolve_scheduler
 from .limits import ServingLimits
 from .pytriton_errors import ERROR_OUTPUT, INTERNAL, INVALID_ARG, error_response, per_request_errors
 from .sampler import Item, RequestError, check_item, generate_items
@@ -57,7 +58,7 @@ class ServeConfig:
     max_batch: int = 8                # Triton max_batch_size (images per runner call, x2 with guidance)
     queue_delay_us: int = 5000        # dynamic batcher: how long Triton waits to fill a batch
     max_steps: int = 100
-    scheduler: str = "ddim"           # default when a request has no `scheduler`
+    scheduler: str = "auto"           # default when a request has no `scheduler` (auto: ddim, or a flow model's own)
     instances: int = 1                # model instances (one runner each)
     threads: int = 1                  # intra-op threads per runner (ort)
     pipeline: str | None = None       # diffusers pipeline folder: its text encoder serves the `prompt` input
@@ -123,6 +124,10 @@ class ModiffModel:
         for i in range(n):
             name = self.cfg.scheduler if sched is None else sched.reshape(-1)[i]
             name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+            try:  # "auto" becomes the model's own sampler; one that does not fit its training objective is refused
+                name = resolve_scheduler(name, self.meta.scheduler_config)
+            except SamplingError as e:
+                raise RequestError(str(e)) from None
             it = Item(int(seed[i]), int(steps[i]), name, 1.0 if gs is None else float(gs.reshape(-1)[i]),
                       None if ehs is None else torch.from_numpy(np.array(ehs[i], dtype=np.float32)), negative,
                       None if label is None else int(label.reshape(-1)[i]))

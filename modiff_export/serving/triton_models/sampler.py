@@ -31,19 +31,35 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "pndm": PNDMScheduler,
               "dpmpp": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
-              "euler_a": EulerAncestralDiscreteScheduler, "unipc": UniPCMultistepScheduler}
+              "euler_a": EulerAncestralDiscreteScheduler, "unipc": UniPCMultistepScheduler,
+              "flow_euler": FlowMatchEulerDiscreteScheduler, "flow_heun": FlowMatchHeunDiscreteScheduler}
+FLOW = ("flow_euler", "flow_heun")  # COPY of sampling.FLOW
 OVERRIDES = {"pndm": {"skip_prk_steps": True}, "dpmpp": {"algorithm_type": "dpmsolver++", "solver_order": 2}}
 EHS_SEED_OFFSET = 1_000_003  # COPY of sampling.ENCODER_SEED_OFFSET (tests/test_sampling.py checks it)
 
 
 class BadRequest(ValueError):
     pass
+
+
+def flow_shift_mu(scheduler_config, sample_shape):
+    """COPY of sampling.flow_shift_mu (tests/test_sampling.py checks it): FLUX's resolution-dependent shift."""
+    if not scheduler_config.get("use_dynamic_shifting"):
+        return None
+    h, w = int(sample_shape[-2]), int(sample_shape[-1])
+    seq = (h // 2) * (w // 2)
+    lo, hi = scheduler_config.get("base_image_seq_len", 256), scheduler_config.get("max_image_seq_len", 4096)
+    b, m = scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15)
+    slope = (m - b) / (hi - lo)
+    return seq * slope + (b - slope * lo)
 
 
 class TritonPythonModel:
@@ -91,6 +107,10 @@ class TritonPythonModel:
             raise BadRequest(f"steps={item['steps']} out of range [1, {self.max_steps}]")
         if item["scheduler"] not in SCHEDULERS:
             raise BadRequest(f"unknown scheduler {item['scheduler']!r}; expected one of {sorted(SCHEDULERS)}")
+        flow_model = str(self.scheduler_config.get("_class_name", "")).startswith("FlowMatch")  # sampling.objective
+        if (item["scheduler"] in FLOW) != flow_model:
+            raise BadRequest(f"scheduler {item['scheduler']!r} does not fit this model (trained for "
+                             f"{'flow matching' if flow_model else 'noise prediction'})")
         n = self.num_classes
         if not abs(item["guidance_scale"]) < 1e4 or (item["guidance_scale"] != 1.0 and self.ehs_shape is None
                                                      and n is None):
@@ -135,13 +155,15 @@ class TritonPythonModel:
         ids = [next(self.ids) for _ in range(2 if cfg else 1)]  # cond (and uncond) sequences
         params = inspect.signature(sched.step).parameters
         kw = ({"generator": gen} if "generator" in params else {}) | ({"eta": 0.0} if "eta" in params else {})
-        sched.set_timesteps(it["steps"])
-        x = x * sched.init_noise_sigma
+        mu = flow_shift_mu(sched.config, x.shape)
+        sched.set_timesteps(it["steps"], **({} if mu is None else {"mu": mu}))
+        x = x * getattr(sched, "init_noise_sigma", 1.0)
+        scale = getattr(sched, "scale_model_input", lambda x, t: x)
         n = len(sched.timesteps)
         for i, t in enumerate(sched.timesteps):
             flags = (pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START if i == 0 else 0) | (
                 pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END if i == n - 1 else 0)
-            inp = sched.scale_model_input(x, t)
+            inp = scale(x, t)
             if cfg:
                 eps_c, eps_u = await asyncio.gather(self._unet(ids[0], inp, float(t), ehs, flags),
                                                     self._unet(ids[1], inp, float(t), unc, flags))

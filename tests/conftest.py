@@ -135,6 +135,21 @@ def _native_path() -> str:
 NATIVE_PATH = _native_path()  # the distinct path this CPU takes by itself
 
 
+def _inexact_here() -> set[str]:
+    from modiff_export.backends.cpu import CpuPath
+
+    return {p for p in OV_PATHS if not CpuPath.resolve(p).exact}
+
+
+INEXACT_HERE = _inexact_here()  # paths whose numbers this CPU cannot check (int8 kernels on an AVX2 CPU)
+
+
+def path_params(paths) -> list:
+    """`paths` as parametrize values for numeric tests: a path that cannot be exact on this CPU (it checks only
+    structure there) goes to the `slow` set, which .ci/run runs too; the default run keeps what it can check."""
+    return [pytest.param(p, marks=pytest.mark.slow) if p in INEXACT_HERE else p for p in paths]
+
+
 def backend_options(backend: str) -> tuple[str, dict]:
     """'openvino-<cpu path>' -> ('openvino', {'cpu_path': path}); any other backend name as it is, no options."""
     name, _, path = backend.partition("-")

@@ -18,7 +18,7 @@ import copy
 
 import pytest
 import torch
-from conftest import OV_PATHS, skip_numbers_unless_exact
+from conftest import OV_PATHS, path_params, skip_numbers_unless_exact
 from test_ort_parity import _case, _fp_trajectory, rms
 
 from modiff_export import QuantConfig, quantize
@@ -45,7 +45,7 @@ def _ov(folder, **kw):
     return OpenVinoRunner(folder, threads=1, **kw)
 
 
-@pytest.mark.parametrize("cpu_path", ["avx2", "vnni"])
+@pytest.mark.parametrize("cpu_path", path_params(["avx2", "vnni"]))
 @pytest.mark.parametrize("kind", ["uncond", "cond"])
 @pytest.mark.parametrize("act_bits", [pytest.param(8, marks=pytest.mark.slow), 4])
 def test_per_step_parity_vs_ort(tmp_path, kind, act_bits, cpu_path):
@@ -148,7 +148,7 @@ def test_default_prime_precision(tmp_path):
     assert torch.equal(c, ref)
 
 
-@pytest.mark.parametrize("cpu_path", OV_PATHS)
+@pytest.mark.parametrize("cpu_path", path_params(OV_PATHS))
 @pytest.mark.parametrize("act_bits,min_psnr", [pytest.param(8, 40.0, marks=pytest.mark.slow), (4, 30.0)])
 def test_digits_trajectory_parity(tmp_path, act_bits, min_psnr, cpu_path):
     """Whole 10-step DDIM trajectories on the trained digits model, batch 4: OpenVINO with the runner's defaults

@@ -8,7 +8,7 @@ import json
 import onnx
 import pytest
 import torch
-from conftest import build_tiny_cond_unet, build_tiny_unet, skip_numbers_unless_exact, tiny_model
+from conftest import build_tiny_cond_unet, build_tiny_unet, path_params, skip_numbers_unless_exact, tiny_model
 
 from modiff_export.backends import make_runner
 from modiff_export.backends.base import RunnerError
@@ -220,7 +220,7 @@ def test_openvino_reuse_cache_modes(folder):
         make_runner("openvino", folder=folder, cache_mode="stateful", static_shapes=False)
 
 
-@pytest.mark.parametrize("cpu_path", ["avx2", "vnni"])
+@pytest.mark.parametrize("cpu_path", path_params(["avx2", "vnni"]))
 def test_openvino_cut_step_graph_equals_pingpong(folder, cpu_path):
     """The three stateful parts compute what the step and shallow graphs with explicit cache I/O compute: same
     compiled ops, only cut, so outputs and caches agree to float rounding (1e-5 relative: the same kernels on
@@ -252,7 +252,7 @@ def test_openvino_cut_step_graph_equals_pingpong(folder, cpu_path):
             assert torch.allclose(ca[k], cb[k], rtol=1e-5, atol=1e-5 * (cb[k].abs().max().item() + 1e-12)), (n, k)
 
 
-@pytest.mark.parametrize("cpu_path", ["avx2", "vnni"])
+@pytest.mark.parametrize("cpu_path", path_params(["avx2", "vnni"]))
 def test_openvino_with_its_rewrite_tracks_the_reference_closely(folder, cpu_path):
     """At f32 with every lever the OpenVINO reuse trajectory stays within half the quantization error of the
     reference (the sharing bug above gave 1.4x), under both int8 choices of backends/cpu.py (forced)."""

@@ -145,6 +145,18 @@ def flow_shift_mu(scheduler_config: dict, sample_shape) -> float | None:
     return seq * slope + (b - slope * lo)
 
 
+def set_timesteps(scheduler, num_steps: int, sample_shape) -> None:
+    """scheduler.set_timesteps, with FLUX's shift (flow_shift_mu) where the scheduler config asks for it."""
+    mu = flow_shift_mu(scheduler.config, sample_shape)
+    scheduler.set_timesteps(num_steps, **({} if mu is None else {"mu": mu}))
+
+
+def model_input(scheduler, x: torch.Tensor, t) -> torch.Tensor:
+    """What the model reads at timestep t: scale_model_input where the scheduler has one (flow matching: x)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return x if scale is None else scale(x, t)
+
+
 def make_scheduler(name: str, scheduler_config: dict):
     """A fresh scheduler of kind `name` ("auto": the model's own, resolve_scheduler) built from a model's scheduler
     config (betas, T, prediction; for flow models the shift)."""
@@ -178,15 +190,13 @@ def denoise(runner, scheduler, noise: torch.Tensor, num_steps: int, encoder_hidd
         step_kwargs["generator"] = generator
     if "eta" in params:
         step_kwargs["eta"] = 0.0
-    mu = flow_shift_mu(scheduler.config, noise.shape)
-    scheduler.set_timesteps(num_steps, **({} if mu is None else {"mu": mu}))
+    set_timesteps(scheduler, num_steps, noise.shape)
     x = noise.float() * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts at sigma 1
     runner.reset()
-    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)  # flow matching feeds x as it is
     from tqdm import tqdm
 
     for t in tqdm(scheduler.timesteps, desc=f"sample {type(scheduler).__name__}", disable=not progress, leave=False):
-        inp = scale(x, t)                              # [B, C, H, W]
+        inp = model_input(scheduler, x, t)             # [B, C, H, W]
         if cfg:
             eps_c, eps_u = runner(torch.cat([inp, inp]), t, *cond).chunk(2)  # [2B] -> 2 x [B]
             eps = eps_u + guidance_scale * (eps_c - eps_u)
@@ -331,12 +341,11 @@ def check_scheduler(name: str, model, num_steps: int) -> None:
     try:
         scheduler = make_scheduler(name, model.scheduler_config)
         x = torch.zeros((1, *model.sample_shape))  # [1, C, H, W]
-        mu = flow_shift_mu(scheduler.config, x.shape)
-        scheduler.set_timesteps(num_steps, **({} if mu is None else {"mu": mu}))
+        set_timesteps(scheduler, num_steps, x.shape)
         t = scheduler.timesteps[0]
         own_rng = {"generator": torch.Generator().manual_seed(0)}  # stochastic samplers: leave the global RNG be
         kwargs = own_rng if "generator" in inspect.signature(scheduler.step).parameters else {}
-        scheduler.step(torch.zeros_like(x), t, getattr(scheduler, "scale_model_input", lambda x, t: x)(x, t), **kwargs)
+        scheduler.step(torch.zeros_like(x), t, model_input(scheduler, x, t), **kwargs)
     except SamplingError:
         raise
     except Exception as e:  # diffusers raises ValueError, NotImplementedError, ... for bad configs

@@ -140,8 +140,12 @@ class CpuPath:
                else "u8 codes for <= 7-bit layers, 8-bit layers' weights dequantized at load")
         prec = self.default_precision + ("" if self.precision_here == self.default_precision
                                          else f" (runs {self.precision_here}: this CPU has no bf16)")
-        tag = f"{self.cpu_class} (forced on a {cpu_class()} CPU)" if self.forced else self.cpu_class
-        return f"{tag}: {how}, default precision {prec}" + ("" if self.exact else ", NOT exact on this CPU")
+        return f"{self.tag}: {how}, default precision {prec}" + ("" if self.exact else ", NOT exact on this CPU")
+
+    @property
+    def tag(self) -> str:
+        """The class, and the CPU it was forced on if it was (the first words of every report line)."""
+        return f"{self.cpu_class} (forced on a {cpu_class()} CPU)" if self.forced else self.cpu_class
 
 
 def release_freed_heap() -> None:

@@ -210,18 +210,17 @@ class OpenVinoRunner(Runner):
     def describe_path(self) -> str:
         """One line for reports: the CPU path and, once compiled, the precision the plugin runs each graph in."""
         got = {}
-        for role, c in self.compiled.items():
+        compiled = {**self.compiled, **{f"step/{p.name}": p.request.get_compiled_model() for p in self.parts}}
+        for role, c in compiled.items():
             try:
                 v = c.get_property("INFERENCE_PRECISION_HINT")
                 got[role] = v.to_string() if hasattr(v, "to_string") else str(v)
             except Exception:  # noqa: BLE001 - a plugin that does not report it
                 pass
-        if self.parts:
-            got["step (cut)"] = "f32" if self.precision["step"] == "f32" else self.precision["step"]
         ir = any(str(g).endswith(".xml") for g in self.manifest.graphs.values() if g)
         path = self.cpu_path
-        what = (f"{path.cpu_class}{' (forced)' if path.forced else ''}: OpenVINO IR run as written (no load-time "
-                f"rewrite), default precision {path.precision_here}") if ir else path.describe()
+        what = (f"{path.tag}: OpenVINO IR run as written (no load-time rewrite), default precision "
+                f"{path.precision_here}") if ir else path.describe()
         return f"openvino {what}" + ("; compiled precision " + ", ".join(f"{k} {v}" for k, v in got.items())
                                      if got else "")
 

@@ -61,7 +61,7 @@ class OrtRunner(Runner):
         if self.device == "cuda":
             return "ort CUDA"
         how = "int8 kernels" if self.int8_kernels else "weights dequantized at load (int8 dot product saturates)"
-        return f"ort {self.cpu_path.cpu_class}{' (forced)' if self.cpu_path.forced else ''}: {how}"
+        return f"ort {self.cpu_path.tag}: {how}"
 
     # -- lifecycle ---------------------------------------------------------------------------
     def activate_impl(self) -> None:

@@ -113,10 +113,6 @@ def split(model, manifest: Manifest) -> tuple[list[Part], str]:
             is_param = node.get_type_name() == "Parameter"
             name = node.get_friendly_name() if is_param else sorted(out.get_names())[0] if out.get_names() \
                 else f"link.{k}.{out.get_index()}"
-            if not is_param and not out.get_names() and any(p != part[k] for p in by_part):
-                # an unnamed tensor (a node the ONNX reader or a rewrite made: seen with the u8-code rewrite of
-                # AVX2 CPUs) gets its link name, so the compiled parts find it as an output and as an input
-                out.get_tensor().set_names({name})
             for p, targets in by_part.items():
                 if p == part[k]:
                     continue
@@ -128,6 +124,8 @@ def split(model, manifest: Manifest) -> tuple[list[Part], str]:
                 if not is_param:
                     links[p].append(name)
             if not is_param and any(p != part[k] for p in by_part):
+                if not out.get_names():  # a tensor the ONNX reader or a rewrite left unnamed (seen with the u8-code
+                    out.get_tensor().set_names({name})  # rewrite of AVX2 CPUs): named, so the parts find the link
                 new_results[part[k]].append(ops.result(out))
                 links_out[part[k]].append(name)
                 if (k, out.get_index()) == (_key(fport.get_node()), fport.get_index()):

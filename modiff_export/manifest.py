@@ -5,7 +5,8 @@ quantization config and the scale table from one `Manifest` object; nothing else
 
     manifest.json (schema_version 2)
       model:        ModelInfo   name, class, content_hash, in/out channels, sample_size [H, W],
-                                cross_attention_dim / encoder_seq_len (null: unconditional), scheduler_config
+                                cross_attention_dim / encoder_seq_len (null: unconditional), scheduler_config,
+                                conditioning [{name, shape, dtype, kind[, num_classes]}], derived, packed
       quant_config: QuantConfig.to_dict()
       opset, cache_dtype ("float32" | "float16"), batch_axis ("batch")
       graphs:       {"prime": "prime.onnx", "step": "step.onnx" | null, "shallow": "shallow.onnx" | null}
@@ -14,8 +15,8 @@ quantization config and the scale table from one `Manifest` object; nothing else
       target:       "trt" (explicit Q/DQ, as exported) | "ort" (rewritten by export/ort_variant.py)
                     | "openvino" (an OpenVINO IR graph, prime.xml + .bin: harness/nncf_peer.py)
       variant:      null | {"method", "rewritten_layers"}   what a target rewrite did
-      inputs:       [TensorSpec]   sample [B,C,H,W], timestep [B][, encoder_hidden_states [B,S,D] | class_labels [B]]
-                                   [, encoder_attention_mask [B,S] (PixArt: 1 attend, 0 caption padding)]
+      inputs:       [TensorSpec]   sample [B,C,H,W] (FLUX: packed [B,N,C*4]), timestep [B], then the model's
+                                   conditioning inputs in model.conditioning's order (models/conditioning.py)
       outputs:      [TensorSpec]   noise_pred [B,C_out,H,W]
       caches:       [CacheSpec]    prime outputs `output`; step reads `input` and writes `output`
       step_extra_inputs: [TensorSpec]   delta_scales [L] (static scales, several timestep buckets)
@@ -26,6 +27,7 @@ quantization config and the scale table from one `Manifest` object; nothing else
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -38,6 +40,7 @@ import numpy as np
 from .config import ConfigError, QuantConfig
 from .errors import Fields, ModiffExportError
 from .fsutil import atomic_write_text, read_json, sha256_file
+from .models.conditioning import Conditioning
 from .models.info import DEFAULT_SCHEDULER_CONFIG, ModelInfo  # noqa: F401  (part of the manifest's API)
 from .quant.scales import ScaleTable
 
@@ -247,6 +250,11 @@ class Manifest:
         return bool(self.caches)
 
     @property
+    def conditioning(self) -> Conditioning:
+        """The named conditioning inputs of the graphs (models/conditioning.py), in input order."""
+        return self.model.conditioning
+
+    @property
     def conditional(self) -> bool:
         """Takes encoder_hidden_states (text-conditional)."""
         return any(s.name == "encoder_hidden_states" for s in self.inputs)
@@ -381,18 +389,18 @@ class Manifest:
         need(not dup, f"tensor names appear twice: {dup[:3]}")
         need([s.name for s in self.inputs[:2]] == ["sample", "timestep"], "inputs must start with sample, timestep")
         need([s.name for s in self.outputs] == ["noise_pred"], "outputs must be [noise_pred]")
-        labels = [s for s in self.inputs if s.name == "class_labels"]
-        need(bool(labels) == (self.model.num_classes is not None),
+        cond = self.model.conditioning
+        want = [(c.name, (BATCH, *c.shape), c.dtype) for c in cond]
+        got = [(s.name, tuple(s.shape), s.dtype) for s in self.inputs[2:]]
+        need(got == want, f"conditioning inputs {[f'{n} {list(sh)} {dt}' for n, sh, dt in got]} differ from the "
+                          f"model's {[f'{n} {list(sh)} {dt}' for n, sh, dt in want]}")
+        labels = cond.labels
+        need((labels.num_classes if labels else None) == self.model.num_classes,
              f"a class_labels input exactly for class-conditional models (model.num_classes {self.model.num_classes})")
-        need(not labels or (labels[0].shape == (BATCH,) and labels[0].dtype == "int64"),
-             "class_labels must be [batch] int64")
-        mask = [s for s in self.inputs if s.name == "encoder_attention_mask"]
-        states = [s for s in self.inputs if s.name == "encoder_hidden_states"]
-        need(not mask or (states and mask[0].shape == states[0].shape[:2] and mask[0].dtype == "float32"),
-             "encoder_attention_mask must be [batch, S] float32 beside encoder_hidden_states [batch, S, D]")
-        C, (H, W) = self.model.in_channels, self.model.sample_size
-        need(self.inputs[0].shape == (BATCH, C, H, W),
-             f"sample shape {list(self.inputs[0].shape)} does not match the model's [batch, {C}, {H}, {W}]")
+        shape = self.model.graph_sample_shape
+        need(self.inputs[0].shape == (BATCH, *shape),
+             f"sample shape {list(self.inputs[0].shape)} does not match the model's [batch, "
+             f"{', '.join(map(str, shape))}]")
         for c in self.caches:
             need(c.shape[:1] == (BATCH,) and BATCH not in c.shape[1:],
                  f"cache {c.key} shape {list(c.shape)} must have the batch axis first and only there")
@@ -432,10 +440,14 @@ class Manifest:
         if not all(isinstance(v, str) and v.startswith("sha256:") for v in files.values()):
             f.fail("files", "must map file names to 'sha256:<hex>' digests")
         opset = f.get("opset", int)
+        inputs = tuple(TensorSpec.parse(x) for x in f.items("inputs"))
+        model = ModelInfo.parse(f.sub("model"))
+        if "conditioning" not in d["model"]:  # written before the model section named its conditioning inputs
+            model = dataclasses.replace(model, conditioning=Conditioning.from_specs(inputs[2:], model.num_classes))
         try:
-            return cls(model=ModelInfo.parse(f.sub("model")), quant_config=qc, opset=opset,
+            return cls(model=model, quant_config=qc, opset=opset,
                        cache_dtype=f.choice("cache_dtype", CACHE_DTYPES), graphs=graph_files,
-                       inputs=tuple(TensorSpec.parse(x) for x in f.items("inputs")),
+                       inputs=inputs,
                        outputs=tuple(TensorSpec.parse(x) for x in f.items("outputs")),
                        caches=tuple(CacheSpec.parse(x) for x in f.items("caches")),
                        step_extra_inputs=tuple(TensorSpec.parse(x) for x in f.items("step_extra_inputs",

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 from .backends import FOLDER_OPTION, Runner, RunnerError, make_runner
@@ -69,8 +70,20 @@ def resolve_runner(opts: RunnerOptions, config: QuantConfig | None = None,
         raise RunnerError(f"--backend {opts.backend} needs {FOLDER_OPTION[opts.backend]}")
     runner = make_runner(opts.backend, folder=opts.folder, **dict(opts.runner_kwargs))
     meta = LoadedModel.from_info(runner.manifest.model)
-    _check_same_model(opts, meta)
+    loaded = _check_same_model(opts, meta) or _embedded_source(meta)
+    if loaded is not None and loaded.label_encoder is not None:  # digits_flux: class labels through its encoder
+        meta = dataclasses.replace(meta, label_encoder=loaded.label_encoder)
     return Resolved(meta, runner.manifest.quant_config, runner)
+
+
+def _embedded_source(meta: LoadedModel) -> LoadedModel | None:
+    """The embedded model a folder was exported from, when it is one (same name and weights), else None."""
+    from .models import EMBEDDED
+
+    if meta.name not in EMBEDDED:
+        return None
+    loaded = load_model(meta.name)
+    return loaded if loaded.content_hash == meta.content_hash else None
 
 
 def _check_same_model(opts: RunnerOptions, meta: LoadedModel) -> LoadedModel | None:

@@ -1,7 +1,8 @@
 """The sampling loop: any supported diffusers scheduler driving any Runner (docs/design.md section 5).
 
 The loop belongs to the scheduler; the runner (and MoDiff inside it) only sees successive UNet calls
-`runner(sample, timestep, cond[, mask])`, reset at the start of every batch. Nothing here
+`runner(sample, timestep, cond)` (cond: the named conditioning inputs, models/conditioning.py), reset at
+the start of every batch. Nothing here
 tells the quantizer which scheduler runs.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import inspect
 import io
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,8 @@ from diffusers import (
 from .backends.base import MAX_BATCH
 from .errors import ModiffExportError
 from .fsutil import atomic_write_bytes
+from .models.conditioning import Conditioning
+from .models.denoiser import pack, unpack
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,                    # eta = 0 (deterministic)
@@ -170,20 +174,22 @@ def make_scheduler(name: str, scheduler_config: dict):
 
 
 @torch.no_grad()
-def denoise(runner, scheduler, noise: torch.Tensor, num_steps: int, encoder_hidden_states: torch.Tensor | None = None,
-            guidance_scale: float = 1.0, generator=None, progress: bool = False,
-            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def denoise(runner, scheduler, noise: torch.Tensor, num_steps: int, cond=None, guidance_scale: float = 1.0,
+            generator=None, progress: bool = False, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The denoising loop, the one every sampler of this package runs: noise [B, C, H, W] -> images
     [B, C, H, W] clamped to [-1, 1], starting from reset caches.
 
-    encoder_hidden_states [B, S, D] (conditional UNets), or [2B, S, D] with guidance_scale != 1
-    (cond first, uncond second): both halves go through the runner in one call; attention_mask [B or 2B, S]
-    (PixArt: the caption padding mask of those states; None attends to every token). `generator` (a
-    torch.Generator or one per sample) drives stochastic schedulers. serving/triton_models/sampler.py
-    holds a marked copy for Triton's Python backend (tests/test_sampling.py keeps them equal).
+    cond: the named conditioning {name: [B, ...]} (models/conditioning.py; one tensor: the model's only
+    required input), or [2B, ...] with guidance_scale != 1 (cond first, uncond second): both halves go
+    through the runner in one call; attention_mask [B or 2B, S]: shorthand for a PixArt mask. A runner over
+    packed latents (FLUX, runner.packed) gets each input packed and its output unpacked (models/denoiser.py).
+    `generator` (a torch.Generator or one per sample) drives stochastic schedulers.
+    serving/triton_models/sampler.py holds a marked copy for Triton's Python backend (tests/test_sampling.py
+    keeps them equal).
     """
-    cfg = guidance_scale != 1.0 and encoder_hidden_states is not None
-    cond = (encoder_hidden_states,) if attention_mask is None else (encoder_hidden_states, attention_mask)
+    cfg = guidance_scale != 1.0 and cond is not None and (torch.is_tensor(cond) or bool(cond))
+    args = (cond,) if attention_mask is None else (cond, attention_mask)
+    packed = bool(getattr(runner, "packed", False))
     step_kwargs = {}
     params = inspect.signature(scheduler.step).parameters
     if "generator" in params and generator is not None:
@@ -198,24 +204,39 @@ def denoise(runner, scheduler, noise: torch.Tensor, num_steps: int, encoder_hidd
     for t in tqdm(scheduler.timesteps, desc=f"sample {type(scheduler).__name__}", disable=not progress, leave=False):
         inp = model_input(scheduler, x, t)             # [B, C, H, W]
         if cfg:
-            eps_c, eps_u = runner(torch.cat([inp, inp]), t, *cond).chunk(2)  # [2B] -> 2 x [B]
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
-        else:
-            eps = runner(inp, t, *cond)
-        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+            inp = torch.cat([inp, inp])                # [2B, C, H, W]
+        out = runner(pack(inp) if packed else inp, t, *args)
+        out = unpack(out, inp.shape[-2:]) if packed else out
+        if cfg:
+            eps_c, eps_u = out.chunk(2)                # [2B] -> 2 x [B]
+            out = eps_u + guidance_scale * (eps_c - eps_u)
+        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
     return x.clamp(-1, 1)
+
+
+def _named(runner, x, what: str) -> dict | torch.Tensor | None:
+    """A mapping as a dict; a tensor stays the runner's shorthand (its only required input)."""
+    if x is None or torch.is_tensor(x):
+        return x
+    if not isinstance(x, Mapping):
+        raise SamplingError(f"{what} must be a tensor or a mapping of conditioning input names to tensors, "
+                            f"got {type(x).__name__}")
+    return dict(x)
 
 
 @torch.no_grad()
 def generate(runner, scheduler, num_steps: int, batch_size: int, seed: int, sample_shape: tuple[int, int, int],
-             encoder_hidden_states: torch.Tensor | None = None, uncond_hidden_states: torch.Tensor | None = None,
-             guidance_scale: float = 1.0, progress: bool = True, noise: torch.Tensor | None = None,
+             cond=None, uncond=None, guidance_scale: float = 1.0, progress: bool = True,
+             noise: torch.Tensor | None = None,
              attention_masks: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
     """One batch from the noise of `seed`: images [B, C, H, W] clamped to [-1, 1] (denoise).
 
-    Conditional UNets: encoder_hidden_states [B, S, D]; with guidance_scale != 1 also
-    uncond_hidden_states [B, S, D]. attention_masks (PixArt): the caption padding masks (cond [B, S],
-    uncond [B, S] with guidance) of those states. The seed's generator also drives stochastic schedulers.
+    cond: the named conditioning {name: [B, ...]} (or one tensor: the model's only required input); with
+    guidance_scale != 1 also `uncond`, where an input left out of it takes its kind's rule (zeros for content,
+    the null class for labels, the cond value for masks and time_ids: Conditioning.with_uncond); a tensor
+    `cond` needs a tensor `uncond`. attention_masks (PixArt): the caption padding masks (cond [B, S],
+    uncond [B, S] with guidance). A model with an embedded guidance input (FLUX.1-dev) gets guidance_scale
+    there and runs one pass, as FluxPipeline does. The seed's generator also drives stochastic schedulers.
     """
     if num_steps < 1 or batch_size < 1:
         raise SamplingError(f"num_steps and batch_size must be >= 1, got {num_steps} and {batch_size}")
@@ -225,24 +246,36 @@ def generate(runner, scheduler, num_steps: int, batch_size: int, seed: int, samp
         noise = torch.randn(shape, generator=gen)  # [B, C, H, W]
     elif tuple(noise.shape) != shape:
         raise SamplingError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-    ehs = encoder_hidden_states
-    if ehs is not None and ehs.shape[0] != batch_size:
-        raise SamplingError(f"encoder_hidden_states must be [B={batch_size}, S, D], got {tuple(ehs.shape)}")
-    if guidance_scale != 1.0 and ehs is not None:
-        if uncond_hidden_states is None or uncond_hidden_states.shape != ehs.shape:
-            raise SamplingError(f"guidance_scale={guidance_scale} needs uncond_hidden_states of shape "
-                                f"{tuple(ehs.shape)}")
-        ehs = torch.cat([ehs, uncond_hidden_states])  # [2B, S, D]
+    cond, uncond = _named(runner, cond, "cond"), _named(runner, uncond, "uncond")
+    conditioning = getattr(runner, "conditioning", None) or Conditioning()
+    embedded = conditioning.of_kind("guidance")
+    if embedded is not None:  # FLUX.1-dev: the scale is an input, no second pass
+        cond = dict(cond or {})
+        cond.setdefault(embedded.name, torch.full((batch_size,), float(guidance_scale)))
+        guidance_scale = 1.0
+    given = [cond] if torch.is_tensor(cond) else list((cond or {}).values())
+    for x in given:
+        if not torch.is_tensor(x) or x.shape[:1] != (batch_size,):
+            raise SamplingError(f"every conditioning input must be a [B={batch_size}, ...] tensor, got "
+                                f"{list(getattr(x, 'shape', [])) or type(x).__name__}")
     mask = None
     if attention_masks is not None:
         cond_mask, uncond_mask = attention_masks
-        if ehs is None or tuple(cond_mask.shape) != (batch_size, ehs.shape[1]) or (
+        if not given or tuple(cond_mask.shape[:1]) != (batch_size,) or (
                 guidance_scale != 1.0 and (uncond_mask is None or uncond_mask.shape != cond_mask.shape)):
             got = [getattr(m, "shape", None) for m in attention_masks]
             raise SamplingError(f"attention masks must be [B={batch_size}, S] beside encoder states (and one for the "
                                 f"uncond states with guidance), got {got}")
         mask = torch.cat([cond_mask, uncond_mask]) if guidance_scale != 1.0 else cond_mask  # [2B or B, S]
-    return denoise(runner, scheduler, noise, num_steps, ehs, guidance_scale, gen, progress, mask)
+    if guidance_scale != 1.0 and given:
+        if torch.is_tensor(cond):
+            if not torch.is_tensor(uncond) or uncond.shape != cond.shape:
+                raise SamplingError(f"guidance_scale={guidance_scale} needs uncond conditioning of shape "
+                                    f"{tuple(cond.shape)}")
+            cond = torch.cat([cond, uncond])  # [2B, ...]
+        else:
+            cond = conditioning.with_uncond(cond, uncond if isinstance(uncond, dict) else None)  # [2B, ...] each
+    return denoise(runner, scheduler, noise, num_steps, cond, guidance_scale, gen, progress, mask)
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, min_cell: int = 64,
@@ -280,48 +313,68 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
 
 def run_batches(runner, model, traj: Trajectories, progress: bool = True, desc: str = "sample") -> torch.Tensor:
     """traj.samples images [N, C, H, W] from `runner`, batch i from noise traj.seed + i (the one batch loop of
-    sampling, evaluation and calibration). Conditional models get random encoder states [B, S, D] from
-    seed + i + ENCODER_SEED_OFFSET and zeros as uncond, or traj.prompts' states (see conditioning)."""
+    sampling, evaluation and calibration), with batch_conditioning's inputs."""
     check_sampling_budget(model, traj)
     check_scheduler(traj.scheduler, model, traj.steps)
     from tqdm import tqdm
 
     out, batches = [], traj.batches()
     for i, (start, b) in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress or len(batches) == 1)):
-        ehs = unc = None
-        if getattr(model, "num_classes", None) is not None:  # class labels [B] and the null class [B]
-            ehs, unc = class_labels(model, traj, start, b)
-        elif model.conditional:  # random states, or the prompts' states
-            ehs, unc = conditioning(model, traj, i, start, b)  # [B, S, D] each
+        cond, unc = batch_conditioning(model, traj, i, start, b)
         scheduler = make_scheduler(traj.scheduler, model.scheduler_config)
-        out.append(generate(runner, scheduler, traj.steps, b, traj.seed + i, model.sample_shape, ehs, unc,
+        out.append(generate(runner, scheduler, traj.steps, b, traj.seed + i, model.sample_shape, cond, unc,
                             traj.guidance_scale, progress and len(batches) == 1))
     return torch.cat(out)  # [N, C, H, W]
 
 
-def conditioning(model, traj: Trajectories, batch_index: int, start: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(encoder states [b, S, D], uncond states [b, S, D]) of batch `batch_index` (images start..start+b):
-    traj.prompts' states cycled over the images, or random states from seed + batch_index +
-    ENCODER_SEED_OFFSET with zeros as uncond (no text encoder)."""
-    if traj.prompts is not None:
-        cond, neg = traj.prompts
-        rows = torch.arange(start, start + b) % cond.shape[0]
-        return cond[rows], neg.expand(b, *neg.shape).clone()
+def batch_conditioning(model, traj: Trajectories, batch_index: int, start: int, b: int) -> tuple[dict, dict]:
+    """(cond, uncond) {name: [b, ...]} of batch `batch_index` (images start..start+b), by the model's
+    conditioning (models/conditioning.py):
+      class labels (DiT), or a label encoder (digits_flux): traj.labels cycled, or (seed + image) % classes,
+        the null class as uncond;
+      encoder_hidden_states: traj.prompts' states cycled over the images (the empty prompt as uncond);
+      every other content input, and the states without prompts: random from seed + batch_index +
+        ENCODER_SEED_OFFSET in input order, zeros as uncond (no text encoder);
+      masks, time_ids and guidance: left to their defaults (the runner's, and generate's for guidance)."""
+    conditioning = model.conditioning
+    encoder = getattr(model, "label_encoder", None)
+    if conditioning.labels is not None or encoder is not None:
+        labels, null = class_labels(model, traj, start, b)
+        if encoder is not None:  # [b] -> {encoder_hidden_states [b, S, D], pooled_projections [b, P]}
+            return encoder.conditioning(labels), encoder.conditioning(null)
+        name = conditioning.labels.name
+        return {name: labels}, {name: null}
+    cond, unc = {}, {}
     g = torch.Generator().manual_seed(int(traj.seed) + batch_index + ENCODER_SEED_OFFSET)
-    ehs = torch.randn((b, model.encoder_seq_len, model.cross_attention_dim), generator=g)  # [B, S, D]
-    return ehs, torch.zeros_like(ehs)
+    for c in conditioning:
+        if c.kind != "embedding":
+            continue
+        if c.name == "encoder_hidden_states" and traj.prompts is not None:
+            states, neg = traj.prompts
+            rows = torch.arange(start, start + b) % states.shape[0]
+            cond[c.name], unc[c.name] = states[rows], neg.expand(b, *neg.shape).clone()
+        else:
+            cond[c.name] = torch.randn((b, *c.shape), generator=g)  # e.g. [B, S, D]
+            unc[c.name] = torch.zeros_like(cond[c.name])
+    return cond, unc
 
 
 def class_labels(model, traj: Trajectories, start: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels [b] int64, null class [b] int64) of images start..start+b of a class-conditional model:
     traj.labels cycled over the images, or (seed + image) % num_classes."""
-    n = model.num_classes
+    n = label_classes(model)
     idx = torch.arange(start, start + b)
     if traj.labels is not None:
         labels = torch.tensor(traj.labels, dtype=torch.int64)[idx % len(traj.labels)]
     else:
         labels = (idx + int(traj.seed) % n) % n
     return with_null_class(labels, n)
+
+
+def label_classes(model) -> int | None:
+    """The number of classes a model's labels take: its class_labels input's, or its label encoder's."""
+    encoder = getattr(model, "label_encoder", None)
+    return encoder.num_classes if encoder is not None else getattr(model, "num_classes", None)
 
 
 def with_null_class(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,8 +413,9 @@ def check_sampling_budget(model, traj: Trajectories) -> None:
     [N, C, H, W] float32 must fit in half the free RAM). Counts and ranges: Trajectories itself."""
     import psutil
 
-    n_cls = getattr(model, "num_classes", None)
-    if traj.guidance_scale != 1.0 and not model.conditional and n_cls is None:
+    n_cls = label_classes(model)
+    conditioning = getattr(model, "conditioning", None) or Conditioning()
+    if traj.guidance_scale != 1.0 and not conditioning:
         raise SamplingError(f"guidance scale {traj.guidance_scale} needs a conditional model; {model.name} is "
                             f"unconditional (use 1.0)")
     if traj.labels is not None:
@@ -373,7 +427,7 @@ def check_sampling_budget(model, traj: Trajectories) -> None:
                                 f"{n_cls}: the null class)")
     if traj.prompts is not None:
         want = (model.encoder_seq_len, model.cross_attention_dim)
-        if not model.conditional or tuple(traj.prompts[0].shape[1:]) != want:
+        if not model.conditional or tuple(traj.prompts[0].shape[1:]) != want or n_cls is not None:
             raise SamplingError(f"prompt states {list(traj.prompts[0].shape[1:])} do not fit {model.name} "
                                 f"(encoder states {list(want) if model.conditional else 'none: unconditional'})")
     need = traj.samples * math.prod(model.sample_shape) * 4 * 3  # result + one batch of latents and noise, generous

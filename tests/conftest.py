@@ -105,6 +105,36 @@ TINY_PIXART_KWARGS = dict(sample_size=8, in_channels=4, out_channels=8, patch_si
                           num_embeds_ada_norm=1000)
 
 
+# the models people deploy, at toy size: SDXL's UNet (text_time: pooled text_embeds [B, 16] + time_ids [B, 6]),
+# SD3's MMDiT (joint attention, pooled projections) and FLUX (double + single stream, rotary ids, packed latents)
+TINY_SDXL_KWARGS = dict(TINY_COND_UNET_KWARGS, addition_embed_type="text_time", addition_time_embed_dim=8,
+                        projection_class_embeddings_input_dim=16 + 6 * 8, transformer_layers_per_block=1)
+TINY_SD3_KWARGS = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
+                       num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+                       pooled_projection_dim=16, pos_embed_max_size=8)
+TINY_FLUX_KWARGS = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=False,
+                        axes_dims_rope=(4, 6, 6))
+
+
+def build_tiny_sdxl(seed: int = 0, **overrides):
+    """A fresh random SDXL-style UNet2DConditionModel (4 x 8 x 8, cross_attention_dim 32, text_time)."""
+    return _build("UNet2DConditionModel", TINY_SDXL_KWARGS, seed, overrides)
+
+
+def build_tiny_sd3(seed: int = 0, **overrides):
+    """A fresh random SD3Transformer2DModel (4 x 8 x 8; states [B, S, 32], pooled [B, 16])."""
+    return _build("SD3Transformer2DModel", TINY_SD3_KWARGS, seed, overrides)
+
+
+def build_tiny_flux(seed: int = 0, sample_size: int = 8, **overrides):
+    """A fresh random FluxTransformer2DModel over latents 4 x 8 x 8 (packed [B, 16, 16]; states [B, S, 32],
+    pooled [B, 16]); sample_size is kept in its config as a FLUX folder's config.json would carry it."""
+    m = _build("FluxTransformer2DModel", TINY_FLUX_KWARGS, seed, overrides)
+    m.register_to_config(sample_size=sample_size)
+    return m
+
+
 def build_tiny_dit(seed: int = 0, **overrides):
     """A fresh, eval-mode random DiTTransformer2DModel (class-conditional, 10 classes, 1x8x8)."""
     return _build("DiTTransformer2DModel", TINY_DIT_KWARGS, seed, overrides)

@@ -12,7 +12,8 @@ from conftest import build_tiny_cond_unet
 
 from modiff_export import QuantConfig
 from modiff_export.models import load_model
-from modiff_export.sampling import Trajectories, conditioning, generate, make_scheduler, sample_model
+from modiff_export.models.conditioning import CondInput, Conditioning
+from modiff_export.sampling import Trajectories, batch_conditioning, generate, make_scheduler, sample_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,8 +36,9 @@ def pipeline(tmp_path_factory):
 def test_random_conditioning_unchanged():
     """Without prompts: the random states sample_model always used (seed + batch + 1_000_003), zeros as uncond."""
     m = load_model("digits")
-    m.conditional, m.encoder_seq_len, m.cross_attention_dim = True, 5, 3
-    ehs, unc = conditioning(m, Trajectories(seed=7), 2, 0, 4)
+    m.conditioning = Conditioning((CondInput("encoder_hidden_states", (5, 3)),))
+    cond, uncond = batch_conditioning(m, Trajectories(seed=7), 2, 0, 4)
+    ehs, unc = cond["encoder_hidden_states"], uncond["encoder_hidden_states"]
     assert torch.equal(ehs, torch.randn((4, 5, 3), generator=torch.Generator().manual_seed(7 + 2 + 1_000_003)))
     assert torch.equal(unc, torch.zeros(4, 5, 3))
 
@@ -49,7 +51,8 @@ def test_sample_model_uses_the_prompts(pipeline):
                         prompts=encode_prompts(m, str(pipeline / "pipe"), str(pipeline / "prompts.txt")))
     enc = PromptEncoder(pipeline / "pipe")
     cond = enc.encode(["a red cat", "blue sky"])
-    ehs, unc = conditioning(m, traj, 1, 3, 3)  # images 3, 4, 5 -> prompts 1, 0, 1 (cycled)
+    c, u = batch_conditioning(m, traj, 1, 3, 3)  # images 3, 4, 5 -> prompts 1, 0, 1 (cycled)
+    ehs, unc = c["encoder_hidden_states"], u["encoder_hidden_states"]
     assert torch.equal(ehs, cond[[1, 0, 1]]) and torch.equal(unc, enc.negative.expand(3, -1, -1))
     cfg = QuantConfig(act_bits=8)
     x = sample_model(m, cfg, traj, progress=False)

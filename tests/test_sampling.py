@@ -88,14 +88,14 @@ def test_cfg_doubles_batch_through_one_runner_call():
     spy = SpyRunner(quantize(tiny_cond_unet(), QuantConfig(mode="modiff", act_bits=8)))
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(3, 4, 32, generator=g), torch.zeros(3, 4, 32)
-    kw = dict(encoder_hidden_states=cond, uncond_hidden_states=uncond, progress=False)
+    kw = dict(cond=cond, uncond=uncond, progress=False)
     x = generate(spy, make_scheduler("dpmpp", SCHED_CONFIG), 3, 3, 0, (4, 8, 8), guidance_scale=7.5, **kw)
     assert x.shape == (3, 4, 8, 8) and torch.isfinite(x).all()
     assert spy.events == ["reset", 6, 6, 6]
     y = generate(spy, make_scheduler("dpmpp", SCHED_CONFIG), 3, 3, 0, (4, 8, 8), guidance_scale=1.0, **kw)
     assert spy.events[4:] == ["reset", 3, 3, 3] and not torch.allclose(x, y)
-    with pytest.raises(SamplingError, match="uncond_hidden_states"):
-        generate(spy, make_scheduler("ddim", SCHED_CONFIG), 2, 3, 0, (4, 8, 8), encoder_hidden_states=cond,
+    with pytest.raises(SamplingError, match="needs uncond conditioning"):
+        generate(spy, make_scheduler("ddim", SCHED_CONFIG), 2, 3, 0, (4, 8, 8), cond=cond,
                  guidance_scale=3.0, progress=False)
 
 

@@ -18,18 +18,16 @@ A backend implements only its engine calls: activate_impl, deactivate_impl, prim
 reset_impl and caches (with block reuse: shallow_impl, feature_impl, set_feature_impl).
 
 Tensors in and out are torch tensors on the CPU:
-  sample                 [B, C, H, W] float32
-  timestep               [B] float32 (a scalar is broadcast to the batch)
-  cond                   the conditioning (models/denoiser.py), by model:
-                           text-conditional (UNet2DConditionModel, PixArt): encoder_hidden_states [B, S, D] float32
-                           class-conditional (DiT): class_labels [B] int64 in 0..num_classes (num_classes:
-                           the null class of classifier-free guidance)
-                           unconditional: None
-  mask                   encoder_attention_mask [B, S] (PixArt graphs that take it; 1 attend, 0 caption
-                           padding; bool/int/float): None attends to every caption token
-  -> noise_pred          [B, C_out, H, W] float32
-The impls get `cond` as the graph's conditioning feeds by input name ({} for an unconditional model):
-{encoder_hidden_states | class_labels[, encoder_attention_mask]}, checked and in the graph's dtypes.
+  sample                 [B, C, H, W] float32 (FLUX: packed latents [B, N, C*4], models/denoiser.py)
+  timestep               [B] float32 in scheduler units (a scalar is broadcast to the batch)
+  cond                   the named conditioning inputs {name: tensor} (models/conditioning.py), by the
+                           manifest's (or the model's) Conditioning: e.g. {} unconditional; {"class_labels"}
+                           DiT; {"encoder_hidden_states", "text_embeds", "time_ids"} SDXL. One tensor is
+                           shorthand for a model's only required input; inputs with defaults (a PixArt mask,
+                           SDXL's time_ids) may be left out
+  mask                   shorthand for cond["encoder_attention_mask"] (PixArt; 1 attend, 0 caption padding)
+  -> noise_pred          [B, C_out, H, W] float32 (FLUX: packed)
+The impls get the checked feeds by graph input name, in the graphs' order and dtypes.
 """
 from __future__ import annotations
 
@@ -41,7 +39,8 @@ import torch
 
 from ..errors import ModiffExportError
 from ..manifest import Manifest
-from ..models.denoiser import CLASS_LABELS, ENCODER_MASK, ENCODER_STATES
+from ..models.conditioning import Conditioning, ConditioningError
+from ..models.denoiser import ENCODER_MASK, ENCODER_STATES
 from ..quant.quantization import call_role, starts_trajectory
 from ..quant.reuse import LinearForecast
 
@@ -57,25 +56,21 @@ class Runner(ABC):
 
     def __init__(self, *, keyframe_interval: int | None = None, reuse_interval: int | None = None,
                  reuse_forecast: str = "none", uses_cache: bool = True,
-                 conditional: bool | None = None, sample_shape: tuple[int, int, int] | None = None,
-                 encoder_shape: tuple[int, int] | None = None, manifest: Manifest | None = None,
-                 num_classes: int | None = None, masked: bool = False):
-        """sample_shape (C, H, W) and encoder_shape (S, D) are checked when known; num_classes: a
-        class-conditional model (cond is class_labels; `conditional` is then False: no encoder states);
-        masked: the graphs take encoder_attention_mask (PixArt); `manifest` supplies the delta-scale
-        table and cache keys of exported graphs."""
+                 conditioning: Conditioning | None = None, sample_shape: tuple[int, ...] | None = None,
+                 image_hw: tuple[int, int] | None = None, manifest: Manifest | None = None):
+        """conditioning: the named inputs checked on every call (None: unknown, passed through unchecked);
+        sample_shape: the per-sample `sample` shape, (C, H, W) or packed (N, C*4), checked when known;
+        image_hw: the latent (H, W) (SDXL time_ids' default; FLUX's unpacking); `manifest` supplies the
+        delta-scale table and cache keys of exported graphs."""
         self.keyframe_interval = keyframe_interval
         self.reuse_interval = reuse_interval
         # block reuse with reuse_forecast="linear": the feature a shallow call reads (design section 1.2)
         self.forecast = LinearForecast(reuse_interval) if reuse_interval and reuse_forecast == "linear" else None
         self.uses_cache = uses_cache
-        self.conditional = conditional
-        self.sample_shape = sample_shape
-        self.encoder_shape = encoder_shape
+        self.conditioning = conditioning
+        self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
+        self.image_hw = image_hw
         self.manifest = manifest
-        self.num_classes = num_classes
-        self.masked = masked
-        self.cond_input = CLASS_LABELS if num_classes is not None else ENCODER_STATES  # the graph input of cond
         self.is_active = False
         self.calls = 0
         self.batch_size: int | None = None
@@ -84,12 +79,32 @@ class Runner(ABC):
     @classmethod
     def contract_of(cls, manifest: Manifest) -> dict:
         """Constructor arguments of a runner over exported graphs/engines, from their manifest."""
-        ehs = [s for s in manifest.inputs if s.name == "encoder_hidden_states"]
         return {"keyframe_interval": manifest.keyframe_interval, "reuse_interval": manifest.reuse_interval,
                 "reuse_forecast": manifest.quant_config.reuse_forecast, "uses_cache": manifest.uses_cache,
-                "conditional": manifest.conditional, "sample_shape": manifest.model.sample_shape,
-                "encoder_shape": tuple(ehs[0].shape[1:]) if ehs else None, "manifest": manifest,
-                "num_classes": manifest.model.num_classes, "masked": manifest.mask_input is not None}
+                "conditioning": manifest.conditioning, "sample_shape": manifest.model.graph_sample_shape,
+                "image_hw": manifest.model.sample_size, "manifest": manifest}
+
+    # -- what the conditioning says (models/conditioning.py) ----------------------------------
+    @property
+    def packed(self) -> bool:
+        """The sample is packed latents [B, N, C*4] (FLUX): sampling packs before and unpacks after a call."""
+        return self.sample_shape is not None and len(self.sample_shape) == 2
+
+    @property
+    def num_classes(self) -> int | None:
+        labels = self.conditioning.labels if self.conditioning else None
+        return labels.num_classes if labels else None
+
+    @property
+    def conditional(self) -> bool | None:
+        """Takes encoder_hidden_states (None: the conditioning is not known)."""
+        return None if self.conditioning is None else self.conditioning.get(ENCODER_STATES) is not None
+
+    @property
+    def encoder_shape(self) -> tuple | None:
+        """(S, D) of encoder_hidden_states where fixed (graphs), else None."""
+        c = self.conditioning.get(ENCODER_STATES) if self.conditioning else None
+        return tuple(c.shape) if c is not None and None not in c.shape else None
 
     @property
     def cache_keys(self) -> list[str]:
@@ -250,11 +265,13 @@ class Runner(ABC):
         model has no caches); for tests and debugging."""
 
     # -- input validation --------------------------------------------------------------------
-    def check_inputs(self, sample, timestep, ehs, mask=None):
-        """(sample [B, C, H, W] float32, timestep [B] float32, the conditioning feeds by graph input name)."""
+    def check_inputs(self, sample, timestep, cond, mask=None):
+        """(sample float32, timestep [B] float32, the conditioning feeds by graph input name)."""
         name = f"{self.backend} runner"
-        if not torch.is_tensor(sample) or sample.dim() != 4:
-            raise RunnerError(f"{name}: 'sample' must be a [B, C, H, W] tensor, got "
+        dims = 1 + (len(self.sample_shape) if self.sample_shape is not None else 3)
+        layout = "[B, N, C*4] (packed latents)" if dims == 3 else "[B, C, H, W]"
+        if not torch.is_tensor(sample) or sample.dim() != dims:
+            raise RunnerError(f"{name}: 'sample' must be a {layout} tensor, got "
                               f"{getattr(sample, 'shape', type(sample).__name__)}")
         b = sample.shape[0]
         if not 1 <= b <= MAX_BATCH:
@@ -272,69 +289,34 @@ class Runner(ABC):
             timestep = timestep.expand(b).contiguous()
         if timestep.shape != (b,):
             raise RunnerError(f"{name}: 'timestep' must be a scalar or [B={b}], got {tuple(timestep.shape)}")
-        labels = self.num_classes is not None
-        ehs = self._check_labels(name, ehs, b) if labels else self._check_states(name, ehs, b)
-        for what, t in (("sample", sample), ("timestep", timestep), (self.cond_input, ehs)):
-            if t is not None and not torch.isfinite(t).all():
+        for what, t in (("sample", sample), ("timestep", timestep)):
+            if not torch.isfinite(t).all():
                 raise RunnerError(f"{name}: input '{what}' contains NaN or Inf")
-        feeds = {} if ehs is None else {self.cond_input: ehs}
-        mask = self._check_mask(name, mask, ehs)
-        if mask is not None:
-            feeds[ENCODER_MASK] = mask
+        if self.conditioning is None:  # unknown contract: pass through what was given
+            feeds = {} if cond is None else dict(cond) if isinstance(cond, dict) else {ENCODER_STATES: cond}
+            return sample, timestep, feeds
+        try:
+            given = self.conditioning.as_mapping(cond, name)
+            if mask is not None:
+                given = self._legacy_mask(name, given, mask)
+            feeds = self.conditioning.check(given, b, name, self.image_hw)
+        except ConditioningError as e:
+            raise RunnerError(str(e)) from None
         return sample, timestep, feeds
 
-    def _check_mask(self, name: str, mask, ehs) -> torch.Tensor | None:
-        """encoder_attention_mask [B, S] float32 of 0/1 for graphs that take it (all ones when none is
-        given); None for graphs without one, which accept only a mask that attends to every token."""
-        if mask is None:
-            return torch.ones(ehs.shape[:2]) if self.masked and ehs is not None else None
-        if ehs is None or self.num_classes is not None:
+    def _legacy_mask(self, name: str, given: dict, mask) -> dict:
+        """The `mask` argument: encoder_attention_mask of models that take one; elsewhere a mask that
+        attends to every token is accepted and dropped (there is nothing to mask), one with padding refused."""
+        if self.conditioning.get(ENCODER_MASK) is not None:
+            return {**given, ENCODER_MASK: mask}
+        if self.conditioning.get(ENCODER_STATES) is None:
             raise RunnerError(f"{name}: 'encoder_attention_mask' is given, but this model takes no encoder states")
-        want = tuple(ehs.shape[:2])
-        if not torch.is_tensor(mask) or mask.is_complex() or tuple(mask.shape) != want:
-            raise RunnerError(f"{name}: 'encoder_attention_mask' must be a [B, S] = {list(want)} tensor, got "
-                              f"{tuple(getattr(mask, 'shape', ())) or type(mask).__name__}")
-        mask = mask.float()
+        if not torch.is_tensor(mask) or mask.is_complex():
+            raise RunnerError(f"{name}: 'encoder_attention_mask' must be a [B, S] tensor, got {type(mask).__name__}")
         if not ((mask == 0) | (mask == 1)).all():
             raise RunnerError(f"{name}: 'encoder_attention_mask' must hold only 0 (padding) and 1 (attend)")
-        if not self.masked:
-            if bool((mask == 0).any()):
-                raise RunnerError(f"{name}: this model takes no 'encoder_attention_mask' (a UNet, or PixArt graphs "
-                                  f"exported before the mask input existed), so a mask with padding cannot be "
-                                  f"applied; re-export PixArt graphs to apply it")
-            return None
-        return mask.contiguous()
-
-    def _check_states(self, name: str, ehs, b: int):
-        """encoder_hidden_states [B, S, D] float32 of a text-conditional model, None for an unconditional one."""
-        if self.conditional is True and ehs is None:
-            raise RunnerError(f"{name}: this model is conditional; 'encoder_hidden_states' is required")
-        if self.conditional is False and ehs is not None:
-            raise RunnerError(f"{name}: this model is unconditional; do not pass a conditioning "
-                              f"('encoder_hidden_states' or 'class_labels')")
-        if ehs is None:
-            return None
-        if not torch.is_tensor(ehs) or ehs.dim() != 3 or ehs.shape[0] != b:
-            raise RunnerError(f"{name}: 'encoder_hidden_states' must be [B={b}, S, D], got "
-                              f"{tuple(getattr(ehs, 'shape', ())) or type(ehs).__name__}")
-        if self.encoder_shape is not None and tuple(ehs.shape[1:]) != tuple(self.encoder_shape):
-            raise RunnerError(f"{name}: 'encoder_hidden_states' is {list(ehs.shape)}, the model takes "
-                              f"[B, {', '.join(map(str, self.encoder_shape))}]")
-        return ehs.float()
-
-    def _check_labels(self, name: str, labels, b: int) -> torch.Tensor:
-        """class_labels [B] int64 in 0..num_classes of a class-conditional model."""
-        n = self.num_classes
-        if labels is None:
-            raise RunnerError(f"{name}: this model is class-conditional; 'class_labels' [B={b}] int64 in 0..{n} "
-                              f"is required ({n}: the null class)")
-        if not torch.is_tensor(labels) or labels.is_floating_point() or labels.is_complex() \
-                or labels.dtype == torch.bool or labels.shape != (b,):
-            raise RunnerError(f"{name}: 'class_labels' must be an integer [B={b}] tensor, got "
-                              f"{getattr(labels, 'dtype', type(labels).__name__)} "
-                              f"{list(getattr(labels, 'shape', []))}")
-        bad = labels[(labels < 0) | (labels > n)]
-        if bad.numel():
-            raise RunnerError(f"{name}: class label {int(bad[0])} is outside 0..{n} ({n} classes; {n}: the null "
-                              f"class)")
-        return labels.long()
+        if bool((mask == 0).any()):
+            raise RunnerError(f"{name}: this model takes no 'encoder_attention_mask' (a UNet, or PixArt graphs "
+                              f"exported before the mask input existed), so a mask with padding cannot be "
+                              f"applied; re-export PixArt graphs to apply it")
+        return given

@@ -16,14 +16,17 @@ class TorchRunner(Runner):
         config = getattr(unet, "modiff_config", None)
         cfg = getattr(unet, "config", None)
         hw = denoiser.sample_hw(unet)
+        shape = None
+        if hw is not None:
+            c = denoiser.latent_channels(unet)
+            shape = ((hw[0] // 2) * (hw[1] // 2), 4 * c) if denoiser.packed(unet) else (c, *hw)
         super().__init__(keyframe_interval=config.keyframe_interval if config else None,
                          reuse_interval=config.reuse_interval if config else None,
                          reuse_forecast=config.reuse_forecast if config else "none",
                          uses_cache=any(layer.uses_cache for layer in modiff_layers(unet)),
-                         conditional=denoiser.conditioning(unet) == "text" if cfg is not None else None,
-                         sample_shape=(int(cfg.in_channels), *hw) if hw else None,
-                         num_classes=denoiser.num_classes(unet) if cfg is not None else None,
-                         masked=denoiser.takes_mask(unet))
+                         # a PyTorch model takes any text length S (graphs fix it)
+                         conditioning=denoiser.conditioning_of(unet).any_length() if cfg is not None else None,
+                         sample_shape=shape, image_hw=hw)
         self.unet = unet.eval()
 
     def describe_path(self) -> str:
@@ -41,8 +44,7 @@ class TorchRunner(Runner):
             with torch.no_grad():
                 # clones: the first layer caches its input and the last layer's cache is the output,
                 # so a caller editing either tensor in place must not reach into the caches
-                return denoiser.call(self.unet, sample.clone(), timestep, cond.get(self.cond_input),
-                                     cond.get(denoiser.ENCODER_MASK)).clone()
+                return denoiser.call(self.unet, sample.clone(), timestep, cond).clone()
         finally:
             for layer in layers:
                 layer.phase = None

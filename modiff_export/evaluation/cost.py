@@ -35,8 +35,8 @@ class LayerMacs:
 
 def count_macs(unet: nn.Module, *args, **kwargs) -> list[LayerMacs]:
     """MACs of every Conv2d/Linear (including the ones inside MoDiffLayer wrappers) for one call
-    `unet(*args, **kwargs)`, from the real input shapes (diffusion transformers: through models/denoiser.py,
-    args = sample, timestep, cond). Layers called twice are summed."""
+    `denoiser.call(unet, *args, **kwargs)`, from the real input shapes (args = sample, timestep[, cond {name:
+    tensor}]; without cond: zeros of the model's conditioning). Layers called twice are summed."""
     from ..models import denoiser
     from ..quant.quantization import MoDiffLayer
 
@@ -66,19 +66,14 @@ def count_macs(unet: nn.Module, *args, **kwargs) -> list[LayerMacs]:
             hooks.append(m.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():
-            if type(unet).__name__ in denoiser.TRANSFORMERS:
-                sample, timestep, *cond = args
+            if type(unet).__name__ in denoiser.SUPPORTED:
+                sample, timestep, *rest = args
                 b = sample.shape[0]
                 timestep = torch.as_tensor(timestep, dtype=torch.float32).flatten().expand(b)  # [B], as runners pass
-                n = denoiser.num_classes(unet)
-                if not cond and n is not None:  # MACs do not depend on the label: class 0 for every image
-                    cond = [torch.zeros(b, dtype=torch.int64)]
-                elif not cond and denoiser.conditioning(unet) == "text":
-                    from ..models.loading import PIXART_SEQ_LEN
-
-                    cond = [torch.zeros(b, PIXART_SEQ_LEN, denoiser.text_dim(unet))]
-                denoiser.call(unet, sample, timestep, *cond, **kwargs)
-            else:
+                # MACs do not depend on the conditioning's values: zeros (label 0) where none is given
+                cond = rest[0] if rest else denoiser.conditioning_of(unet).example(b, denoiser.sample_hw(unet))
+                denoiser.call(unet, sample, timestep, cond, **kwargs)
+            else:  # any other module (tests): called as it is
                 unet(*args, **kwargs)
     finally:
         for h in hooks:
@@ -140,7 +135,10 @@ def reuse_cost_row(unet: nn.Module, macs: list[LayerMacs], config, steps: int, s
 
     q = quantize(copy.deepcopy(unet), config).eval()
     with torch.no_grad():
-        q(torch.zeros(1, *sample_shape), torch.tensor([500.0]))
+        from ..models import denoiser
+
+        denoiser.call(q, torch.zeros(1, *sample_shape), torch.tensor([500.0]),
+                      denoiser.conditioning_of(q).example(1, tuple(sample_shape[-2:])))
     deep = frozenset(m.name for m in macs if q.modiff_reuse.is_deep(m.name))
     modiff = config.mode == "modiff"
     forecast = LinearForecast.BUFFERS if config.reuse_forecast == "linear" else 0

@@ -182,6 +182,27 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(light)
 
 
+def fold_constant_mods(model: onnx.ModelProto) -> int:
+    """Replace every Mod of two constants by its value. The TorchScript exporter writes `unflatten(-1, ...)`
+    (FLUX's attention heads, diffusers' FluxAttnProcessor) as Mod(-1, rank) on constants and does not fold it;
+    ONNX-TensorRT has no Mod (its support matrix), so the check would refuse the graph. Returns the number."""
+    consts = constants(model)
+    folded = 0
+    for node in list(model.graph.node):
+        if node.op_type != "Mod" or not all(x in consts for x in node.input):
+            continue
+        a, b = (consts[x] for x in node.input)
+        fmod = next((att.i for att in node.attribute if att.name == "fmod"), 0)
+        value = np.fmod(a, b) if fmod else np.mod(a, b)
+        const = onnx.helper.make_node("Constant", [], list(node.output), name=node.name,
+                                      value=numpy_helper.from_array(np.asarray(value, dtype=a.dtype)))
+        idx = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        model.graph.node.insert(idx, const)
+        folded += 1
+    return folded
+
+
 def fold_static_squeezes(model: onnx.ModelProto) -> int:
     """Replace by Identity every `If` the TorchScript exporter emits for `x.squeeze(d)` on a tensor whose
     size at d it did not know: then-branch Squeeze(x, d), else-branch Identity(x), condition

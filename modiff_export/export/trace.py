@@ -5,9 +5,9 @@
     shallow.onnx (block reuse, design section 1.1): sample, timestep[, cond], outer caches..., feature
                                                                       -> noise_pred, outer caches...
 
-cond: encoder_hidden_states [B, S, D] (text-conditional: UNet2DConditionModel, PixArt) or class_labels
-[B] int64 (class-conditional: DiT); PixArt graphs also take encoder_attention_mask [B, S] float32 (1 attend,
-0 caption padding) after it; the denoiser is called through models/denoiser.py.
+cond: the model's named conditioning inputs in their order (models/conditioning.py: encoder_hidden_states,
+class_labels, encoder_attention_mask, text_embeds/time_ids, pooled_projections, guidance); the denoiser is
+called through models/denoiser.py. FLUX graphs take packed latents [B, N, C*4] as `sample`.
 
 Both are traced from the PyTorch reference (quant/quantization.py) with `export_qdq` on, so the graph
 computes exactly what the reference computes; export/passes.py then stores each quantized weight as
@@ -64,16 +64,15 @@ def _cache_names(layer: str, kind: str) -> tuple[str, str]:
 class _GraphModule(nn.Module):
     """Wraps the quantized denoiser as a function of explicit tensors (what torch.onnx traces).
 
-    phase "prime":   (sample, timestep[, cond[, mask]])                            -> (noise, *caches[, feature])
-    phase "step":    (sample, timestep[, cond[, mask]][, delta_scales], *caches)   -> (noise, *caches[, feature])
-    phase "shallow": (sample, timestep[, cond[, mask]], *outer caches, feature)    -> (noise, *outer caches)
-    mask: encoder_attention_mask [B, S] of PixArt graphs (models/denoiser.py).
+    phase "prime":   (sample, timestep, *cond)                            -> (noise, *caches[, feature])
+    phase "step":    (sample, timestep, *cond[, delta_scales], *caches)   -> (noise, *caches[, feature])
+    phase "shallow": (sample, timestep, *cond, *outer caches, feature)    -> (noise, *outer caches)
+    cond: one tensor per name of `cond_names` (the manifest's conditioning, in order).
     """
 
-    def __init__(self, unet, phase: str, conditional: bool, scale_input: bool, cache_dtype: torch.dtype):
+    def __init__(self, unet, phase: str, cond_names: tuple[str, ...], scale_input: bool, cache_dtype: torch.dtype):
         super().__init__()
-        self.unet, self.phase, self.conditional = unet, phase, conditional
-        self.masked = conditional and denoiser.takes_mask(unet)  # PixArt: encoder_attention_mask follows cond
+        self.unet, self.phase, self.cond_names = unet, phase, tuple(cond_names)
         self.scale_input, self.cache_dtype = scale_input, cache_dtype
         self.layers = [l for l in modiff_layers(unet) if l.uses_cache]
         self.quantized = [l for l in modiff_layers(unet) if not l.skipped]
@@ -82,8 +81,7 @@ class _GraphModule(nn.Module):
 
     def forward(self, sample, timestep, *rest):
         rest = list(rest)
-        ehs = rest.pop(0) if self.conditional else None
-        mask = rest.pop(0) if self.masked else None  # [B, S]
+        cond = {name: rest.pop(0) for name in self.cond_names}
         shallow = self.phase == "shallow"
         if self.phase == "step" and self.scale_input:
             scales = rest.pop(0)  # [L]: this step's static delta scale per quantized layer
@@ -99,7 +97,7 @@ class _GraphModule(nn.Module):
             self.reuse.phase = "shallow" if shallow else "full"
             if shallow:
                 self.reuse.feature = _as(rest[-1], torch.float32)
-        noise = denoiser.call(self.unet, sample, timestep, ehs, mask)
+        noise = denoiser.call(self.unet, sample, timestep, cond)
         caches = [t for l in (self.outer if shallow else self.layers) for t in (l.a_hat, l.o_hat)]
         if self.reuse is not None and not shallow:
             caches.append(self.reuse.feature)
@@ -150,8 +148,8 @@ def export_model(model: LoadedModel, config: QuantConfig, out: str | Path, *,
     _check_request(model, config, scales, cache_dtype, opset)
     unet, n_buckets = _quantized_unet(model, config, scales, weights or WeightChoices())
     inputs = _input_specs(model)
-    args = _example_args(inputs)
-    caches, feature = _cache_specs(unet, args, model.conditional or model.class_conditional, cache_dtype)
+    args = _example_args(model, inputs)
+    caches, feature = _cache_specs(unet, args, model.conditioning.names, cache_dtype)
     if target not in ("trt", "ort"):
         raise ExportError(f"target {target!r} not in ['trt', 'ort']")
     manifest = _manifest(model, unet, config, inputs, caches, scales, n_buckets, cache_dtype, opset, feature)
@@ -207,39 +205,29 @@ def _quantized_unet(model: LoadedModel, config: QuantConfig, scales: ScaleTable 
 
 
 def _input_specs(model: LoadedModel) -> tuple[TensorSpec, ...]:
-    """sample [batch, C, H, W], timestep [batch][, encoder_hidden_states [batch, S, D] | class_labels [batch]]."""
-    C, H, W = model.sample_shape
-    specs = [TensorSpec("sample", (BATCH, C, H, W), "float32"), TensorSpec("timestep", (BATCH,), "float32")]
-    if model.class_conditional:
-        specs.append(TensorSpec(denoiser.CLASS_LABELS, (BATCH,), "int64"))
-    elif model.conditional:
-        S, D = model.encoder_seq_len or 77, model.cross_attention_dim
-        specs.append(TensorSpec("encoder_hidden_states", (BATCH, S, D), "float32"))
-        if model.unet is not None and denoiser.takes_mask(model.unet):  # PixArt: caption padding mask
-            specs.append(TensorSpec(denoiser.ENCODER_MASK, (BATCH, S), "float32"))
-    return tuple(specs)
+    """sample [batch, C, H, W] (packed: [batch, N, C*4]), timestep [batch], then every conditioning input."""
+    specs = [TensorSpec("sample", (BATCH, *model.graph_sample_shape), "float32"),
+             TensorSpec("timestep", (BATCH,), "float32")]
+    return tuple(specs + [TensorSpec(c.name, (BATCH, *c.shape), c.dtype) for c in model.conditioning])
 
 
-def _example_args(inputs: tuple[TensorSpec, ...]) -> list[torch.Tensor]:
+def _example_args(model: LoadedModel, inputs: tuple[TensorSpec, ...]) -> list[torch.Tensor]:
     """One example tensor per input at batch 1 (the smallest trace: activations and caches of one sample,
-    ~1.8 GB for SD-sized models; any batch works at run time, the batch axis is symbolic); seed 0."""
-    torch.manual_seed(0)
-    def example(s: TensorSpec) -> torch.Tensor:
-        if s.name == "timestep":
-            return torch.full(s.concrete(1), 500.0)
-        if s.name == denoiser.ENCODER_MASK:  # every token but the last attended: a mask that masks something
-            return torch.cat([torch.ones(1, s.shape[1] - 1), torch.zeros(1, 1)], dim=1)
-        return torch.zeros(s.concrete(1), dtype=torch.int64) if s.dtype == "int64" else torch.randn(s.concrete(1))
-    return [example(s) for s in inputs]
+    ~1.8 GB for SD-sized models; any batch works at run time, the batch axis is symbolic); seed 0. The
+    conditioning's examples: Conditioning.example (a PixArt mask that masks the last token)."""
+    g = torch.Generator().manual_seed(0)
+    cond = model.conditioning.example(1, model.sample_shape[1:], g)
+    sample = torch.randn((1, *model.graph_sample_shape), generator=g)
+    return [sample, torch.full((1,), 500.0)] + [cond[s.name] for s in inputs[2:]]
 
 
-def _cache_specs(unet: nn.Module, args: list[torch.Tensor], conditional: bool, cache_dtype: str
+def _cache_specs(unet: nn.Module, args: list[torch.Tensor], cond_names: tuple[str, ...], cache_dtype: str
                  ) -> tuple[tuple[CacheSpec, ...], CacheSpec | None]:
     """One real prime call gives every cache's shape: (a_hat, o_hat) [batch, ...] per cached layer, and
     that of the block-reuse feature (None without reuse)."""
     with torch.no_grad(), _export_state(unet):
         reset_caches(unet)
-        _GraphModule(unet, "prime", conditional, False, getattr(torch, cache_dtype))(*args)
+        _GraphModule(unet, "prime", cond_names, False, getattr(torch, cache_dtype))(*args)
         entries = list_caches(unet)
         reuse = getattr(unet, "modiff_reuse", None)
         feature = None if reuse is None else CacheSpec(reuse.source, "feature", *_cache_names(reuse.source, "feature"),
@@ -252,9 +240,7 @@ def _manifest(model: LoadedModel, unet: nn.Module, config: QuantConfig, inputs: 
               caches: tuple[CacheSpec, ...], scales: ScaleTable | None, n_buckets: int, cache_dtype: str,
               opset: int, feature: CacheSpec | None = None) -> Manifest:
     """The typed contract of the graphs about to be traced (file digests are added after writing)."""
-    C, H, W = model.sample_shape
     quantized = [layer.name for layer in modiff_layers(unet) if not layer.skipped]
-    out_ch = model.out_channels or C  # what the denoiser returns (the epsilon half of learned-sigma models)
     step_extra = ()
     if n_buckets > 1 and config.mode == "modiff":  # delta_scales [L]: one scale per quantized layer per step
         step_extra = (TensorSpec("delta_scales", (len(quantized),), "float32"),)
@@ -268,7 +254,8 @@ def _manifest(model: LoadedModel, unet: nn.Module, config: QuantConfig, inputs: 
         model=model.info, quant_config=config, opset=opset, cache_dtype=cache_dtype, reuse=reuse,
         graphs={"prime": "prime.onnx", "step": "step.onnx" if caches else None,
                 "shallow": "shallow.onnx" if reuse else None},
-        inputs=inputs, outputs=(TensorSpec("noise_pred", (BATCH, out_ch, H, W), "float32"),),
+        # what the denoiser returns: the epsilon half of learned-sigma models; packed latents for FLUX
+        inputs=inputs, outputs=(TensorSpec("noise_pred", (BATCH, *model.info.graph_output_shape), "float32"),),
         caches=caches, step_extra_inputs=step_extra,
         layers=tuple(LayerInfo(**_layer_entry(layer)) for layer in modiff_layers(unet)), scales=table)
 
@@ -285,7 +272,7 @@ def _layer_entry(l) -> dict:
 def _trace(unet: nn.Module, manifest: Manifest, role: str, args: list[torch.Tensor], path: Path) -> None:
     """Trace the `role` graph with the names, batch axes and shapes of `manifest`, turn its weights into
     int8/int4 initializers (passes.py) and write it to `path` (checked by onnx.checker)."""
-    module = _GraphModule(unet, role, manifest.cond_input is not None, bool(manifest.step_extra_inputs),
+    module = _GraphModule(unet, role, manifest.conditioning.names, bool(manifest.step_extra_inputs),
                           getattr(torch, manifest.cache_dtype))
     in_specs, out_specs = manifest.graph_inputs(role), manifest.graph_outputs(role)
     call_args = list(args)
@@ -305,6 +292,7 @@ def _trace(unet: nn.Module, manifest: Manifest, role: str, args: list[torch.Tens
     passes.remove_unused(model)
     passes.set_io_shapes(model, {s.name: list(s.shape) for s in in_specs + out_specs})
     passes.fold_static_squeezes(model)
+    passes.fold_constant_mods(model)
     passes.remove_unused(model)
     _save(model, path)
     del model
@@ -321,7 +309,7 @@ def _torch_export(module: nn.Module, call_args: list, in_specs: list[TensorSpec]
     raw_dir = folder / f".raw-{role}"
     raw_dir.mkdir()
     raw = raw_dir / "model.onnx"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _traceable_rms_norm(), _traceable_rotary():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(module, tuple(call_args), str(raw), dynamo=False, opset_version=opset,
@@ -334,6 +322,54 @@ def _torch_export(module: nn.Module, call_args: list, in_specs: list[TensorSpec]
     model = onnx.load(str(raw))
     shutil.rmtree(raw_dir)
     return model
+
+
+@contextlib.contextmanager
+def _traceable_rms_norm():
+    """torch.nn.RMSNorm (FLUX's and SD3.5's q/k norms) traces to aten::rms_norm, an ONNX op only from opset 23:
+    while tracing, compute it from its definition instead, x * rsqrt(mean(x^2, last dims) + eps) * weight, which
+    traces to ONNX ops of every opset with the batch axis left dynamic (eps None: the dtype's eps, as torch)."""
+    def forward(self, x):
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+        return y * self.weight if self.weight is not None else y
+
+    original = nn.RMSNorm.forward
+    nn.RMSNorm.forward = forward
+    try:
+        yield
+    finally:
+        nn.RMSNorm.forward = original
+
+
+@contextlib.contextmanager
+def _traceable_rotary():
+    """FLUX's rotary embedding (diffusers' apply_rotary_emb, use_real_unbind_dim=-1) reshapes with
+    `x.reshape(*x.shape[:-1], -1, 2)`: the tracer records that slice of x.shape as constants, so the graph would
+    run at the traced batch only. While tracing, the same arithmetic with unflatten (a dynamic Reshape)."""
+    try:
+        import diffusers.models.transformers.transformer_flux as flux
+    except ImportError:  # diffusers without FLUX: nothing to patch
+        yield
+        return
+    original = flux.apply_rotary_emb
+
+    def apply_rotary_emb(x, freqs_cis, use_real=True, use_real_unbind_dim=-1, sequence_dim=2):
+        if not use_real or use_real_unbind_dim != -1:
+            return original(x, freqs_cis, use_real, use_real_unbind_dim, sequence_dim)
+        cos, sin = freqs_cis  # [S, D] each
+        index = (None, None, slice(None), slice(None)) if sequence_dim == 2 else (None, slice(None), None, slice(None))
+        cos, sin = cos[index].to(x.device), sin[index].to(x.device)
+        x_real, x_imag = x.unflatten(-1, (-1, 2)).unbind(-1)  # [B, S, H, D/2] each
+        x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+        return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+    flux.apply_rotary_emb = apply_rotary_emb
+    try:
+        yield
+    finally:
+        flux.apply_rotary_emb = original
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:

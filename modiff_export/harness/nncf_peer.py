@@ -24,11 +24,10 @@ def nncf_settings_text(settings: dict | None = None) -> str:
     return ", ".join(f"{k}={v}" for k, v in s.items())
 
 
-def nncf_quantize(fp_folder: Path, out: Path, inputs: list, cond_name: str | None = None,
-                  settings: dict | None = None, mask_name: str | None = None) -> Path:
-    """NNCF int8 of `fp_folder`'s prime.onnx, calibrated on `inputs` ([(sample [B,C,H,W], timestep, cond)]
-    from FP trajectories, harness/recorder.py; cond goes to the graph input `cond_name`, e.g. class_labels;
-    a caption-mask input `mask_name` (PixArt) gets all ones), written to `out` (prime.xml/.bin + manifest.json)."""
+def nncf_quantize(fp_folder: Path, out: Path, inputs: list, settings: dict | None = None) -> Path:
+    """NNCF int8 of `fp_folder`'s prime.onnx, calibrated on `inputs` ([(sample, timestep, cond {name: tensor})]
+    from FP trajectories, harness/recorder.py; inputs the recording left out take their defaults, e.g. a PixArt
+    mask of all ones: Conditioning.check), written to `out` (prime.xml/.bin + manifest.json)."""
     import nncf
     import numpy as np
     import openvino as ov
@@ -39,10 +38,14 @@ def nncf_quantize(fp_folder: Path, out: Path, inputs: list, cond_name: str | Non
     s = settings or NNCF_SETTINGS
     fp_folder, out = Path(fp_folder), Path(out)
     model = ov.Core().read_model(str(fp_folder / "prime.onnx"))
-    items = [{"sample": x.numpy(), "timestep": np.full((x.shape[0],), float(t), np.float32),
-              **({cond_name: c.numpy()} if cond_name and c is not None else {}),
-              **({mask_name: np.ones(c.shape[:2], np.float32)} if mask_name and c is not None else {})}
-             for x, t, c in inputs]
+    fp = Manifest.load(fp_folder)
+
+    def item(x, t, cond) -> dict:
+        feeds = fp.conditioning.check(cond, x.shape[0], "nncf calibration", fp.model.sample_size)
+        return {"sample": x.numpy(), "timestep": np.full((x.shape[0],), float(t), np.float32),
+                **{k: v.numpy() for k, v in feeds.items()}}
+
+    items = [item(*call) for call in inputs]
     level = logging.getLogger("nncf").level
     logging.getLogger("nncf").setLevel(logging.ERROR)
     try:
@@ -54,7 +57,7 @@ def nncf_quantize(fp_folder: Path, out: Path, inputs: list, cond_name: str | Non
                                   disable_bias_correction=s["disable_bias_correction"]))
     finally:
         logging.getLogger("nncf").setLevel(level)
-    manifest = Manifest.load(fp_folder).replace(
+    manifest = fp.replace(
         graphs={"prime": "prime.xml", "step": None}, target="openvino",
         variant={"method": f"nncf.quantize (nncf {nncf.__version__})", "settings": nncf_settings_text(s),
                  "calibration_calls": len(items)})

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 
 class Recorder:
     """Wraps a runner; keeps every call's inputs (calibration data for the peer) and outputs (parity)."""
@@ -10,14 +12,27 @@ class Recorder:
     def __init__(self, runner):
         self.runner, self.inputs, self.outputs = runner, [], []
 
+    @property
+    def conditioning(self):
+        return getattr(self.runner, "conditioning", None)
+
+    @property
+    def packed(self) -> bool:
+        return bool(getattr(self.runner, "packed", False))
+
     def reset(self):
         self.runner.reset()
 
-    def __call__(self, sample, t, ehs=None, mask=None):
-        out = self.runner(sample, t, ehs, mask)  # a Runner: mask None attends to every caption token
-        # sample [B, C, H, W], one timestep per call, the conditioning (None, [B, S, D] states or [B] labels);
-        # a caption mask (PixArt) is passed on, not recorded: the peer's calibration attends to every token
-        self.inputs.append((sample.clone(), float(t), None if ehs is None else ehs.clone()))
+    def __call__(self, sample, t, cond=None, mask=None):
+        out = self.runner(sample, t, cond, mask)  # a Runner: mask None attends to every caption token
+        # sample, one timestep per call, the conditioning {name: tensor} as given (a tensor: the model's only
+        # required input); a caption mask (PixArt) is passed on, not recorded: the peer's calibration attends
+        # to every token
+        if torch.is_tensor(cond) and self.conditioning is not None:
+            cond = self.conditioning.as_mapping(cond, "recorder")
+        elif torch.is_tensor(cond):
+            cond = {"encoder_hidden_states": cond}
+        self.inputs.append((sample.clone(), float(t), {k: v.clone() for k, v in (cond or {}).items()}))
         self.outputs.append(out.clone())
         return out
 

@@ -132,7 +132,7 @@ def export_nncf(spec: str, fp_folder: Path, batch: int, seeds: int = 2, steps: i
     from ..backends.openvino_runner import OpenVinoRunner
     from ..manifest import Manifest
     from ..models import load_model
-    from ..sampling import generate, make_scheduler, with_null_class
+    from ..sampling import generate, make_scheduler
     from .nncf_peer import nncf_quantize
     from .recorder import Recorder
 
@@ -143,16 +143,14 @@ def export_nncf(spec: str, fp_folder: Path, batch: int, seeds: int = 2, steps: i
     manifest = Manifest.load(fp_folder)
     rec = Recorder(OpenVinoRunner(fp_folder, threads=1, precision="f32"))
     for seed in range(seeds):
-        # conditional models: cond and uncond (null class / zero states) in one CFG call (guidance 4)
-        cond, uncond = None, None
+        # conditional models: cond and uncond (null class / zero content) in one CFG call (guidance 4)
+        _, _, cond = inputs(manifest, batch, seed)
         if m.num_classes is not None:
-            cond, uncond = with_null_class(torch.arange(batch) % m.num_classes, m.num_classes)
-        elif manifest.cond_input is not None:
-            _, _, cond = inputs(manifest, batch, seed)  # [B, S, D]
-            uncond = torch.zeros_like(cond)
-        generate(rec, make_scheduler("ddim", m.scheduler_config), steps, batch, seed, m.sample_shape, cond, uncond,
-                 guidance_scale=1.0 if cond is None else 4.0, progress=False)
-    return nncf_quantize(fp_folder, out, rec.inputs, manifest.cond_input, mask_name=manifest.mask_input)
+            cond = {manifest.conditioning.labels.name: torch.arange(batch) % m.num_classes}
+        sched = make_scheduler("auto", m.scheduler_config)
+        generate(rec, sched, steps, batch, seed, m.sample_shape, cond, None,
+                 guidance_scale=4.0 if manifest.conditioning.guided else 1.0, progress=False)
+    return nncf_quantize(fp_folder, out, rec.inputs)
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -163,19 +161,15 @@ def rss_mb() -> float:
 
 
 def inputs(manifest, batch: int, seed: int = 0):
-    """(sample, a sample close to it for the step call, the conditioning or None): random encoder states
-    [B, S, D] for text-conditional graphs, random class labels [B] int64 (no null class) for class-conditional
-    ones (models/denoiser.py)."""
-    from ..models.denoiser import CLASS_LABELS
-
+    """(sample, a sample close to it for the step call, the conditioning {name: tensor}): random content
+    (encoder states, pooled vectors), random class labels [B] int64 (no null class), the other inputs' defaults
+    (models/conditioning.py Conditioning.example)."""
     g = torch.Generator().manual_seed(seed)
-    names = {s.name: s for s in manifest.inputs}
-    x = torch.randn((batch, *names["sample"].shape[1:]), generator=g)
-    cond = None
-    if manifest.cond_input == CLASS_LABELS:
-        cond = torch.randint(0, manifest.model.num_classes, (batch,), generator=g)
-    elif manifest.cond_input is not None:  # encoder_hidden_states [B, S, D]
-        cond = torch.randn((batch, *names[manifest.cond_input].shape[1:]), generator=g)
+    x = torch.randn((batch, *manifest.model.graph_sample_shape), generator=g)
+    cond = manifest.conditioning.example(batch, manifest.model.sample_size, g)
+    labels = manifest.conditioning.labels
+    if labels is not None:
+        cond[labels.name] = torch.randint(0, labels.num_classes, (batch,), generator=g)
     return x, 0.97 * x + 0.05 * torch.randn(x.shape, generator=g), cond
 
 
@@ -213,11 +207,8 @@ class Timed:
         before = rss_mb()
         if v.plain:
             self.req = compile_plain(folder, threads, v.hint, extra, batch if static else None).create_infer_request()
-            self.feed = {"sample": self.x.numpy(), "timestep": torch.full((batch,), 520.0).numpy()}
-            if self.ehs is not None:
-                self.feed[manifest.cond_input] = self.ehs.numpy()
-            if manifest.mask_input:  # PixArt: every caption token attended, as the runner rows get
-                self.feed[manifest.mask_input] = torch.ones(self.ehs.shape[:2]).numpy()
+            self.feed = {"sample": self.x.numpy(), "timestep": torch.full((batch,), 520.0).numpy(),
+                         **{k: v.numpy() for k, v in self.ehs.items()}}
         else:
             key = (v.graphs, v.runner)
             if key not in pool:

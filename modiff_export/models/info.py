@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import Fields
+from .conditioning import CondInput, Conditioning
 
 DEFAULT_SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
 
@@ -26,11 +27,29 @@ class ModelInfo:
     encoder_seq_len: int | None = None
     scheduler_config: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULER_CONFIG))
     num_classes: int | None = None
+    conditioning: Conditioning | None = None  # None: from the fields above (manifests before named conditioning)
+    packed: bool = False  # FLUX: the graphs take packed latents [B, (H/2)(W/2), C*4] (models/denoiser.py)
+
+    def __post_init__(self):
+        if self.conditioning is None:
+            object.__setattr__(self, "conditioning", legacy_conditioning(
+                self.cross_attention_dim, self.encoder_seq_len, self.num_classes, self.class_name))
 
     @property
     def conditional(self) -> bool:
         """Takes encoder_hidden_states (text-conditional)."""
         return self.cross_attention_dim is not None
+
+    @property
+    def graph_sample_shape(self) -> tuple[int, ...]:
+        """The graphs' per-sample `sample` shape: (C, H, W), or (N, C*4) packed."""
+        C, (H, W) = self.in_channels, self.sample_size
+        return ((H // 2) * (W // 2), C * 4) if self.packed else (C, H, W)
+
+    @property
+    def graph_output_shape(self) -> tuple[int, ...]:
+        C, (H, W) = self.out_channels, self.sample_size
+        return ((H // 2) * (W // 2), C * 4) if self.packed else (C, H, W)
 
     @property
     def class_conditional(self) -> bool:
@@ -59,12 +78,28 @@ class ModelInfo:
         cad = f.get("cross_attention_dim", int, optional=True)
         if n_cls is not None and cad is not None:
             f.fail("num_classes", "a model is class- or text-conditional, not both (cross_attention_dim is set)")
+        named = Conditioning.parse(f) if "conditioning" in f.d else None
+        packed = bool(f.get("packed", bool, optional=True))
+        if packed and any(s % 2 for s in size):
+            f.fail("sample_size", f"must be even in both dimensions for packed latents, got {size!r}")
         return cls(f.get("name", str), f.get("class", str), f.get("content_hash", str), chans["in_channels"],
-                   chans["out_channels"], tuple(size), cad, f.get("encoder_seq_len", int, optional=True), sched, n_cls)
+                   chans["out_channels"], tuple(size), cad, f.get("encoder_seq_len", int, optional=True), sched, n_cls,
+                   named, packed)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "class": self.class_name, "content_hash": self.content_hash,
                 "in_channels": self.in_channels, "out_channels": self.out_channels,
                 "sample_size": list(self.sample_size), "cross_attention_dim": self.cross_attention_dim,
                 "encoder_seq_len": self.encoder_seq_len, "scheduler_config": self.scheduler_config,
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, "conditioning": self.conditioning.to_list(),
+                "derived": list(self.conditioning.derived), "packed": self.packed}
+
+
+def legacy_conditioning(cross_attention_dim, encoder_seq_len, num_classes, class_name: str = "") -> Conditioning:
+    """The named inputs that the one-conditioning-input fields of earlier manifests describe (their graphs
+    took encoder_hidden_states [B, S, D] or class_labels [B]; PixArt's mask is added where the graphs have it)."""
+    if num_classes is not None:
+        return Conditioning((CondInput("class_labels", (), "int64", "labels", num_classes),))
+    if cross_attention_dim is not None:
+        return Conditioning((CondInput("encoder_hidden_states", (encoder_seq_len or 77, cross_attention_dim)),))
+    return Conditioning()

@@ -5,17 +5,21 @@ models or a local diffusers folder (no downloads).
     spec = "digits_b"           -> modiff_export/assets/digits_b (second validation model, docs/quality.md)
     spec = "digits_dit"         -> modiff_export/assets/digits_dit (class-conditional DiT on digits)
     spec = "digits_dit_b"       -> modiff_export/assets/digits_dit_b (second DiT: deeper, narrower, linear betas)
+    spec = "digits_flux"        -> modiff_export/assets/digits_flux (FLUX architecture, flow matching, with a
+                                   label encoder: label_encoder.safetensors, models/label_encoder.py)
     spec = <model folder>       -> config.json + diffusion_pytorch_model.safetensors [+ scheduler_config.json]
-                                   (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel,
-                                   PixArtTransformer2DModel)
+                                   (UNet2DModel, UNet2DConditionModel incl. SDXL, DiTTransformer2DModel,
+                                   PixArtTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel)
     spec = <pipeline folder>    -> unet/ or transformer/ (as above) + scheduler/scheduler_config.json
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +27,13 @@ import torch
 
 from ..errors import ModiffExportError
 from . import denoiser
-from .info import DEFAULT_SCHEDULER_CONFIG, ModelInfo
+from .conditioning import Conditioning, ConditioningError
+from .info import DEFAULT_SCHEDULER_CONFIG, ModelInfo, legacy_conditioning
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "digits"  # the shipped digits model (the only definition)
 EMBEDDED = {"digits": ASSETS, "digits_b": ASSETS.parent / "digits_b",  # names --model accepts besides folders
-            "digits_dit": ASSETS.parent / "digits_dit", "digits_dit_b": ASSETS.parent / "digits_dit_b"}
+            "digits_dit": ASSETS.parent / "digits_dit", "digits_dit_b": ASSETS.parent / "digits_dit_b",
+            "digits_flux": ASSETS.parent / "digits_flux"}
 UNET_CLASSES = denoiser.SUPPORTED  # every class --model loads (the name is older than the transformers)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 DEFAULT_SEQ_LEN = 77  # CLIP text length; conditional UNets get random encoder states of [B, 77, D]
@@ -56,22 +62,42 @@ class LoadedModel:
     encoder_seq_len: int | None
     out_channels: int | None = None
     num_classes: int | None = None
+    conditioning: Conditioning | None = None  # None: from the fields above (models/info.legacy_conditioning)
+    packed: bool = False                      # FLUX: the graphs take packed latents (models/denoiser.py)
+    label_encoder: torch.nn.Module | None = None  # digits_flux: labels -> its text-like conditioning
+
+    def __post_init__(self):
+        if self.conditioning is None:
+            self.conditioning = legacy_conditioning(self.cross_attention_dim, self.encoder_seq_len, self.num_classes)
 
     @property
     def class_conditional(self) -> bool:
         return self.num_classes is not None
 
+    @property
+    def graph_sample_shape(self) -> tuple[int, ...]:
+        """What the runner's `sample` is per sample: (C, H, W), or packed (N, C*4)."""
+        C, H, W = self.sample_shape
+        return ((H // 2) * (W // 2), C * 4) if self.packed else (C, H, W)
+
     @classmethod
-    def from_unet(cls, unet: torch.nn.Module, name: str, scheduler_config: dict | None = None) -> "LoadedModel":
+    def from_unet(cls, unet: torch.nn.Module, name: str, scheduler_config: dict | None = None,
+                  seq_len: int | None = None, label_encoder=None) -> "LoadedModel":
         """Describe an in-memory diffusers denoiser (shapes from its config, identity from its weights)."""
         h, w = denoiser.sample_hw(unet)
-        cad = denoiser.text_dim(unet)
-        pixart = type(unet).__name__ == "PixArtTransformer2DModel"
+        try:
+            cond = denoiser.conditioning_of(unet, seq_len)
+        except ConditioningError as e:
+            raise ModelError(f"{name}: {e}") from None
+        ehs, labels = cond.get(denoiser.ENCODER_STATES), cond.labels
+        packed = denoiser.packed(unet)
+        out = denoiser.eps_channels(unet)
         return cls(unet=unet, name=name, scheduler_config=dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG),
-                   content_hash=content_hash(unet), conditional=cad is not None,
-                   sample_shape=(int(unet.config.in_channels), h, w), cross_attention_dim=cad,
-                   encoder_seq_len=None if cad is None else PIXART_SEQ_LEN if pixart else DEFAULT_SEQ_LEN,
-                   out_channels=denoiser.eps_channels(unet), num_classes=denoiser.num_classes(unet))
+                   content_hash=content_hash(unet), conditional=ehs is not None,
+                   sample_shape=(denoiser.latent_channels(unet), h, w),
+                   cross_attention_dim=ehs.shape[1] if ehs else None, encoder_seq_len=ehs.shape[0] if ehs else None,
+                   out_channels=out // 4 if packed else out, num_classes=labels.num_classes if labels else None,
+                   conditioning=cond, packed=packed, label_encoder=label_encoder)
 
     @classmethod
     def from_info(cls, info: ModelInfo) -> "LoadedModel":
@@ -80,7 +106,8 @@ class LoadedModel:
         return cls(unet=None, name=info.name, scheduler_config=dict(info.scheduler_config),
                    content_hash=info.content_hash, conditional=info.conditional, sample_shape=info.sample_shape,
                    cross_attention_dim=info.cross_attention_dim, encoder_seq_len=info.encoder_seq_len,
-                   out_channels=info.out_channels, num_classes=info.num_classes)
+                   out_channels=info.out_channels, num_classes=info.num_classes, conditioning=info.conditioning,
+                   packed=info.packed)
 
     @property
     def info(self) -> ModelInfo:
@@ -88,7 +115,7 @@ class LoadedModel:
         C, H, W = self.sample_shape
         return ModelInfo(self.name, type(self.unet).__name__ if self.unet is not None else "UNet", self.content_hash,
                          C, self.out_channels or C, (H, W), self.cross_attention_dim, self.encoder_seq_len,
-                         dict(self.scheduler_config), self.num_classes)
+                         dict(self.scheduler_config), self.num_classes, self.conditioning, self.packed)
 
     def copy(self) -> "LoadedModel":
         """The same model with its own copy of the weights (export and quantize consume the UNet)."""
@@ -115,6 +142,24 @@ def _read_json(path: Path, what: str) -> dict:
     return d
 
 
+class _DropSampleSizeNote(logging.Filter):
+    def filter(self, record) -> bool:
+        return "{'sample_size'" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_sample_size():
+    """A FLUX config names its latent size as `sample_size` (models/denoiser.sample_hw), a key diffusers keeps in
+    model.config but warns about on every load; that one note is dropped, every other warning stays."""
+    log = logging.getLogger("diffusers.configuration_utils")
+    note = _DropSampleSizeNote()
+    log.addFilter(note)
+    try:
+        yield
+    finally:
+        log.removeFilter(note)
+
+
 def load_model(spec: str) -> LoadedModel:
     """Load an embedded model or a local diffusers folder; any problem raises ModelError naming the path."""
     import diffusers
@@ -138,8 +183,9 @@ def load_model(spec: str) -> LoadedModel:
         raise ModelError(f"{unet_dir / WEIGHTS}: missing; expected {EXPECTED}")
     cls = getattr(diffusers, cls_name)
     try:
-        unet = cls.from_pretrained(str(unet_dir), local_files_only=True, use_safetensors=True,
-                                    low_cpu_mem_usage=False)
+        with _quiet_sample_size():
+            unet = cls.from_pretrained(str(unet_dir), local_files_only=True, use_safetensors=True,
+                                       low_cpu_mem_usage=False)
     except Exception as e:  # truncated/corrupt weights, shape mismatches, bad config values
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ModelError(f"{unet_dir / WEIGHTS}: cannot load {cls_name} ({msg})") from None
@@ -151,6 +197,13 @@ def load_model(spec: str) -> LoadedModel:
     T = sched.get("num_train_timesteps", 1000)
     if isinstance(T, bool) or not isinstance(T, int) or not 1 <= T <= 100_000:
         raise ModelError(f"{sched_path}: num_train_timesteps is {T!r}; expected an integer in 1..100000")
-    return LoadedModel.from_unet(unet, name, sched)
+    from .label_encoder import load_label_encoder
+
+    try:
+        encoder = load_label_encoder(unet_dir)
+    except Exception as e:  # truncated file, missing keys
+        raise ModelError(f"{unet_dir}: cannot load its label encoder ({type(e).__name__}: {str(e)[:150]})") from None
+    return LoadedModel.from_unet(unet, name, sched, seq_len=encoder.seq_len if encoder else None,
+                                 label_encoder=encoder)
 
 

@@ -437,8 +437,9 @@ def _before_call(unet: nn.Module, args: tuple, kwargs: dict) -> None:
     if t is None:
         return
     t = t.flatten()[0].item() if torch.is_tensor(t) else float(t)
+    t = t / getattr(unet, "modiff_timestep_scale", 1.0)  # FLUX's forward takes sigma = t / 1000 (models/denoiser.call)
     if not torch.jit.is_tracing():
-        sample = kwargs.get("sample", args[0] if args else None)
+        sample = kwargs.get("sample", kwargs.get("hidden_states", args[0] if args else None))
         ehs = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         for what, x in (("sample", sample), ("encoder_hidden_states", ehs)):
             if torch.is_tensor(x) and x.is_floating_point() and not torch.isfinite(x).all():

@@ -83,8 +83,9 @@ def flux_velocity(transformer, encoder: LabelEncoder, x: torch.Tensor, sigma: to
     in [0, 1], labels [B] -> velocity [B, N, 4]."""
     ehs, pooled = encoder(labels)
     img_ids = denoiser.image_ids(denoiser.tokens_hw(x.shape[1])).to(x.dtype)
+    txt_ids = torch.zeros(ehs.shape[1], 3, dtype=x.dtype)
     return transformer(hidden_states=x, timestep=sigma.to(x.dtype), encoder_hidden_states=ehs,
-                       pooled_projections=pooled, txt_ids=torch.zeros(ehs.shape[1], 3, dtype=x.dtype), img_ids=img_ids, return_dict=False)[0]
+                       pooled_projections=pooled, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
 
 
 def train_flux(steps: int | None = None, seed: int = 0, out: Path = FLUX_ASSETS, batch_size: int = 64,

@@ -4,6 +4,7 @@ otherwise) and ONNX Runtime samples them from the same noise as full precision (
 
     python benchmarks/quality_recipe.py run --models digits,digits_b --bits w8a4,w8a3,w4a4
     python benchmarks/quality_recipe.py table
+    python benchmarks/quality_recipe.py layers --model digits_flux --bits w8a4,w4a4 --guidance 1,2   # issue 32
 
 Variants (the CLI commands each runs; M = model, W/A = bits):
     paper       export --model M --weight-bits W --act-bits A --recipe paper          (MoDiff as published)
@@ -15,6 +16,10 @@ Variants (the CLI commands each runs; M = model, W/A = bits):
 One JSON line per (model, sampler, bits, variant) in --results (done cells are skipped): FD-digits,
 FD relative to FP from the same noise, PSNR to FP, BOPs per trajectory vs FP32 and vs uniform W/A
 (from the exported manifest's layer bits), and the seconds of each CLI step. ONNX Runtime, 1 thread.
+
+`layers` (issue 32) is the study behind the recipe's W8A8 layer list for MMDiT / FLUX: PyTorch reference,
+dynamic scales, no calibration (as the DiT study in docs/transformers.md), one row per set of layers kept at
+W8A8 (LAYER_GROUPS, unions with "+"), FD relative to FP from the same noise, PSNR to FP, label accuracy.
 """
 from __future__ import annotations
 
@@ -213,6 +218,143 @@ def table(results, seed):
         bops = "-" if ddim is None else f"{ddim['bops_vs_uniform']:.3f}"
         print(f"| {wa.upper()} | {variant} | {bops} | " + " | ".join(
             "-" if r is None else f"{r['fd_rel']:+.1f}% ({r['psnr']:.1f} dB)" for r in cells) + " |")
+
+
+# issue 32: which layers the recommended recipe keeps at W8A8 on MMDiT / FLUX, measured. Groups of fnmatch patterns
+# (FLUX names; SD3 shares most: pos_embed.proj, context_embedder, time_text_embed.*, norm1(_context).linear,
+# norm_out.linear, proj_out); a set is a group or a "+"-union of groups; patterns a model lacks are left out.
+# "previous": RECIPE_INT8_LAYERS before issue 32 (measured on DiT only); "recipe": the module's constant today.
+PREVIOUS_RECIPE_INT8_LAYERS = ("conv_in", "conv_out", "time_embedding.*", "*.time_emb_proj", "pos_embed.proj",
+                               "proj_out*", "*timestep_embedder.*", "*.norm1.linear", "adaln_single.linear",
+                               "caption_projection.*")
+LAYER_GROUPS = {
+    "uniform": (),
+    "previous": PREVIOUS_RECIPE_INT8_LAYERS,
+    "embedders": ("x_embedder", "pos_embed.proj", "context_embedder", "time_text_embed.*"),
+    "modulation": ("*.norm1.linear", "*.norm1_context.linear", "single_transformer_blocks.*.norm.linear",
+                   "norm_out.linear"),
+    "final": ("proj_out",),
+    "context": ("transformer_blocks.*.attn.add_q_proj", "transformer_blocks.*.attn.add_k_proj",
+                "transformer_blocks.*.attn.add_v_proj", "transformer_blocks.*.attn.to_add_out",
+                "transformer_blocks.*.ff_context.*"),
+}
+LAYERS_RESULTS = ROOT / "docs" / "quality_layers.jsonl"
+
+
+def model_macs(model) -> list:
+    """count_macs of one call of `model`'s denoiser with the model's own conditioning shapes (digits_flux: its
+    label encoder's 4 text tokens, not the class default of 512) and, for FLUX, the packed latent."""
+    from modiff_export.models.denoiser import pack
+
+    x = torch.zeros(1, *model.sample_shape)  # [1, C, H, W]
+    cond = model.conditioning.example(1, tuple(model.sample_shape[-2:])) if model.conditioning else None
+    return count_macs(model.unet, pack(x) if model.packed else x, torch.tensor(500), *([cond] if cond else []))
+
+
+def layer_set(spec: str, names: list[str]) -> tuple[tuple[str, ...], list[str]]:
+    """(patterns, matched layer names) of a set spec ("recipe", a LAYER_GROUPS key, or keys joined by "+"),
+    only the patterns that match one of `names`."""
+    import fnmatch
+
+    from modiff_export.calibration.recipe import RECIPE_INT8_LAYERS
+
+    pats: list[str] = []
+    for part in spec.split("+"):
+        group = RECIPE_INT8_LAYERS if part == "recipe" else LAYER_GROUPS.get(part)
+        if group is None:
+            raise click.BadParameter(f"unknown layer set {part!r}: expected recipe or one of {list(LAYER_GROUPS)}")
+        pats += [p for p in group if p not in pats and any(fnmatch.fnmatchcase(n, p) for n in names)]
+    return tuple(pats), [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+
+
+@main.command()
+@click.option("--model", "name", default="digits_flux", show_default=True)
+@click.option("--bits", default="w8a4,w4a4", show_default=True, help="Comma list of wWaA.")
+@click.option("--sets", default="uniform,previous,embedders,modulation,final,context,embedders+modulation+final",
+              show_default=True, help="Comma list of layer sets kept at W8A8 (LAYER_GROUPS keys, 'recipe', "
+                                      "unions with '+').")
+@click.option("--samplers", default="flow_euler:28", show_default=True)
+@click.option("--guidance", default="1,2", show_default=True, help="Comma list of CFG scales (FP sampled with each).")
+@click.option("--mode", default="modiff", show_default=True, type=click.Choice(["modiff", "ptq"]))
+@click.option("--num-samples", "n", default=256, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Noise seed of every row and of FP.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/qa_cache"),
+              show_default=True, help="FP samples (shared with quality_ablation.py / quality_table.py).")
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=LAYERS_RESULTS, show_default=True)
+def layers(name, bits, sets, samplers, guidance, mode, n, seed, cache_dir, results):
+    """Issue 32: FD relative to FP (PSNR) per set of layers kept at W8A8, PyTorch reference, dynamic scales,
+    one batch of n from the same noise as FP. One JSON line per cell in --results (done cells are skipped)."""
+    import copy
+
+    from modiff_export.calibration.recipe import linear_layer_names
+    from modiff_export.quant.quantization import quantize
+    from modiff_export.sampling import class_labels, label_classes
+
+    torch.set_num_threads(1)
+    ev, model = DigitsEvaluator(), load_model(name)
+    names = linear_layer_names(model.unet)
+    macs = model_macs(model)
+    done = set()
+    if results.is_file():
+        for line in results.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["model"], r["sampler"], r["bits"], r["mode"], r["set"], r["n"], r["seed"], r["guidance"]))
+    for g in (float(v) for v in guidance.split(",")):
+        for sampler in samplers.split(","):
+            sched, steps = sampler.split(":")
+            steps = int(steps)
+            traj = Trajectories(sched, steps, n, n, seed, guidance_scale=g)
+            ref = fp_reference(model, sched, steps, n, seed, cache_dir, g)
+            fd_fp = ev.frechet_distance(ref)
+            labels = class_labels(model, traj, 0, n)[0] if label_classes(model) else None
+            for wa in bits.split(","):
+                w, a = (int(v) for v in wa[1:].split("a"))
+                uniform = QuantConfig(mode=mode, weight_bits=w, act_bits=a)
+                for spec in sets.split(","):
+                    if (name, sampler, wa, mode, spec, n, seed, g) in done:
+                        continue
+                    pats, matched = layer_set(spec, names)
+                    cfg = uniform.replace(int8_layers=pats)
+                    t0 = time.time()
+                    x = sample_model(model, cfg, traj, progress=False,
+                                     runner=make_runner("torch", quantize(copy.deepcopy(model.unet), cfg)))
+                    fd, p = ev.frechet_distance(x), psnr(x, ref)
+                    b = bops_per_trajectory(macs, cfg, steps)
+                    rec = {"model": name, "model_hash": model.content_hash[:19], "sampler": sampler, "guidance": g,
+                           "bits": wa, "mode": mode, "set": spec, "n": n, "seed": seed, "fd": round(fd, 3),
+                           "fd_fp": round(fd_fp, 3), "fd_rel": round(100 * (fd - fd_fp) / fd_fp, 2),
+                           "psnr": None if math.isinf(p) else round(p, 2),
+                           **({} if labels is None else {"label_acc": round(ev.label_accuracy(x, labels), 4),
+                                                         "label_acc_fp": round(ev.label_accuracy(ref, labels), 4)}),
+                           "bops_vs_uniform": round(b / bops_per_trajectory(macs, uniform, steps), 4),
+                           "int8_layers": list(pats), "int8_layer_count": len(matched),
+                           "sample_s": round(time.time() - t0, 1)}
+                    with results.open("a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    print(json.dumps(rec), flush=True)
+
+
+@main.command("layers-table")
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=LAYERS_RESULTS, show_default=True)
+@click.option("--model", "name", default="digits_flux", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def layers_table(results, name, seed):
+    """Markdown: one line per layer set, bits x sampler x guidance as columns: FD rel. to FP (PSNR)."""
+    recs = [r for r in map(json.loads, results.read_text().splitlines()) if r["model"] == name and r["seed"] == seed]
+    cols = list(dict.fromkeys((r["bits"], r["mode"], r["sampler"], r["guidance"]) for r in recs))
+    get = {(r["set"], r["bits"], r["mode"], r["sampler"], r["guidance"]): r for r in recs}
+    sets = list(dict.fromkeys(r["set"] for r in recs))
+    print("| layers at W8A8 | layers | BOPs vs uniform | " + " | ".join(
+        f"{m} {wa.upper()} {s} g{g:g}" for wa, m, s, g in cols) + " |")
+    print("|---|---:|---:|" + "---:|" * len(cols))
+    for spec in sets:
+        cells = [get.get((spec, *c)) for c in cols]
+        first = next(r for r in cells if r)
+        print(f"| {spec} | {first['int8_layer_count']} | {first['bops_vs_uniform']:.4f} | " + " | ".join(
+            "-" if r is None else f"{r['fd_rel']:+.1f}% ({r['psnr']:.1f} dB)" for r in cells) + " |")
+    fps = {(r["sampler"], r["guidance"]): (r["fd_fp"], r.get("label_acc_fp")) for r in recs}
+    print("\nFP from the same noise: " + "; ".join(f"{s} g{g:g} FD {fd:.1f}" + (
+        "" if acc is None else f", label acc. {acc:.3f}") for (s, g), (fd, acc) in fps.items()))
 
 
 if __name__ == "__main__":

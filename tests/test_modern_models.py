@@ -255,3 +255,64 @@ def test_digits_flux_cfg_trajectory_parity(tmp_path, act_bits, min_psnr):
     other = run_batches(TorchRunner(quantize(copy.deepcopy(m.unet), cfg)), m, traj.replace(labels=(9,) * 8),
                         progress=False)
     assert psnr(ref, other) < min_psnr, "the labels do not reach the model"
+
+
+# -- serving: named inputs per request ------------------------------------------------------------------
+def test_served_sdxl_takes_its_named_inputs(folders):
+    """serve's request handling reads the manifest's conditioning: text_embeds / time_ids are optional request
+    inputs (default: random from the seed, as sampling; the image size), batched requests give what each
+    gives alone, a given text_embeds reaches the image, and an unknown or misshapen input is one error line."""
+    import numpy as np
+
+    from modiff_export.serving.pytriton_errors import ERROR_OUTPUT
+    from modiff_export.serving.triton_server import ModiffModel, ServeConfig, load_runner, triton_inputs_outputs
+
+    cfg = ServeConfig(folder=str(folders["sdxl_graphs"]), max_steps=10, scheduler="euler")
+    served = ModiffModel(*load_runner(cfg), cfg)
+    names = [t.name for t in triton_inputs_outputs(served.meta)[0]]
+    assert {"encoder_hidden_states", "text_embeds", "time_ids", "guidance_scale"} <= set(names)
+    req = {"seed": np.array([[1]], np.int64), "steps": np.array([[3]], np.int32)}
+    emb = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
+    out = served.infer([req, {**req, "text_embeds": emb}, {**req, "pooled_projections": emb},
+                        {**req, "time_ids": np.zeros((1, 5), np.float32)}])
+    msg = [json.loads(r[ERROR_OUTPUT].reshape(-1)[0])["message"] if ERROR_OUTPUT in r else None for r in out]
+    assert msg[:2] == [None, None]
+    assert "'pooled_projections' is not one this model takes" in msg[2] and "time_ids must be [6]" in msg[3]
+    assert not np.allclose(out[0]["image"], out[1]["image"]), "text_embeds do not reach the image"
+    alone = served.infer([{**req, "text_embeds": emb}])[0]["image"]
+    np.testing.assert_allclose(alone, out[1]["image"], atol=1e-4, rtol=0)  # batch 1 vs 2 float bound (test_serving)
+
+
+@pytest.mark.slow  # a real Triton server: ~20 s; the slow set (.ci/run) runs it
+def test_flux_repository_on_bundled_tritonserver(folders, tmp_path):
+    """package-triton on FLUX graphs: the UNet model takes packed latents and every named input, the sampler
+    packs/unpacks and sends pooled_projections (a request's, or random from the seed); served images equal
+    generate_items' (with guidance exactly; without, within the batch-1-vs-2 float bound)."""
+    import numpy as np
+    from serving_util import repository_server
+    from test_model_repository import _parse
+    from test_serving import assert_like_sample_model
+
+    from modiff_export.backends.ort_runner import OrtRunner
+    from modiff_export.serving.client import infer_concurrently
+    from modiff_export.serving.model_repository import PackageOptions, write_model_repository
+    from modiff_export.serving.sampler import Item, generate_items
+
+    graphs = folders["flux_graphs"]
+    repo = write_model_repository(graphs, tmp_path / "mr", PackageOptions(unet_backend="python", max_batch=4,
+                                                                          max_steps=10, default_scheduler="auto"))
+    unet, sampler = _parse(repo / "modiff_unet" / "config.pbtxt"), _parse(repo / "modiff" / "config.pbtxt")
+    assert list({i.name: i for i in unet.input}["sample"].dims) == [16, 16]
+    assert list({i.name: i for i in sampler.input}["pooled_projections"].dims) == [16]
+    pooled = np.random.default_rng(1).standard_normal(16).astype(np.float32)
+    reqs = [(21, 4, None, {}), (22, 4, None, {"pooled_projections": (pooled, "FP32"),
+                                              "guidance_scale": (np.float32([3.0]), "FP32")})]
+    with repository_server(repo, ["modiff", "modiff_unet"], tmp_path) as (_, port):
+        got, errors = infer_concurrently(port, reqs)
+    assert not errors, errors
+    r = OrtRunner(graphs, threads=1, int8_kernels=True)  # the repository's Python UNet: ORT as exported
+    man = Manifest.load(graphs)
+    for k, (guidance, given) in enumerate(((1.0, None), (3.0, {"pooled_projections": torch.from_numpy(pooled)}))):
+        item = Item(21 + k, 4, "flow_euler", guidance, conditioning=given)
+        ref = generate_items(r, man.model.scheduler_config, [item], (4, 8, 8), conditioning=man.conditioning)[0]
+        assert_like_sample_model(got[k], ref, guidance)

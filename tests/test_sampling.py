@@ -152,6 +152,7 @@ def test_triton_sampler_copy_matches_denoise(scheduler):
     unet = quantize(tiny_unet(), QuantConfig(mode="modiff", act_bits=4))
     model = object.__new__(copy_module.TritonPythonModel)
     model.scheduler_config, model.sample_shape, model.ehs_shape = dict(SCHED_CONFIG), (1, 8, 8), None
+    model.conditioning, model.packed = [], False
     model.ids = itertools.count(7)
     runners, flags_seen = {}, []
 
@@ -164,7 +165,32 @@ def test_triton_sampler_copy_matches_denoise(scheduler):
 
     model._unet = fake_unet
     got = asyncio.run(model._trajectory({"seed": 5, "steps": 6, "scheduler": scheduler, "guidance_scale": 1.0,
-                                         "ehs": None}))
+                                         "given": {}}))
     ref = generate(TorchRunner(unet), make_scheduler(scheduler, SCHED_CONFIG), 6, 1, 5, (1, 8, 8), progress=False)
     assert flags_seen[0] == 1 and flags_seen[-1] == 2 and len(flags_seen) == 6
     assert torch.equal(torch.from_numpy(got), ref[0])
+
+
+def test_triton_copy_builds_the_servers_conditioning():
+    """The Triton sampler's copy of serving.sampler.item_conditioning gives the same named inputs (SDXL's
+    states, text_embeds and time_ids; a label; FLUX.1-dev's embedded guidance), given values and defaults
+    drawn from the seed alike."""
+    from modiff_export.models.conditioning import CondInput, Conditioning
+    from modiff_export.serving.sampler import Item, item_conditioning
+
+    copy_module = _load_triton_copy("sampler")
+    model = object.__new__(copy_module.TritonPythonModel)
+    cases = [Conditioning((CondInput("encoder_hidden_states", (5, 3)), CondInput("text_embeds", (4,)),
+                           CondInput("time_ids", (6,), kind="time_ids"))),
+             Conditioning((CondInput("class_labels", (), "int64", "labels", 10),)),
+             Conditioning((CondInput("encoder_hidden_states", (5, 3)), CondInput("pooled_projections", (4,)),
+                           CondInput("guidance", (), kind="guidance")))]
+    for cond in cases:
+        model.conditioning = cond.to_list()
+        for given in ({}, {"text_embeds": torch.arange(4.0)}):
+            given = {k: v for k, v in given.items() if cond.get(k) is not None}
+            it = Item(11, 4, "ddim", 3.5, class_label=7, conditioning=given or None)
+            want = item_conditioning(it, cond, (8, 8))
+            got = model._conditioning({"seed": 11, "guidance_scale": 3.5, "label": 7, "given": given}, (8, 8))
+            for w, g in zip(want, got):
+                assert w.keys() == g.keys() and all(torch.equal(w[k], g[k]) for k in w)

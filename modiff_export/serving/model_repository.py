@@ -114,13 +114,14 @@ def sampler_config(m: Manifest, opt: PackageOptions):
     c.input.add(name="seed", data_type=mc.TYPE_INT64, dims=[1])
     c.input.add(name="steps", data_type=mc.TYPE_INT32, dims=[1])
     c.input.add(name="scheduler", data_type=mc.TYPE_STRING, dims=[1], optional=True)
-    if mm.conditional or mm.num_classes is not None:
+    cond = m.conditioning
+    if cond.guided or cond.of_kind("guidance") is not None:
         c.input.add(name="guidance_scale", data_type=mc.TYPE_FP32, dims=[1], optional=True)
-    if mm.conditional:
-        c.input.add(name="encoder_hidden_states", data_type=mc.TYPE_FP32,
-                    dims=[int(mm.encoder_seq_len), int(mm.cross_attention_dim)], optional=True)
-    if mm.num_classes is not None:  # optional for Triton: the sampler answers a missing label with its own error
-        c.input.add(name="class_label", data_type=mc.TYPE_INT64, dims=[1], optional=True)
+    for ci in cond:  # the named conditioning inputs a request may carry (models/conditioning.py)
+        if ci.kind in ("embedding", "time_ids"):  # default: random content from the seed; time_ids the image size
+            c.input.add(name=ci.name, data_type=mc.TYPE_FP32, dims=[int(d) for d in ci.shape] or [1], optional=True)
+        elif ci.kind == "labels":  # optional for Triton: the sampler answers a missing label with its own error
+            c.input.add(name="class_label", data_type=mc.TYPE_INT64, dims=[1], optional=True)
     c.output.add(name="image", data_type=mc.TYPE_FP32, dims=list(mm.sample_shape))
     c.dynamic_batching.max_queue_delay_microseconds = 5000
     opt.limits.fill_queue_policy(c.dynamic_batching.default_queue_policy)
@@ -130,7 +131,8 @@ def sampler_config(m: Manifest, opt: PackageOptions):
               "ehs_shape": json.dumps([mm.encoder_seq_len, mm.cross_attention_dim]) if mm.conditional else "",
               "num_classes": "" if mm.num_classes is None else str(mm.num_classes),
               "max_steps": str(opt.max_steps), "default_scheduler": default_scheduler,
-              "max_inflight": str(opt.limits.max_inflight), "masked": "1" if m.mask_input else ""}
+              "max_inflight": str(opt.limits.max_inflight), "masked": "1" if m.mask_input else "",
+              "conditioning": json.dumps(cond.to_list()), "packed": "1" if mm.packed else ""}
     for k, v in params.items():
         c.parameters[k].string_value = v
     return c

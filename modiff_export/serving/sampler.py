@@ -9,12 +9,16 @@ splits a batch into groups that can, and every group starts from `runner.reset()
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ModiffExportError
-from ..sampling import ENCODER_SEED_OFFSET, SCHEDULER_CHOICES, SamplingError, denoise, make_scheduler, with_null_class
+from ..models.conditioning import Conditioning
+from ..models.denoiser import ENCODER_STATES
+from ..models.info import legacy_conditioning
+from ..sampling import ENCODER_SEED_OFFSET, SCHEDULER_CHOICES, SamplingError, denoise, make_scheduler
 
 # ONNX Runtime's CPU GEMM (MLAS) takes another code path for M = 1 rows than for M >= 2: measured on
 # the digits prime graph, a batch of 1 differs from the same sample inside any batch of 2..16 by up to
@@ -39,6 +43,9 @@ class Item:
     negative: torch.Tensor | None = None  # [S, D] uncond states for guidance (default zeros, as sample_model)
     class_label: int | None = None  # class-conditional models (DiT) only: 0..num_classes-1 (the null class
     # num_classes is the guidance uncond, added by generate_group, never sent)
+    conditioning: dict | None = None  # the model's other named inputs, per sample (models/conditioning.py):
+    # e.g. SDXL's text_embeds [P] / time_ids [6], SD3's and FLUX's pooled_projections [P]; default: random content
+    # from the seed (as sampling.batch_conditioning), zeros as guidance's uncond; time_ids: the image size
 
     @property
     def group_key(self) -> tuple:
@@ -54,16 +61,30 @@ def group_requests(items: list[Item]) -> dict[tuple, list[int]]:
 
 
 def check_item(it: Item, max_steps: int, conditional: bool, ehs_shape: tuple[int, int] | None,
-               num_classes: int | None = None) -> None:
+               num_classes: int | None = None, conditioning: Conditioning | None = None) -> None:
     """Refuse an item the model cannot run; `num_classes`: a class-conditional model (every item needs a
-    class_label in 0..num_classes-1)."""
+    class_label in 0..num_classes-1); `conditioning`: the model's named inputs, which it.conditioning's
+    values must be (one line for one that is not, or is misshapen)."""
+    for name, x in (it.conditioning or {}).items():
+        spec = conditioning.get(name) if conditioning is not None else None
+        if spec is None or spec.kind not in ("embedding", "time_ids", "mask") or name == ENCODER_STATES:
+            takes = [c.name for c in conditioning or () if c.kind in ("embedding", "time_ids", "mask")
+                     and c.name != ENCODER_STATES]
+            raise RequestError(f"input {name!r} is not one this model takes (per-request conditioning inputs: "
+                               f"{', '.join(takes) or 'none'})")
+        if not torch.is_tensor(x) or tuple(x.shape) != tuple(spec.shape):
+            raise RequestError(f"{name} must be {list(spec.shape)}, got {list(getattr(x, 'shape', []))}")
+        if not torch.isfinite(x).all():
+            raise RequestError(f"{name} contains NaN or Inf")
     if not 1 <= it.steps <= max_steps:
         raise RequestError(f"steps={it.steps} out of range [1, {max_steps}]")
     if it.scheduler not in SCHEDULER_CHOICES:
         raise RequestError(f"unknown scheduler {it.scheduler!r}; expected one of {list(SCHEDULER_CHOICES)}")
     if not (abs(it.guidance_scale) < 1e4):  # also rejects NaN
         raise RequestError(f"guidance_scale={it.guidance_scale} is not a finite number below 1e4")
-    if it.guidance_scale != 1.0 and not conditional and num_classes is None:
+    guided = conditional or num_classes is not None or (conditioning is not None and (
+        conditioning.guided or conditioning.of_kind("guidance") is not None))
+    if it.guidance_scale != 1.0 and not guided:
         raise RequestError(f"guidance_scale={it.guidance_scale} needs a conditional UNet; this one is unconditional")
     if num_classes is None and it.class_label is not None:
         raise RequestError(f"class_label={it.class_label} given to a model that is not class-conditional")
@@ -90,15 +111,44 @@ def default_encoder_states(seed: int, ehs_shape: tuple[int, int]) -> torch.Tenso
     return torch.randn((1, *ehs_shape), generator=g)[0]
 
 
+def item_conditioning(it: Item, conditioning: Conditioning, image_hw) -> tuple[dict, dict]:
+    """(cond, uncond) {name: [1, ...]} of one item by the model's named inputs: given values, or what
+    sampling.batch_conditioning gives a batch of 1 with this seed (content inputs random from seed +
+    ENCODER_SEED_OFFSET in input order, zeros as uncond; labels and their null class; masks and time_ids their
+    defaults; an embedded guidance input the item's guidance scale)."""
+    g = torch.Generator().manual_seed(int(it.seed) + ENCODER_SEED_OFFSET)
+    given = dict(it.conditioning or {})
+    if it.encoder_hidden_states is not None:
+        given[ENCODER_STATES] = it.encoder_hidden_states
+    cond, unc = {}, {}
+    for c in conditioning:
+        if c.kind == "labels":
+            cond[c.name] = torch.tensor([it.class_label], dtype=torch.int64)
+            unc[c.name] = torch.full_like(cond[c.name], c.num_classes)
+        elif c.kind == "embedding":
+            x = given.get(c.name)
+            cond[c.name] = (x.float() if x is not None else torch.randn((1, *c.shape), generator=g)[0])[None]
+            neg = it.negative if c.name == ENCODER_STATES else None
+            unc[c.name] = torch.zeros_like(cond[c.name]) if neg is None else neg.float()[None]
+        elif c.kind == "guidance":
+            cond[c.name] = unc[c.name] = torch.tensor([float(it.guidance_scale)])
+        else:  # mask, time_ids
+            x = given.get(c.name)
+            cond[c.name] = unc[c.name] = x.float()[None] if x is not None else c.default(1, image_hw, (
+                cond[ENCODER_STATES].shape[1] if ENCODER_STATES in cond else None))
+    return cond, unc
+
+
 @torch.no_grad()
 def generate_group(runner, scheduler_config: dict, items: list[Item], sample_shape: tuple[int, int, int],
                    ehs_shape: tuple[int, int] | None = None, min_batch: int = MIN_BATCH,
-                   num_classes: int | None = None) -> torch.Tensor:
+                   num_classes: int | None = None, conditioning: Conditioning | None = None) -> torch.Tensor:
     """One trajectory for items that share steps/scheduler/guidance -> images [B, C, H, W] in [-1, 1].
 
     sampling.denoise with one generator per item (diffusers' randn_tensor draws sample i from generator
     i, shape [1, ...]), so each item's image is the one it gets alone. A group smaller than `min_batch`
-    is padded with copies of its first item (own generators, results dropped)."""
+    is padded with copies of its first item (own generators, results dropped). `conditioning`: the model's
+    named inputs (default: the runner's; ehs_shape / num_classes describe a runner that knows none)."""
     n = len(items)
     items = list(items) + [items[0]] * max(0, min_batch - n)
     it0 = items[0]
@@ -110,25 +160,24 @@ def generate_group(runner, scheduler_config: dict, items: list[Item], sample_sha
         raise RequestError(str(e)) from None
     gens = [torch.Generator().manual_seed(int(it.seed)) for it in items]
     noise = torch.cat([torch.randn((1, *sample_shape), generator=g) for g in gens])  # [B, C, H, W]
-    ehs = None
-    if num_classes is not None:
-        ehs = torch.tensor([it.class_label for it in items], dtype=torch.int64)  # [B]
-        if it0.guidance_scale != 1.0:
-            ehs = torch.cat(with_null_class(ehs, num_classes))  # [2B]: labels first, null class second
-    elif ehs_shape is not None:
-        ehs = torch.stack([it.encoder_hidden_states if it.encoder_hidden_states is not None
-                           else default_encoder_states(it.seed, ehs_shape) for it in items]).float()  # [B, S, D]
-        if it0.guidance_scale != 1.0:
-            unc = torch.stack([it.negative if it.negative is not None else torch.zeros(ehs_shape)
-                               for it in items]).float()
-            ehs = torch.cat([ehs, unc])  # [2B, S, D]: cond first, uncond second
-    x = denoise(runner, scheduler, noise, it0.steps, ehs, it0.guidance_scale, gens if len(gens) > 1 else gens[0])
+    conditioning = conditioning or getattr(runner, "conditioning", None) or legacy_conditioning(
+        ehs_shape[1] if ehs_shape else None, ehs_shape[0] if ehs_shape else None, num_classes)
+    if ehs_shape is not None and conditioning.get(ENCODER_STATES) is not None:  # a PyTorch runner takes any S
+        conditioning = Conditioning(tuple(dataclasses.replace(c, shape=tuple(ehs_shape)) if c.name == ENCODER_STATES
+                                          else c for c in conditioning), conditioning.derived)
+    pairs = [item_conditioning(it, conditioning, tuple(sample_shape[-2:])) for it in items]
+    cond = {k: torch.cat([c[k] for c, _ in pairs]) for k in conditioning.names}  # [B, ...] each
+    guidance = it0.guidance_scale if conditioning.of_kind("guidance") is None else 1.0  # embedded: one pass
+    if guidance != 1.0 and cond:
+        cond = {k: torch.cat([v, torch.cat([u[k] for _, u in pairs])]) for k, v in cond.items()}  # [2B]: cond, uncond
+    x = denoise(runner, scheduler, noise, it0.steps, cond or None, guidance, gens if len(gens) > 1 else gens[0])
     runner.reset()  # nothing carries over to another group or batch
     return x[:n]
 
 
 def generate_items(runner, scheduler_config: dict, items: list[Item], sample_shape, ehs_shape=None,
-                   max_group: int | None = None, num_classes: int | None = None) -> torch.Tensor:
+                   max_group: int | None = None, num_classes: int | None = None,
+                   conditioning: Conditioning | None = None) -> torch.Tensor:
     """Images [N, C, H, W] for items in any mix, one trajectory per group (chunks of max_group)."""
     out: list[torch.Tensor | None] = [None] * len(items)
     for idx in group_requests(items).values():
@@ -136,7 +185,7 @@ def generate_items(runner, scheduler_config: dict, items: list[Item], sample_sha
         for s in range(0, len(idx), step):
             chunk = idx[s:s + step]
             imgs = generate_group(runner, scheduler_config, [items[i] for i in chunk], sample_shape, ehs_shape,
-                                  num_classes=num_classes)
+                                  num_classes=num_classes, conditioning=conditioning)
             for j, i in enumerate(chunk):
                 out[i] = imgs[j]
     return torch.stack(out)

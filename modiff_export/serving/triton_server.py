@@ -12,6 +12,9 @@ Model `modiff`:
            encoder_hidden_states FP32 [S, D]  optional, conditional UNets only (default: random from the seed)
            class_label     INT64 [1]       class-conditional models (DiT) only, required: 0 .. num_classes-1
                                            (guidance's uncond is the null class num_classes, added here)
+           <name>          FP32 [...]      every other named conditioning input of the manifest, optional
+                                           (SDXL text_embeds [P] / time_ids [6], SD3/FLUX pooled_projections
+                                           [P]; default: random from the seed, time_ids the image size)
   output   image           FP32  [C, H, W] in [-1, 1]
 
 Every request is answered on its own: a bad one gets its own error (INVALID_ARG: HTTP 400 / gRPC
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import ModiffExportError
+from ..models.denoiser import ENCODER_STATES
 from ..sampling import SamplingError, resolve_scheduler
 from .limits import ServingLimits
 from .pytriton_errors import ERROR_OUTPUT, INTERNAL, INVALID_ARG, error_response, per_request_errors
@@ -97,6 +101,11 @@ class ModiffModel:
                 raise RequestError(f"input {name!r} must be {np.dtype(dtype).name}, got {a.dtype.name}")
             return a
 
+        known = {"seed", "steps", "scheduler", "guidance_scale", "encoder_hidden_states", "prompt", "class_label",
+                 *(c.name for c in request_inputs(self.meta))}
+        unknown = sorted(set(req) - known)
+        if unknown:
+            raise RequestError(f"input {unknown[0]!r} is not one this model takes (inputs: {', '.join(sorted(known))})")
         seed = arr("seed", np.int64).reshape(-1)
         n = seed.shape[0]
         steps = arr("steps", np.int32).reshape(-1)
@@ -107,6 +116,11 @@ class ModiffModel:
         label = arr("class_label", np.int64, required=False)
         if label is not None and label.size != n:
             raise RequestError(f"'class_label' has {label.size} values for {n} seeds")
+        extra = {c.name: arr(c.name, np.float32, required=False) for c in request_inputs(self.meta)}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        for k, v in extra.items():
+            if v.shape[0] != n:
+                raise RequestError(f"{k!r} has {v.shape[0]} values for {n} seeds")
         negative = None
         if prompt is not None:
             if self.prompts is None:
@@ -130,8 +144,10 @@ class ModiffModel:
                 raise RequestError(str(e)) from None
             it = Item(int(seed[i]), int(steps[i]), name, 1.0 if gs is None else float(gs.reshape(-1)[i]),
                       None if ehs is None else torch.from_numpy(np.array(ehs[i], dtype=np.float32)), negative,
-                      None if label is None else int(label.reshape(-1)[i]))
-            check_item(it, self.cfg.max_steps, self.meta.conditional, self.ehs_shape, self.num_classes)
+                      None if label is None else int(label.reshape(-1)[i]),
+                      {k: torch.from_numpy(np.array(v[i], dtype=np.float32)) for k, v in extra.items()} or None)
+            check_item(it, self.cfg.max_steps, self.meta.conditional, self.ehs_shape, self.num_classes,
+                       self.meta.conditioning)
             items.append(it)
         return items
 
@@ -153,7 +169,8 @@ class ModiffModel:
                     per_call = self.cfg.max_batch // (2 if any(it.guidance_scale != 1.0 for it in items) else 1)
                     images = generate_items(self.runner, self.meta.scheduler_config, items, self.meta.sample_shape,
                                             self.ehs_shape, max_group=max(1, per_call),
-                                            num_classes=self.num_classes).numpy()  # [N, C, H, W]
+                                            num_classes=self.num_classes,
+                                            conditioning=self.meta.conditioning).numpy()  # [N, C, H, W]
                     self.batches.append(len(items))
             except Exception as e:  # noqa: BLE001 (any runner failure: every request gets it, the server goes on)
                 first = (str(e).strip().splitlines() or [""])[0]
@@ -207,19 +224,27 @@ def check_ports(*ports: int) -> None:
                                  "--port/--grpc-port/--metrics-port") from None
 
 
+def request_inputs(meta) -> list:
+    """The named conditioning inputs a request may carry beside seed, steps, scheduler, guidance_scale,
+    encoder_hidden_states and class_label (models/conditioning.py): content inputs, masks and time_ids."""
+    return [c for c in meta.conditioning if c.kind in ("embedding", "time_ids", "mask") and c.name != ENCODER_STATES]
+
+
 def triton_inputs_outputs(meta, prompts: bool = False):
     from pytriton.model_config import Tensor
 
     c, h, w = meta.sample_shape
     inputs = [Tensor(name="seed", dtype=np.int64, shape=(1,)), Tensor(name="steps", dtype=np.int32, shape=(1,)),
               Tensor(name="scheduler", dtype=bytes, shape=(1,), optional=True)]
-    if meta.conditional or meta.num_classes is not None:
+    if meta.conditional or meta.num_classes is not None or meta.conditioning.of_kind("guidance") is not None:
         inputs.append(Tensor(name="guidance_scale", dtype=np.float32, shape=(1,), optional=True))
     if meta.conditional:
         inputs.append(Tensor(name="encoder_hidden_states", dtype=np.float32,
                              shape=(meta.encoder_seq_len, meta.cross_attention_dim), optional=True))
     if meta.num_classes is not None:  # optional for Triton: a missing label gets check_item's error line
         inputs.append(Tensor(name="class_label", dtype=np.int64, shape=(1,), optional=True))
+    for c in request_inputs(meta):  # SDXL text_embeds / time_ids, SD3 and FLUX pooled_projections, ...
+        inputs.append(Tensor(name=c.name, dtype=np.float32, shape=c.shape, optional=True))
     if prompts:
         inputs.append(Tensor(name="prompt", dtype=bytes, shape=(1,), optional=True))
     # ERROR_OUTPUT is never sent: a response holding it becomes that request's error (pytriton_errors.py)

@@ -50,6 +50,18 @@ class BadRequest(ValueError):
     pass
 
 
+def pack(x):
+    """COPY of models/denoiser.pack (FluxPipeline._pack_latents): [B, C, H, W] -> [B, (H/2)(W/2), C*4]."""
+    B, C, H, W = x.shape
+    return x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // 2) * (W // 2), C * 4)
+
+
+def unpack(x, hw):
+    """COPY of models/denoiser.unpack: [B, (H/2)(W/2), C*4] -> [B, C, H, W]."""
+    (B, _, C4), (H, W) = x.shape, hw
+    return x.view(B, H // 2, W // 2, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C4 // 4, H, W)
+
+
 def flow_shift_mu(scheduler_config, sample_shape):
     """COPY of sampling.flow_shift_mu (tests/test_sampling.py checks it): FLUX's resolution-dependent shift."""
     if not scheduler_config.get("use_dynamic_shifting"):
@@ -74,16 +86,35 @@ class TritonPythonModel:
         self.ehs_shape = tuple(json.loads(p["ehs_shape"])) if p.get("ehs_shape") else None
         self.num_classes = int(p["num_classes"]) if p.get("num_classes") else None
         self.masked = p.get("masked") == "1"
+        # the named conditioning inputs (models/conditioning.py Conditioning.to_list); older repositories: none
+        # beyond the states / labels / mask above
+        self.conditioning = json.loads(p["conditioning"]) if p.get("conditioning") else self._legacy_conditioning()
+        self.packed = p.get("packed") == "1"
         self.max_steps = int(p["max_steps"])
         self.default_scheduler = p["default_scheduler"]
         self.max_inflight = int(p.get("max_inflight", "64"))
         self.inflight = 0  # trajectories running (execute runs on one event loop: no lock needed)
         here = os.path.join(args["model_repository"], args["model_version"])
         with open(os.path.join(here, "scheduler_config.json")) as f:
-            self.scheduler_config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+            raw = json.load(f)
+        self.flow_model = str(raw.get("_class_name", "")).startswith("FlowMatch")  # COPY of sampling.objective
+        self.scheduler_config = {k: v for k, v in raw.items() if not k.startswith("_")}
         # correlation ids unique across instances and restarts of this model
         self.ids = itertools.count(random.SystemRandom().randrange(1 << 40, 1 << 62))
         torch.set_num_threads(1)
+
+    def _legacy_conditioning(self):
+        if self.num_classes is not None:
+            return [{"name": "class_labels", "shape": [], "dtype": "int64", "kind": "labels",
+                     "num_classes": self.num_classes}]
+        if self.ehs_shape is None:
+            return []
+        out = [{"name": "encoder_hidden_states", "shape": list(self.ehs_shape), "dtype": "float32",
+                "kind": "embedding"}]
+        if self.masked:
+            out.append({"name": "encoder_attention_mask", "shape": [self.ehs_shape[0]], "dtype": "float32",
+                        "kind": "mask"})
+        return out
 
     def _input(self, request, name, dtype=None):
         t = pb_utils.get_input_tensor_by_name(request, name)
@@ -97,9 +128,14 @@ class TritonPythonModel:
         label = self._input(request, "class_label")
         name = self.default_scheduler if sched is None else sched.reshape(-1)[0]
         name = name.decode() if isinstance(name, bytes) else str(name)
+        given = {}
+        for c in self.conditioning:  # per-request values of the content inputs and time_ids (optional)
+            v = ehs if c["name"] == "encoder_hidden_states" else self._input(request, c["name"]) \
+                if c["kind"] in ("embedding", "time_ids") else None
+            if v is not None:
+                given[c["name"]] = torch.from_numpy(np.array(v.reshape(c["shape"]), np.float32))
         item = {"seed": int(seed.reshape(-1)[0]), "steps": int(steps.reshape(-1)[0]), "scheduler": name,
-                "guidance_scale": 1.0 if gs is None else float(gs.reshape(-1)[0]),
-                "ehs": None if ehs is None else torch.from_numpy(np.array(ehs.reshape(self.ehs_shape), np.float32)),
+                "guidance_scale": 1.0 if gs is None else float(gs.reshape(-1)[0]), "given": given,
                 "label": None if label is None else int(label.reshape(-1)[0])}
         if seed.size != 1 or steps.size != 1:
             raise BadRequest("send one image per request: seed and steps of shape [1, 1]")
@@ -107,13 +143,15 @@ class TritonPythonModel:
             raise BadRequest(f"steps={item['steps']} out of range [1, {self.max_steps}]")
         if item["scheduler"] not in SCHEDULERS:
             raise BadRequest(f"unknown scheduler {item['scheduler']!r}; expected one of {sorted(SCHEDULERS)}")
-        flow_model = str(self.scheduler_config.get("_class_name", "")).startswith("FlowMatch")  # sampling.objective
+        flow_model = getattr(self, "flow_model", None)
+        if flow_model is None:  # set by initialize; tests build the model without it
+            flow_model = str(self.scheduler_config.get("_class_name", "")).startswith("FlowMatch")
         if (item["scheduler"] in FLOW) != flow_model:
             raise BadRequest(f"scheduler {item['scheduler']!r} does not fit this model (trained for "
                              f"{'flow matching' if flow_model else 'noise prediction'})")
         n = self.num_classes
-        if not abs(item["guidance_scale"]) < 1e4 or (item["guidance_scale"] != 1.0 and self.ehs_shape is None
-                                                     and n is None):
+        guided = any(c["kind"] in ("embedding", "labels", "guidance") for c in self.conditioning)
+        if not abs(item["guidance_scale"]) < 1e4 or (item["guidance_scale"] != 1.0 and not guided):
             raise BadRequest(f"guidance_scale={item['guidance_scale']} is not valid for this model")
         # COPY of the class-label checks of modiff_export.serving.sampler.check_item (same messages)
         if n is not None and item["label"] is None:
@@ -122,19 +160,43 @@ class TritonPythonModel:
             raise BadRequest(f"class_label={item['label']} is outside 0..{n - 1} (the model has {n} classes)")
         return item
 
-    async def _unet(self, cid, sample, t, ehs, flags):
+    async def _unet(self, cid, sample, t, cond, flags):
+        if self.packed:  # FLUX: the UNet model takes packed latents
+            hw, sample = sample.shape[-2:], pack(sample)
         inputs = [pb_utils.Tensor("sample", sample.numpy()), pb_utils.Tensor("timestep", np.array([[t]], np.float32))]
-        if ehs is not None:  # encoder states [1, S, D], or class labels [1] (sent as [1, 1]: the config's dims)
-            name = "class_labels" if self.num_classes is not None else "encoder_hidden_states"
-            inputs.append(pb_utils.Tensor(name, ehs.numpy().reshape(1, -1) if ehs.dim() == 1 else ehs.numpy()))
-            if self.masked:  # [1, S]: every caption token attended (a request carries states, not a mask)
-                inputs.append(pb_utils.Tensor("encoder_attention_mask", np.ones(ehs.shape[:2], np.float32)))
+        for name, x in cond.items():  # [1, ...]; [1] inputs (labels, guidance) sent as [1, 1]: the config's dims
+            inputs.append(pb_utils.Tensor(name, x.numpy().reshape(1, -1) if x.dim() == 1 else x.numpy()))
         req = pb_utils.InferenceRequest(model_name=self.unet, inputs=inputs, requested_output_names=["noise_pred"],
                                         correlation_id=cid, flags=flags)
         resp = await req.async_exec()
         if resp.has_error():
             raise RuntimeError(f"{self.unet}: {resp.error().message()}")
-        return torch.from_numpy(pb_utils.get_output_tensor_by_name(resp, "noise_pred").as_numpy().copy())
+        out = torch.from_numpy(pb_utils.get_output_tensor_by_name(resp, "noise_pred").as_numpy().copy())
+        return unpack(out, hw) if self.packed else out
+
+    def _conditioning(self, it, image_hw):
+        """COPY of modiff_export.serving.sampler.item_conditioning: (cond, uncond) {name: [1, ...]}."""
+        g = torch.Generator().manual_seed(it["seed"] + EHS_SEED_OFFSET)
+        cond, unc = {}, {}
+        for c in self.conditioning:
+            name, kind, shape = c["name"], c["kind"], tuple(c["shape"])
+            if kind == "labels":
+                cond[name] = torch.tensor([it["label"]], dtype=torch.int64)
+                unc[name] = torch.full_like(cond[name], c["num_classes"])
+            elif kind == "embedding":
+                x = it["given"].get(name)
+                cond[name] = (x if x is not None else torch.randn((1, *shape), generator=g)[0])[None]
+                unc[name] = torch.zeros_like(cond[name])
+            elif kind == "guidance":
+                cond[name] = unc[name] = torch.tensor([float(it["guidance_scale"])])
+            elif kind == "time_ids":
+                h, w = image_hw[0] * 8, image_hw[1] * 8
+                x = it["given"].get(name)
+                default = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)  # image size, no crop
+                cond[name] = unc[name] = x[None] if x is not None else default
+            else:  # mask [1, S]: every caption token attended (a request carries states, not a mask)
+                cond[name] = unc[name] = torch.ones((1, *shape))
+        return cond, unc
 
     async def _trajectory(self, it):
         # COPY of modiff_export.sampling.denoise (this file runs where the package is absent), one request
@@ -142,16 +204,9 @@ class TritonPythonModel:
         sched = SCHEDULERS[it["scheduler"]].from_config({**self.scheduler_config, **OVERRIDES.get(it["scheduler"], {})})
         gen = torch.Generator().manual_seed(it["seed"])
         x = torch.randn((1, *self.sample_shape), generator=gen)
-        ehs = unc = None
-        if self.num_classes is not None:  # label [1] int64; guidance's uncond: the null class
-            ehs = torch.tensor([it["label"]], dtype=torch.int64)
-            unc = torch.full_like(ehs, self.num_classes)
-        elif self.ehs_shape is not None:
-            ehs = it["ehs"] if it["ehs"] is not None else torch.randn(
-                (1, *self.ehs_shape), generator=torch.Generator().manual_seed(it["seed"] + EHS_SEED_OFFSET))[0]
-            ehs = ehs[None]  # [1, S, D]
-            unc = torch.zeros_like(ehs)
-        cfg = it["guidance_scale"] != 1.0
+        ehs, unc = self._conditioning(it, self.sample_shape[-2:])
+        embedded = any(c["kind"] == "guidance" for c in self.conditioning)  # FLUX.1-dev: the scale is an input
+        cfg = it["guidance_scale"] != 1.0 and not embedded
         ids = [next(self.ids) for _ in range(2 if cfg else 1)]  # cond (and uncond) sequences
         params = inspect.signature(sched.step).parameters
         kw = ({"generator": gen} if "generator" in params else {}) | ({"eta": 0.0} if "eta" in params else {})

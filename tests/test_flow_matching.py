@@ -133,6 +133,7 @@ def test_triton_sampler_copy_runs_flow(scheduler):
     unet = quantize(build_tiny_unet(), QuantConfig(act_bits=4))
     model = object.__new__(mod.TritonPythonModel)
     model.scheduler_config, model.sample_shape, model.ehs_shape = dict(FLOW), (1, 16, 16), None
+    model.conditioning, model.packed = [], False
     model.ids = itertools.count(1)
     runners = {}
 
@@ -143,7 +144,7 @@ def test_triton_sampler_copy_runs_flow(scheduler):
 
     model._unet = fake_unet
     got = asyncio.run(model._trajectory({"seed": 3, "steps": 5, "scheduler": scheduler, "guidance_scale": 1.0,
-                                         "ehs": None}))
+                                         "given": {}}))
     ref = generate(TorchRunner(unet), make_scheduler(scheduler, FLOW), 5, 1, 3, (1, 16, 16), progress=False)
     assert torch.equal(torch.from_numpy(got), ref[0])
 

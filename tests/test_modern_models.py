@@ -316,3 +316,103 @@ def test_flux_repository_on_bundled_tritonserver(folders, tmp_path):
         item = Item(21 + k, 4, "flow_euler", guidance, conditioning=given)
         ref = generate_items(r, man.model.scheduler_config, [item], (4, 8, 8), conditioning=man.conditioning)[0]
         assert_like_sample_model(got[k], ref, guidance)
+
+
+# -- the pipelines' drop-in ---------------------------------------------------------------------------
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8,
+                         sample_size=8).eval()
+
+
+def _pipeline(kind: str, denoiser_module):
+    """The diffusers pipeline of `kind` around `denoiser_module`, without text encoders (none loads offline):
+    it gets its own precomputed-embedding arguments."""
+    import diffusers
+
+    sched = diffusers.EulerDiscreteScheduler(num_train_timesteps=1000) if kind == "sdxl" else \
+        diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    encoders = {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
+    if kind == "sdxl":
+        pipe = diffusers.StableDiffusionXLPipeline(vae=_tiny_vae(), unet=denoiser_module, scheduler=sched, **encoders)
+    elif kind == "sd3":
+        pipe = diffusers.StableDiffusion3Pipeline(transformer=denoiser_module, scheduler=sched, vae=_tiny_vae(),
+                                                  text_encoder_3=None, tokenizer_3=None, **encoders)
+    else:
+        pipe = diffusers.FluxPipeline(transformer=denoiser_module, scheduler=sched, vae=_tiny_vae(), **encoders)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3", "flux"])
+def test_pipeline_drop_in_gives_the_pipelines_own_result(tmp_path, kind):
+    """StableDiffusionXLPipeline / StableDiffusion3Pipeline / FluxPipeline with ModiffUNet.from_folder of our FP
+    export (ORT) in place of their denoiser give their own latents: no quantization, so only float rounding
+    differs; bound 1e-5 of the latents' peak (measured 1e-7..8e-7 of it). Guidance 3 (SDXL, SD3: the [2B] CFG
+    call of [uncond, cond]; FLUX without a guidance embedding: one call). The drop-in reads every named input
+    (added_cond_kwargs, pooled_projections, FLUX's ids and sigma timestep) and what the pipelines read of a
+    denoiser (its config from the manifest, add_embedding, cache_context)."""
+    from modiff_export.models import LoadedModel
+    from modiff_export.serving.diffusers_unet import ModiffUNet
+
+    build, sched, _ = KINDS[kind]
+    model = build()
+    export_model(LoadedModel.from_unet(copy.deepcopy(model), kind, sched), QuantConfig(mode="fp"), tmp_path / "g",
+                 progress=False)
+    g = torch.Generator().manual_seed(0)
+    S, D = CONDITIONING[kind]["encoder_hidden_states"][0]
+    pe, pp = torch.randn(2, S, D, generator=g), torch.randn(2, 16, generator=g)
+    kw = {"prompt_embeds": pe, "pooled_prompt_embeds": pp, "num_inference_steps": 4, "height": 8, "width": 8,
+          "output_type": "latent"}
+    if kind != "flux":
+        kw.update(negative_prompt_embeds=torch.zeros_like(pe), negative_pooled_prompt_embeds=torch.zeros_like(pp),
+                  guidance_scale=3.0)
+    want = _pipeline(kind, model)(**kw, generator=torch.Generator().manual_seed(3)).images
+    drop = ModiffUNet.from_folder(tmp_path / "g", "ort")
+    got = _pipeline(kind, drop)(**kw, generator=torch.Generator().manual_seed(3)).images
+    assert got.shape == want.shape and drop.trajectories == 1
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max(), f"{kind}: {(got - want).abs().max():.2e}"
+
+
+def test_flux_drop_in_refuses_other_ids(folders):
+    from modiff_export.serving.diffusers_unet import ModiffUNet
+
+    drop = ModiffUNet.from_folder(folders["flux_graphs"], "ort")
+    cond = Manifest.load(folders["flux_graphs"]).conditioning.example(1, (8, 8))
+    with pytest.raises(RunnerError, match="img_ids differ from the ones the graphs were exported with"):
+        drop(hidden_states=torch.randn(1, 16, 16), timestep=torch.tensor([0.9]), img_ids=torch.ones(16, 3),
+             txt_ids=torch.zeros(512, 3), return_dict=False, **cond)
+    out = drop(hidden_states=torch.randn(1, 16, 16), timestep=torch.tensor([0.9]), img_ids=denoiser.image_ids((8, 8)),
+               txt_ids=torch.zeros(512, 3), return_dict=False, **cond)[0]
+    assert out.shape == (1, 16, 16)
+
+
+# -- block reuse (SDXL: the UNet down/up pairs) -----------------------------------------------------------
+@pytest.mark.parametrize("backend", ["ort", "openvino"])
+def test_sdxl_block_reuse_per_call_parity(folders, tmp_path, backend):
+    """SDXL's UNet exports the shallow graph of block reuse (--reuse-interval 2 --reuse-depth 1, linear
+    forecast) with text_embeds / time_ids as inputs of all three graphs; per call, as test_per_step_parity:
+    the prime within float rounding, every step and shallow call within 1.5 x the quantization error of the
+    same schedule (PyTorch W8A8 reuse vs PyTorch FP reuse) + a float floor."""
+    m = load_model(str(folders["sdxl"]))
+    cfg = QuantConfig(act_bits=8, reuse_interval=2, reuse_depth=1, reuse_forecast="linear")
+    man = export_model(m.copy(), cfg, tmp_path / "g", progress=False)
+    assert man.roles == ["prime", "step", "shallow"]
+    assert [s.name for s in man.graph_inputs("shallow")[:5]] == ["sample", "timestep", *CONDITIONING["sdxl"]]
+    ref = TorchRunner(quantize(copy.deepcopy(m.unet), cfg))
+    fp = TorchRunner(quantize(copy.deepcopy(m.unet), cfg.replace(mode="fp")))
+    run = make_runner(backend, folder=tmp_path / "g", **({"threads": 1} if backend == "openvino" else {}))
+    g = torch.Generator().manual_seed(0)
+    cond = m.conditioning.example(2, (8, 8), g)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    roles = []
+    for i, t in enumerate((900, 800, 700, 600, 500)):
+        x = x if i == 0 else x + 0.05 * torch.randn(x.shape, generator=g)
+        roles.append(ref.schedule())
+        a, b, f = ref(x, t, cond), run(x, t, cond), fp(x, t, cond)
+        err, q = (a - b).pow(2).mean().sqrt().item(), (a - f).pow(2).mean().sqrt().item()
+        bound = 1e-4 * a.abs().max().item() if i == 0 else 1.5 * q + 1e-5
+        assert err <= bound, f"{backend} call {i} ({roles[-1]}): rms {err:.2e} > {bound:.2e}"
+    assert roles == ["prime", "shallow", "step", "shallow", "step"]

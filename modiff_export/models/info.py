@@ -29,6 +29,7 @@ class ModelInfo:
     num_classes: int | None = None
     conditioning: Conditioning | None = None  # None: from the fields above (manifests before named conditioning)
     packed: bool = False  # FLUX: the graphs take packed latents [B, (H/2)(W/2), C*4] (models/denoiser.py)
+    model_config: dict | None = None  # the diffusers config it was exported from (what pipelines read of it)
 
     def __post_init__(self):
         if self.conditioning is None:
@@ -84,7 +85,7 @@ class ModelInfo:
             f.fail("sample_size", f"must be even in both dimensions for packed latents, got {size!r}")
         return cls(f.get("name", str), f.get("class", str), f.get("content_hash", str), chans["in_channels"],
                    chans["out_channels"], tuple(size), cad, f.get("encoder_seq_len", int, optional=True), sched, n_cls,
-                   named, packed)
+                   named, packed, f.get("config", dict, optional=True))
 
     def to_dict(self) -> dict:
         return {"name": self.name, "class": self.class_name, "content_hash": self.content_hash,
@@ -92,7 +93,7 @@ class ModelInfo:
                 "sample_size": list(self.sample_size), "cross_attention_dim": self.cross_attention_dim,
                 "encoder_seq_len": self.encoder_seq_len, "scheduler_config": self.scheduler_config,
                 "num_classes": self.num_classes, "conditioning": self.conditioning.to_list(),
-                "derived": list(self.conditioning.derived), "packed": self.packed}
+                "derived": list(self.conditioning.derived), "packed": self.packed, "config": self.model_config}
 
 
 def legacy_conditioning(cross_attention_dim, encoder_seq_len, num_classes, class_name: str = "") -> Conditioning:

@@ -65,6 +65,7 @@ class LoadedModel:
     conditioning: Conditioning | None = None  # None: from the fields above (models/info.legacy_conditioning)
     packed: bool = False                      # FLUX: the graphs take packed latents (models/denoiser.py)
     label_encoder: torch.nn.Module | None = None  # digits_flux: labels -> its text-like conditioning
+    model_config: dict | None = None  # the diffusers config (from_info: as the manifest recorded it)
 
     def __post_init__(self):
         if self.conditioning is None:
@@ -107,7 +108,7 @@ class LoadedModel:
                    content_hash=info.content_hash, conditional=info.conditional, sample_shape=info.sample_shape,
                    cross_attention_dim=info.cross_attention_dim, encoder_seq_len=info.encoder_seq_len,
                    out_channels=info.out_channels, num_classes=info.num_classes, conditioning=info.conditioning,
-                   packed=info.packed)
+                   packed=info.packed, model_config=info.model_config)
 
     @property
     def info(self) -> ModelInfo:
@@ -115,11 +116,21 @@ class LoadedModel:
         C, H, W = self.sample_shape
         return ModelInfo(self.name, type(self.unet).__name__ if self.unet is not None else "UNet", self.content_hash,
                          C, self.out_channels or C, (H, W), self.cross_attention_dim, self.encoder_seq_len,
-                         dict(self.scheduler_config), self.num_classes, self.conditioning, self.packed)
+                         dict(self.scheduler_config), self.num_classes, self.conditioning, self.packed,
+                         json_config(self.unet) if self.unet is not None else self.model_config)
 
     def copy(self) -> "LoadedModel":
         """The same model with its own copy of the weights (export and quantize consume the UNet)."""
         return dataclasses.replace(self, unet=copy.deepcopy(self.unet))
+
+
+def json_config(model) -> dict | None:
+    """A diffusers model's config as plain JSON values (tuples as lists), None when it has none."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    cfg = {k: v for k, v in dict(cfg).items() if k not in ("_name_or_path", "_use_default_values")}  # no local paths
+    return json.loads(json.dumps(cfg, default=lambda v: list(v) if isinstance(v, (tuple, set)) else str(v)))
 
 
 def content_hash(unet: torch.nn.Module) -> str:

@@ -10,8 +10,12 @@ Models (random weights except digits; nothing downloaded): `cifar` (the CIFAR-10
 random encoder states, as the rows are timed: a speed row, not a quality one),
 `dit_s2` (DiT-S/2: hidden 384, depth 12, 6 heads, patch 2, 32x32x4 latent,
 1000 classes; CFG: batch 2 x --batch, cond + null class; NNCF calibrated on class-conditional FP trajectories)
-and `pixart` (PixArt-alpha's transformer at a --sd-latent latent, 120 caption tokens of 4096 channels, CFG,
-NNCF as for sd15). Transformers get no block-reuse rows (reuse is defined on UNet blocks).
+`pixart` (PixArt-alpha's transformer at a --sd-latent latent, 120 caption tokens of 4096 channels, CFG,
+NNCF as for sd15), `flux` (FLUX.1-dev's architecture at reduced depth, FLUX_DEPTH double,single blocks: hidden
+3072, 24 heads, guidance embedding, packed latents; --sd-latent 64 gives its 1024 image tokens beside 512 text
+tokens; guidance embedded, so one pass per step, batch --batch) and `sd3m` (SD3-medium's MMDiT at SD3_DEPTH
+joint blocks: hidden 1536, 24 heads, 333 text tokens of 4096, pooled 2048; CFG). Transformers get no
+block-reuse rows (reuse is defined on UNet blocks).
 Rows and how each runs: modiff_export/harness/speed.py. `--profile` prints
 OpenVINO's per-node counters (PERF_COUNT) summed by node type for every row; `--memory` the peak RSS of a
 process that loads one runner and runs a trajectory's first calls; `--levers` adds MoDiff step rows with
@@ -56,16 +60,20 @@ def versions() -> str:
 def model_spec(name: str, work: Path, sd_latent: int) -> str:
     from modiff_export.harness.arch_models import write_model
 
-    if name in ("digits", "digits_b", "digits_dit", "digits_dit_b"):
+    if name in ("digits", "digits_b", "digits_dit", "digits_dit_b", "digits_flux"):
         return name
     if name in ("cifar", "dit_s2"):
         return str(write_model(name, work / "models" / name))
-    return str(write_model(name, work / "models" / f"{name}-{sd_latent}", latent=sd_latent))  # sd15, pixart
+    depth = tuple(int(d) for d in FLUX_DEPTH.split(",")) if name == "flux" else (SD3_DEPTH, 0)
+    tag = f"{name}-{sd_latent}" + (f"-d{FLUX_DEPTH.replace(',', '-')}" if name == "flux" else
+                                   f"-d{SD3_DEPTH}" if name == "sd3m" else "")
+    return str(write_model(name, work / "models" / tag, latent=sd_latent, depth=depth))  # sd15, pixart, flux, sd3m
 
 
-TEXT_CONDITIONED = ("sd15", "pixart")          # CFG with random encoder states
-CFG_MODELS = ("sd15", "pixart", "dit_s2")      # UNet/transformer batch = 2 x --batch
-TRANSFORMERS = ("dit_s2", "pixart", "digits_dit", "digits_dit_b")
+TEXT_CONDITIONED = ("sd15", "pixart", "flux", "sd3m")  # random encoder states (and pooled projections)
+CFG_MODELS = ("sd15", "pixart", "dit_s2", "sd3m")      # batch = 2 x --batch; flux: guidance embedded, one pass
+TRANSFORMERS = ("dit_s2", "pixart", "digits_dit", "digits_dit_b", "flux", "sd3m", "digits_flux")
+FLUX_DEPTH, SD3_DEPTH = "2,2", 2  # double,single blocks of the flux row; joint blocks of the sd3m row
 
 
 def lever_rows(spec: str, bits: str) -> list[speed.Variant]:
@@ -151,14 +159,15 @@ def memory_block(vs, graphs, threads, batch, static) -> list[str]:
         if v.role == "step":
             continue
         m = peak_rss(v, graphs[v.graphs], threads, batch, static)
-        cache = 2 * batch * Manifest.load(graphs[v.graphs]).cache_bytes_per_sample / 2**20
+        cache = 2 * batch * Manifest.load(graphs[v.graphs], onnx=False).cache_bytes_per_sample / 2**20
         lines.append(f"| {v.label} | {m['peak_mb']:.0f} | {m['added_mb']:.0f} | {cache:.0f} |")
     return lines
 
 
 @click.command()
 @click.option("--models", default="cifar", show_default=True,
-              help="Comma list of cifar, digits, sd15, dit_s2, pixart, digits_dit, digits_dit_b.")
+              help="Comma list of cifar, digits, sd15, dit_s2, pixart, flux, sd3m, digits_dit, digits_dit_b, "
+                   "digits_flux.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="Intra-op threads.")
 @click.option("--rounds", default=7, show_default=True, type=click.IntRange(1), help="Interleaved rounds (medians).")
 @click.option("--batch", default=4, show_default=True, type=click.IntRange(1),
@@ -189,7 +198,7 @@ def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_la
     for name in models.split(","):
         spec = model_spec(name, work, sd_latent)
         cond = name in CFG_MODELS
-        root = work / "graphs" / (f"{name}-{sd_latent}" if name in TEXT_CONDITIONED else name)
+        root = work / "graphs" / (Path(spec).name if name in TEXT_CONDITIONED else name)
         no_reuse = reuse_depths == "none" or name in TRANSFORMERS
         depths = () if no_reuse else tuple(int(d) for d in reuse_depths.split(","))
         fdepths = () if no_reuse or forecast_depths == "none" else tuple(int(d) for d in forecast_depths.split(","))
@@ -217,7 +226,8 @@ def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_la
         from modiff_export.harness.nncf_peer import nncf_settings_text
 
         states = ", random encoder states" if name in TEXT_CONDITIONED else ""
-        block += [f"NNCF settings: {nncf_settings_text()}; calibrated on 2 FP trajectories (DDIM 10 steps, batch "
+        block += [f"NNCF settings: {nncf_settings_text()}; calibrated on 2 FP trajectories (the model's own sampler, "
+                  f"10 steps, batch "
                   f"{batch}{states}) of the same model.", ""]
         print("\n".join(block), flush=True)
         print("RAW " + json.dumps(rows), flush=True)

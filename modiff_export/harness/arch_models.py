@@ -33,17 +33,40 @@ PIXART_ALPHA = {
     "attention_head_dim": 72, "cross_attention_dim": 1152, "caption_channels": 4096, "norm_type": "ada_norm_single",
     "num_embeds_ada_norm": 1000, "activation_fn": "gelu-approximate",
 }
-KINDS = ("cifar", "sd15", "dit_s2", "pixart")
+# FLUX.1 (dev) at reduced depth: its hidden size (3072 = 24 heads x 128), T5 width 4096, CLIP pooled 768, 3-axis
+# RoPE and guidance embedding, with `double` / `single` blocks of each kind instead of 19 / 38 (~340M / ~141M
+# parameters each); 16 latent channels packed 2x2 (in_channels 64)
+FLUX1 = {"patch_size": 1, "in_channels": 64, "attention_head_dim": 128, "num_attention_heads": 24,
+         "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+         "axes_dims_rope": (16, 56, 56)}
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                  "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                  "max_image_seq_len": 4096}
+# SD3-medium's MMDiT at reduced depth: hidden 1536 (24 heads x 64), joint attention over T5+CLIP states of 4096
+# channels, pooled 2048, patch 2, 16 latent channels; `depth` joint blocks instead of 24
+SD3_MEDIUM = {"patch_size": 2, "in_channels": 16, "out_channels": 16, "attention_head_dim": 64,
+              "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+              "pooled_projection_dim": 2048, "pos_embed_max_size": 192}
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+KINDS = ("cifar", "sd15", "dit_s2", "pixart", "flux", "sd3m")
 
 SCHEDULER = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
              "beta_start": 0.0001, "beta_end": 0.02, "clip_sample": True, "prediction_type": "epsilon"}
 
 
-def write_model(kind: str, out: Path, latent: int = 32, seed: int = 0) -> Path:
+def write_model(kind: str, out: Path, latent: int = 32, seed: int = 0, depth: tuple[int, int] = (2, 2)) -> Path:
     """Write a random-weight `kind` (one of KINDS) model folder to `out` unless it exists; returns it.
-    `latent` sizes sd15 and pixart (DiT-S/2 is 32x32 as published)."""
+    `latent` sizes sd15, pixart, flux and sd3m (DiT-S/2 is 32x32 as published; flux at latent 64: 1024 image
+    tokens); `depth`: (double, single) blocks of flux, (joint, -) of sd3m."""
     import torch
-    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
+    from diffusers import (
+        DiTTransformer2DModel,
+        FluxTransformer2DModel,
+        PixArtTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+        UNet2DModel,
+    )
 
     out = Path(out)
     if (out / "config.json").is_file():
@@ -57,8 +80,14 @@ def write_model(kind: str, out: Path, latent: int = 32, seed: int = 0) -> Path:
         unet = DiTTransformer2DModel(**DIT_S2)
     elif kind == "pixart":
         unet = PixArtTransformer2DModel(sample_size=latent, **PIXART_ALPHA)
+    elif kind == "flux":
+        unet = FluxTransformer2DModel(num_layers=depth[0], num_single_layers=depth[1], **FLUX1)
+        unet.register_to_config(sample_size=latent)  # the latent size its graphs are exported for
+    elif kind == "sd3m":
+        unet = SD3Transformer2DModel(sample_size=latent, num_layers=depth[0], **SD3_MEDIUM)
     else:
         raise ValueError(f"unknown architecture {kind!r}")
     unet.eval().requires_grad_(False).save_pretrained(out)
-    (out / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
+    sched = {"flux": FLUX_SCHEDULER, "sd3m": SD3_SCHEDULER}.get(kind, SCHEDULER)
+    (out / "scheduler_config.json").write_text(json.dumps(sched))
     return out

@@ -73,7 +73,7 @@ def model_spec(name: str, work: Path, sd_latent: int) -> str:
 TEXT_CONDITIONED = ("sd15", "pixart", "flux", "sd3m")  # random encoder states (and pooled projections)
 CFG_MODELS = ("sd15", "pixart", "dit_s2", "sd3m")      # batch = 2 x --batch; flux: guidance embedded, one pass
 TRANSFORMERS = ("dit_s2", "pixart", "digits_dit", "digits_dit_b", "flux", "sd3m", "digits_flux")
-FLUX_DEPTH, SD3_DEPTH = "2,2", 2  # double,single blocks of the flux row; joint blocks of the sd3m row
+FLUX_DEPTH, SD3_DEPTH = "1,1", 2  # double,single blocks of the flux row; joint blocks of the sd3m row
 
 
 def lever_rows(spec: str, bits: str) -> list[speed.Variant]:

@@ -52,8 +52,9 @@ FINDINGS_HEADER = "## What this model shows"
 @click.option("--bits", default="w8a8,w8a4,w8a3,w4a4", show_default=True, help="Comma list of wWaA.")
 @click.option("--recipe", default="paper", show_default=True, type=click.Choice(["paper", "recommended"]),
               help="recommended: the recipe's W8A8 layers in every sub-8-bit PTQ and MoDiff row (--raw-out only).")
-@click.option("--gptq", "gptq_bits", default="", help="Comma list of wWaA whose rows round every quantized weight "
-                                                       "with GPTQ (the recipe with a calibration file; --raw-out only).")
+@click.option("--gptq", "gptq_bits", default="",
+              help="Comma list of wWaA whose rows round every quantized weight with GPTQ (the recipe with a "
+                   "calibration file; --raw-out only).")
 @click.option("--spread-seeds", default="", help="FP alone from these other noise seeds (FD seed spread; --raw-out).")
 @click.option("--num-samples", default=256, show_default=True)
 @click.option("--batch-size", default=128, show_default=True)
@@ -92,7 +93,9 @@ def main(model_name, schedulers, steps, guidance, bits, recipe, gptq_bits, sprea
                    "inf" if math.isinf(p) else f"{p:.2f}", f"{time.time() - t0:.0f}")
             rows.append(row)
             print(" | ".join(row), flush=True)
-    real = ev.frechet_distance(__import__("modiff_export.data", fromlist=["x"]).digits_split("train")[0][:num_samples])
+    from modiff_export.models.data import digits_split  # (was modiff_export.data, which no longer exists)
+
+    real = ev.frechet_distance(digits_split("train")[0][:num_samples])
     table = ["| scheduler | config | FD-digits (lower is better) | confidence | PSNR-to-FP (dB) | seconds |",
              "|---|---|---:|---:|---:|---:|"] + [f"| {' | '.join(r)} |" for r in rows]
     cmd = (f"python benchmarks/quality_table.py --schedulers {schedulers} --steps {steps} "

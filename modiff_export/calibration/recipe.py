@@ -33,10 +33,23 @@ DEFAULT_RECIPE = "recommended"
 # the patch embedding, the final projections, every timestep embedder, the adaLN modulation and the caption
 # projection, measured on digits_dit (docs/transformers.md, W4A4 FD over FP, DDIM-50 / DPM++-20): uniform
 # +104% / +64%, + patch/final/timestep at W8A8 +30% / +27%, + adaLN/caption +22% / +21%.
+# MMDiT (FLUX, SD3), issue 32, measured on digits_flux (docs/quality.md "FLUX"; docs/digits_flux_recipe_run1.txt;
+# MoDiff, dynamic scales, no calibration, flow-Euler 28, 128 samples, median per-sample PSNR to FP, guidance 1 / 2):
+# uniform W8A4 45.9 / 42.3 dB (FD +3.0% / -2.3%), W4A4 30.8 / 30.2 dB (+11.9% / -10.8%); the patterns below kept
+# at W8A8 on top of TRANSFORMER_INT8_LAYERS' (16 of 60 Linears: the embedders x_embedder, context_embedder,
+# time_text_embed.*; the modulation of both streams, norm1(_context).linear, single blocks' norm.linear,
+# norm_out.linear; the final proj_out), W8A4 50.9 / 45.2 dB (+1.2% / -0.3%), W4A4 35.0 / 33.8 dB (+9.7% / -10.8%),
+# for +0.8% (W8A4) / +2.5% (W4A4) BOPs: the best median PSNR in all four cells of the five sets that recorded it
+# (tied within 0.1 dB at W8A4 with previous+embedders). The embedders carry W8A4 (embedders+final 50.8 / 44.9 dB),
+# modulation + final W4A4 (34.4 / 33.2 dB); the context stream at W8A8 (12 Linears, +1.5% / +4.9% BOPs) did not
+# help (mean PSNR W8A4 43.8 / 40.3 dB, W4A4 28.9 / 29.1 dB vs uniform 44.9 / 41.3, 28.9 / 28.2), so it keeps the
+# config's bits. SD3 shares these names (pos_embed.proj in place of x_embedder) but was not measured: no trained SD3 here.
 INT8_IO_TIME_LAYERS = ("conv_in", "conv_out", "time_embedding.*", "*.time_emb_proj")  # UNets
 TRANSFORMER_INT8_LAYERS = ("pos_embed.proj", "proj_out*", "*timestep_embedder.*",
                            "*.norm1.linear", "adaln_single.linear", "caption_projection.*")
-RECIPE_INT8_LAYERS = INT8_IO_TIME_LAYERS + TRANSFORMER_INT8_LAYERS
+MMDIT_INT8_LAYERS = ("x_embedder", "context_embedder", "time_text_embed.*", "*.norm1_context.linear",
+                     "single_transformer_blocks.*.norm.linear", "norm_out.linear")
+RECIPE_INT8_LAYERS = INT8_IO_TIME_LAYERS + TRANSFORMER_INT8_LAYERS + MMDIT_INT8_LAYERS
 
 
 def linear_layer_names(unet: nn.Module) -> list[str]:

@@ -16,10 +16,7 @@ class TorchRunner(Runner):
         config = getattr(unet, "modiff_config", None)
         cfg = getattr(unet, "config", None)
         hw = denoiser.sample_hw(unet)
-        shape = None
-        if hw is not None:
-            c = denoiser.latent_channels(unet)
-            shape = ((hw[0] // 2) * (hw[1] // 2), 4 * c) if denoiser.packed(unet) else (c, *hw)
+        shape = None if hw is None else denoiser.graph_shape(denoiser.latent_channels(unet), hw, denoiser.packed(unet))
         super().__init__(keyframe_interval=config.keyframe_interval if config else None,
                          reuse_interval=config.reuse_interval if config else None,
                          reuse_forecast=config.reuse_forecast if config else "none",

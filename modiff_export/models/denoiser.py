@@ -99,6 +99,12 @@ def sample_hw(model) -> tuple[int, int] | None:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def graph_shape(channels: int, hw: tuple[int, int], is_packed: bool) -> tuple[int, ...]:
+    """The per-sample shape a graph's sample (or output) has: (C, H, W), or packed (N = (H/2)(W/2), C*4)."""
+    H, W = hw
+    return ((H // 2) * (W // 2), channels * 4) if is_packed else (channels, H, W)
+
+
 def pack(x: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, (H/2)(W/2), C*4], FluxPipeline._pack_latents."""
     B, C, H, W = x.shape

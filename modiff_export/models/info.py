@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..errors import Fields
 from .conditioning import CondInput, Conditioning
+from .denoiser import graph_shape
 
 DEFAULT_SCHEDULER_CONFIG = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
 
@@ -44,13 +45,11 @@ class ModelInfo:
     @property
     def graph_sample_shape(self) -> tuple[int, ...]:
         """The graphs' per-sample `sample` shape: (C, H, W), or (N, C*4) packed."""
-        C, (H, W) = self.in_channels, self.sample_size
-        return ((H // 2) * (W // 2), C * 4) if self.packed else (C, H, W)
+        return graph_shape(self.in_channels, self.sample_size, self.packed)
 
     @property
     def graph_output_shape(self) -> tuple[int, ...]:
-        C, (H, W) = self.out_channels, self.sample_size
-        return ((H // 2) * (W // 2), C * 4) if self.packed else (C, H, W)
+        return graph_shape(self.out_channels, self.sample_size, self.packed)
 
     @property
     def class_conditional(self) -> bool:

@@ -78,8 +78,7 @@ class LoadedModel:
     @property
     def graph_sample_shape(self) -> tuple[int, ...]:
         """What the runner's `sample` is per sample: (C, H, W), or packed (N, C*4)."""
-        C, H, W = self.sample_shape
-        return ((H // 2) * (W // 2), C * 4) if self.packed else (C, H, W)
+        return denoiser.graph_shape(self.sample_shape[0], self.sample_shape[1:], self.packed)
 
     @classmethod
     def from_unet(cls, unet: torch.nn.Module, name: str, scheduler_config: dict | None = None,

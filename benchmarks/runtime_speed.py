@@ -60,7 +60,7 @@ def versions() -> str:
 def model_spec(name: str, work: Path, sd_latent: int) -> str:
     from modiff_export.harness.arch_models import write_model
 
-    if name in ("digits", "digits_b", "digits_dit", "digits_dit_b", "digits_flux"):
+    if name in ("digits", "digits_b", "digits_dit", "digits_dit_b", "digits_flux", "digits_sd3"):
         return name
     if name in ("cifar", "dit_s2"):
         return str(write_model(name, work / "models" / name))
@@ -72,7 +72,7 @@ def model_spec(name: str, work: Path, sd_latent: int) -> str:
 
 TEXT_CONDITIONED = ("sd15", "pixart", "flux", "sd3m")  # random encoder states (and pooled projections)
 CFG_MODELS = ("sd15", "pixart", "dit_s2", "sd3m")      # batch = 2 x --batch; flux: guidance embedded, one pass
-TRANSFORMERS = ("dit_s2", "pixart", "digits_dit", "digits_dit_b", "flux", "sd3m", "digits_flux")
+TRANSFORMERS = ("dit_s2", "pixart", "digits_dit", "digits_dit_b", "flux", "sd3m", "digits_flux", "digits_sd3")
 FLUX_DEPTH, SD3_DEPTH = "1,1", 2  # double,single blocks of the flux row; joint blocks of the sd3m row
 
 
@@ -155,12 +155,14 @@ def memory_block(vs, graphs, threads, batch, static) -> list[str]:
 
     lines = ["| row | peak RSS of the process (MB) | added by loading + running (MB) | 2 x cache bytes of the "
              "batch (MB) |", "|---|---|---|---|"]
+    stepped = {v.graphs for v in vs if v.role == "step"}
     for v in vs:
-        if v.role == "step":
+        if v.role == "prime" and v.graphs in stepped:  # the step row's process loads the same runner and primes
             continue
         m = peak_rss(v, graphs[v.graphs], threads, batch, static)
         cache = 2 * batch * Manifest.load(graphs[v.graphs], onnx=False).cache_bytes_per_sample / 2**20
-        lines.append(f"| {v.label} | {m['peak_mb']:.0f} | {m['added_mb']:.0f} | {cache:.0f} |")
+        label = v.label.replace(" step (", " prime + step (") if v.role == "step" else v.label
+        lines.append(f"| {label} | {m['peak_mb']:.0f} | {m['added_mb']:.0f} | {cache:.0f} |")
     return lines
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from modiff_export import QuantConfig
 from modiff_export.backends import make_runner
 from modiff_export.calibration.recipe import linear_layer_names
-from modiff_export.evaluation.cost import bops_per_trajectory, count_macs
+from modiff_export.evaluation.cost import bops_per_trajectory, model_macs
 from modiff_export.evaluation.metrics import DigitsEvaluator, frechet_distance_from_features, psnr
 from modiff_export.models import load_model
 from modiff_export.quant.quantization import modiff_layers, quantize
@@ -116,7 +116,7 @@ def measure(models, samplers, rows, n, bs, seed, results, cache_dir, guidance: f
             for r in load_results(results)}
     for name in models.split(","):
         model = load_model(name)
-        macs = count_macs(model.unet, torch.zeros(1, *model.sample_shape), torch.tensor(500))
+        macs = model_macs(model)
         for sampler in samplers.split(","):
             sched, steps = sampler.split(":")
             steps = int(steps)

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from modiff_export import QuantConfig
 from modiff_export.backends import make_runner
-from modiff_export.evaluation.cost import bops_per_trajectory, count_macs
+from modiff_export.evaluation.cost import bops_per_trajectory, model_macs
 from modiff_export.evaluation.metrics import DigitsEvaluator, psnr
 from modiff_export.manifest import Manifest
 from modiff_export.models import load_model
@@ -119,7 +119,7 @@ def run(models, bits, variants, samplers, n, seed, work, cache_dir, results, bac
                       r.get("guidance", 1.0)))
     for name in models.split(","):
         model = load_model(name)
-        macs = count_macs(model.unet, torch.zeros(1, *model.sample_shape), torch.tensor(500))
+        macs = model_macs(model)
         for wa in bits.split(","):
             w, a = (int(v) for v in wa[1:].split("a"))
             for variant in variants.split(","):
@@ -241,16 +241,6 @@ LAYER_GROUPS = {
                 "transformer_blocks.*.ff_context.*"),
 }
 LAYERS_RESULTS = ROOT / "docs" / "quality_layers.jsonl"
-
-
-def model_macs(model) -> list:
-    """count_macs of one call of `model`'s denoiser with the model's own conditioning shapes (digits_flux: its
-    label encoder's 4 text tokens, not the class default of 512) and, for FLUX, the packed latent."""
-    from modiff_export.models.denoiser import pack
-
-    x = torch.zeros(1, *model.sample_shape)  # [1, C, H, W]
-    cond = model.conditioning.example(1, tuple(model.sample_shape[-2:])) if model.conditioning else None
-    return count_macs(model.unet, pack(x) if model.packed else x, torch.tensor(500), *([cond] if cond else []))
 
 
 def layer_set(spec: str, names: list[str]) -> tuple[tuple[str, ...], list[str]]:

@@ -38,7 +38,7 @@ from quality_recipe import cli, fp_reference  # noqa: E402
 
 from modiff_export import QuantConfig  # noqa: E402
 from modiff_export.backends import make_runner  # noqa: E402
-from modiff_export.evaluation.cost import bops_per_trajectory, count_macs  # noqa: E402
+from modiff_export.evaluation.cost import bops_per_trajectory, model_macs  # noqa: E402
 from modiff_export.evaluation.metrics import DigitsEvaluator, psnr  # noqa: E402
 from modiff_export.manifest import Manifest  # noqa: E402
 from modiff_export.models import load_model  # noqa: E402
@@ -129,7 +129,7 @@ def run(models, variants, intervals, depths, samplers, n, seed, work, cache_dir,
             done.add((r["model"], r["sampler"], r["variant"], r["interval"], r["depth"], r["n"], r["seed"]))
     for name in models.split(","):
         model = load_model(name)
-        macs = count_macs(model.unet, torch.zeros(1, *model.sample_shape), torch.tensor(500))
+        macs = model_macs(model)
         for depth in map(int, depths.split(",")):
             for interval in map(int, intervals.split(",")):
                 for variant in variants.split(","):

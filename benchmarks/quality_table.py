@@ -122,9 +122,8 @@ def raw_table(model_name, schedulers, steps_list, guidances, bits, recipe, gptq_
     """Issue 32 (any model, flow matching and class labels included): rows over schedulers x steps x guidance,
     FD relative to FP from the same noise, PSNR to FP, label accuracy; raw text to `raw_out`."""
     from quality_ablation import build_runner, fp_samples
-    from quality_recipe import model_macs
 
-    from modiff_export.evaluation.cost import bops_per_trajectory
+    from modiff_export.evaluation.cost import bops_per_trajectory, model_macs
     from modiff_export.sampling import class_labels, label_classes
 
     model, ev = load_model(model_name), DigitsEvaluator()

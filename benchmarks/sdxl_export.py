@@ -74,7 +74,9 @@ def main(layers, latent, cap_gb, work, child_run):
                         "--cap-gb", str(cap_gb), "--work", str(work)], capture_output=True, text=True)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     print(p.stdout.strip())
-    tail = [ln for ln in p.stderr.strip().splitlines() if ln.strip()][-3:]
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    frames = [ln.strip() for ln in lines if ln.strip().startswith("File ")][-4:]  # where in the code it stopped
+    tail = frames + lines[-3:]
     print(f"exit {p.returncode}; wall {time.time() - t0:.0f} s; child peak RSS {peak:.1f} GB; layers {layers_t}, "
           f"latent {latent}; cap {cap_gb} GB")
     if p.returncode:

@@ -223,35 +223,44 @@ def test_tensorrt_planning_covers_every_conditioning_input(folders):
             assert prime[c.name] == tuple((b, *c.shape) for b in (1, 2, 4))
 
 
-# -- digits_flux: the shipped FLUX-architecture validation model ---------------------------------------
-def test_digits_flux_draws_the_digits_asked_for():
-    """The trained model (train-demo --arch digits_flux): class labels reach it through its label encoder
-    (models/label_encoder.py) as text-like states + pooled vector, its own flow-Euler sampler is the default,
-    and with guidance 2 the digits classifier reads the requested label (measured 100% of 200 at 28 steps;
-    asked: 90% of 20, a margin for the few odd samples seen at guidance 1)."""
+# -- digits_flux, digits_sd3: the shipped FLUX- and SD3-architecture validation models ----------------------
+MMDIT_MODELS = [("digits_flux", True, (64, 4)), ("digits_sd3", False, (1, 16, 16))]  # name, packed, graph sample
+
+
+@pytest.mark.parametrize("name,packed,graph_sample", MMDIT_MODELS)
+def test_mmdit_digits_draw_the_digits_asked_for(name, packed, graph_sample):
+    """The trained models (train-demo --arch digits_flux / digits_sd3): class labels reach them through their
+    label encoder (models/label_encoder.py) as text-like states + pooled vector, their own flow-Euler sampler is
+    the default, and with guidance 2 the digits classifier reads the requested label (digits_flux measured 100%
+    of 200 at 28 steps; asked: 90% of 20, a margin for the few odd samples seen at guidance 1)."""
     from modiff_export.evaluation.metrics import DigitsEvaluator
     from modiff_export.sampling import resolve_scheduler
 
-    m = load_model("digits_flux")
-    assert m.label_encoder is not None and m.packed and m.graph_sample_shape == (64, 4)
+    m = load_model(name)
+    assert m.label_encoder is not None and m.packed == packed and m.graph_sample_shape == graph_sample
     assert resolve_scheduler("auto", m.scheduler_config) == "flow_euler"
     traj = Trajectories("flow_euler", 28, 20, 20, 0, guidance_scale=2.0, labels=tuple(range(10)))
     x = run_batches(TorchRunner(quantize(copy.deepcopy(m.unet), QuantConfig(mode="fp"))), m, traj, progress=False)
     assert DigitsEvaluator().label_accuracy(x, torch.arange(20) % 10) >= 0.9
 
 
+@pytest.mark.parametrize("name", [m[0] for m in MMDIT_MODELS])
 @pytest.mark.parametrize("act_bits,min_psnr", [(8, 40.0), (4, 30.0)])
-def test_digits_flux_cfg_trajectory_parity(tmp_path, act_bits, min_psnr):
+def test_mmdit_digits_cfg_trajectory_parity(tmp_path, name, act_bits, min_psnr):
     """Issue 32's parity targets on whole trajectories with classifier-free guidance: ORT and OpenVINO against
-    the PyTorch reference at W8A8 >= 40 dB, W8A4 >= 30 dB (measured 66 / 41 dB on the VNNI+BF16 EPYC)."""
-    m = load_model("digits_flux")
+    the PyTorch reference at W8A8 >= 40 dB, W8A4 >= 30 dB (digits_flux measured 66 / 41 dB on the VNNI+BF16
+    EPYC). The 30 dB floor at A4: one 4-bit code flipped by a last-ulp difference between backends moves that
+    layer's output by a whole step of its delta, and such flips compound over the trajectory. 28 steps, the
+    models' own sampler length: the fewer the steps, the larger each step's delta and so its 4-bit step size
+    (digits_sd3 W8A4, ORT / OpenVINO: 30.0 / 30.0 dB at 12 steps, 35.9 / 35.9 dB at 28)."""
+    m = load_model(name)
     cfg = QuantConfig(act_bits=act_bits)
     export_model(m.copy(), cfg, tmp_path / "g", progress=False)
-    traj = Trajectories("flow_euler", 12, 8, 8, 0, guidance_scale=2.0, labels=tuple(range(8)))
+    traj = Trajectories("flow_euler", 28, 8, 8, 0, guidance_scale=2.0, labels=tuple(range(8)))
     ref = run_batches(TorchRunner(quantize(copy.deepcopy(m.unet), cfg)), m, traj, progress=False)
     for backend in ("ort", "openvino"):
         got = run_batches(make_runner(backend, folder=tmp_path / "g"), m, traj, progress=False)
-        assert psnr(ref, got) >= min_psnr, f"digits_flux {backend} W8A{act_bits}: {psnr(ref, got):.1f} dB"
+        assert psnr(ref, got) >= min_psnr, f"{name} {backend} W8A{act_bits}: {psnr(ref, got):.1f} dB"
     other = run_batches(TorchRunner(quantize(copy.deepcopy(m.unet), cfg)), m, traj.replace(labels=(9,) * 8),
                         progress=False)
     assert psnr(ref, other) < min_psnr, "the labels do not reach the model"

@@ -43,7 +43,11 @@ DEFAULT_RECIPE = "recommended"
 # (tied within 0.1 dB at W8A4 with previous+embedders). The embedders carry W8A4 (embedders+final 50.8 / 44.9 dB),
 # modulation + final W4A4 (34.4 / 33.2 dB); the context stream at W8A8 (12 Linears, +1.5% / +4.9% BOPs) did not
 # help (mean PSNR W8A4 43.8 / 40.3 dB, W4A4 28.9 / 29.1 dB vs uniform 44.9 / 41.3, 28.9 / 28.2), so it keeps the
-# config's bits. SD3 shares these names (pos_embed.proj in place of x_embedder) but was not measured: no trained SD3 here.
+# config's bits. SD3, measured on digits_sd3 (docs/quality.md "SD3"; docs/digits_sd3_layers.jsonl; same protocol):
+# the same 16 Linears (pos_embed.proj in place of x_embedder; SD3 has no single blocks) are the best or tied-best
+# set in every cell: W8A4 FD +2.0% / -3.4% (46.0 / 40.0 dB median PSNR) vs uniform +4.0% / -4.8% (39.8 / 38.0),
+# W4A4 +15.9% / -4.1% (33.1 / 31.6 dB) vs uniform +43.0% / -12.0% (30.1 / 28.8); the context stream at W8A8
+# (21 Linears) again gained nothing (W4A4 +37.9%, 30.1 dB at g1).
 INT8_IO_TIME_LAYERS = ("conv_in", "conv_out", "time_embedding.*", "*.time_emb_proj")  # UNets
 TRANSFORMER_INT8_LAYERS = ("pos_embed.proj", "proj_out*", "*timestep_embedder.*",
                            "*.norm1.linear", "adaln_single.linear", "caption_projection.*")

@@ -17,7 +17,8 @@ from .options import QUANT, SAMPLING
                    "digits_b 1500, digits_dit 3000 (~35 min), digits_dit_b 3000].")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True, help="Classifier training epochs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Training seed.")
-@click.option("--arch", type=click.Choice(["digits", "digits_b", "digits_dit", "digits_dit_b", "digits_flux"]),
+@click.option("--arch", type=click.Choice(["digits", "digits_b", "digits_dit", "digits_dit_b", "digits_flux",
+                                           "digits_sd3"]),
               default="digits",
               show_default=True,
               help="Denoiser + noise schedule: digits (shipped demo UNet), digits_b (second validation UNet: "
@@ -25,7 +26,9 @@ from .options import QUANT, SAMPLING
                    "validation model: a class-conditional DiT, labels 0-9, CFG label dropout; shipped with --seed 2) "
                    "or digits_dit_b (second DiT: 6 blocks of hidden 96, linear betas; shipped with --seed 3) or "
                    "digits_flux (FluxTransformer2DModel, 2 double + 4 single blocks, flow matching, labels through a "
-                   "learned label encoder; 2400 steps, ~21 min; shipped with --seed 4).")
+                   "learned label encoder; 2400 steps, ~21 min; shipped with --seed 4) or digits_sd3 "
+                   "(SD3Transformer2DModel, 4 joint-attention blocks, flow matching, a label encoder; shipped with "
+                   "--seed 5).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder [default: trained/<arch>]. Never the shipped assets unless named and --overwrite.")
 @click.option("--overwrite", is_flag=True, help="Write into an existing --out.")
@@ -43,10 +46,10 @@ def train_demo(steps, epochs, seed, arch, out, overwrite, what):
         acc = train_classifier(epochs=epochs, seed=seed, out=out)
         click.echo(f"classifier: held-out accuracy {acc:.4f} -> {out}")
     if what in ("all", "unet"):
-        if arch == "digits_flux":
-            from ..models.train_flux import train_flux
+        if arch in ("digits_flux", "digits_sd3"):
+            from ..models.train_mmdit import train_mmdit
 
-            wall = train_flux(steps=steps, seed=seed, out=out)
+            wall = train_mmdit(arch, steps=steps, seed=seed, out=out)
         else:
             wall = train_unet(steps=steps, seed=seed, out=out, arch=arch)
         click.echo(f"denoiser ({arch}): {steps or 'default'} steps in {wall / 60:.1f} min -> {out}")
@@ -114,7 +117,7 @@ def evaluate(calibration, num_samples, **options):
     from ..evaluation.metrics import DigitsEvaluator, psnr
     from ..models import load_model
     from ..models.loading import EMBEDDED
-    from ..sampling import SamplingError, sample_model
+    from ..sampling import SamplingError, resolve_scheduler, sample_model
 
     model, backend = options["model"], options["backend"]
     resolved, traj = resolve(options, calibration, num_samples)
@@ -135,7 +138,8 @@ def evaluate(calibration, num_samples, **options):
         conf = f"{ev.confidence(x):.3f}" if ev else "n/a"
         p = psnr(x, ref)
         rows.append((f"{cfg.tag} [{be}]", fd, conf, "inf" if math.isinf(p) else f"{p:.2f}", f"{time.time() - t0:.1f}"))
-    click.echo(f"{m.name} {traj.scheduler}x{traj.steps}, {num_samples} samples, seed {traj.seed}, "
+    sched = resolve_scheduler(traj.scheduler, m.scheduler_config)  # "auto": the name of the sampler it ran
+    click.echo(f"{m.name} {sched}x{traj.steps}, {num_samples} samples, seed {traj.seed}, "
                f"granularity {qcfg.granularity}")
     head = ("config", "FD-digits", "confidence", "PSNR-to-FP dB", "seconds")
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]

@@ -1,10 +1,11 @@
-"""digits_flux's text encoder: a learned table per class label, giving a FLUX model text-like conditioning.
+"""digits_flux's and digits_sd3's text encoder: a learned table per class label, giving an MMDiT text-like
+conditioning.
 
     enc = load_label_encoder("modiff_export/assets/digits_flux")     # label_encoder.safetensors, or None
     enc.conditioning(labels [B])   -> {"encoder_hidden_states": [B, S, D], "pooled_projections": [B, P]}
 
 Row num_classes is the null class (classifier-free guidance's uncond), trained by label dropout
-(models/train_flux.py). Sampling feeds a model folder's label encoder where it would otherwise use random
+(models/train_mmdit.py). Sampling feeds a model folder's label encoder where it would otherwise use random
 states (sampling.batch_conditioning), so class labels work on it as on a DiT.
 """
 from __future__ import annotations

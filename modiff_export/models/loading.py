@@ -7,6 +7,7 @@ models or a local diffusers folder (no downloads).
     spec = "digits_dit_b"       -> modiff_export/assets/digits_dit_b (second DiT: deeper, narrower, linear betas)
     spec = "digits_flux"        -> modiff_export/assets/digits_flux (FLUX architecture, flow matching, with a
                                    label encoder: label_encoder.safetensors, models/label_encoder.py)
+    spec = "digits_sd3"         -> modiff_export/assets/digits_sd3 (SD3 architecture, flow matching, a label encoder)
     spec = <model folder>       -> config.json + diffusion_pytorch_model.safetensors [+ scheduler_config.json]
                                    (UNet2DModel, UNet2DConditionModel incl. SDXL, DiTTransformer2DModel,
                                    PixArtTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel)
@@ -33,7 +34,7 @@ from .info import DEFAULT_SCHEDULER_CONFIG, ModelInfo, legacy_conditioning
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "digits"  # the shipped digits model (the only definition)
 EMBEDDED = {"digits": ASSETS, "digits_b": ASSETS.parent / "digits_b",  # names --model accepts besides folders
             "digits_dit": ASSETS.parent / "digits_dit", "digits_dit_b": ASSETS.parent / "digits_dit_b",
-            "digits_flux": ASSETS.parent / "digits_flux"}
+            "digits_flux": ASSETS.parent / "digits_flux", "digits_sd3": ASSETS.parent / "digits_sd3"}
 UNET_CLASSES = denoiser.SUPPORTED  # every class --model loads (the name is older than the transformers)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 DEFAULT_SEQ_LEN = 77  # CLIP text length; conditional UNets get random encoder states of [B, 77, D]

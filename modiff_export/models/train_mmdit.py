@@ -1,14 +1,16 @@
-"""Train digits_flux: a tiny diffusers FluxTransformer2DModel on scikit-learn's digits (rectified flow matching).
+"""Train digits_flux and digits_sd3: tiny diffusers MMDiTs on scikit-learn's digits (rectified flow matching).
 
-A validation model with FLUX.1's own architecture (double-stream then single-stream
-blocks, 3-axis RoPE, adaLN on timestep + pooled text), FLUX.1's scheduler config (FlowMatchEulerDiscreteScheduler
-with dynamic shifting) and FluxPipeline's conventions (2x2 packing of the latent into tokens, img_ids / txt_ids,
+digits_flux: FluxTransformer2DModel with FLUX.1's own architecture (double-stream then single-stream blocks,
+3-axis RoPE, adaLN on timestep + pooled text), FLUX.1's scheduler config (FlowMatchEulerDiscreteScheduler with
+dynamic shifting) and FluxPipeline's conventions (2x2 packing of the latent into tokens, img_ids / txt_ids,
 timestep = sigma in [0, 1]). The "latent" is the 16x16 digit itself (1 channel -> 4 packed channels, 64 tokens).
+digits_sd3: SD3Transformer2DModel with SD3-medium's architecture (joint-attention MMDiT blocks, 2x2 patch
+embedding with a learned position table, the last block context_pre_only), SD3's scheduler config (shift 3.0)
+and StableDiffusion3Pipeline's conventions (latent [B, C, H, W], timestep = sigma * 1000).
 In place of T5 + CLIP, a learned LabelEncoder maps each digit class to text-like states [S, 64] and a pooled
 vector [64]; its 11th row is the null class (label 10) for classifier-free guidance, trained by 10% label dropout.
 
-    python -c "from pathlib import Path; from modiff_export.models.train_flux import train_flux; \
-train_flux(seed=4, out=Path('modiff_export/assets/digits_flux'))"
+    python cli.py train-demo --arch digits_flux --seed 4 --what unet      # or --arch digits_sd3 --seed 5
 
 Training: x_t = (1 - sigma) x0 + sigma noise, target velocity v = noise - x0 (what FlowMatchEulerDiscreteScheduler
 integrates: x_next = x + (sigma_next - sigma) v), sigma drawn from SD3's logit-normal distribution
@@ -31,6 +33,7 @@ from .loading import ASSETS
 from .train import WEIGHTS_FILE, _save_safetensors
 
 FLUX_ASSETS = ASSETS.parent / "digits_flux"
+SD3_ASSETS = ASSETS.parent / "digits_sd3"
 # hidden 128 = 4 heads x 32; RoPE axes (8, 12, 12) sum to the head dim (axis 0 is the text/image index, unused
 # here as in FLUX.1: all ids have 0 there). in_channels 4: the 1-channel latent packed 2x2.
 FLUX_CONFIG = {
@@ -43,12 +46,21 @@ FLUX_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
     "base_image_seq_len": 256, "max_image_seq_len": 4096,
 }
+# SD3-medium's block (no qk norm, no dual attention) at hidden 128 = 4 heads x 32, 4 blocks (the last one
+# context_pre_only), patch 2 over the 1 x 16 x 16 digit: 64 image tokens, a learned 8 x 8 position table.
+SD3_CONFIG = {
+    "sample_size": 16, "patch_size": 2, "in_channels": 1, "out_channels": 1, "num_layers": 4,
+    "attention_head_dim": 32, "num_attention_heads": 4, "joint_attention_dim": 64, "caption_projection_dim": 128,
+    "pooled_projection_dim": 64, "pos_embed_max_size": 8,
+}
+SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}  # stable-diffusion-3-medium's
 NUM_CLASSES = 10
 NULL_LABEL = NUM_CLASSES  # the label encoder's last row: classifier-free guidance's uncond
 LABEL_SEQ_LEN = 4  # S: text-like tokens per label
 LABEL_DROPOUT = 0.1
 DEFAULT_FLUX_STEPS = 2400
 DEFAULT_FLUX_LR = 5e-4
+ARCHS = ("digits_flux", "digits_sd3")
 
 
 def build_flux() -> torch.nn.Module:
@@ -61,13 +73,25 @@ def build_flux() -> torch.nn.Module:
     return model
 
 
-def make_flux_scheduler():
+def build_sd3() -> torch.nn.Module:
+    """A freshly initialised SD3Transformer2DModel of SD3_CONFIG (seed it first)."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(**SD3_CONFIG)
+
+
+def build(arch: str) -> torch.nn.Module:
+    return {"digits_flux": build_flux, "digits_sd3": build_sd3}[arch]()
+
+
+def make_scheduler(arch: str = "digits_flux"):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
+    return FlowMatchEulerDiscreteScheduler(**(FLUX_SCHEDULER_CONFIG if arch == "digits_flux"
+                                              else SD3_SCHEDULER_CONFIG))
 
 
-def save_flux(transformer, encoder: LabelEncoder, scheduler, out: Path) -> None:
+def save_mmdit(transformer, encoder: LabelEncoder, scheduler, out: Path) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _save_safetensors(transformer.state_dict(), out / WEIGHTS_FILE)
@@ -88,29 +112,45 @@ def flux_velocity(transformer, encoder: LabelEncoder, x: torch.Tensor, sigma: to
                        pooled_projections=pooled, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
 
 
-def train_flux(steps: int | None = None, seed: int = 0, out: Path = FLUX_ASSETS, batch_size: int = 64,
-               lr: float | None = None, ema_decay: float = 0.998, save_every: int = 250, threads: int = 1) -> float:
+def sd3_velocity(transformer, encoder: LabelEncoder, x: torch.Tensor, sigma: torch.Tensor,
+                 labels: torch.Tensor) -> torch.Tensor:
+    """One StableDiffusion3Pipeline-style call: x [B, 1, 16, 16], timestep sigma * 1000 (the scheduler's
+    timesteps, what denoiser.call passes), labels [B] -> velocity [B, 1, 16, 16]."""
+    ehs, pooled = encoder(labels)
+    return transformer(hidden_states=x, timestep=(sigma * 1000).to(x.dtype), encoder_hidden_states=ehs,
+                       pooled_projections=pooled, return_dict=False)[0]
+
+
+def train_mmdit(arch: str = "digits_flux", steps: int | None = None, seed: int = 0, out: Path | None = None,
+                batch_size: int = 64, lr: float | None = None, ema_decay: float = 0.998, save_every: int = 250,
+                threads: int = 1) -> float:
     """Rectified flow matching (velocity noise - x0, logit-normal sigma); the EMA weights of the transformer and
-    of the label encoder are saved (save_flux). 10% of the labels become NULL_LABEL (classifier-free guidance).
+    of the label encoder are saved (save_mmdit). 10% of the labels become NULL_LABEL (classifier-free guidance).
     Returns wall seconds. One thread by default: reproducible, and fastest on a shared CPU."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch {arch!r} not in {list(ARCHS)}")
+    flux = arch == "digits_flux"
+    out = (FLUX_ASSETS if flux else SD3_ASSETS) if out is None else Path(out)
     steps = DEFAULT_FLUX_STEPS if steps is None else steps
     lr = DEFAULT_FLUX_LR if lr is None else lr
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x_train, y_train = digits_split("train")  # [N, 1, 16, 16], [N] int64
-    dims = (NUM_CLASSES, LABEL_SEQ_LEN, FLUX_CONFIG["joint_attention_dim"], FLUX_CONFIG["pooled_projection_dim"])
-    model, encoder = build_flux().train(), LabelEncoder(*dims).train()
-    ema, ema_encoder = build_flux().eval().requires_grad_(False), LabelEncoder(*dims).eval().requires_grad_(False)
+    dims = (NUM_CLASSES, LABEL_SEQ_LEN, 64, 64)  # both configs: joint_attention_dim = pooled_projection_dim = 64
+    model, encoder = build(arch).train(), LabelEncoder(*dims).train()
+    ema, ema_encoder = build(arch).eval().requires_grad_(False), LabelEncoder(*dims).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     ema_encoder.load_state_dict(encoder.state_dict())
     params = [*model.parameters(), *encoder.parameters()]
     ema_params = [*ema.parameters(), *ema_encoder.parameters()]
-    scheduler = make_flux_scheduler()
+    scheduler = make_scheduler(arch)
+    # FLUX works on packed tokens [B, 64, 4], SD3 on the latent itself [B, 1, 16, 16]
+    shape_in, velocity = (denoiser.pack, flux_velocity) if flux else ((lambda x: x), sd3_velocity)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 100))  # warmup
     t0 = time.time()
-    bar = tqdm(range(steps), desc="train digits_flux transformer")
+    bar = tqdm(range(steps), desc=f"train {arch} transformer")
     for step in bar:
         idx = torch.randint(0, len(x_train), (batch_size,), generator=g)
         x0 = random_shift(x_train[idx], 1, g)                                  # [B, 1, 16, 16]
@@ -120,8 +160,8 @@ def train_flux(steps: int | None = None, seed: int = 0, out: Path = FLUX_ASSETS,
         xt = (1 - s) * x0 + s * noise
         labels = y_train[idx].clone()                                          # [B] int64
         labels[torch.rand(batch_size, generator=g) < LABEL_DROPOUT] = NULL_LABEL
-        v = flux_velocity(model, encoder, denoiser.pack(xt), sigma, labels)    # [B, 64, 4]
-        loss = F.mse_loss(v, denoiser.pack(noise - x0))
+        v = velocity(model, encoder, shape_in(xt), sigma, labels)
+        loss = F.mse_loss(v, shape_in(noise - x0))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -133,5 +173,5 @@ def train_flux(steps: int | None = None, seed: int = 0, out: Path = FLUX_ASSETS,
                 pe.lerp_(p, 1 - d)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % save_every == 0 or step + 1 == steps:
-            save_flux(ema, ema_encoder, scheduler, Path(out))
+            save_mmdit(ema, ema_encoder, scheduler, out)
     return time.time() - t0

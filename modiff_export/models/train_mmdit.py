@@ -19,6 +19,8 @@ integrates: x_next = x + (sigma_next - sigma) v), sigma drawn from SD3's logit-n
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,7 +62,6 @@ LABEL_SEQ_LEN = 4  # S: text-like tokens per label
 LABEL_DROPOUT = 0.1
 DEFAULT_FLUX_STEPS = 2400
 DEFAULT_FLUX_LR = 5e-4
-ARCHS = ("digits_flux", "digits_sd3")
 
 
 def build_flux() -> torch.nn.Module:
@@ -80,15 +81,10 @@ def build_sd3() -> torch.nn.Module:
     return SD3Transformer2DModel(**SD3_CONFIG)
 
 
-def build(arch: str) -> torch.nn.Module:
-    return {"digits_flux": build_flux, "digits_sd3": build_sd3}[arch]()
-
-
 def make_scheduler(arch: str = "digits_flux"):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(**(FLUX_SCHEDULER_CONFIG if arch == "digits_flux"
-                                              else SD3_SCHEDULER_CONFIG))
+    return FlowMatchEulerDiscreteScheduler(**ARCHS[arch].scheduler_config)
 
 
 def save_mmdit(transformer, encoder: LabelEncoder, scheduler, out: Path) -> None:
@@ -121,6 +117,20 @@ def sd3_velocity(transformer, encoder: LabelEncoder, x: torch.Tensor, sigma: tor
                        pooled_projections=pooled, return_dict=False)[0]
 
 
+@dataclass(frozen=True)
+class MMDiTArch:
+    """What differs between the two validation MMDiTs; train_mmdit is the same loop for both."""
+    build: Callable[[], torch.nn.Module]
+    scheduler_config: dict
+    assets: Path
+    velocity: Callable  # (transformer, encoder, x, sigma [B], labels [B]) -> velocity shaped as x
+    packed: bool        # FLUX trains on packed tokens [B, 64, 4], SD3 on the latent itself [B, 1, 16, 16]
+
+
+ARCHS = {"digits_flux": MMDiTArch(build_flux, FLUX_SCHEDULER_CONFIG, FLUX_ASSETS, flux_velocity, packed=True),
+         "digits_sd3": MMDiTArch(build_sd3, SD3_SCHEDULER_CONFIG, SD3_ASSETS, sd3_velocity, packed=False)}
+
+
 def train_mmdit(arch: str = "digits_flux", steps: int | None = None, seed: int = 0, out: Path | None = None,
                 batch_size: int = 64, lr: float | None = None, ema_decay: float = 0.998, save_every: int = 250,
                 threads: int = 1) -> float:
@@ -129,24 +139,24 @@ def train_mmdit(arch: str = "digits_flux", steps: int | None = None, seed: int =
     Returns wall seconds. One thread by default: reproducible, and fastest on a shared CPU."""
     if arch not in ARCHS:
         raise ValueError(f"arch {arch!r} not in {list(ARCHS)}")
-    flux = arch == "digits_flux"
-    out = (FLUX_ASSETS if flux else SD3_ASSETS) if out is None else Path(out)
+    spec = ARCHS[arch]
+    out = spec.assets if out is None else Path(out)
     steps = DEFAULT_FLUX_STEPS if steps is None else steps
     lr = DEFAULT_FLUX_LR if lr is None else lr
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x_train, y_train = digits_split("train")  # [N, 1, 16, 16], [N] int64
-    dims = (NUM_CLASSES, LABEL_SEQ_LEN, 64, 64)  # both configs: joint_attention_dim = pooled_projection_dim = 64
-    model, encoder = build(arch).train(), LabelEncoder(*dims).train()
-    ema, ema_encoder = build(arch).eval().requires_grad_(False), LabelEncoder(*dims).eval().requires_grad_(False)
+    model = spec.build().train()
+    dims = (NUM_CLASSES, LABEL_SEQ_LEN, model.config.joint_attention_dim, model.config.pooled_projection_dim)
+    encoder = LabelEncoder(*dims).train()
+    ema, ema_encoder = spec.build().eval().requires_grad_(False), LabelEncoder(*dims).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     ema_encoder.load_state_dict(encoder.state_dict())
     params = [*model.parameters(), *encoder.parameters()]
     ema_params = [*ema.parameters(), *ema_encoder.parameters()]
     scheduler = make_scheduler(arch)
-    # FLUX works on packed tokens [B, 64, 4], SD3 on the latent itself [B, 1, 16, 16]
-    shape_in, velocity = (denoiser.pack, flux_velocity) if flux else ((lambda x: x), sd3_velocity)
+    shape_in = denoiser.pack if spec.packed else (lambda x: x)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 100))  # warmup
     t0 = time.time()
@@ -160,7 +170,7 @@ def train_mmdit(arch: str = "digits_flux", steps: int | None = None, seed: int =
         xt = (1 - s) * x0 + s * noise
         labels = y_train[idx].clone()                                          # [B] int64
         labels[torch.rand(batch_size, generator=g) < LABEL_DROPOUT] = NULL_LABEL
-        v = velocity(model, encoder, shape_in(xt), sigma, labels)
+        v = spec.velocity(model, encoder, shape_in(xt), sigma, labels)
         loss = F.mse_loss(v, shape_in(noise - x0))
         opt.zero_grad(set_to_none=True)
         loss.backward()

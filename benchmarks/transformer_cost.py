@@ -21,28 +21,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modiff_export import QuantConfig  # noqa: E402
 from modiff_export.calibration.recipe import apply_recipe  # noqa: E402
-from modiff_export.evaluation.cost import bops_per_trajectory, count_macs  # noqa: E402
-from modiff_export.models import load_model  # noqa: E402
-from modiff_export.models.denoiser import call, num_classes, text_dim  # noqa: E402
+from modiff_export.evaluation.cost import bops_per_trajectory, model_macs  # noqa: E402
+from modiff_export.models import (
+    denoiser,  # noqa: E402
+    load_model,  # noqa: E402
+)
 from modiff_export.quant.quantization import list_caches, quantize  # noqa: E402
 
 CONFIGS = [("PTQ W8A8", QuantConfig(mode="ptq")), ("MoDiff W8A8", QuantConfig()),
            ("MoDiff W8A4", QuantConfig(act_bits=4)), ("MoDiff W4A4", QuantConfig(weight_bits=4, act_bits=4))]
 
 
-def cond_of(model, b: int = 1):
-    """A placeholder conditioning of batch b (costs do not depend on its values)."""
-    if num_classes(model.unet) is not None:
-        return torch.zeros(b, dtype=torch.int64)
-    if model.encoder_seq_len:
-        return torch.zeros(b, model.encoder_seq_len, text_dim(model.unet))
-    return None
-
-
 def cache_bytes(model, config) -> int:
     q = quantize(copy.deepcopy(model.unet), config).eval()
     with torch.no_grad():
-        call(q, torch.zeros(1, *model.sample_shape), torch.tensor([500.0]), cond_of(model))
+        x = torch.zeros(1, *model.sample_shape)  # [1, C, H, W]; placeholder conditioning: costs ignore values
+        cond = model.conditioning.example(1, tuple(model.sample_shape[-2:])) if model.conditioning else None
+        denoiser.call(q, denoiser.pack(x) if model.packed else x, torch.tensor([500.0]), cond)
     return sum(c.tensor.numel() * 4 for c in list_caches(q) if c.tensor is not None)
 
 
@@ -63,7 +58,7 @@ def main(models, latent, steps, work):
             sub = name if name == "dit_s2" else f"pixart-{latent}"
             spec = str(write_model(name, Path(work) / "models" / sub, latent=latent))
         m = load_model(spec)
-        macs = count_macs(m.unet, torch.zeros(1, *m.sample_shape), torch.tensor([500.0]), cond_of(m))
+        macs = model_macs(m)
         total = sum(l.macs for l in macs)
         linear = sum(l.macs for l in macs if l.kind == "linear")
         fp = bops_per_trajectory(macs, QuantConfig(mode="fp"), steps)

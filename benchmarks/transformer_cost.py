@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modiff_export import QuantConfig  # noqa: E402
 from modiff_export.calibration.recipe import apply_recipe  # noqa: E402
-from modiff_export.evaluation.cost import bops_per_trajectory, model_macs  # noqa: E402
+from modiff_export.evaluation.cost import bops_per_trajectory, model_macs, placeholder_call  # noqa: E402
 from modiff_export.models import (
     denoiser,  # noqa: E402
     load_model,  # noqa: E402
@@ -35,9 +35,8 @@ CONFIGS = [("PTQ W8A8", QuantConfig(mode="ptq")), ("MoDiff W8A8", QuantConfig())
 def cache_bytes(model, config) -> int:
     q = quantize(copy.deepcopy(model.unet), config).eval()
     with torch.no_grad():
-        x = torch.zeros(1, *model.sample_shape)  # [1, C, H, W]; placeholder conditioning: costs ignore values
-        cond = model.conditioning.example(1, tuple(model.sample_shape[-2:])) if model.conditioning else None
-        denoiser.call(q, denoiser.pack(x) if model.packed else x, torch.tensor([500.0]), cond)
+        x, t, cond = placeholder_call(model)
+        denoiser.call(q, x, t.expand(1), cond)
     return sum(c.tensor.numel() * 4 for c in list_caches(q) if c.tensor is not None)
 
 

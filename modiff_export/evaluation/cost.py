@@ -81,16 +81,21 @@ def count_macs(unet: nn.Module, *args, **kwargs) -> list[LayerMacs]:
     return [LayerMacs(n, k, v) for n, (k, v) in totals.items()]
 
 
-def model_macs(model) -> list[LayerMacs]:
-    """count_macs of one call of a LoadedModel's denoiser (batch 1, t = 500) with the model's own conditioning
-    shapes (digits_flux / digits_sd3: their label encoder's 4 text tokens, not the class default of 512) and, for
-    FLUX, the packed latent [1, N, C*4]."""
+def placeholder_call(model) -> tuple:
+    """(sample, timestep, cond) of one batch-1 call of a LoadedModel's denoiser at t = 500: zeros in the model's
+    own conditioning shapes (digits_flux / digits_sd3: their label encoder's 4 text tokens, not the class default
+    of 512) and, for FLUX, the packed latent [1, N, C*4]. Costs do not depend on the values."""
     from ..models import denoiser
 
     x = torch.zeros(1, *model.sample_shape)  # [1, C, H, W]
     cond = model.conditioning.example(1, tuple(model.sample_shape[-2:])) if model.conditioning else None
-    return count_macs(model.unet, denoiser.pack(x) if model.packed else x, torch.tensor(500),
-                      *([cond] if cond else []))
+    return denoiser.pack(x) if model.packed else x, torch.tensor(500.0), cond
+
+
+def model_macs(model) -> list[LayerMacs]:
+    """count_macs of one placeholder_call of a LoadedModel's denoiser."""
+    x, t, cond = placeholder_call(model)
+    return count_macs(model.unet, x, t, *([cond] if cond else []))
 
 
 def bops_per_call(macs: list[LayerMacs], config, phase: str = "step", deep: frozenset[str] = frozenset()) -> int:

@@ -9,7 +9,7 @@ from .errors import ModiffExportError
 
 MODES = ("fp", "ptq", "modiff")
 SCALE_MODES = ("dynamic", "static")
-REUSE_FORECASTS = ("none", "linear")
+REUSE_FORECASTS = ("none", "linear", "taylor")
 GRANULARITIES = ("tensor", "sample")
 
 
@@ -39,15 +39,18 @@ class QuantConfig:
     weight_block_size: block size along the input dimension for Linear weights (INT4 block
           quantization for TensorRT weight-only INT4); None = per output channel. A positive
           even number (16, 32, 64, 128, ...), only with weight_bits <= 4. Convs stay per channel.
-    reuse_interval / reuse_depth: DeepCache-style block reuse (docs/design.md section 1.1): within a
-          trajectory only every N-th call (the first included) computes the whole UNet; on the others the
-          deep branch (everything inside the outer D down/up block pairs) is not computed and its last
-          output is reused. Both None (no reuse) or both integers >= 1; any mode (fp: DeepCache itself).
+    reuse_interval / reuse_depth: block reuse (docs/design.md section 1.1): within a trajectory only every
+          N-th call (the first included) computes the whole model; on the others the deep branch is not
+          computed and its last output is reused: UNets, everything inside the outer D down/up block pairs
+          (DeepCache); transformers, the blocks between the first D and the last D (their residual is
+          reused; D = 0 reuses every block). Both None (no reuse) or both integers (interval >= 1, depth >= 0; the
+          model decides which depths it takes); any mode (fp: DeepCache itself).
     reuse_compensation: False is the ablation where the deep (reused) layers update a_hat = x on their
           full steps (no error compensation there); True (default) keeps MoDiff's a_hat += Q(x - a_hat).
     reuse_forecast: what a reused call reads as the deep branch's output (docs/design.md section 1.2):
-          "none" (DeepCache: the last full call's feature) or "linear" (extrapolated from the last two full
-          calls: F + k (F - F_prev) / N on the k-th reused call after a full call).
+          "none" (DeepCache: the last full call's feature), "linear" (extrapolated from the last two full
+          calls: F + k (F - F_prev) / N on the k-th reused call after a full call) or "taylor" (second
+          order from the last three, TaylorSeer's finite differences; quant/forecast.py).
     """
 
     mode: str = "modiff"
@@ -95,10 +98,10 @@ class QuantConfig:
         self._check_reuse()
 
     def _check_reuse(self) -> None:
-        for name in ("reuse_interval", "reuse_depth"):
+        for name, low in (("reuse_interval", 1), ("reuse_depth", 0)):  # depth 0: transformers only (reuse.py)
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"QuantConfig.{name}={v!r} is not allowed; expected None or an integer >= 1")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise ConfigError(f"QuantConfig.{name}={v!r} is not allowed; expected None or an integer >= {low}")
         if (self.reuse_interval is None) != (self.reuse_depth is None):
             raise ConfigError(f"QuantConfig.reuse_interval={self.reuse_interval!r} and reuse_depth="
                               f"{self.reuse_depth!r}: block reuse needs both (or neither)")
@@ -138,7 +141,7 @@ class QuantConfig:
         """Short name used in folder names and reports, e.g. 'modiff-w8a4'."""
         reuse = f"-r{self.reuse_interval}d{self.reuse_depth}" if self.reuses else ""
         reuse += "" if self.reuse_compensation else "-nocomp"
-        reuse += "-lin" if self.reuse_forecast == "linear" else ""
+        reuse += {"none": "", "linear": "-lin", "taylor": "-tay"}[self.reuse_forecast]
         if self.mode == "fp":
             return f"fp{reuse}"
         block = f"-b{self.weight_block_size}" if self.weight_block_size else ""

@@ -205,9 +205,9 @@ class ReuseSpec:
     @classmethod
     def parse(cls, f: Fields) -> "ReuseSpec":
         interval, depth = f.get("interval", int), f.get("depth", int)
-        for k, v in (("interval", interval), ("depth", depth)):
-            if v < 1:
-                f.fail(k, f"must be an integer >= 1, got {v}")
+        for k, v, low in (("interval", interval, 1), ("depth", depth, 0)):  # depth 0: a transformer's every block
+            if v < low:
+                f.fail(k, f"must be an integer >= {low}, got {v}")
         deep = f.get("deep_layers", list)
         if not all(isinstance(n, str) for n in deep):
             f.fail("deep_layers", "must be a list of layer names")

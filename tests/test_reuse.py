@@ -31,7 +31,7 @@ def traj(n: int, batch: int = 2, seed: int = 0):
 
 @pytest.mark.parametrize("fields, message", [
     ({"reuse_interval": 0, "reuse_depth": 1}, "reuse_interval=0"),
-    ({"reuse_interval": 2, "reuse_depth": 0}, "reuse_depth=0"),
+    ({"reuse_interval": 2, "reuse_depth": -1}, "reuse_depth=-1"),
     ({"reuse_interval": 2}, "needs both"),
     ({"reuse_depth": 1}, "needs both"),
     ({"reuse_interval": True, "reuse_depth": 1}, "reuse_interval=True"),

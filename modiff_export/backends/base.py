@@ -13,7 +13,7 @@ This base class owns everything backends have in common (Polygraphy-style lifecy
   - the trajectory rules above, and step() refusing a timestep that does not continue it;
   - the `delta_scales` row of static multi-bucket graphs (from the manifest's scale table);
   - the cache keys '<layer>.<kind>' of `caches()`.
-  - with reuse_forecast="linear", the feature each shallow call reads (quant/reuse.LinearForecast).
+  - with reuse_forecast "linear"/"taylor", the feature each shallow call reads (quant/forecast.Forecast).
 A backend implements only its engine calls: activate_impl, deactivate_impl, prime_impl, step_impl,
 reset_impl and caches (with block reuse: shallow_impl, feature_impl, set_feature_impl).
 
@@ -41,8 +41,8 @@ from ..errors import ModiffExportError
 from ..manifest import Manifest
 from ..models.conditioning import Conditioning, ConditioningError
 from ..models.denoiser import ENCODER_MASK, ENCODER_STATES
+from ..quant.forecast import make_forecast
 from ..quant.quantization import call_role, starts_trajectory
-from ..quant.reuse import LinearForecast
 
 MAX_BATCH = 4096  # far above any real batch; a larger one is a typo that would exhaust memory
 
@@ -64,8 +64,8 @@ class Runner(ABC):
         delta-scale table and cache keys of exported graphs."""
         self.keyframe_interval = keyframe_interval
         self.reuse_interval = reuse_interval
-        # block reuse with reuse_forecast="linear": the feature a shallow call reads (design section 1.2)
-        self.forecast = LinearForecast(reuse_interval) if reuse_interval and reuse_forecast == "linear" else None
+        # block reuse with a forecast: the feature a shallow call reads (design section 1.2)
+        self.forecast = make_forecast(reuse_forecast, reuse_interval)
         self.uses_cache = uses_cache
         self.conditioning = conditioning
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
@@ -247,7 +247,7 @@ class Runner(ABC):
 
     def feature_impl(self) -> torch.Tensor:
         """Block reuse: the feature the last prime/step wrote (the reuse feature cache), [B, ...] in the cache
-        dtype; may be a view of the backend's buffer (LinearForecast.full copies and casts it)."""
+        dtype; may be a view of the backend's buffer (Forecast.full copies and casts it)."""
         raise RunnerError(f"{self.backend} runner: reuse_forecast needs the reuse feature, which this backend "
                           f"does not expose")
 

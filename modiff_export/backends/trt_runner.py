@@ -179,7 +179,7 @@ class TrtRunner(Runner):
         key = self.manifest.reuse.feature.key
         return self._bufs[key][self._cur[key]][:self.batch_size]
 
-    def feature_impl(self) -> torch.Tensor:  # stays on the device: LinearForecast works there too
+    def feature_impl(self) -> torch.Tensor:  # stays on the device: the Forecast works there too
         self._stream.synchronize()
         return self._feature_buffer().float()
 

@@ -102,17 +102,18 @@ QUANT = _QuantGroup([
                "INT4); needs --weight-bits <= 4 (and --opset 21 to export).")),
     ("reuse_interval", "--reuse-interval",
      dict(type=click.IntRange(1), default=None, metavar="N",
-          help="DeepCache-style block reuse: only every N-th step computes the whole UNet; the others compute the "
-               "outer --reuse-depth block pairs and reuse the deep branch's last output (export adds shallow.onnx).")),
+          help="Block reuse: only every N-th step computes the whole model; the others compute its outer "
+               "--reuse-depth blocks and reuse the deep branch's last output (UNets: DeepCache; transformers: "
+               "the middle blocks' residual). Export adds shallow.onnx.")),
     ("reuse_depth", "--reuse-depth",
-     dict(type=click.IntRange(1), default=None, metavar="D",
-          help="Block reuse: the number of outer down/up block pairs computed on reused steps (1..the UNet's "
-               "block count).")),
+     dict(type=click.IntRange(0), default=None, metavar="D",
+          help="Block reuse: what reused steps still compute at each end: UNets, outer down/up block pairs "
+               "(1..the block count); transformers, blocks at each end (0..(blocks - 1) / 2; 0 reuses every block).")),
     ("reuse_forecast", "--reuse-forecast",
      dict(type=click.Choice(REUSE_FORECASTS), default="none", show_default=True,
-          help="Block reuse: what reused steps read as the deep branch's output: 'none' (DeepCache: the last full "
-               "step's) or 'linear' (extrapolated from the last two full steps; better at intervals >= 3 with "
-               "many-step samplers, docs/quality.md).")),
+          help="Block reuse: what reused steps read as the deep branch's output: 'none' (the last full step's), "
+               "'linear' (extrapolated from the last two full steps; better at intervals >= 3 with many-step "
+               "samplers, docs/quality.md) or 'taylor' (second order from the last three, TaylorSeer-style).")),
     ("no_reuse_compensation", "--no-reuse-compensation",
      dict(is_flag=True, help="Ablation: the reused (deep) layers update a_hat = x on full steps (no error "
                              "compensation there).")),

@@ -143,12 +143,12 @@ def bops_per_trajectory(macs: list[LayerMacs], config, steps: int, deep: frozens
 def reuse_cost_row(unet: nn.Module, macs: list[LayerMacs], config, steps: int, sample_shape) -> dict:
     """Cost of a block-reuse config without exporting it (the demo's cost table): BOPs per call role and per
     trajectory, and the bytes per sample a runner keeps between calls (every MoDiff cache and the deep-branch
-    feature, float32; with reuse_forecast="linear" also the forecast's three feature-size buffers, design
+    feature, float32; with a reuse_forecast also the forecast's feature-size buffers (3 linear, 4 taylor), design
     section 1.2) from one prime call of a quantized copy of `unet` (`macs` from the unquantized one)."""
     import copy
 
+    from ..quant.forecast import make_forecast
     from ..quant.quantization import list_caches, quantize
-    from ..quant.reuse import LinearForecast
 
     q = quantize(copy.deepcopy(unet), config).eval()
     with torch.no_grad():
@@ -158,7 +158,8 @@ def reuse_cost_row(unet: nn.Module, macs: list[LayerMacs], config, steps: int, s
                       denoiser.conditioning_of(q).example(1, tuple(sample_shape[-2:])))
     deep = frozenset(m.name for m in macs if q.modiff_reuse.is_deep(m.name))
     modiff = config.mode == "modiff"
-    forecast = LinearForecast.BUFFERS if config.reuse_forecast == "linear" else 0
+    fc = make_forecast(config.reuse_forecast, config.reuse_interval)
+    forecast = fc.buffers if fc is not None else 0
     kept = [e.tensor for e in list_caches(q)] + [q.modiff_reuse.feature] * (1 + forecast)
     return {"config": config.tag, "bops_prime": bops_per_call(macs, config, "prime"),
             "bops_step": bops_per_call(macs, config, "step") if modiff else None,

@@ -57,6 +57,13 @@ VARIANTS = {  # name -> (export options, calibration bits or None)
     "ptq-w8a8-lin": (["--mode", "ptq", "--weight-bits", "8", "--act-bits", "8", "--reuse-forecast", "linear"], None),
     "nocomp-w8a4-lin": (["--weight-bits", "8", "--act-bits", "4", "--no-reuse-compensation", "--reuse-forecast",
                          "linear"], (8, 4)),
+    # the second-order (Taylor) forecast, design section 1.2 (issue 33)
+    "deepcache-tay": (["--mode", "fp", "--reuse-forecast", "taylor"], None),
+    "ptq-w8a8-tay": (["--mode", "ptq", "--weight-bits", "8", "--act-bits", "8", "--reuse-forecast", "taylor"], None),
+    "modiff-w8a4-tay": (["--weight-bits", "8", "--act-bits", "4", "--reuse-forecast", "taylor"], (8, 4)),
+    "modiff-w4a4-tay": (["--weight-bits", "4", "--act-bits", "4", "--reuse-forecast", "taylor"], (4, 4)),
+    "nocomp-w8a4-tay": (["--weight-bits", "8", "--act-bits", "4", "--no-reuse-compensation", "--reuse-forecast",
+                         "taylor"], (8, 4)),
     # the deep (reused) branch at W8A8 through --int8-layers, calibrated so: free where 4-bit activations run
     # as 8-bit, and its multi-step deltas are the large ones
     "modiff-w8a4-lin-deep8": (["--weight-bits", "8", "--act-bits", "4", "--reuse-forecast", "linear"], (8, 4)),
@@ -72,7 +79,7 @@ def deep_patterns(model: str, depth: int) -> list[str]:
     return [arg for p in prefixes for arg in ("--int8-layers", p + ".*")]
 
 
-def build(work: Path, model: str, variant: str, interval: int, depth: int) -> tuple[Path, dict]:
+def build(work: Path, model: str, variant: str, interval: int, depth: int, warmup: int = 0) -> tuple[Path, dict]:
     """The graph folder of one cell (made with the CLI unless already there) and its CLI seconds."""
     opts, cal_bits = VARIANTS[variant]
     secs, extra = {}, []
@@ -85,16 +92,18 @@ def build(work: Path, model: str, variant: str, interval: int, depth: int) -> tu
             secs["calibrate_s"] = cli("calibrate", "--model", model, "--weight-bits", str(w), "--act-bits", str(a),
                                       *deep8, "--out", str(cal))
         extra = ["--calibration", str(cal)]
-    graphs = work / f"{model}-{variant}-r{interval}d{depth}"
+    graphs = work / (f"{model}-{variant}-r{interval}d{depth}" + (f"w{warmup}" if warmup else ""))
     if not graphs.exists():
         secs["export_s"] = cli("export", "--model", model, *opts, *extra, "--reuse-interval", str(interval),
-                               "--reuse-depth", str(depth), "--target", "ort", "--out", str(graphs))
+                               "--reuse-depth", str(depth), *(["--reuse-warmup", str(warmup)] if warmup else []),
+                               "--target", "ort", "--out", str(graphs))
     return graphs, secs
 
 
 def macs_fraction(macs, manifest: Manifest, steps: int) -> float:
     """Computed MACs over the trajectory / (steps x a full call): the schedule's work, bits aside."""
-    fp = QuantConfig(mode="fp", reuse_interval=manifest.reuse_interval, reuse_depth=manifest.reuse.depth)
+    fp = QuantConfig(mode="fp", reuse_interval=manifest.reuse_interval, reuse_depth=manifest.reuse.depth,
+                     reuse_warmup=manifest.quant_config.reuse_warmup)
     deep = frozenset(manifest.reuse.deep_layers)
     return bops_per_trajectory(macs, fp, steps, deep) / bops_per_trajectory(macs, QuantConfig(mode="fp"), steps)
 

@@ -51,6 +51,8 @@ class QuantConfig:
           "none" (DeepCache: the last full call's feature), "linear" (extrapolated from the last two full
           calls: F + k (F - F_prev) / N on the k-th reused call after a full call) or "taylor" (second
           order from the last three, TaylorSeer's finite differences; quant/forecast.py).
+    reuse_warmup: the first W calls of a trajectory are full (the features change fastest there, and the
+          forecast gets its differences from them: TaylorSeer's disable_cache_before_step); then every N-th.
     """
 
     mode: str = "modiff"
@@ -67,6 +69,7 @@ class QuantConfig:
     reuse_depth: int | None = None
     reuse_compensation: bool = True
     reuse_forecast: str = "none"
+    reuse_warmup: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -114,6 +117,11 @@ class QuantConfig:
         if not isinstance(self.reuse_compensation, bool):
             raise ConfigError(f"QuantConfig.reuse_compensation={self.reuse_compensation!r}; expected True or False")
         _check_choice("reuse_forecast", self.reuse_forecast, REUSE_FORECASTS)
+        w = self.reuse_warmup
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ConfigError(f"QuantConfig.reuse_warmup={w!r} is not allowed; expected an integer >= 0")
+        if w and not self.reuses:
+            raise ConfigError(f"QuantConfig.reuse_warmup={w} delays block reuse; it needs reuse_interval/reuse_depth")
         if self.reuse_forecast != "none" and not self.reuses:
             raise ConfigError(f"QuantConfig.reuse_forecast={self.reuse_forecast!r} forecasts the reused deep branch; "
                               f"it needs reuse_interval/reuse_depth")
@@ -142,6 +150,7 @@ class QuantConfig:
         reuse = f"-r{self.reuse_interval}d{self.reuse_depth}" if self.reuses else ""
         reuse += "" if self.reuse_compensation else "-nocomp"
         reuse += {"none": "", "linear": "-lin", "taylor": "-tay"}[self.reuse_forecast]
+        reuse += f"-wu{self.reuse_warmup}" if self.reuse_warmup else ""
         if self.mode == "fp":
             return f"fp{reuse}"
         block = f"-b{self.weight_block_size}" if self.weight_block_size else ""

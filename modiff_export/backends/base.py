@@ -55,7 +55,7 @@ class Runner(ABC):
     backend = "base"
 
     def __init__(self, *, keyframe_interval: int | None = None, reuse_interval: int | None = None,
-                 reuse_forecast: str = "none", uses_cache: bool = True,
+                 reuse_forecast: str = "none", reuse_warmup: int = 0, uses_cache: bool = True,
                  conditioning: Conditioning | None = None, sample_shape: tuple[int, ...] | None = None,
                  image_hw: tuple[int, int] | None = None, manifest: Manifest | None = None):
         """conditioning: the named inputs checked on every call (None: unknown, passed through unchecked);
@@ -64,6 +64,7 @@ class Runner(ABC):
         delta-scale table and cache keys of exported graphs."""
         self.keyframe_interval = keyframe_interval
         self.reuse_interval = reuse_interval
+        self.reuse_warmup = reuse_warmup  # block reuse: the first calls of a trajectory that are all full
         # block reuse with a forecast: the feature a shallow call reads (design section 1.2)
         self.forecast = make_forecast(reuse_forecast, reuse_interval)
         self.uses_cache = uses_cache
@@ -80,7 +81,8 @@ class Runner(ABC):
     def contract_of(cls, manifest: Manifest) -> dict:
         """Constructor arguments of a runner over exported graphs/engines, from their manifest."""
         return {"keyframe_interval": manifest.keyframe_interval, "reuse_interval": manifest.reuse_interval,
-                "reuse_forecast": manifest.quant_config.reuse_forecast, "uses_cache": manifest.uses_cache,
+                "reuse_forecast": manifest.quant_config.reuse_forecast,
+                "reuse_warmup": manifest.quant_config.reuse_warmup, "uses_cache": manifest.uses_cache,
                 "conditioning": manifest.conditioning, "sample_shape": manifest.model.graph_sample_shape,
                 "image_hw": manifest.model.sample_size, "manifest": manifest}
 
@@ -203,7 +205,7 @@ class Runner(ABC):
         """What the next call of this trajectory runs: "prime", "step" or "shallow" (design sections 1, 1.1)."""
         if self.batch_size is None:
             return "prime"
-        return call_role(self.calls, self.keyframe_interval, self.reuse_interval, self.uses_cache)
+        return call_role(self.calls, self.keyframe_interval, self.reuse_interval, self.uses_cache, self.reuse_warmup)
 
     def __call__(self, sample, timestep, cond=None, mask=None) -> torch.Tensor:
         if self.batch_size is not None and self.new_trajectory(sample, timestep):

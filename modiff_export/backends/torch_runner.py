@@ -20,6 +20,7 @@ class TorchRunner(Runner):
         super().__init__(keyframe_interval=config.keyframe_interval if config else None,
                          reuse_interval=config.reuse_interval if config else None,
                          reuse_forecast=config.reuse_forecast if config else "none",
+                         reuse_warmup=config.reuse_warmup if config else 0,
                          uses_cache=any(layer.uses_cache for layer in modiff_layers(unet)),
                          # a PyTorch model takes any text length S (graphs fix it)
                          conditioning=denoiser.conditioning_of(unet).any_length() if cfg is not None else None,

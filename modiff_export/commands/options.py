@@ -114,6 +114,10 @@ QUANT = _QuantGroup([
           help="Block reuse: what reused steps read as the deep branch's output: 'none' (the last full step's), "
                "'linear' (extrapolated from the last two full steps; better at intervals >= 3 with many-step "
                "samplers, docs/quality.md) or 'taylor' (second order from the last three, TaylorSeer-style).")),
+    ("reuse_warmup", "--reuse-warmup",
+     dict(type=click.IntRange(0), default=0, show_default=True, metavar="W",
+          help="Block reuse: the first W steps of every trajectory are full, then every N-th (the features change "
+               "fastest early, and the forecast learns its trend there; 3 is TaylorSeer's default).")),
     ("no_reuse_compensation", "--no-reuse-compensation",
      dict(is_flag=True, help="Ablation: the reused (deep) layers update a_hat = x on full steps (no error "
                              "compensation there).")),

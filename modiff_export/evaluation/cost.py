@@ -133,7 +133,8 @@ def bops_per_trajectory(macs: list[LayerMacs], config, steps: int, deep: frozens
     per_role: dict[str, int] = {}
     total = 0
     for i in range(steps):
-        role = call_role(i, config.keyframe_interval, config.reuse_interval, config.mode == "modiff")
+        role = call_role(i, config.keyframe_interval, config.reuse_interval, config.mode == "modiff",
+                         config.reuse_warmup)
         if role not in per_role:
             per_role[role] = bops_per_call(macs, config, role, deep)
         total += per_role[role]

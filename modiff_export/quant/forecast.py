@@ -2,11 +2,12 @@
 (docs/design.md section 1.2).
 
 The feature F is the deep branch's output on UNets and the middle blocks' residual on transformers
-(quant/reuse.py). Full calls are N = reuse_interval calls apart; after full call j, the k-th reused call reads
+(quant/reuse.py). Full call j comes g_j calls after full call j-1 (g = reuse_interval N, or 1 during the
+reuse warmup); after full call j, the k-th reused call reads
 
     none     F_j                                                       (DeepCache / FBCache: hold it still)
-    linear   F_j + k d1                 d1 = (F_j - F_j-1) / N          (the feature's change per call)
-    taylor   F_j + k d1 + k^2/2 d2      d2 = (d1_j - d1_j-1) / N        (TaylorSeer's second order)
+    linear   F_j + k d1                 d1 = (F_j - F_j-1) / g_j        (the feature's change per call)
+    taylor   F_j + k d1 + k^2/2 d2      d2 = (d1_j - d1_j-1) / ((g_j + g_j-1) / 2)   (TaylorSeer's second order)
 
 Each order starts when it has the full calls it needs (linear: F_j alone after the first full call; taylor:
 linear after the second). The finite differences are TaylorSeer's derivative estimates (Liu et al. 2025,
@@ -35,6 +36,7 @@ class Forecast:
             raise ForecastError(f"forecast order {order}: expected 1 (linear) or 2 (taylor)")
         self.interval, self.order = interval, order
         self.base = self.d1 = self.d2 = self.out = None  # [B, ...] float32, allocated once per shape and device
+        self.gap = 0  # calls between the last two full calls
         self.reset()
 
     @property
@@ -52,14 +54,16 @@ class Forecast:
                 return torch.empty(feature.shape, dtype=torch.float32, device=feature.device)
             self.base, self.d1, self.out = empty(), empty(), empty()
             self.d2 = empty() if self.order == 2 else None
+        gap = self.k + 1  # this full call is k + 1 calls after the last one (the reused calls count k)
         if self.fulls:
             if self.order == 1:
-                torch.sub(feature, self.base, out=self.d1).div_(self.interval)
+                torch.sub(feature, self.base, out=self.d1).div_(gap)
             else:  # the new d1 goes through `out` (rewritten by the next reused call anyway)
-                torch.sub(feature, self.base, out=self.out).div_(self.interval)
+                torch.sub(feature, self.base, out=self.out).div_(gap)
                 if self.fulls >= 2:
-                    torch.sub(self.out, self.d1, out=self.d2).div_(self.interval)
+                    torch.sub(self.out, self.d1, out=self.d2).div_((gap + self.gap) / 2)
                 self.d1.copy_(self.out)
+        self.gap = gap
         self.base.copy_(feature)
         self.fulls, self.k = self.fulls + 1, 0
 

@@ -306,7 +306,8 @@ def quantize(unet: nn.Module, config: QuantConfig) -> nn.Module:
         parent = unet.get_submodule(parent_name) if parent_name else unet
         setattr(parent, child, MoDiffLayer(module, name, config))
     if config.reuses:  # DeepCache-style block reuse (reuse.py)
-        state = reuse.install(unet, config.reuse_interval, config.reuse_depth, config.reuse_forecast)
+        state = reuse.install(unet, config.reuse_interval, config.reuse_depth, config.reuse_forecast,
+                              config.reuse_warmup)
         for layer in modiff_layers(unet):
             layer.compensates = layer.compensates and (config.reuse_compensation or not state.is_deep(layer.name))
     unet.modiff_config = config
@@ -323,14 +324,16 @@ def starts_trajectory(last_timestep: float | None, timestep: float, last_shape=N
     return last_timestep is None or float(timestep) > last_timestep or last_shape != shape
 
 
-def call_role(i: int, keyframe_interval: int | None, reuse_interval: int | None, cached: bool) -> str:
+def call_role(i: int, keyframe_interval: int | None, reuse_interval: int | None, cached: bool,
+              reuse_warmup: int = 0) -> str:
     """What call `i` (0-based) of a trajectory runs: "prime", "step" or "shallow" (block reuse). The rule
     every runner schedules by and the cost accounting counts: call 0 and every keyframe is a prime; with
-    block reuse every call not a multiple of the interval is shallow; the other calls are steps (or primes
-    for models without caches: fp/ptq)."""
+    block reuse the first `reuse_warmup` calls are full, then every call whose distance from the warmup's
+    end is not a multiple of the interval is shallow; the other calls are steps (or primes for models
+    without caches: fp/ptq)."""
     if i == 0 or (keyframe_interval is not None and i % keyframe_interval == 0):
         return "prime"
-    if reuse_interval is not None and i % reuse_interval:
+    if reuse_interval is not None and reuse.reuses_call(i, reuse_interval, reuse_warmup):
         return "shallow"
     return "step" if cached else "prime"
 

@@ -51,14 +51,20 @@ TWO_STREAM = ("SD3Transformer2DModel", "FluxTransformer2DModel")  # blocks take 
 CALLED_OUTSIDE = {"DiTTransformer2DModel": ("transformer_blocks.0.norm1.emb",)}  # DiT's final layer reads it
 
 
+def reuses_call(i: int, interval: int, warmup: int = 0) -> bool:
+    """Call i (0-based) of a trajectory is shallow: past the first `warmup` calls (all full), every call whose
+    distance from the warmup's end is not a multiple of the interval (QuantConfig.reuse_warmup)."""
+    return i >= warmup and (i - warmup) % interval != 0
+
+
 class BlockReuse:
     """The reuse state of one UNet: which modules are deep, the recorded feature, what this call does.
 
     phase: None (automatic: every `interval`-th call of a trajectory is full), "full" or "shallow"."""
 
     def __init__(self, interval: int, depth: int, deep_prefixes: tuple[str, ...], source: str,
-                 forecast: str = "none", residual: bool = False):
-        self.interval, self.depth = interval, depth
+                 forecast: str = "none", residual: bool = False, warmup: int = 0):
+        self.interval, self.depth, self.warmup = interval, depth, warmup
         self.forecast = make_forecast(forecast, interval)  # used when phase is None (the module schedules itself)
         self.deep_prefixes, self.source = deep_prefixes, source
         self.phase: str | None = None
@@ -82,7 +88,7 @@ class BlockReuse:
 
     def begin_call(self) -> None:
         """Decide whether this call reuses (phase, else the schedule) and count it."""
-        self.reusing = self.phase == "shallow" if self.phase else self.calls % self.interval != 0
+        self.reusing = self.phase == "shallow" if self.phase else reuses_call(self.calls, self.interval, self.warmup)
         self.calls += 1
 
 
@@ -126,11 +132,11 @@ def transformer_deep_branch(model: nn.Module, depth: int) -> tuple[tuple[str, ..
     return tuple(deep), deep[-1]
 
 
-def install(unet: nn.Module, interval: int, depth: int, forecast: str = "none") -> BlockReuse:
+def install(unet: nn.Module, interval: int, depth: int, forecast: str = "none", warmup: int = 0) -> BlockReuse:
     """Make the deep branch of `unet` skippable; the state is `unet.modiff_reuse`."""
     prefixes, source = deep_branch(unet, depth)
     if hasattr(unet, "transformer_blocks"):
-        state = BlockReuse(interval, depth, prefixes, source, forecast, residual=True)
+        state = BlockReuse(interval, depth, prefixes, source, forecast, residual=True, warmup=warmup)
         state.outside = CALLED_OUTSIDE.get(type(unet).__name__, ())
         two = type(unet).__name__ in TWO_STREAM
         for name in prefixes:
@@ -140,7 +146,7 @@ def install(unet: nn.Module, interval: int, depth: int, forecast: str = "none") 
             module.forward = types.MethodType(_block_forward, module)
         unet.modiff_reuse = state
         return state
-    state = BlockReuse(interval, depth, prefixes, source, forecast)
+    state = BlockReuse(interval, depth, prefixes, source, forecast, warmup=warmup)
     for name in prefixes:
         module = unet.get_submodule(name)
         role = "source" if name == source else "down" if name.startswith("down_blocks.") and "." not in name[12:] \

@@ -14,16 +14,18 @@ random encoder states, as the rows are timed: a speed row, not a quality one),
 NNCF as for sd15), `flux` (FLUX.1-dev's architecture at reduced depth, FLUX_DEPTH double,single blocks: hidden
 3072, 24 heads, guidance embedding, packed latents; --sd-latent 64 gives its 1024 image tokens beside 512 text
 tokens; guidance embedded, so one pass per step, batch --batch) and `sd3m` (SD3-medium's MMDiT at SD3_DEPTH
-joint blocks: hidden 1536, 24 heads, 333 text tokens of 4096, pooled 2048; CFG). Transformers get no
-block-reuse rows (reuse is defined on UNet blocks).
+joint blocks: hidden 1536, 24 heads, 333 text tokens of 4096, pooled 2048; CFG). Block reuse on transformers
+reuses the blocks between the first D and the last D (D = 0: all of them; docs/design.md section 1.1).
 Rows and how each runs: modiff_export/harness/speed.py. `--profile` prints
 OpenVINO's per-node counters (PERF_COUNT) summed by node type for every row; `--memory` the peak RSS of a
 process that loads one runner and runs a trajectory's first calls; `--levers` adds MoDiff step rows with
 other step-graph forms (export/ov_variant.py; `none` = the exported graph as it is). `--reuse-depths` adds
 block reuse (docs/design.md section 1.1): MoDiff prime/step/shallow and FP DeepCache full/shallow rows per depth,
-`--forecast-depths` MoDiff rows of folders exported with `--reuse-forecast linear` (section 1.2: the calls include
-the runner's forecast work), and a table of 25-call trajectories at intervals 2-5 against FP default and NNCF int8
-(harness/speed.py).
+`--forecast-depths` MoDiff rows of folders exported with `--reuse-forecast linear` (`--forecast taylor`: the
+second order; section 1.2: the calls include the runner's forecast work), the NNCF int8 peer with the same
+reuse (nncf.quantize of the FP reuse folder's full and shallow graphs, harness/speed.export_nncf_reuse), and a
+table of 25-call trajectories at intervals 2-5 (`--reuse-warmup W`: the first W calls full) against FP default
+and NNCF int8 (harness/speed.py).
 The CPU flags and the 1-minute load average are printed before and after; above 1.0 the figures are noise.
 """
 from __future__ import annotations
@@ -72,7 +74,6 @@ def model_spec(name: str, work: Path, sd_latent: int) -> str:
 
 TEXT_CONDITIONED = ("sd15", "pixart", "flux", "sd3m")  # random encoder states (and pooled projections)
 CFG_MODELS = ("sd15", "pixart", "dit_s2", "sd3m")      # batch = 2 x --batch; flux: guidance embedded, one pass
-TRANSFORMERS = ("dit_s2", "pixart", "digits_dit", "digits_dit_b", "flux", "sd3m", "digits_flux", "digits_sd3")
 FLUX_DEPTH, SD3_DEPTH = "1,1", 2  # double,single blocks of the flux row; joint blocks of the sd3m row
 
 
@@ -190,8 +191,12 @@ def memory_block(vs, graphs, threads, batch, static) -> list[str]:
               help="Block-reuse rows for these depths (comma list; 'none': no reuse rows).")
 @click.option("--forecast-depths", default="1", show_default=True,
               help="MoDiff block-reuse rows with --reuse-forecast linear for these depths ('none': none).")
+@click.option("--forecast", type=click.Choice(sorted(speed.FORECAST_KEYS)), default="lin", show_default=True,
+              help="The forecast of the --forecast-depths rows: lin (linear) or tay (taylor, second order).")
+@click.option("--reuse-warmup", type=click.IntRange(0), default=0, show_default=True,
+              help="Reuse trajectories: the first W calls are full (QuantConfig.reuse_warmup).")
 def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_latent, work, shapes, doc, reuse_depths,
-         forecast_depths):
+         forecast_depths, forecast, reuse_warmup):
     """Interleaved OpenVINO CPU speed table: FP f32 / FP default / NNCF int8 / PTQ W8A8 / MoDiff."""
     work = Path(work)
     out = [f"Command: `python benchmarks/runtime_speed.py {' '.join(sys.argv[1:])}`", "",
@@ -201,13 +206,15 @@ def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_la
         spec = model_spec(name, work, sd_latent)
         cond = name in CFG_MODELS
         root = work / "graphs" / (Path(spec).name if name in TEXT_CONDITIONED else name)
-        no_reuse = reuse_depths == "none" or name in TRANSFORMERS
+        no_reuse = reuse_depths == "none"
         depths = () if no_reuse else tuple(int(d) for d in reuse_depths.split(","))
         fdepths = () if no_reuse or forecast_depths == "none" else tuple(int(d) for d in forecast_depths.split(","))
-        reuse_keys = speed.reuse_keys(bits, depths, fdepths)
+        reuse_keys = speed.reuse_keys(bits, depths, fdepths, forecast)
         graphs = speed.export_graphs(spec, root, ("fp", "ptq-w8a8", f"modiff-{bits}", *reuse_keys))
-        vs = speed.main_variants(bits) + speed.reuse_variants(bits, depths, fdepths)
+        vs = speed.main_variants(bits) + speed.reuse_variants(bits, depths, fdepths, forecast, nncf=True)
         graphs["nncf"] = speed.export_nncf(spec, graphs["fp"], batch)
+        for d in depths:  # the peer with the same reuse: NNCF int8 of the FP reuse folder's two graphs
+            graphs[f"nncf-d{d}"] = speed.export_nncf_reuse(spec, graphs[f"fp-d{d}"], batch)
         if levers:
             vs += lever_rows(levers, bits)
         b = 2 * batch if cond else batch
@@ -224,7 +231,9 @@ def main(models, threads, rounds, batch, bits, do_profile, memory, levers, sd_la
                      f"{r['label']} {r['cpu_spread'][0]:.1f}-{r['cpu_spread'][1]:.1f}" for r in rows) + ".", "",
                  speed.verdict(rows), ""]
         if depths or fdepths:
-            block += ["Block reuse, trajectories of 25 calls from the rows above:", "", *speed.reuse_table(rows), ""]
+            warm = f", the first {reuse_warmup} calls full" if reuse_warmup else ""
+            block += [f"Block reuse, trajectories of 25 calls from the rows above{warm}:", "",
+                      *speed.reuse_table(rows, warmup=reuse_warmup), ""]
         from modiff_export.harness.nncf_peer import nncf_settings_text
 
         states = ", random encoder states" if name in TEXT_CONDITIONED else ""

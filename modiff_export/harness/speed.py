@@ -34,25 +34,29 @@ REUSE_DEPTHS = (1, 2)
 FORECAST_DEPTHS = (1,)  # MoDiff rows with the linear feature forecast (design section 1.2)
 
 
-def reuse_key(base: str, depth: int, forecast: bool = False) -> str:
-    """The export key of `base` (a CONFIGS key) with block reuse of depth D: '<base>-d<D>[-lin]'."""
-    return f"{base}-d{depth}" + ("-lin" if forecast else "")
+FORECAST_KEYS = {"lin": "linear", "tay": "taylor"}  # export-key suffix -> --reuse-forecast
+
+
+def reuse_key(base: str, depth: int, forecast: str = "") -> str:
+    """The export key of `base` (a CONFIGS key) with block reuse of depth D: '<base>-d<D>[-lin|-tay]'."""
+    return f"{base}-d{depth}" + (f"-{forecast}" if forecast else "")
 
 
 def config_args(key: str) -> list[str]:
     """`cli.py export` options of an export key (a CONFIGS key, or reuse_key(...) of one)."""
     base, _, depth = key.partition("-d")
-    depth, _, lin = depth.partition("-")
+    depth, _, fc = depth.partition("-")
     mode, w, a = CONFIGS[base]
     args = ["--mode", mode, "--weight-bits", str(w), "--act-bits", str(a)]
     args += ["--reuse-interval", "2", "--reuse-depth", depth] if depth else []
-    return args + (["--reuse-forecast", "linear"] if lin == "lin" else [])
+    return args + (["--reuse-forecast", FORECAST_KEYS[fc]] if fc else [])
 
 
-def reuse_keys(bits: str = "w8a4", depths=REUSE_DEPTHS, forecast_depths=FORECAST_DEPTHS) -> tuple[str, ...]:
-    """The export keys reuse_variants(bits, depths, forecast_depths) time."""
+def reuse_keys(bits: str = "w8a4", depths=REUSE_DEPTHS, forecast_depths=FORECAST_DEPTHS,
+               forecast: str = "lin") -> tuple[str, ...]:
+    """The export keys reuse_variants(bits, depths, forecast_depths, forecast) time."""
     return (*(reuse_key(k, d) for d in depths for k in (f"modiff-{bits}", "fp")),
-            *(reuse_key(f"modiff-{bits}", d, True) for d in forecast_depths))
+            *(reuse_key(f"modiff-{bits}", d, forecast) for d in forecast_depths))
 
 
 FP_DEFAULT, NNCF = "FP graph, OpenVINO default precision", "NNCF int8 (nncf.quantize of the FP graph)"
@@ -78,10 +82,12 @@ def main_variants(bits: str = "w8a4") -> list[Variant]:
             Variant(f"MoDiff {b} step (runner)", f"modiff-{bits}", "step", prime_of=f"MoDiff {b} prime (runner)")]
 
 
-def reuse_variants(bits: str = "w8a4", depths=REUSE_DEPTHS, forecast_depths=FORECAST_DEPTHS) -> list[Variant]:
+def reuse_variants(bits: str = "w8a4", depths=REUSE_DEPTHS, forecast_depths=FORECAST_DEPTHS,
+                   forecast: str = "lin", nncf: bool = False) -> list[Variant]:
     """Per depth: MoDiff prime / step / shallow rows of the reuse folder, and DeepCache's full / shallow rows
-    (FP, OpenVINO's default precision, through the runner); per forecast depth the MoDiff rows of a folder
-    with --reuse-forecast linear (its calls include the runner's forecast work)."""
+    (FP, OpenVINO's default precision, through the runner), with `nncf` also the NNCF int8 peer of that FP
+    reuse folder (export_nncf_reuse); per forecast depth the MoDiff rows of a folder with --reuse-forecast
+    linear / taylor (its calls include the runner's forecast work)."""
     b, out = bits.upper(), []
 
     def modiff(name: str, key: str) -> list[Variant]:
@@ -96,8 +102,13 @@ def reuse_variants(bits: str = "w8a4", depths=REUSE_DEPTHS, forecast_depths=FORE
         out += [Variant(full, fp, runner=default, per_call=True),
                 Variant(f"DeepCache FP D={d} shallow (runner)", fp, "shallow", runner=default, prime_of=full,
                         per_call=True)]
+        if nncf:
+            full = f"NNCF int8 reuse D={d} full (runner)"
+            out += [Variant(full, f"nncf-d{d}", runner=default, per_call=True),
+                    Variant(f"NNCF int8 reuse D={d} shallow (runner)", f"nncf-d{d}", "shallow", runner=default,
+                            prime_of=full, per_call=True)]
     for d in forecast_depths:
-        out += modiff(f"MoDiff {b} reuse+forecast D={d}", reuse_key(f"modiff-{bits}", d, True))
+        out += modiff(f"MoDiff {b} reuse+{FORECAST_KEYS[forecast]} D={d}", reuse_key(f"modiff-{bits}", d, forecast))
     return out
 
 
@@ -151,6 +162,52 @@ def export_nncf(spec: str, fp_folder: Path, batch: int, seeds: int = 2, steps: i
         generate(rec, sched, steps, batch, seed, m.sample_shape, cond, None,
                  guidance_scale=4.0 if manifest.conditioning.guided else 1.0, progress=False)
     return nncf_quantize(fp_folder, out, rec.inputs)
+
+
+def export_nncf_reuse(spec: str, fp_reuse: Path, batch: int, seeds: int = 2, steps: int = 10) -> Path:
+    """NNCF int8 of an FP reuse folder's full and shallow graphs (nncf_peer.nncf_quantize_reuse), calibrated on
+    `seeds` FP reuse trajectories of the folder's own schedule (interval 2), as export_nncf."""
+    from ..backends.openvino_runner import OpenVinoRunner
+    from ..manifest import Manifest
+    from ..models import load_model
+    from ..sampling import generate, make_scheduler
+    from .nncf_peer import nncf_quantize_reuse
+
+    out = fp_reuse.parent / f"nncf-{fp_reuse.name.rsplit('-', 1)[-1]}"  # fp-d0 -> nncf-d0
+    if exported(out):
+        return out
+    m = load_model(spec)
+    manifest = Manifest.load(fp_reuse)
+    rec = _RoleRecorder(OpenVinoRunner(fp_reuse, threads=1, precision="f32"))
+    for seed in range(seeds):
+        _, _, cond = inputs(manifest, batch, seed)
+        if m.num_classes is not None:
+            cond = {manifest.conditioning.labels.name: torch.arange(batch) % m.num_classes}
+        generate(rec, make_scheduler("auto", m.scheduler_config), steps, batch, seed, m.sample_shape, cond, None,
+                 guidance_scale=4.0 if manifest.conditioning.guided else 1.0, progress=False)
+    return nncf_quantize_reuse(fp_reuse, out, rec.full, rec.shallow)
+
+
+class _RoleRecorder:
+    """Wraps a reuse runner; keeps each full call's inputs and each shallow call's inputs with the feature read."""
+
+    def __init__(self, runner):
+        self.runner, self.full, self.shallow = runner, [], []
+        self.conditioning, self.packed = runner.conditioning, runner.packed
+
+    def reset(self):
+        self.runner.reset()
+
+    def __call__(self, sample, t, cond=None, mask=None):
+        role = "prime" if self.runner.batch_size is None or self.runner.new_trajectory(sample, t) \
+            else self.runner.schedule()
+        c = self.conditioning.as_mapping(cond, "recorder") if cond is not None else {}
+        item = (sample.clone(), float(torch.as_tensor(t).flatten()[0]), {k: v.clone() for k, v in c.items()})
+        if role == "shallow":
+            self.shallow.append((*item, self.runner.feature_impl().clone()))
+        else:
+            self.full.append(item)
+        return self.runner(sample, t, cond, mask)
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -280,7 +337,8 @@ def trajectory_ms(rows: list[dict], r: dict, key: str = "ms") -> float:
     return prime[key] + (STEPS - 1) * r[key]
 
 
-def reuse_trajectory_ms(rows: list[dict], shallow: dict, interval: int, key: str = "ms") -> tuple[float, dict, dict]:
+def reuse_trajectory_ms(rows: list[dict], shallow: dict, interval: int, key: str = "ms",
+                        warmup: int = 0) -> tuple[float, dict, dict]:
     """ms of a STEPS-call trajectory with block reuse at `interval`, from the per-call rows of the shallow row's
     folder (prime, step and shallow for MoDiff; full and shallow for FP DeepCache), each call's role by the
     runners' schedule; and {role: ms per call}, {role: calls}."""
@@ -290,13 +348,14 @@ def reuse_trajectory_ms(rows: list[dict], shallow: dict, interval: int, key: str
     prime = by[shallow["prime_of"]]
     step = next((r for r in rows if r["graphs"] == shallow["graphs"] and r["role"] == "step"), None)
     ms = {"prime": prime[key], "step": (step or prime)[key], "shallow": shallow[key]}
-    roles = [call_role(i, None, interval, step is not None) for i in range(STEPS)]
+    roles = [call_role(i, None, interval, step is not None, warmup) for i in range(STEPS)]
     counts = {k: roles.count(k) for k in ms if roles.count(k)}
     return sum(ms[k] * n for k, n in counts.items()), {k: ms[k] for k in counts}, counts
 
 
-def reuse_table(rows: list[dict], intervals=REUSE_INTERVALS) -> list[str]:
-    """Markdown: the trajectory of every (reuse config, depth, interval) against FP default and NNCF int8."""
+def reuse_table(rows: list[dict], intervals=REUSE_INTERVALS, warmup: int = 0) -> list[str]:
+    """Markdown: the trajectory of every (reuse config, depth, interval) against FP default and NNCF int8
+    (`warmup`: the schedule's first full calls, QuantConfig.reuse_warmup)."""
     by = {r["label"]: r for r in rows}
     base = {(k, key): trajectory_ms(rows, by[k], key)
             for k in (FP_DEFAULT, NNCF) if k in by for key in ("ms", "cpu_ms")}
@@ -307,8 +366,9 @@ def reuse_table(rows: list[dict], intervals=REUSE_INTERVALS) -> list[str]:
     for sh in (r for r in rows if r["role"] == "shallow"):
         name, depth = sh["label"].replace(" shallow (runner)", "").rsplit(" D=", 1)
         for n in intervals:
-            total, ms, counts = reuse_trajectory_ms(rows, sh, n)
-            ratio = [f"{reuse_trajectory_ms(rows, sh, n, key)[0] / base[(k, key)]:.2f}" if (k, key) in base else "-"
+            total, ms, counts = reuse_trajectory_ms(rows, sh, n, warmup=warmup)
+            ratio = [f"{reuse_trajectory_ms(rows, sh, n, key, warmup)[0] / base[(k, key)]:.2f}" if (k, key) in base
+                     else "-"
                      for key in ("ms", "cpu_ms") for k in (FP_DEFAULT, NNCF)]
             lines.append(f"| {name} | {depth} | {n} | " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()) + " | "
                          + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" | {total:.0f} | "

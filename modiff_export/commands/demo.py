@@ -29,6 +29,9 @@ import click
 @click.option("--speed/--no-speed", default=True, show_default=True,
               help="Speed section on the CIFAR-10 DDPM architecture (random weights; OpenVINO and ONNX Runtime; "
                    "exports 3 graphs of a 35.7M-parameter UNet, a few minutes).")
+@click.option("--caching/--no-caching", default=True, show_default=True,
+              help="Caching section on the shipped DiT: block reuse (FP and MoDiff W8A4) beside diffusers' "
+                   "TaylorSeerCache, from the same noise (about half a minute).")
 @click.option("--peer-default/--no-peer-default", default=True, show_default=True,
               help="Also run quantize_static with its default choices (all ops, uint8 asymmetric) for a one-line note.")
 def demo(**settings):

@@ -1,6 +1,7 @@
 """The end-to-end demo job behind `cli.py demo`, as a sequence of named phases (docs/design.md section 6):
 
-    calibrate -> export -> engines -> sample (PyTorch + ONNX Runtime, parity) -> peer -> quality -> cost -> report
+    calibrate -> export -> engines -> sample (PyTorch + ONNX Runtime, parity) -> peer -> quality -> cost
+    -> speed (CIFAR-10 architecture) -> caching (digits_dit: block reuse beside diffusers' TaylorSeer) -> report
 
 Every phase reads and writes attributes of one `Demo`; the report gets the per-phase wall times.
 """
@@ -41,6 +42,7 @@ class DemoSettings:
     threads: int = 1
     overwrite: bool = False  # replace an existing report folder
     speed: bool = True  # the CIFAR-10-architecture speed section (OpenVINO vs ONNX Runtime; random weights)
+    caching: bool = True  # the diffusion-transformer caching section (harness/demo_caching.py)
 
 
 class Demo:
@@ -64,7 +66,8 @@ class Demo:
         for name, phase in (("calibration", self.calibrate), ("export + --target ort variants", self.export),
                             ("engines", self.engines), ("sampling + parity", self.sample),
                             ("peers (ORT quantize_static, NNCF)", self.peer), ("metrics", self.quality),
-                            ("cost + latency", self.cost), ("speed, CIFAR-10 architecture", self.speed_section)):
+                            ("cost + latency", self.cost), ("speed, CIFAR-10 architecture", self.speed_section),
+                            ("caching, diffusion transformer", self.caching_section)):
             with self.phases(name):
                 phase()
         return self.report(time.time() - t_start)
@@ -297,6 +300,18 @@ class Demo:
         self.note("speed: CIFAR-10 DDPM architecture (35.7M parameters, random weights: speed only, quality stays on "
                   "digits), batch 4, OpenVINO and ONNX Runtime, interleaved rounds; full tables: docs/speed.md")
 
+    def caching_section(self) -> None:
+        """Block reuse on the shipped DiT beside diffusers' TaylorSeerCache (harness/demo_caching.py)."""
+        self.caching = None
+        if not self.s.caching:
+            return
+        from .demo_caching import caching_rows, caching_table
+
+        self.caching = caching_table(caching_rows(self.work / "caching", self.s.num_samples, self.s.steps, self.s.seed))
+        self.note(f"caching: digits_dit (the shipped DiT), DDIM-{self.s.steps} from the same noise; full study with its spread over "
+                  "two DiTs, two guidance scales and diffusers' TaylorSeer/FirstBlockCache/MagCache: docs/quality.md "
+                  "\"Caching for transformers\"")
+
     def report(self, wall: float) -> Path:
         from .report import build_report
 
@@ -315,7 +330,7 @@ class Demo:
                    "notes": self.notes, "bits": [f"W{w}A{a}" for w, a in BITS],
                    "grids": {k: v[:16] for k, v in self.images.items()}, "quality": self.quality_rows,
                    "parity": self.parity, "cost": self.cost_rows, "speed": self.speed,
-                   "cifar_speed": self.cifar_speed}
+                   "cifar_speed": self.cifar_speed, "caching": self.caching}
         return build_report(s.out, results, s.overwrite)
 
 

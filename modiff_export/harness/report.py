@@ -206,5 +206,11 @@ def build_report(folder: str | os.PathLike, results: dict, overwrite: bool = Fal
                    "at f32 and at OpenVINO's default precision and NNCF's int8 model through OpenVINO's own API, PTQ "
                    "and MoDiff through the runner with its defaults. Trajectory = prime + 24 steps for MoDiff, 25 "
                    "calls otherwise. Full tables and per-node counters: docs/speed.md.", "", results["cifar_speed"], ""]
+        if results.get("caching"):
+            md += ["## Caching on a diffusion transformer", "",
+                   "The shipped DiT (digits_dit), block reuse at depth 0 (every transformer block reused on 2 of 3 "
+                   "steps, the residual forecast by the runner) beside diffusers' own TaylorSeerCache on the FP model, "
+                   "from the same noise. MACs computed: Conv/Linear MACs of the trajectory over steps x a full call. "
+                   "W8A4 here is uncalibrated (round-to-nearest weights).", "", *results["caching"], ""]
         (tmp / "report.md").write_text("\n".join(md) + "\n")
     return folder / "report.md"

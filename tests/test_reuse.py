@@ -338,7 +338,12 @@ def test_speed_reuse_table_sums_the_schedule():
     assert "| MoDiff W8A4 reuse | 1 | 5 |" in lines[2] and ratios in lines[2]
     assert speed.config_args("modiff-w8a4-d2")[-4:] == ["--reuse-interval", "2", "--reuse-depth", "2"]
     assert speed.config_args("fp") == ["--mode", "fp", "--weight-bits", "8", "--act-bits", "8"]
-    assert speed.config_args(speed.reuse_key("modiff-w8a4", 1, True))[-6:] == [
+    assert speed.config_args(speed.reuse_key("modiff-w8a4", 1, "lin"))[-6:] == [
         "--reuse-interval", "2", "--reuse-depth", "1", "--reuse-forecast", "linear"]
+    assert speed.config_args(speed.reuse_key("modiff-w8a4", 0, "tay"))[-6:] == [
+        "--reuse-interval", "2", "--reuse-depth", "0", "--reuse-forecast", "taylor"]
     labels = [v.label for v in speed.reuse_variants("w8a4", (), (1,))]
-    assert labels == [f"MoDiff W8A4 reuse+forecast D=1 {r} (runner)" for r in ("prime", "step", "shallow")]
+    assert labels == [f"MoDiff W8A4 reuse+linear D=1 {r} (runner)" for r in ("prime", "step", "shallow")]
+    # the warmup: calls 0-2 full, then the schedule restarts (full at 3, 8, 13, 18, 23): 1 prime, 7 steps, 17 shallow
+    _, _, counts = speed.reuse_trajectory_ms(rows, rows[3], 5, warmup=3)
+    assert counts == {"prime": 1, "step": 7, "shallow": 17}

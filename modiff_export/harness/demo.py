@@ -308,8 +308,8 @@ class Demo:
         from .demo_caching import caching_rows, caching_table
 
         self.caching = caching_table(caching_rows(self.work / "caching", self.s.num_samples, self.s.steps, self.s.seed))
-        self.note(f"caching: digits_dit (the shipped DiT), DDIM-{self.s.steps} from the same noise; full study with its spread over "
-                  "two DiTs, two guidance scales and diffusers' TaylorSeer/FirstBlockCache/MagCache: docs/quality.md "
+        self.note(f"caching: digits_dit (the shipped DiT), DDIM-{self.s.steps} from the same noise; the full study "
+                  "(two DiTs, two guidance scales, diffusers' TaylorSeer/FirstBlockCache/MagCache): docs/quality.md "
                   "\"Caching for transformers\"")
 
     def report(self, wall: float) -> Path:

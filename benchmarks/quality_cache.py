@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from quality_recipe import fp_reference  # noqa: E402
-from quality_reuse import build, macs_fraction  # noqa: E402
+from quality_reuse import _records, build, macs_fraction  # noqa: E402
 
 from modiff_export.backends import make_runner  # noqa: E402
 from modiff_export.evaluation.cost import model_macs  # noqa: E402
@@ -119,10 +119,6 @@ def _family(method: str) -> str:
     if parts[0] == "ours":
         return f"{parts[1]} D={parts[3]}" + (f" W={parts[4]}" if len(parts) > 4 and parts[4] != "0" else "")
     return f"{parts[0]} order {parts[2]}" if parts[0] == "taylorseer" else parts[0]
-
-
-def _records(results: Path, seed: int) -> list[dict]:
-    return [r for r in map(json.loads, results.read_text().splitlines()) if r["seed"] == seed]
 
 
 @main.command()

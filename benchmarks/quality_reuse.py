@@ -38,6 +38,7 @@ from quality_recipe import cli, fp_reference  # noqa: E402
 
 from modiff_export import QuantConfig  # noqa: E402
 from modiff_export.backends import make_runner  # noqa: E402
+from modiff_export.evaluation import cost  # noqa: E402
 from modiff_export.evaluation.cost import bops_per_trajectory, model_macs  # noqa: E402
 from modiff_export.evaluation.metrics import DigitsEvaluator, psnr  # noqa: E402
 from modiff_export.manifest import Manifest  # noqa: E402
@@ -102,10 +103,7 @@ def build(work: Path, model: str, variant: str, interval: int, depth: int, warmu
 
 def macs_fraction(macs, manifest: Manifest, steps: int) -> float:
     """Computed MACs over the trajectory / (steps x a full call): the schedule's work, bits aside."""
-    fp = QuantConfig(mode="fp", reuse_interval=manifest.reuse_interval, reuse_depth=manifest.reuse.depth,
-                     reuse_warmup=manifest.quant_config.reuse_warmup)
-    deep = frozenset(manifest.reuse.deep_layers)
-    return bops_per_trajectory(macs, fp, steps, deep) / bops_per_trajectory(macs, QuantConfig(mode="fp"), steps)
+    return cost.macs_fraction(macs, manifest.quant_config, steps, frozenset(manifest.reuse.deep_layers))
 
 
 @click.group()

@@ -141,6 +141,16 @@ def bops_per_trajectory(macs: list[LayerMacs], config, steps: int, deep: frozens
     return total
 
 
+def macs_fraction(macs: list[LayerMacs], config, steps: int, deep: frozenset[str]) -> float:
+    """Block reuse: the trajectory's computed MACs over `steps` full calls (the schedule's work, bits aside;
+    `deep`: the deep-branch layer names)."""
+    from ..config import QuantConfig
+
+    fp = QuantConfig(mode="fp", reuse_interval=config.reuse_interval, reuse_depth=config.reuse_depth,
+                     reuse_warmup=config.reuse_warmup)
+    return bops_per_trajectory(macs, fp, steps, deep) / bops_per_trajectory(macs, QuantConfig(mode="fp"), steps)
+
+
 def reuse_cost_row(unet: nn.Module, macs: list[LayerMacs], config, steps: int, sample_shape) -> dict:
     """Cost of a block-reuse config without exporting it (the demo's cost table): BOPs per call role and per
     trajectory, and the bytes per sample a runner keeps between calls (every MoDiff cache and the deep-branch

@@ -23,10 +23,9 @@ def caching_rows(work: Path, num_samples: int, steps: int, seed: int) -> list[di
     from ..backends import make_runner
     from ..backends.torch_runner import TorchRunner
     from ..calibration.recipe import apply_recipe
-    from ..evaluation.cost import bops_per_trajectory, model_macs
+    from ..evaluation.cost import macs_fraction, model_macs
     from ..evaluation.metrics import DigitsEvaluator, psnr
     from ..export.trace import export_model
-    from ..manifest import Manifest
     from ..models import load_model
     from ..quant.quantization import quantize
     from ..sampling import Trajectories, sample_model
@@ -36,10 +35,6 @@ def caching_rows(work: Path, num_samples: int, steps: int, seed: int) -> list[di
     traj = Trajectories("ddim", steps, num_samples, num_samples, seed)
     macs = model_macs(model)
 
-    def frac(cfg: QuantConfig, deep) -> float:
-        fp = QuantConfig(mode="fp", **{k: getattr(cfg, k) for k in ("reuse_interval", "reuse_depth", "reuse_warmup")})
-        return bops_per_trajectory(macs, fp, steps, deep) / bops_per_trajectory(macs, QuantConfig(mode="fp"), steps)
-
     images = {"FP": sample_model(model, QuantConfig(mode="fp"), traj, progress=False)}
     fracs = {"FP": 1.0}
     images["diffusers TaylorSeerCache (N=3, order 1)"], fracs["diffusers TaylorSeerCache (N=3, order 1)"] = \
@@ -48,7 +43,8 @@ def caching_rows(work: Path, num_samples: int, steps: int, seed: int) -> list[di
     q = quantize(copy.deepcopy(model.unet), fp_reuse)
     label = "ours: FP reuse (D=0, N=3, linear)"
     images[label] = sample_model(model, fp_reuse, traj, progress=False, runner=TorchRunner(q))
-    fracs[label] = frac(fp_reuse, frozenset(n for n in (m.name for m in macs) if q.modiff_reuse.is_deep(n)))
+    deep = frozenset(m.name for m in macs if q.modiff_reuse.is_deep(m.name))
+    fracs[label] = macs_fraction(macs, fp_reuse, steps, deep)
     for label, cfg in (("ours: MoDiff W8A4, no reuse (ORT)", QuantConfig(act_bits=4)),
                        ("ours: MoDiff W8A4 + reuse (D=0, N=3, taylor; ORT)",
                         QuantConfig(act_bits=4, reuse_forecast="taylor", **REUSE))):
@@ -58,9 +54,7 @@ def caching_rows(work: Path, num_samples: int, steps: int, seed: int) -> list[di
         runner = make_runner("ort", folder=folder, threads=1)
         images[label] = sample_model(model, cfg, traj, backend="ort", progress=False, runner=runner)
         runner.deactivate()
-        deep = frozenset(manifest.reuse.deep_layers) if manifest.reuse else frozenset()
-        fracs[label] = frac(cfg, deep) if cfg.reuses else 1.0
-        Manifest.load(folder)  # what was sampled is a loadable folder
+        fracs[label] = macs_fraction(macs, cfg, steps, frozenset(manifest.reuse.deep_layers)) if cfg.reuses else 1.0
     fd_fp = ev.frechet_distance(images["FP"])
     return [{"row": k, "macs_frac": fracs[k], "fd_rel": 100 * (ev.frechet_distance(x) - fd_fp) / fd_fp,
              "psnr": psnr(x, images["FP"])} for k, x in images.items()]

@@ -141,50 +141,46 @@ def export_nncf(spec: str, fp_folder: Path, batch: int, seeds: int = 2, steps: i
     labels with the null class for class-conditional models, random encoder states [B, S, D] (seeded, zeros as
     the uncond half) for text-conditional ones, as the timed rows get (random weights: a speed row only)."""
     from ..backends.openvino_runner import OpenVinoRunner
-    from ..manifest import Manifest
-    from ..models import load_model
-    from ..sampling import generate, make_scheduler
     from .nncf_peer import nncf_quantize
     from .recorder import Recorder
 
     out = fp_folder.parent / "nncf"
     if exported(out):
         return out
-    m = load_model(spec)
-    manifest = Manifest.load(fp_folder)
     rec = Recorder(OpenVinoRunner(fp_folder, threads=1, precision="f32"))
-    for seed in range(seeds):
-        # conditional models: cond and uncond (null class / zero content) in one CFG call (guidance 4)
-        _, _, cond = inputs(manifest, batch, seed)
-        if m.num_classes is not None:
-            cond = {manifest.conditioning.labels.name: torch.arange(batch) % m.num_classes}
-        sched = make_scheduler("auto", m.scheduler_config)
-        generate(rec, sched, steps, batch, seed, m.sample_shape, cond, None,
-                 guidance_scale=4.0 if manifest.conditioning.guided else 1.0, progress=False)
+    _fp_trajectories(spec, fp_folder, rec, batch, seeds, steps)
     return nncf_quantize(fp_folder, out, rec.inputs)
 
 
-def export_nncf_reuse(spec: str, fp_reuse: Path, batch: int, seeds: int = 2, steps: int = 10) -> Path:
-    """NNCF int8 of an FP reuse folder's full and shallow graphs (nncf_peer.nncf_quantize_reuse), calibrated on
-    `seeds` FP reuse trajectories of the folder's own schedule (interval 2), as export_nncf."""
-    from ..backends.openvino_runner import OpenVinoRunner
+def _fp_trajectories(spec: str, folder: Path, rec, batch: int, seeds: int, steps: int) -> None:
+    """Run `seeds` FP trajectories of model `spec` through `rec` (a recording runner over `folder`): the NNCF
+    peers' calibration. Conditional models: cond and uncond (null class / zero content) in one CFG call
+    (guidance 4)."""
     from ..manifest import Manifest
     from ..models import load_model
     from ..sampling import generate, make_scheduler
-    from .nncf_peer import nncf_quantize_reuse
 
-    out = fp_reuse.parent / f"nncf-{fp_reuse.name.rsplit('-', 1)[-1]}"  # fp-d0 -> nncf-d0
-    if exported(out):
-        return out
     m = load_model(spec)
-    manifest = Manifest.load(fp_reuse)
-    rec = _RoleRecorder(OpenVinoRunner(fp_reuse, threads=1, precision="f32"))
+    manifest = Manifest.load(folder)
     for seed in range(seeds):
         _, _, cond = inputs(manifest, batch, seed)
         if m.num_classes is not None:
             cond = {manifest.conditioning.labels.name: torch.arange(batch) % m.num_classes}
         generate(rec, make_scheduler("auto", m.scheduler_config), steps, batch, seed, m.sample_shape, cond, None,
                  guidance_scale=4.0 if manifest.conditioning.guided else 1.0, progress=False)
+
+
+def export_nncf_reuse(spec: str, fp_reuse: Path, batch: int, seeds: int = 2, steps: int = 10) -> Path:
+    """NNCF int8 of an FP reuse folder's full and shallow graphs (nncf_peer.nncf_quantize_reuse), calibrated on
+    `seeds` FP reuse trajectories of the folder's own schedule (interval 2), as export_nncf."""
+    from ..backends.openvino_runner import OpenVinoRunner
+    from .nncf_peer import nncf_quantize_reuse
+
+    out = fp_reuse.parent / f"nncf-{fp_reuse.name.rsplit('-', 1)[-1]}"  # fp-d0 -> nncf-d0
+    if exported(out):
+        return out
+    rec = _RoleRecorder(OpenVinoRunner(fp_reuse, threads=1, precision="f32"))
+    _fp_trajectories(spec, fp_reuse, rec, batch, seeds, steps)
     return nncf_quantize_reuse(fp_reuse, out, rec.full, rec.shallow)
 
 
